@@ -1,0 +1,253 @@
+//! Carrying out a clone plan, all or nothing.
+//!
+//! Every change is recorded in a [`Transaction`] as it is made; unless the whole run succeeds,
+//! the transaction undoes them in reverse order: running clones are stopped, domains undefined,
+//! overlays and UEFI vars copies deleted, the masters' modes and the original's metadata restored.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::libvirt::{Libvirt, LibvirtError};
+use crate::metadata::CowMetadata;
+use crate::overlay::{create_file_overlay, overlay_volume_xml, BackingSpec, OverlayError, OverlayOptions};
+use crate::plan::{ClonePlan, CloneSpec, NvramPlan, OverlayLocation};
+
+/// A step of a clone run that failed (everything done before it has been undone).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("creating the overlay for disk {target} of '{clone}'")]
+    Overlay {
+        clone: String,
+        target: String,
+        #[source]
+        source: OverlayError,
+    },
+    #[error("creating the overlay for disk {target} of '{clone}'")]
+    OverlayVolume {
+        clone: String,
+        target: String,
+        #[source]
+        source: LibvirtError,
+    },
+    #[error("copying the UEFI vars '{from}' to '{to}'")]
+    Nvram {
+        from: String,
+        to: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("copying the UEFI vars '{from}' to '{to}'")]
+    NvramVolume {
+        from: String,
+        to: String,
+        #[source]
+        source: LibvirtError,
+    },
+    #[error("'{0}' exists already; refusing to overwrite it")]
+    NvramExists(String),
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error("making the master '{path}' read-only")]
+    Protect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What was made for one clone.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloneOutcome {
+    pub name: String,
+    pub uuid: String,
+    pub started: bool,
+    /// Time to create the overlays, copy the vars and define the domain.
+    pub define_ms: f64,
+}
+
+#[derive(Debug)]
+enum Undo {
+    File(PathBuf),
+    Volume { pool: String, name: String },
+    Domain(String),
+    Running(String),
+    Mode { path: String, mode: u32 },
+    Metadata { domain: String, previous: Option<CowMetadata> },
+}
+
+/// An undo log over one libvirt connection.
+#[derive(Debug)]
+pub struct Transaction<'a> {
+    lv: &'a Libvirt,
+    undo: Vec<Undo>,
+    done: bool,
+}
+
+impl<'a> Transaction<'a> {
+    pub fn new(lv: &'a Libvirt) -> Self {
+        Transaction { lv, undo: Vec::new(), done: false }
+    }
+
+    /// Keeps everything.
+    pub fn commit(mut self) {
+        self.done = true;
+    }
+
+    /// Undoes everything recorded, newest first. Failures are logged, not raised: the first
+    /// error is what the user needs to see.
+    pub fn rollback(&mut self) {
+        self.done = true;
+        while let Some(u) = self.undo.pop() {
+            let r: Result<(), String> = match &u {
+                Undo::Running(n) => self.lv.destroy(n).map_err(|e| e.to_string()),
+                Undo::Domain(n) => self.lv.undefine(n).map_err(|e| e.to_string()),
+                Undo::Volume { pool, name } => self.lv.delete_volume(pool, name).map_err(|e| e.to_string()),
+                Undo::File(p) => std::fs::remove_file(p).map_err(|e| e.to_string()),
+                Undo::Mode { path, mode } => {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| e.to_string())
+                }
+                Undo::Metadata { domain, previous } => {
+                    self.lv.set_cow_metadata(domain, previous.as_ref()).map_err(|e| e.to_string())
+                }
+            };
+            match r {
+                Ok(()) => tracing::debug!("undone: {u:?}"),
+                Err(e) => tracing::warn!("could not undo {u:?}: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.rollback();
+        }
+    }
+}
+
+/// Options for carrying out a plan.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyOptions {
+    pub start: bool,
+    pub overlay: OverlayOptions,
+}
+
+/// Carries out `plan`. On error, nothing it did remains.
+pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<CloneOutcome>, ApplyError> {
+    let mut tx = Transaction::new(lv);
+    let mut outcomes = Vec::with_capacity(plan.clones.len());
+    let result = (|| {
+        for c in &plan.clones {
+            let t0 = Instant::now();
+            make_clone(&mut tx, c, opts.overlay)?;
+            let uuid = lv.define(&c.xml, &c.name)?;
+            tx.undo.push(Undo::Domain(c.name.clone()));
+            outcomes.push(CloneOutcome { name: c.name.clone(), uuid, started: false, define_ms: ms(t0.elapsed()) });
+        }
+        make_template(&mut tx, plan)?;
+        if opts.start {
+            for o in &mut outcomes {
+                lv.start(&o.name)?;
+                tx.undo.push(Undo::Running(o.name.clone()));
+                o.started = true;
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            tx.commit();
+            Ok(outcomes)
+        }
+        Err(e) => {
+            tx.rollback();
+            Err(e)
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> Result<(), ApplyError> {
+    for o in &c.overlays {
+        let backing = BackingSpec { path: &o.master.path, format: &o.master.format, virtual_size: o.master.virtual_size };
+        match &o.location {
+            OverlayLocation::File { path } => {
+                create_file_overlay(Path::new(path), &backing, opts).map_err(|source| ApplyError::Overlay {
+                    clone: c.name.clone(),
+                    target: o.target.clone(),
+                    source,
+                })?;
+                tx.undo.push(Undo::File(PathBuf::from(path)));
+            }
+            OverlayLocation::Volume { pool, name, .. } => {
+                let xml = overlay_volume_xml(name, &backing, opts);
+                tx.lv.create_volume(pool, &xml, name).map_err(|source| ApplyError::OverlayVolume {
+                    clone: c.name.clone(),
+                    target: o.target.clone(),
+                    source,
+                })?;
+                tx.undo.push(Undo::Volume { pool: pool.clone(), name: name.clone() });
+            }
+        }
+    }
+    if let Some(nv) = &c.nvram {
+        copy_nvram(tx, nv)?;
+    }
+    Ok(())
+}
+
+fn copy_nvram(tx: &mut Transaction<'_>, nv: &NvramPlan) -> Result<(), ApplyError> {
+    if let Some(pool) = &nv.pool {
+        let name = Path::new(&nv.to).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let xml = format!("<volume><name>{}</name><capacity>0</capacity></volume>", quick_xml::escape::escape(name.as_str()));
+        tx.lv
+            .copy_volume(pool, &xml, &name, &nv.from)
+            .map_err(|source| ApplyError::NvramVolume { from: nv.from.clone(), to: nv.to.clone(), source })?;
+        tx.undo.push(Undo::Volume { pool: pool.clone(), name });
+        return Ok(());
+    }
+    if !Path::new(&nv.from).exists() {
+        // Never started: libvirt makes the clone's vars from the template at its first start.
+        return Ok(());
+    }
+    let err = |source| ApplyError::Nvram { from: nv.from.clone(), to: nv.to.clone(), source };
+    let mut src = std::fs::File::open(&nv.from).map_err(err)?;
+    let mode = src.metadata().map_err(err)?.permissions().mode();
+    let mut dst = match std::fs::OpenOptions::new().write(true).create_new(true).open(&nv.to) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(ApplyError::NvramExists(nv.to.clone())),
+        Err(e) => return Err(err(e)),
+    };
+    tx.undo.push(Undo::File(PathBuf::from(&nv.to)));
+    std::io::copy(&mut src, &mut dst).map_err(err)?;
+    dst.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).map_err(err)?;
+    dst.sync_all().map_err(err)?;
+    Ok(())
+}
+
+/// Marks the original as a template and makes its masters read-only (local files only: over a
+/// remote connection libvirt has no call for a volume's mode).
+fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), ApplyError> {
+    if tx.lv.is_local() {
+        for m in &plan.masters {
+            let meta = std::fs::metadata(&m.path).map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o222 != 0 {
+                std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(mode & !0o222))
+                    .map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
+                tx.undo.push(Undo::Mode { path: m.path.clone(), mode });
+            }
+        }
+    }
+    let previous = tx.lv.cow_metadata(&plan.original)?;
+    tx.lv.set_cow_metadata(&plan.original, Some(&plan.template_metadata))?;
+    tx.undo.push(Undo::Metadata { domain: plan.original.clone(), previous });
+    Ok(())
+}

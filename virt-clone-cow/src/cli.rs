@@ -1,0 +1,119 @@
+//! Command-line arguments, modelled on virt-clone's, and their validation into a request.
+
+use clap::{Args, Parser, Subcommand};
+
+use virt_clone_cow::cmd::clone::{CloneRequest, NameRequest};
+
+/// Linked (copy-on-write) clones of libvirt domains.
+///
+/// Each writable disk of a clone is a qcow2 overlay backed by the original's disk (the master), so
+/// a clone costs one `virsh define` and a few hundred KiB whatever the disk size. The original
+/// becomes a template: its masters are made read-only and it is marked so it is not started again.
+#[derive(Debug, Parser)]
+#[command(
+    name = "virt-clone-cow",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  virt-clone-cow --original base --name web-1 --name web-2 --start\n  \
+                  virt-clone-cow --original base --auto-clone --count 10 --json\n  \
+                  virt-clone-cow tree"
+)]
+pub struct Cli {
+    /// libvirt connection URI (as virsh -c); defaults to LIBVIRT_DEFAULT_URI or libvirt's default.
+    #[arg(short = 'c', long, value_name = "URI", global = true)]
+    pub connect: Option<String>,
+
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More log output on stderr (-v info, -vv debug); VIRT_CLONE_COW_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub clone: CloneArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show masters, their templates, and the clones (domains and pool volumes) that depend on each.
+    Tree,
+}
+
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The shut-off domain to clone; it becomes a template.
+    #[arg(short = 'o', long, value_name = "NAME")]
+    pub original: Option<String>,
+
+    /// Name of a new clone (repeat for several; with --count N and one name: NAME-1..NAME-N).
+    #[arg(short = 'n', long = "name", value_name = "NEW")]
+    pub names: Vec<String>,
+
+    /// Pick free names: ORIGINAL-clone, ORIGINAL-clone-1, ...
+    #[arg(long, conflicts_with = "names")]
+    pub auto_clone: bool,
+
+    /// How many clones to make.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub count: Option<u32>,
+
+    /// Start the clones once they are defined.
+    #[arg(long)]
+    pub start: bool,
+
+    /// Print what would be done and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Mark the clones disposable: the libvirt hook discards their changes when they stop.
+    #[arg(long)]
+    pub disposable: bool,
+}
+
+impl CloneArgs {
+    /// Turns the flags into a request, or says which flags are wrong.
+    pub fn to_request(&self) -> Result<CloneRequest, String> {
+        let original = self
+            .original
+            .clone()
+            .ok_or("--original NAME is required (or a subcommand such as `tree`); see --help")?;
+        let count = self.count.map(|c| c as usize);
+        let names = match (self.auto_clone, self.names.len(), count) {
+            (true, _, c) => NameRequest::Auto { count: c.unwrap_or(1) },
+            (false, 0, _) => return Err("give the clone a name with --name NEW, or use --auto-clone".into()),
+            (false, 1, Some(c)) if c > 1 => NameRequest::Numbered { base: self.names[0].clone(), count: c },
+            (false, n, Some(c)) if c != n => {
+                return Err(format!("--count {c} does not match the {n} names given with --name"))
+            }
+            _ => NameRequest::Names(self.names.clone()),
+        };
+        Ok(CloneRequest { original, names, start: self.start, dry_run: self.dry_run, disposable: self.disposable })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<CloneRequest, String> {
+        let mut v = vec!["virt-clone-cow"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).map_err(|e| e.to_string())?.clone.to_request()
+    }
+
+    #[test]
+    fn names_count_and_auto_clone_become_requests() {
+        assert_eq!(parse(&["-o", "b", "--name", "x", "--name", "y"]).unwrap().names, NameRequest::Names(vec!["x".into(), "y".into()]));
+        assert_eq!(parse(&["-o", "b", "--name", "w", "--count", "3"]).unwrap().names, NameRequest::Numbered { base: "w".into(), count: 3 });
+        assert_eq!(parse(&["-o", "b", "--auto-clone", "--count", "2"]).unwrap().names, NameRequest::Auto { count: 2 });
+        assert!(parse(&["-o", "b", "--name", "x", "--name", "y", "--count", "3"]).unwrap_err().contains("does not match"));
+        assert!(parse(&["-o", "b"]).unwrap_err().contains("--auto-clone"));
+        assert!(parse(&["--name", "x"]).unwrap_err().contains("--original"));
+        assert!(parse(&["-o", "b", "--name", "x", "--auto-clone"]).is_err());
+    }
+}

@@ -1,0 +1,357 @@
+//! `virt-clone-cow --original NAME --name NEW ...`: linked clones of a shut-off domain.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::apply::{apply, ApplyError, ApplyOptions, CloneOutcome};
+use crate::libvirt::{Libvirt, LibvirtError};
+use crate::overlay::{image_info, OverlayError, OverlayOptions, MASTER_FORMATS};
+use crate::plan::{auto_names, numbered_names, plan, ClonePlan, Master, OverlayLocation, PlanError, PlanInput};
+use crate::xml::{DiskSource, DomainFacts, XmlError};
+
+/// Which names the clones get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameRequest {
+    /// Exactly these names.
+    Names(Vec<String>),
+    /// `BASE-1` .. `BASE-count`.
+    Numbered { base: String, count: usize },
+    /// Free names `ORIGINAL-clone`, `ORIGINAL-clone-1`, ...
+    Auto { count: usize },
+}
+
+/// A clone run, as the command line asked for it.
+#[derive(Debug, Clone)]
+pub struct CloneRequest {
+    pub original: String,
+    pub names: NameRequest,
+    pub start: bool,
+    pub dry_run: bool,
+    /// Mark the clones disposable: the hook discards their overlays when they stop.
+    pub disposable: bool,
+}
+
+/// Why a clone run failed. Each says what is wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error("domain '{0}' is running; shut it down first (virsh shutdown '{0}'): a linked clone needs its master unchanging")]
+    OriginalRunning(String),
+    #[error("a domain named '{0}' exists already; pick another --name, or use --auto-clone")]
+    NameTaken(String),
+    #[error("disk {target} of '{domain}' has format '{format}', which cannot be a master (only qcow2 and raw); convert it first with `qemu-img convert -O qcow2`")]
+    UnsupportedFormat { domain: String, target: String, format: String },
+    #[error("disk {target} of '{domain}' states no format (<driver type=...>); add one (virsh edit) so the image is never probed")]
+    NoFormat { domain: String, target: String },
+    #[error("disk {target} of '{domain}' is a {kind} disk ({what}); only file and volume disks can be linked. Mark it <shareable/> or <readonly/> to share it with the clones, or move it to a file")]
+    UnsupportedDiskType { domain: String, target: String, kind: String, what: String },
+    #[error("disk {target} of '{domain}': '{path}' is in no storage pool and the connection ({uri}) is remote; define a pool over its directory so libvirt can make the overlay")]
+    RemoteNeedsPool { domain: String, target: String, path: String, uri: String },
+    #[error("disk {target} of '{domain}': volume '{volume}' is not in pool '{pool}'")]
+    NoVolume { domain: String, target: String, pool: String, volume: String },
+    #[error("disk {target} of '{domain}': cannot read the master")]
+    Master {
+        domain: String,
+        target: String,
+        #[source]
+        source: OverlayError,
+    },
+    #[error("'{path}' is the master of disk {master_target} and also the shared writable disk {shared_target} of '{domain}'; a master must not change under its clones: make {shared_target} <readonly/> or give it its own file")]
+    MasterShared { domain: String, path: String, master_target: String, shared_target: String },
+    #[error("'{0}' exists already (left from an earlier clone with this name?); remove it or pick another name")]
+    OverlayExists(String),
+    #[error("cannot read the XML of domain '{domain}'")]
+    Xml {
+        domain: String,
+        #[source]
+        source: XmlError,
+    },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// One disk of a clone in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    pub target: String,
+    pub overlay: String,
+    pub format: &'static str,
+    pub backing: String,
+    pub backing_format: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+}
+
+/// One clone in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloneEntry {
+    pub name: String,
+    /// None in a dry run (libvirt assigns it at define).
+    pub uuid: Option<String>,
+    pub started: bool,
+    pub macs: Vec<String>,
+    pub disks: Vec<DiskReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub define_ms: Option<f64>,
+}
+
+/// What `--json` prints: one object.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloneReport {
+    pub original: String,
+    pub dry_run: bool,
+    /// The original is now a template (its masters read-only).
+    pub template: bool,
+    pub clones: Vec<CloneEntry>,
+    pub elapsed_ms: f64,
+}
+
+/// Plans and (unless a dry run) makes the clones.
+pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, CloneError> {
+    let t0 = Instant::now();
+    let plan = make_plan(lv, req)?;
+    let outcomes = if req.dry_run {
+        Vec::new()
+    } else {
+        apply(lv, &plan, ApplyOptions { start: req.start, overlay: OverlayOptions::detect() })?
+    };
+    Ok(report(&plan, &outcomes, req.dry_run, t0))
+}
+
+/// Reads the original and the host, checks everything that can be checked before any change, and
+/// returns the plan.
+pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneError> {
+    let xml = lv.domain_xml(&req.original)?;
+    if lv.is_active(&req.original)? {
+        return Err(CloneError::OriginalRunning(req.original.clone()));
+    }
+    let facts = DomainFacts::parse(&xml).map_err(|source| CloneError::Xml { domain: req.original.clone(), source })?;
+    let masters = resolve_masters(lv, &facts)?;
+
+    let domains = lv.list_domains()?;
+    let existing: HashSet<String> = domains.iter().map(|d| d.name.clone()).collect();
+    let mut taken_macs = HashSet::new();
+    for d in &domains {
+        if let Ok(f) = DomainFacts::parse(&d.xml) {
+            taken_macs.extend(f.macs.into_iter().flatten().map(|m| m.to_ascii_lowercase()));
+        }
+    }
+    let names = match &req.names {
+        NameRequest::Names(n) => n.clone(),
+        NameRequest::Numbered { base, count } => numbered_names(base, *count),
+        NameRequest::Auto { count } => auto_names(&req.original, &existing, *count),
+    };
+    if let Some(n) = names.iter().find(|n| existing.contains(*n)) {
+        return Err(CloneError::NameTaken(n.clone()));
+    }
+
+    let nvram_pool = match facts.nvram.as_ref().and_then(|n| n.path.as_deref()) {
+        Some(p) => lv.volume_by_path(p)?.map(|v| v.pool),
+        None => None,
+    };
+    let input = PlanInput {
+        original_xml: &xml,
+        facts: &facts,
+        masters: &masters,
+        names: &names,
+        taken_macs: &taken_macs,
+        disposable: req.disposable,
+        nvram_pool,
+    };
+    let mut plan = plan(&input, random3)?;
+
+    // Nothing may be overwritten: check every path the plan would create.
+    for c in &mut plan.clones {
+        for o in &c.overlays {
+            let exists = match &o.location {
+                OverlayLocation::File { path } => Path::new(path).exists(),
+                OverlayLocation::Volume { pool, name, path } => {
+                    lv.volume(pool, name)?.is_some() || (lv.is_local() && Path::new(path).exists())
+                }
+            };
+            if exists {
+                return Err(CloneError::OverlayExists(o.location.path().to_string()));
+            }
+        }
+        if let Some(nv) = &c.nvram {
+            if lv.is_local() && Path::new(&nv.to).exists() {
+                return Err(CloneError::OverlayExists(nv.to.clone()));
+            }
+            if !lv.is_local() && nv.pool.is_none() {
+                tracing::warn!(
+                    "the UEFI vars of '{}' are not in a storage pool on the remote host; '{}' starts with fresh vars",
+                    req.original,
+                    c.name
+                );
+                c.nvram = None;
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Finds the master behind every private disk, refusing disks that cannot be linked.
+fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, CloneError> {
+    let domain = &facts.name;
+    let mut out = Vec::new();
+    for d in facts.private_disks() {
+        let target = d.label();
+        let format = d.format.clone().ok_or_else(|| CloneError::NoFormat { domain: domain.clone(), target: target.clone() })?;
+        if !MASTER_FORMATS.contains(&format.as_str()) {
+            return Err(CloneError::UnsupportedFormat { domain: domain.clone(), target, format });
+        }
+        let (vol, volume_disk) = match &d.source {
+            DiskSource::File(path) => (lv.volume_by_path(path)?, false),
+            DiskSource::Volume { pool, volume } => match lv.volume(pool, volume)? {
+                Some(v) => (Some(v), true),
+                None => {
+                    return Err(CloneError::NoVolume {
+                        domain: domain.clone(),
+                        target,
+                        pool: pool.clone(),
+                        volume: volume.clone(),
+                    })
+                }
+            },
+            DiskSource::Block(dev) => {
+                return Err(CloneError::UnsupportedDiskType {
+                    domain: domain.clone(),
+                    target,
+                    kind: "block".into(),
+                    what: dev.clone(),
+                })
+            }
+            DiskSource::Other(what) => {
+                return Err(CloneError::UnsupportedDiskType {
+                    domain: domain.clone(),
+                    target,
+                    kind: d.disk_type.clone(),
+                    what: what.clone(),
+                })
+            }
+            DiskSource::None => continue,
+        };
+        let master = match vol {
+            Some(v) => Master {
+                disk_index: d.index,
+                target: target.clone(),
+                path: v.facts.path.clone(),
+                format,
+                virtual_size: v.facts.capacity,
+                pool: Some(v.pool.clone()),
+                volume: Some(v.facts.name.clone()),
+                volume_disk,
+                self_contained: v.facts.backing.is_none(),
+            },
+            None => {
+                let DiskSource::File(path) = &d.source else { continue };
+                if !lv.is_local() {
+                    return Err(CloneError::RemoteNeedsPool {
+                        domain: domain.clone(),
+                        target,
+                        path: path.clone(),
+                        uri: lv.uri().to_string(),
+                    });
+                }
+                let info = image_info(path, &format).map_err(|source| CloneError::Master {
+                    domain: domain.clone(),
+                    target: target.clone(),
+                    source,
+                })?;
+                Master {
+                    disk_index: d.index,
+                    target: target.clone(),
+                    path: path.clone(),
+                    format,
+                    virtual_size: info.virtual_size,
+                    pool: None,
+                    volume: None,
+                    volume_disk: false,
+                    self_contained: info.backing.is_none(),
+                }
+            }
+        };
+        out.push(master);
+    }
+    // A master must not also be written through a shareable disk.
+    for m in &out {
+        for d in &facts.disks {
+            let writable_shared = d.shareable && !d.readonly && matches!(d.device.as_str(), "disk" | "lun");
+            if writable_shared && d.source == DiskSource::File(m.path.clone()) {
+                return Err(CloneError::MasterShared {
+                    domain: domain.clone(),
+                    path: m.path.clone(),
+                    master_target: m.target.clone(),
+                    shared_target: d.label(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn report(plan: &ClonePlan, outcomes: &[CloneOutcome], dry_run: bool, t0: Instant) -> CloneReport {
+    let clones = plan
+        .clones
+        .iter()
+        .map(|c| {
+            let o = outcomes.iter().find(|o| o.name == c.name);
+            CloneEntry {
+                name: c.name.clone(),
+                uuid: o.map(|o| o.uuid.clone()),
+                started: o.is_some_and(|o| o.started),
+                macs: c.macs.clone(),
+                disks: c
+                    .overlays
+                    .iter()
+                    .map(|ov| {
+                        let (pool, volume) = match &ov.location {
+                            OverlayLocation::Volume { pool, name, .. } => (Some(pool.clone()), Some(name.clone())),
+                            OverlayLocation::File { .. } => (None, None),
+                        };
+                        DiskReport {
+                            target: ov.target.clone(),
+                            overlay: ov.location.path().to_string(),
+                            format: "qcow2",
+                            backing: ov.master.path.clone(),
+                            backing_format: ov.master.format.clone(),
+                            pool,
+                            volume,
+                        }
+                    })
+                    .collect(),
+                nvram: c.nvram.as_ref().map(|n| n.to.clone()),
+                define_ms: o.map(|o| o.define_ms),
+            }
+        })
+        .collect();
+    CloneReport {
+        original: plan.original.clone(),
+        dry_run,
+        template: !dry_run,
+        clones,
+        elapsed_ms: (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+    }
+}
+
+/// Three random bytes from the kernel, for MAC addresses.
+fn random3() -> [u8; 3] {
+    let mut b = [0u8; 3];
+    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    if ok.is_err() {
+        // Fall back to the clock; uniqueness is still enforced against taken MACs.
+        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        b = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+    }
+    b
+}

@@ -1,0 +1,4 @@
+//! The commands: each owns its request type, its errors and its report.
+
+pub mod clone;
+pub mod tree;

@@ -1,0 +1,224 @@
+//! `virt-clone-cow tree`: which masters exist, which templates own them, and which clones (domain
+//! disks or bare pool volumes) depend on each, with the space each clone's overlays take.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+
+use serde::Serialize;
+
+use crate::libvirt::{Libvirt, LibvirtError, Volume};
+use crate::metadata::CowMetadata;
+use crate::overlay::image_info;
+use crate::units::human_bytes;
+use crate::xml::{BackingDecl, DiskSource, DomainFacts};
+
+/// An overlay that depends on a master.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloneNode {
+    /// The domain using the overlay; None for a pool volume no domain uses.
+    pub domain: Option<String>,
+    pub target: Option<String>,
+    pub overlay: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// Bytes the overlay takes on disk.
+    pub allocation: Option<u64>,
+    pub running: bool,
+    /// Made by virt-clone-cow (has our clone metadata).
+    pub managed: bool,
+    pub disposable: bool,
+}
+
+/// A master and everything that depends on it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MasterNode {
+    pub path: String,
+    pub format: Option<String>,
+    pub virtual_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Domains marked as templates for this master.
+    pub templates: Vec<String>,
+    pub clones: Vec<CloneNode>,
+    /// Total bytes the clones' overlays take.
+    pub clones_allocation: u64,
+}
+
+/// The whole tree, masters sorted by path.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tree {
+    pub masters: Vec<MasterNode>,
+}
+
+/// Builds the tree from every domain and every volume of the active pools.
+pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
+    let volumes = lv.list_volumes()?;
+    let by_path: HashMap<&str, &Volume> = volumes.iter().map(|v| (v.facts.path.as_str(), v)).collect();
+    let by_pool_name: HashMap<(&str, &str), &Volume> =
+        volumes.iter().map(|v| ((v.pool.as_str(), v.facts.name.as_str()), v)).collect();
+    let mut masters: BTreeMap<String, MasterNode> = BTreeMap::new();
+    let mut used_paths = std::collections::HashSet::new();
+
+    let node = |masters: &mut BTreeMap<String, MasterNode>, path: &str, format: Option<String>| {
+        masters
+            .entry(path.to_string())
+            .or_insert_with(|| {
+                let vol = by_path.get(path);
+                MasterNode {
+                    path: path.to_string(),
+                    format: vol.and_then(|v| v.facts.format.clone()).or(format.clone()),
+                    virtual_size: vol.map(|v| v.facts.capacity),
+                    pool: vol.map(|v| v.pool.clone()),
+                    templates: Vec::new(),
+                    clones: Vec::new(),
+                    clones_allocation: 0,
+                }
+            })
+            .format
+            .get_or_insert_with(|| format.unwrap_or_default());
+    };
+
+    for d in lv.list_domains()? {
+        let Ok(facts) = DomainFacts::parse(&d.xml) else { continue };
+        let md = facts.vcc_metadata.as_deref().and_then(|x| CowMetadata::parse(x).ok()).unwrap_or_default();
+        if let Some(t) = &md.template {
+            for m in &t.masters {
+                node(&mut masters, &m.path, Some(m.format.clone()));
+                if let Some(n) = masters.get_mut(&m.path) {
+                    n.templates.push(facts.name.clone());
+                }
+            }
+        }
+        for disk in facts.private_disks() {
+            let (path, vol) = match &disk.source {
+                DiskSource::File(p) => (p.clone(), by_path.get(p.as_str()).copied()),
+                DiskSource::Volume { pool, volume } => match by_pool_name.get(&(pool.as_str(), volume.as_str())) {
+                    Some(v) => (v.facts.path.clone(), Some(*v)),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            used_paths.insert(path.clone());
+            let backing = match (vol.and_then(|v| v.facts.backing.clone()), &disk.backing) {
+                (Some(b), _) => Some(b),
+                (None, BackingDecl::Store { path: Some(p), format, .. }) => Some((p.clone(), format.clone())),
+                _ if lv.is_local() => disk
+                    .format
+                    .as_deref()
+                    .and_then(|f| image_info(&path, f).ok())
+                    .and_then(|i| i.backing.map(|b| (b, i.backing_format))),
+                _ => None,
+            };
+            let Some((master, master_format)) = backing else { continue };
+            let allocation = vol.map(|v| v.facts.allocation).or_else(|| local_allocation(lv, &path));
+            node(&mut masters, &master, master_format);
+            let clone_md = md.clone.as_ref();
+            if let Some(n) = masters.get_mut(&master) {
+                n.clones.push(CloneNode {
+                    domain: Some(facts.name.clone()),
+                    target: disk.target.clone(),
+                    overlay: path.clone(),
+                    pool: vol.map(|v| v.pool.clone()),
+                    volume: vol.map(|v| v.facts.name.clone()),
+                    allocation,
+                    running: d.active,
+                    managed: clone_md.is_some(),
+                    disposable: clone_md.is_some_and(|c| c.disposable),
+                });
+            }
+        }
+    }
+    // Pool volumes with a backing file that no domain uses (made with `virsh vol-create-as
+    // --backing-vol`, Terraform, vagrant-libvirt...).
+    for v in &volumes {
+        let Some((master, fmt)) = &v.facts.backing else { continue };
+        if used_paths.contains(&v.facts.path) {
+            continue;
+        }
+        node(&mut masters, master, fmt.clone());
+        if let Some(n) = masters.get_mut(master) {
+            n.clones.push(CloneNode {
+                domain: None,
+                target: None,
+                overlay: v.facts.path.clone(),
+                pool: Some(v.pool.clone()),
+                volume: Some(v.facts.name.clone()),
+                allocation: Some(v.facts.allocation),
+                running: false,
+                managed: false,
+                disposable: false,
+            });
+        }
+    }
+    let mut masters: Vec<MasterNode> = masters.into_values().collect();
+    for m in &mut masters {
+        m.clones_allocation = m.clones.iter().filter_map(|c| c.allocation).sum();
+        m.clones.sort_by(|a, b| (&a.domain, &a.target, &a.overlay).cmp(&(&b.domain, &b.target, &b.overlay)));
+    }
+    Ok(Tree { masters })
+}
+
+fn local_allocation(lv: &Libvirt, path: &str) -> Option<u64> {
+    if !lv.is_local() {
+        return None;
+    }
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+}
+
+impl Tree {
+    /// The tree as text, one master per block.
+    pub fn render(&self) -> String {
+        if self.masters.is_empty() {
+            return "No linked clones: no domain disk or pool volume has a backing file.\n".to_string();
+        }
+        let mut s = String::new();
+        for m in &self.masters {
+            s.push_str(&m.path);
+            let mut facts = Vec::new();
+            if let Some(f) = &m.format {
+                facts.push(f.clone());
+            }
+            if let Some(v) = m.virtual_size {
+                facts.push(format!("{} virtual", human_bytes(v)));
+            }
+            if let Some(p) = &m.pool {
+                facts.push(format!("pool {p}"));
+            }
+            if !m.templates.is_empty() {
+                facts.push(format!("template: {}", m.templates.join(", ")));
+            }
+            if !facts.is_empty() {
+                s.push_str(&format!("  ({})", facts.join(", ")));
+            }
+            s.push('\n');
+            for (i, c) in m.clones.iter().enumerate() {
+                let branch = if i + 1 == m.clones.len() { "└─" } else { "├─" };
+                let who = match (&c.domain, &c.target) {
+                    (Some(d), Some(t)) => format!("{d} [{t}]"),
+                    (Some(d), None) => d.clone(),
+                    (None, _) => "(no domain)".to_string(),
+                };
+                let size = c.allocation.map(human_bytes).unwrap_or_else(|| "?".into());
+                let mut flags = Vec::new();
+                if c.running {
+                    flags.push("running");
+                }
+                if c.disposable {
+                    flags.push("disposable");
+                }
+                let flags = if flags.is_empty() { String::new() } else { format!("  {}", flags.join(", ")) };
+                s.push_str(&format!("{branch} {who}  {}  {size}{flags}\n", c.overlay));
+            }
+            if !m.clones.is_empty() {
+                s.push_str(&format!(
+                    "   {} clone disk(s), {} in overlays\n",
+                    m.clones.len(),
+                    human_bytes(m.clones_allocation)
+                ));
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,316 @@
+//! The one adapter through which virt-clone-cow talks to libvirt (crate `virt`).
+//!
+//! Everything else in the crate works on XML strings and plain data, so it can be tested without a
+//! daemon. Errors are classified by libvirt error code, never by message text.
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+use virt::sys;
+
+use crate::metadata::{CowMetadata, NAMESPACE, PREFIX};
+use crate::xml::{VolumeFacts, XmlError};
+
+/// libvirt's own message for a failed call (its code is kept for matching, not shown).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct VirtError {
+    pub message: String,
+    pub code: i64,
+}
+
+impl From<virt::error::Error> for VirtError {
+    fn from(e: virt::error::Error) -> Self {
+        VirtError { message: e.message().to_string(), code: e.code().to_raw() as i64 }
+    }
+}
+
+/// A libvirt call that failed, with what we were doing.
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("cannot connect to libvirt at '{uri}' (is libvirtd running, and may you use it?)")]
+    Connect {
+        uri: String,
+        #[source]
+        source: VirtError,
+    },
+    #[error("domain '{0}' not found (see `virsh list --all`)")]
+    NoDomain(String),
+    #[error("{op}")]
+    Call {
+        op: String,
+        #[source]
+        source: VirtError,
+    },
+    #[error("libvirt returned XML we cannot read ({what})")]
+    Xml {
+        what: String,
+        #[source]
+        source: XmlError,
+    },
+}
+
+type Result<T> = std::result::Result<T, LibvirtError>;
+
+fn call(op: impl Into<String>) -> impl FnOnce(virt::error::Error) -> LibvirtError {
+    let op = op.into();
+    move |source| LibvirtError::Call { op, source: source.into() }
+}
+
+fn is(e: &virt::error::Error, n: ErrorNumber) -> bool {
+    e.code() == n.into()
+}
+
+/// A domain as listed: name, inactive XML, whether it runs.
+#[derive(Debug, Clone)]
+pub struct DomainEntry {
+    pub name: String,
+    pub xml: String,
+    pub active: bool,
+}
+
+/// A storage volume and the pool it lives in.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub pool: String,
+    pub facts: VolumeFacts,
+}
+
+/// An open libvirt connection.
+pub struct Libvirt {
+    conn: Connect,
+    uri: String,
+}
+
+impl std::fmt::Debug for Libvirt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Libvirt").field("uri", &self.uri).finish()
+    }
+}
+
+impl Libvirt {
+    /// Connects to `uri` (None: libvirt's default, `LIBVIRT_DEFAULT_URI` or qemu:///system as root).
+    pub fn open(uri: Option<&str>) -> Result<Self> {
+        // libvirt prints every error to stderr by default; we report errors ourselves.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(uri).map_err(|source| LibvirtError::Connect {
+            uri: uri.unwrap_or("(default)").to_string(),
+            source: source.into(),
+        })?;
+        let uri = conn.uri().unwrap_or_else(|_| uri.unwrap_or_default().to_string());
+        Ok(Libvirt { conn, uri })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Whether the daemon runs on this host (no host part in the URI), so files can be touched
+    /// directly. Remote connections work through the storage API only.
+    pub fn is_local(&self) -> bool {
+        match self.uri.split_once("://") {
+            Some((_, rest)) => rest.starts_with('/'),
+            None => true,
+        }
+    }
+
+    fn domain(&self, name: &str) -> Result<Domain> {
+        self.conn.lookup_domain_by_name(name).map_err(|e| {
+            if is(&e, ErrorNumber::NoDomain) {
+                LibvirtError::NoDomain(name.to_string())
+            } else {
+                call(format!("looking up domain '{name}'"))(e)
+            }
+        })
+    }
+
+    pub fn domain_exists(&self, name: &str) -> Result<bool> {
+        match self.domain(name) {
+            Ok(_) => Ok(true),
+            Err(LibvirtError::NoDomain(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The persistent (inactive) XML, with secrets such as VNC passwords included so the clone
+    /// keeps them, as virt-clone does.
+    pub fn domain_xml(&self, name: &str) -> Result<String> {
+        let d = self.domain(name)?;
+        d.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(call(format!("reading the XML of domain '{name}'")))
+    }
+
+    pub fn is_active(&self, name: &str) -> Result<bool> {
+        self.domain(name)?.is_active().map_err(call(format!("asking whether '{name}' runs")))
+    }
+
+    /// Every domain on the connection, running or not.
+    pub fn list_domains(&self) -> Result<Vec<DomainEntry>> {
+        let doms = self.conn.list_all_domains(0).map_err(call("listing domains"))?;
+        let mut out = Vec::with_capacity(doms.len());
+        for d in doms {
+            // A domain may vanish between listing and reading it: skip it.
+            let (Ok(name), Ok(xml)) = (d.name(), d.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)) else {
+                continue;
+            };
+            let active = d.is_active().unwrap_or(false);
+            out.push(DomainEntry { name, xml, active });
+        }
+        Ok(out)
+    }
+
+    /// Defines a persistent domain; returns its UUID.
+    pub fn define(&self, xml: &str, name: &str) -> Result<String> {
+        let d = self.conn.define_domain_xml(xml).map_err(call(format!("defining domain '{name}'")))?;
+        d.uuid_string().map_err(call(format!("reading the UUID of '{name}'")))
+    }
+
+    /// Undefines a domain, keeping its UEFI vars file (the caller owns that file).
+    pub fn undefine(&self, name: &str) -> Result<()> {
+        let d = self.domain(name)?;
+        d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            .map_err(call(format!("undefining domain '{name}'")))
+    }
+
+    pub fn start(&self, name: &str) -> Result<()> {
+        self.domain(name)?.create().map_err(call(format!("starting domain '{name}'")))
+    }
+
+    pub fn destroy(&self, name: &str) -> Result<()> {
+        self.domain(name)?.destroy().map_err(call(format!("stopping domain '{name}'")))
+    }
+
+    /// Our metadata element of a domain's persistent config, if it has one.
+    pub fn cow_metadata(&self, name: &str) -> Result<Option<CowMetadata>> {
+        let d = self.domain(name)?;
+        match d.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(NAMESPACE), sys::VIR_DOMAIN_AFFECT_CONFIG) {
+            Ok(x) => CowMetadata::parse(&x)
+                .map(Some)
+                .map_err(|source| LibvirtError::Xml { what: format!("the metadata of '{name}'"), source }),
+            Err(e) if is(&e, ErrorNumber::NoDomainMetadata) => Ok(None),
+            Err(e) => Err(call(format!("reading the metadata of '{name}'"))(e)),
+        }
+    }
+
+    /// Sets (Some) or removes (None) our metadata element in a domain's persistent config.
+    pub fn set_cow_metadata(&self, name: &str, md: Option<&CowMetadata>) -> Result<()> {
+        let d = self.domain(name)?;
+        // libvirt declares the namespace and prefixes every element itself.
+        let xml = md.map(CowMetadata::to_bare_xml);
+        d.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            xml.as_deref(),
+            xml.as_ref().map(|_| PREFIX),
+            Some(NAMESPACE),
+            sys::VIR_DOMAIN_AFFECT_CONFIG,
+        )
+        .map_err(call(format!("writing the metadata of '{name}'")))
+    }
+
+    fn pool(&self, name: &str) -> Result<StoragePool> {
+        self.conn.lookup_storage_pool_by_name(name).map_err(call(format!("looking up storage pool '{name}'")))
+    }
+
+    fn volume_of(&self, vol: &StorageVol, what: &str) -> Result<Volume> {
+        let pool = vol
+            .lookup_storage_pool()
+            .and_then(|p| p.name())
+            .map_err(call(format!("finding the pool of {what}")))?;
+        let xml = vol.xml_desc(0).map_err(call(format!("reading the XML of {what}")))?;
+        let facts = VolumeFacts::parse(&xml).map_err(|source| LibvirtError::Xml { what: what.into(), source })?;
+        Ok(Volume { pool, facts })
+    }
+
+    /// The pool volume at `path`, if the file belongs to a storage pool. A dir pool that has not
+    /// seen the file yet is refreshed once.
+    pub fn volume_by_path(&self, path: &str) -> Result<Option<Volume>> {
+        let what = format!("volume '{path}'");
+        match self.conn.lookup_storage_vol_by_path(path) {
+            Ok(v) => return self.volume_of(&v, &what).map(Some),
+            Err(e) if is(&e, ErrorNumber::NoStorageVolume) => {}
+            Err(e) => return Err(call(format!("looking up {what}"))(e)),
+        }
+        let dir = match std::path::Path::new(path).parent() {
+            Some(d) => d.to_string_lossy().into_owned(),
+            None => return Ok(None),
+        };
+        let pools = self
+            .conn
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(call("listing storage pools"))?;
+        for p in pools {
+            let Ok(xml) = p.xml_desc(0) else { continue };
+            if crate::xml::volume::pool_target_path(&xml).as_deref() == Some(dir.as_str()) {
+                let pname = p.name().unwrap_or_default();
+                p.refresh(0).map_err(call(format!("refreshing storage pool '{pname}'")))?;
+                return match self.conn.lookup_storage_vol_by_path(path) {
+                    Ok(v) => self.volume_of(&v, &what).map(Some),
+                    Err(e) if is(&e, ErrorNumber::NoStorageVolume) => Ok(None),
+                    Err(e) => Err(call(format!("looking up {what}"))(e)),
+                };
+            }
+        }
+        Ok(None)
+    }
+
+    /// The volume `name` in `pool`, if it exists.
+    pub fn volume(&self, pool: &str, name: &str) -> Result<Option<Volume>> {
+        let p = self.pool(pool)?;
+        match p.lookup_storage_vol_by_name(name) {
+            Ok(v) => self.volume_of(&v, &format!("volume '{name}' in pool '{pool}'")).map(Some),
+            Err(e) if is(&e, ErrorNumber::NoStorageVolume) => Ok(None),
+            Err(e) => Err(call(format!("looking up volume '{name}' in pool '{pool}'"))(e)),
+        }
+    }
+
+    /// Creates a volume from XML in `pool`; returns it.
+    pub fn create_volume(&self, pool: &str, xml: &str, name: &str) -> Result<Volume> {
+        let p = self.pool(pool)?;
+        let what = format!("volume '{name}' in pool '{pool}'");
+        let v = StorageVol::create_xml(&p, xml, 0).map_err(call(format!("creating {what}")))?;
+        self.volume_of(&v, &what)
+    }
+
+    /// Creates a volume in `pool` as a copy of the volume at `from_path`.
+    pub fn copy_volume(&self, pool: &str, xml: &str, name: &str, from_path: &str) -> Result<Volume> {
+        let p = self.pool(pool)?;
+        let what = format!("volume '{name}' in pool '{pool}'");
+        let src = self.conn.lookup_storage_vol_by_path(from_path).map_err(call(format!("looking up '{from_path}'")))?;
+        let v = StorageVol::create_xml_from(&p, xml, &src, 0).map_err(call(format!("copying '{from_path}' to {what}")))?;
+        self.volume_of(&v, &what)
+    }
+
+    pub fn delete_volume(&self, pool: &str, name: &str) -> Result<()> {
+        let p = self.pool(pool)?;
+        let v = p.lookup_storage_vol_by_name(name).map_err(call(format!("looking up volume '{name}' in pool '{pool}'")))?;
+        v.delete(0).map_err(call(format!("deleting volume '{name}' in pool '{pool}'")))
+    }
+
+    /// Every volume of every active pool.
+    pub fn list_volumes(&self) -> Result<Vec<Volume>> {
+        let pools = self
+            .conn
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(call("listing storage pools"))?;
+        let mut out = Vec::new();
+        for p in pools {
+            let pname = p.name().unwrap_or_default();
+            let Ok(vols) = p.list_all_volumes(0) else { continue };
+            for v in vols {
+                let name = v.name().unwrap_or_default();
+                match self.volume_of(&v, &format!("volume '{name}' in pool '{pname}'")) {
+                    Ok(vol) => out.push(vol),
+                    Err(e) => tracing::debug!("skipping a volume: {e}"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refreshes a pool so it lists what changed in its directory.
+    pub fn refresh_pool(&self, pool: &str) -> Result<()> {
+        self.pool(pool)?.refresh(0).map_err(call(format!("refreshing storage pool '{pool}'")))
+    }
+}

@@ -1,0 +1,66 @@
+//! Printing results (stdout) and errors (stderr).
+
+use std::io::Write;
+
+use virt_clone_cow::cmd::clone::CloneReport;
+
+/// The error and its causes on one line: `what failed: why: why`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s.replace('\n', " ")
+}
+
+/// JSON (one object) or text.
+/// A closed pipe (`| head`) is not an error.
+pub fn print<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> Result<(), super::Failure> {
+    let mut out = std::io::stdout().lock();
+    let body = if json {
+        let mut s = serde_json::to_string_pretty(value)?;
+        s.push('\n');
+        s
+    } else {
+        text()
+    };
+    match out.write_all(body.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+pub fn render_clone_report(r: &CloneReport) -> String {
+    let mut s = String::new();
+    if r.dry_run {
+        s.push_str(&format!("Dry run: would make {} linked clone(s) of '{}' (nothing changed):\n", r.clones.len(), r.original));
+    } else {
+        s.push_str(&format!(
+            "Made {} linked clone(s) of '{}' in {:.0} ms; '{}' is now a template (masters read-only).\n",
+            r.clones.len(),
+            r.original,
+            r.elapsed_ms,
+            r.original
+        ));
+    }
+    for c in &r.clones {
+        let state = if c.started { "  started" } else { "" };
+        s.push_str(&format!("  {}{}{}\n", c.name, c.uuid.as_ref().map(|u| format!("  uuid {u}")).unwrap_or_default(), state));
+        for d in &c.disks {
+            s.push_str(&format!("    {}  {}  -> {} ({})\n", d.target, d.overlay, d.backing, d.backing_format));
+        }
+        if !c.macs.is_empty() {
+            s.push_str(&format!("    mac  {}\n", c.macs.join(", ")));
+        }
+        if let Some(nv) = &c.nvram {
+            s.push_str(&format!("    uefi vars  {nv}\n"));
+        }
+    }
+    s
+}

@@ -1,0 +1,323 @@
+//! The clone plan: everything a clone will be, worked out before anything is changed.
+//!
+//! Planning is pure (no libvirt, no files): it takes the original's XML and facts, the resolved
+//! masters and the names and MACs already taken, and returns the clones' XML, overlay locations
+//! and metadata. `--dry-run` prints it; [`crate::apply`] carries it out.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, TemplateInfo};
+use crate::xml::{rewrite_domain, BackingEdit, DiskEdit, DomainEdits, DomainFacts, XmlError};
+
+/// A master image behind one of the original's private disks, as resolved on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Master {
+    #[serde(skip)]
+    pub disk_index: usize,
+    pub target: String,
+    pub path: String,
+    pub format: String,
+    pub virtual_size: u64,
+    /// The storage pool holding the master, if any: overlays go to the same pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// The disk is `type='volume'` in the domain XML.
+    #[serde(skip)]
+    pub volume_disk: bool,
+    /// The master has no backing file of its own.
+    #[serde(skip)]
+    pub self_contained: bool,
+}
+
+impl Master {
+    fn to_ref(&self, with_target: bool) -> MasterRef {
+        MasterRef {
+            target: with_target.then(|| self.target.clone()),
+            path: self.path.clone(),
+            format: self.format.clone(),
+            virtual_size: Some(self.virtual_size),
+            pool: self.pool.clone(),
+            volume: self.volume.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Where a clone's overlay goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum OverlayLocation {
+    /// A file outside any pool, made with qemu-img.
+    File { path: String },
+    /// A volume in the master's pool, made through the libvirt storage API.
+    Volume { pool: String, name: String, path: String },
+}
+
+impl OverlayLocation {
+    pub fn path(&self) -> &str {
+        match self {
+            OverlayLocation::File { path } | OverlayLocation::Volume { path, .. } => path,
+        }
+    }
+}
+
+/// One overlay of one clone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OverlayPlan {
+    pub target: String,
+    pub location: OverlayLocation,
+    pub master: Master,
+}
+
+/// Copying the original's UEFI vars for a clone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NvramPlan {
+    pub from: String,
+    pub to: String,
+    /// The pool that holds the vars, when they are a pool volume (copied through libvirt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+/// One clone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CloneSpec {
+    pub name: String,
+    pub macs: Vec<String>,
+    pub overlays: Vec<OverlayPlan>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<NvramPlan>,
+    #[serde(skip)]
+    pub xml: String,
+}
+
+/// Everything a clone run will do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClonePlan {
+    pub original: String,
+    pub masters: Vec<Master>,
+    pub clones: Vec<CloneSpec>,
+    /// The original's metadata once it is a template.
+    #[serde(skip)]
+    pub template_metadata: CowMetadata,
+}
+
+/// What planning needs.
+#[derive(Debug)]
+pub struct PlanInput<'a> {
+    pub original_xml: &'a str,
+    pub facts: &'a DomainFacts,
+    pub masters: &'a [Master],
+    pub names: &'a [String],
+    /// MACs used by any domain on the host.
+    pub taken_macs: &'a HashSet<String>,
+    pub disposable: bool,
+    /// The pool holding the original's UEFI vars, if they are a pool volume.
+    pub nvram_pool: Option<String>,
+}
+
+/// Why a plan cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("clone name '{0}' is given twice")]
+    DuplicateName(String),
+    #[error("'{0}' is not a valid domain name (empty, or contains '/')")]
+    BadName(String),
+    #[error("could not write the clone's XML")]
+    Xml(#[from] XmlError),
+    #[error("the original's metadata cannot be read")]
+    Metadata(#[source] XmlError),
+}
+
+/// Makes the plan. `random` supplies 3 random bytes per MAC.
+pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Result<ClonePlan, PlanError> {
+    let mut seen = HashSet::new();
+    for n in input.names {
+        if n.is_empty() || n.contains('/') {
+            return Err(PlanError::BadName(n.clone()));
+        }
+        if !seen.insert(n.as_str()) {
+            return Err(PlanError::DuplicateName(n.clone()));
+        }
+    }
+    let original = &input.facts.name;
+    let mut taken_macs = input.taken_macs.clone();
+    let mut clones = Vec::with_capacity(input.names.len());
+
+    for name in input.names {
+        let mut macs = Vec::new();
+        let mac_edits: Vec<Option<String>> = input
+            .facts
+            .macs
+            .iter()
+            .map(|_| {
+                let mac = new_mac(&mut taken_macs, &mut random);
+                macs.push(mac.clone());
+                Some(mac)
+            })
+            .collect();
+
+        let mut overlays = Vec::new();
+        let mut disk_edits = BTreeMap::new();
+        for m in input.masters {
+            let file_name = format!("{name}-{}.qcow2", m.target);
+            let dir = Path::new(&m.path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let path = format!("{dir}/{file_name}");
+            let location = match &m.pool {
+                Some(pool) => OverlayLocation::Volume { pool: pool.clone(), name: file_name.clone(), path: path.clone() },
+                None => OverlayLocation::File { path: path.clone() },
+            };
+            let source_attr = if m.volume_disk { ("volume", file_name) } else { ("file", path) };
+            disk_edits.insert(
+                m.disk_index,
+                DiskEdit {
+                    source_attr,
+                    backing: BackingEdit { path: m.path.clone(), format: m.format.clone(), self_contained: m.self_contained },
+                },
+            );
+            overlays.push(OverlayPlan { target: m.target.clone(), location, master: m.clone() });
+        }
+
+        let nvram = input.facts.nvram.as_ref().and_then(|nv| nv.path.as_ref()).map(|from| NvramPlan {
+            from: from.clone(),
+            to: nvram_path_for(from, original, name),
+            pool: input.nvram_pool.clone(),
+        });
+
+        let char_paths: HashMap<String, String> =
+            input.facts.char_paths.iter().map(|p| (p.clone(), rename_path(p, original, name))).collect();
+
+        let metadata = CowMetadata {
+            template: None,
+            clone: Some(CloneInfo {
+                original: original.clone(),
+                disposable: input.disposable,
+                disks: overlays
+                    .iter()
+                    .map(|o| CloneDisk {
+                        target: o.target.clone(),
+                        overlay: o.location.path().to_string(),
+                        master: o.master.to_ref(false),
+                    })
+                    .collect(),
+            }),
+        };
+
+        let edits = DomainEdits {
+            name: name.clone(),
+            macs: mac_edits,
+            disks: disk_edits,
+            nvram_path: nvram.as_ref().map(|n| n.to.clone()),
+            nvram_source_form: input.facts.nvram.as_ref().is_some_and(|n| n.source_form),
+            char_paths,
+            metadata: Some(metadata.to_xml()),
+        };
+        let xml = rewrite_domain(input.original_xml, &edits)?;
+        clones.push(CloneSpec { name: name.clone(), macs, overlays, nvram, xml });
+    }
+
+    // The original becomes a template; whatever clone information it carried stays.
+    let mut md = match &input.facts.vcc_metadata {
+        Some(x) => CowMetadata::parse(x).map_err(PlanError::Metadata)?,
+        None => CowMetadata::default(),
+    };
+    md.template = Some(TemplateInfo { masters: input.masters.iter().map(|m| m.to_ref(true)).collect() });
+
+    Ok(ClonePlan {
+        original: original.clone(),
+        masters: input.masters.to_vec(),
+        clones,
+        template_metadata: md,
+    })
+}
+
+/// A locally administered unicast MAC in QEMU's range (52:54:00), unused on the host.
+fn new_mac(taken: &mut HashSet<String>, random: &mut impl FnMut() -> [u8; 3]) -> String {
+    loop {
+        let [a, b, c] = random();
+        let mac = format!("52:54:00:{a:02x}:{b:02x}:{c:02x}");
+        if taken.insert(mac.clone()) {
+            return mac;
+        }
+    }
+}
+
+/// Free names `NAME-clone`, `NAME-clone-1`, ... as virt-clone's `--auto-clone` picks them.
+pub fn auto_names(original: &str, existing: &HashSet<String>, count: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(count);
+    let mut i = 0usize;
+    while out.len() < count {
+        let candidate = if i == 0 { format!("{original}-clone") } else { format!("{original}-clone-{i}") };
+        if !existing.contains(&candidate) {
+            out.push(candidate);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `--name BASE --count N`: `BASE-1` .. `BASE-N`.
+pub fn numbered_names(base: &str, count: usize) -> Vec<String> {
+    (1..=count).map(|i| format!("{base}-{i}")).collect()
+}
+
+/// A path for the clone in place of one the original uses: the original's name in the file name
+/// is replaced by the clone's; otherwise the clone's name is added before the extension.
+pub fn rename_path(path: &str, original: &str, clone: &str) -> String {
+    let p = Path::new(path);
+    let (dir, file) = match (p.parent(), p.file_name()) {
+        (Some(d), Some(f)) => (d.to_string_lossy().into_owned(), f.to_string_lossy().into_owned()),
+        _ => return format!("{path}-{clone}"),
+    };
+    let new_file = if !original.is_empty() && file.contains(original) {
+        file.replace(original, clone)
+    } else {
+        match file.rsplit_once('.') {
+            Some((stem, ext)) if !stem.is_empty() => format!("{stem}-{clone}.{ext}"),
+            _ => format!("{file}-{clone}"),
+        }
+    };
+    if dir.is_empty() {
+        new_file
+    } else {
+        format!("{}/{new_file}", dir.trim_end_matches('/'))
+    }
+}
+
+/// The clone's UEFI vars path: libvirt's own naming (`NAME_VARS.fd`) in the same directory.
+fn nvram_path_for(from: &str, original: &str, clone: &str) -> String {
+    rename_path(from, original, clone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_names_skip_taken_ones() {
+        let existing: HashSet<String> = ["base-clone", "base-clone-2"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(auto_names("base", &existing, 3), vec!["base-clone-1", "base-clone-3", "base-clone-4"]);
+    }
+
+    #[test]
+    fn rename_path_replaces_the_name_or_appends_it() {
+        assert_eq!(rename_path("/var/log/libvirt/qemu/tmpl-serial.log", "tmpl", "web 1"), "/var/log/libvirt/qemu/web 1-serial.log");
+        assert_eq!(rename_path("/var/log/console.log", "tmpl", "c1"), "/var/log/console-c1.log");
+        assert_eq!(rename_path("/run/sock", "tmpl", "c1"), "/run/sock-c1");
+        assert_eq!(rename_path("/var/lib/libvirt/qemu/nvram/tmpl_VARS.fd", "tmpl", "c1"), "/var/lib/libvirt/qemu/nvram/c1_VARS.fd");
+    }
+
+    #[test]
+    fn macs_are_unique_and_avoid_taken_ones() {
+        let mut taken: HashSet<String> = ["52:54:00:00:00:01".to_string()].into();
+        let mut seq = [[0u8, 0, 1], [0, 0, 1], [0, 0, 2], [0, 0, 2], [0, 0, 3]].into_iter();
+        let mut rnd = || seq.next().unwrap_or([9, 9, 9]);
+        assert_eq!(new_mac(&mut taken, &mut rnd), "52:54:00:00:00:02");
+        assert_eq!(new_mac(&mut taken, &mut rnd), "52:54:00:00:00:03");
+    }
+}

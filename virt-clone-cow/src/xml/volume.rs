@@ -1,0 +1,122 @@
+//! Reading storage volume XML (`virsh vol-dumpxml`).
+
+use quick_xml::events::Event;
+
+use super::{at, attr, reader, syntax, XmlError};
+
+/// What a storage volume's XML says about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeFacts {
+    pub name: String,
+    pub path: String,
+    /// Virtual size in bytes.
+    pub capacity: u64,
+    /// Bytes the volume takes on its storage.
+    pub allocation: u64,
+    /// Image format (`<target><format type=...>`).
+    pub format: Option<String>,
+    /// `<backingStore>`: path and format of the backing image, if any.
+    pub backing: Option<(String, Option<String>)>,
+}
+
+impl VolumeFacts {
+    pub fn parse(xml: &str) -> Result<Self, XmlError> {
+        let mut r = reader(xml);
+        let mut v = VolumeFacts::default();
+        let mut stack: Vec<String> = Vec::new();
+        let mut text = String::new();
+        let mut unit = String::from("bytes");
+        loop {
+            let ev = r.read_event().map_err(|e| syntax(&r, e))?;
+            match ev {
+                Event::Start(ref e) | Event::Empty(ref e) => {
+                    stack.push(super::elem_name(e));
+                    text.clear();
+                    if at(&stack, &["volume", "capacity"]) || at(&stack, &["volume", "allocation"]) {
+                        unit = attr(e, "unit")?.unwrap_or_else(|| "bytes".into());
+                    } else if at(&stack, &["volume", "target", "format"]) {
+                        v.format = attr(e, "type")?;
+                    } else if at(&stack, &["volume", "backingStore", "format"]) {
+                        if let Some(b) = v.backing.as_mut() {
+                            b.1 = attr(e, "type")?;
+                        }
+                    } else if at(&stack, &["volume", "backingStore"]) {
+                        v.backing = Some((String::new(), None));
+                    }
+                    if matches!(ev, Event::Empty(_)) {
+                        stack.pop();
+                    }
+                }
+                Event::Text(t) => text.push_str(&t.unescape().map_err(|e| syntax(&r, e))?),
+                Event::End(_) => {
+                    let t = text.trim();
+                    if at(&stack, &["volume", "name"]) {
+                        v.name = t.to_string();
+                    } else if at(&stack, &["volume", "target", "path"]) {
+                        v.path = t.to_string();
+                    } else if at(&stack, &["volume", "capacity"]) {
+                        v.capacity = scaled(t, &unit)?;
+                    } else if at(&stack, &["volume", "allocation"]) {
+                        v.allocation = scaled(t, &unit)?;
+                    } else if at(&stack, &["volume", "backingStore", "path"]) {
+                        if let Some(b) = v.backing.as_mut() {
+                            b.0 = t.to_string();
+                        }
+                    }
+                    stack.pop();
+                    text.clear();
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        if v.backing.as_ref().is_some_and(|b| b.0.is_empty()) {
+            v.backing = None;
+        }
+        Ok(v)
+    }
+}
+
+fn scaled(t: &str, unit: &str) -> Result<u64, XmlError> {
+    let n: u64 = t.parse().map_err(|_| XmlError::BadValue {
+        element: "capacity",
+        value: t.to_string(),
+        expected: "a whole number",
+    })?;
+    let mult: u64 = match unit {
+        "b" | "bytes" | "B" => 1,
+        "KiB" | "k" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "TiB" | "T" => 1 << 40,
+        "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(XmlError::BadValue { element: "capacity", value: unit.into(), expected: "a known unit" }),
+    };
+    n.checked_mul(mult).ok_or(XmlError::BadValue { element: "capacity", value: t.into(), expected: "a size that fits 64 bits" })
+}
+
+/// `<pool><target><path>` of a storage pool's XML.
+pub fn pool_target_path(xml: &str) -> Option<String> {
+    let mut r = reader(xml);
+    let mut stack: Vec<String> = Vec::new();
+    let mut text = String::new();
+    loop {
+        match r.read_event().ok()? {
+            Event::Start(e) => {
+                stack.push(super::elem_name(&e));
+                text.clear();
+            }
+            Event::Text(t) => text.push_str(&t.unescape().ok()?),
+            Event::End(_) => {
+                if at(&stack, &["pool", "target", "path"]) {
+                    return Some(text.trim().to_string());
+                }
+                stack.pop();
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
