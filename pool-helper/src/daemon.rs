@@ -39,6 +39,8 @@ struct Entry {
     handle: Option<Handle>,
     error: Option<String>,
     fetches: u32,
+    /// Bytes uploaded while this host was still downloading (the download torrent is gone).
+    uploaded_base: u64,
     progress: watch::Sender<Option<Progress>>,
     done: watch::Sender<Option<Final>>,
 }
@@ -100,6 +102,7 @@ impl Daemon {
                     handle: None,
                     error: None,
                     fetches: 0,
+                    uploaded_base: 0,
                     progress: ptx,
                     done: dtx,
                 },
@@ -158,10 +161,11 @@ impl Daemon {
         let (dtx, drx) = watch::channel(None);
         g.insert(
             key.clone(),
-            Entry { manifest: m.clone(), pool: pool.clone(), state: "fetching".into(), path: None, handle: None, error: None, fetches, progress: ptx.clone(), done: dtx.clone() },
+            Entry { manifest: m.clone(), pool: pool.clone(), state: "fetching".into(), path: None, handle: None, error: None, fetches, uploaded_base: 0, progress: ptx.clone(), done: dtx.clone() },
         );
         drop(g);
         let me = self.clone();
+        let last = ptx.subscribe();
         tokio::spawn(async move {
             let total = m.size;
             let on_event = move |ev: Event| match ev {
@@ -172,7 +176,8 @@ impl Daemon {
                     let _ = ptx.send(Some(Progress { state: "live".into(), done_bytes: have_bytes, total_bytes, ..Default::default() }));
                 }
                 Event::Verifying => {
-                    let _ = ptx.send(Some(Progress { state: "verifying".into(), done_bytes: total, total_bytes: total, ..Default::default() }));
+                    let up = ptx.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
+                    let _ = ptx.send(Some(Progress { state: "verifying".into(), done_bytes: total, total_bytes: total, uploaded_bytes: up, ..Default::default() }));
                 }
             };
             let res = me.ctx.fetch(&pool, &m, &on_event).await;
@@ -181,9 +186,13 @@ impl Daemon {
                 Ok((_, Some(h))) => Ok(Some(h.clone())),
                 Err(_) => Ok(None),
             };
+            let uploaded = last.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
             let fin = {
                 let mut g = me.lock();
-                let e = g.get_mut(&key);
+                let mut e = g.get_mut(&key);
+                if let Some(e) = e.as_mut() {
+                    e.uploaded_base = uploaded;
+                }
                 match (res, seeded) {
                     (Ok((outcome, _)), Ok(h)) => {
                         let (state, path) = match &outcome {
@@ -241,7 +250,7 @@ impl Daemon {
                     peers: p.peers,
                     up_bps: p.up_bps,
                     down_bps: p.down_bps,
-                    uploaded_bytes: p.uploaded_bytes,
+                    uploaded_bytes: e.uploaded_base + p.uploaded_bytes,
                     error: e.error.clone().or(p.error),
                     fetches: e.fetches,
                 }
@@ -328,7 +337,7 @@ impl Daemon {
                         let (dtx, _) = watch::channel(None);
                         self.lock().insert(
                             key,
-                            Entry { manifest: m, pool: mr.pool, state: "seeding".into(), path: Some(p.clone()), handle: Some(h), error: None, fetches: 0, progress: ptx, done: dtx },
+                            Entry { manifest: m, pool: mr.pool, state: "seeding".into(), path: Some(p.clone()), handle: Some(h), error: None, fetches: 0, uploaded_base: 0, progress: ptx, done: dtx },
                         );
                         write_final(&mut w, &Final::done("seeding", &p.display().to_string())).await
                     }
