@@ -211,6 +211,8 @@ impl Ctx {
             return Ok((Outcome::Present(path), None));
         }
         let torrent = self.metainfo(m).await?;
+        // Keep the validated metainfo with the record, so seeding later needs no peer for it.
+        let m = &Manifest { torrent_hex: Some(hex::encode(&torrent)), ..m.clone() };
         let sdir = staging::staging_dir(&pool_dir, &self.cfg.state_dir, pool)?;
         let (sd, name, size) = (sdir.clone(), m.name.clone(), m.size);
         let staged = blocking(move || staging::prepare_file(&sd, &name, size)).await??;

@@ -109,3 +109,39 @@ fn malformed_requests_manifests_and_torrents_are_refused_and_the_daemon_keeps_se
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[test]
+fn a_restarted_daemon_resumes_an_interrupted_fetch_by_itself() {
+    let pa = Pool::new("a");
+    let size = 12 << 20;
+    let src = pa.raw_master("again.raw", size);
+    let mut a = Instance::new(&[]);
+    a.serve();
+    let man = a.publish(&pa, "again.raw");
+    a.wait_seeding("again.raw");
+    let pb = Pool::new("b");
+    let mut b = Instance::new(&["--download-limit", "2000000"]);
+    b.serve();
+    let req = serde_json::json!({"op": "ensure", "pool": pb.name, "manifest_path": man.to_str().unwrap()});
+    // The client goes away after a few events; the download goes on.
+    let mut s = UnixStream::connect(b.socket()).unwrap();
+    writeln!(s, "{req}").unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    for _ in 0..3 {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"progress\""), "{line}");
+    }
+    drop(r);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let done = b.master_status("again.raw")["done_bytes"].as_u64().unwrap();
+    assert!(done > 0 && done < size as u64, "still fetching after the client left ({done})");
+    b.kill_daemon();
+    assert_eq!(std::fs::read_dir(&pb.dir).unwrap().count(), 0, "nothing partial in the pool");
+    b.extra.clear();
+    b.serve();
+    b.wait_seeding("again.raw");
+    assert!(same_file(&src, &pb.path("again.raw")));
+    assert!(pb.volumes().contains(&"again.raw".to_string()), "pool refreshed by the daemon");
+}

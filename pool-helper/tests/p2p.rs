@@ -111,3 +111,24 @@ fn swarm_two_leechers_get_identical_copies_and_exchange_pieces() {
     assert!(up_a < 2 * size as u64, "origin uploaded less than two copies ({up_a})");
     assert_eq!(b.master_status("swarm.raw")["state"], "seeding");
 }
+
+#[test]
+fn a_manifest_without_metainfo_is_fetched_by_magnet_with_metadata_from_the_peer() {
+    let pa = Pool::new("a");
+    let size = 4 << 20;
+    let src = pa.raw_master("magnet.raw", size);
+    let mut a = Instance::new(&[]);
+    a.serve();
+    let man = a.publish(&pa, "magnet.raw");
+    a.wait_seeding("magnet.raw");
+    let mut m = manifest(&man);
+    m.as_object_mut().unwrap().remove("torrent_hex");
+    let dir = tempfile::tempdir().unwrap();
+    let bare = dir.path().join("magnet.json");
+    std::fs::write(&bare, m.to_string()).unwrap();
+    let pb = Pool::new("b");
+    let b = Instance::new(&[]);
+    let out = b.run_ok(&["--json", "fetch", "--pool", &pb.name, bare.to_str().unwrap()]);
+    assert!(out.lines().last().unwrap().contains("\"state\":\"fetched\""), "{out}");
+    assert!(same_file(&src, &pb.path("magnet.raw")));
+}
