@@ -48,6 +48,8 @@ pub enum FetchError {
     },
     #[error("download of '{name}' failed: {msg}")]
     Download { name: String, msg: String },
+    #[error("disk full while downloading '{name}' (staging file removed, nothing in the pool): {msg}")]
+    DiskFull { name: String, msg: String },
     #[error("download of '{name}' stalled: no progress for {secs} s ({peers} peers connected)")]
     Stalled { name: String, secs: u64, peers: u32 },
     #[error("internal error: {0}")]
@@ -222,8 +224,9 @@ impl Ctx {
         let r = self.wait(m, &h, on_event).await;
         self.torrents.remove(&h).await;
         if let Err(e) = r {
-            if matches!(e, FetchError::Download { ref msg, .. } if msg.contains("No space left")) {
+            if matches!(e, FetchError::DiskFull { .. }) {
                 let _ = std::fs::remove_file(&staged);
+                records::remove(&self.cfg, pool, &m.name);
             }
             return Err(e);
         }
@@ -252,7 +255,11 @@ impl Ctx {
         loop {
             let p = h.progress();
             if p.state == "error" {
-                return Err(FetchError::Download { name, msg: p.error.unwrap_or_else(|| "unknown error".into()) });
+                let msg = p.error.unwrap_or_else(|| "unknown error".into()).replace('\n', "; ");
+                if msg.contains("No space left") || msg.contains("os error 28") {
+                    return Err(FetchError::DiskFull { name, msg });
+                }
+                return Err(FetchError::Download { name, msg });
             }
             if p.state == "live" && !started {
                 started = true;
