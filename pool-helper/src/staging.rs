@@ -106,21 +106,27 @@ pub fn prepare_file(dir: &Path, name: &str, size: u64) -> Result<PathBuf, Stagin
         let _ = std::fs::remove_file(&path);
         return Err(StagingError::NoSpace { path: path.display().to_string(), need, free });
     }
-    use std::os::fd::AsRawFd;
-    // SAFETY: the fd is open for writing for the duration of the call; offsets are in range.
-    let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
-    if r != 0 {
-        drop(f);
-        let _ = std::fs::remove_file(&path);
-        if r == libc::ENOSPC {
-            return Err(StagingError::NoSpace { path: path.display().to_string(), need, free });
-        }
-        return Err(io("cannot allocate staging file", &path)(std::io::Error::from_raw_os_error(r)));
-    }
+    // A new file stays empty: librqbit's initial check then skips it at once instead of hashing
+    // a file of zeros; the storage allocates it (`allocate`) when librqbit sets its length. A file
+    // left by an interrupted fetch keeps its data: every piece in it is re-hashed.
     if m.len() > size {
         f.set_len(size).map_err(io("cannot truncate staging file", &path))?;
     }
     Ok(path)
+}
+
+/// Sets the length of `f` to `size` and allocates its blocks, so a full disk fails here (ENOSPC)
+/// rather than halfway through a download.
+pub fn allocate(f: &File, size: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    f.set_len(size)?;
+    // SAFETY: the fd is open for writing for the duration of the call; offsets are in range.
+    let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(r))
+    }
 }
 
 /// fsyncs `staged`, makes it read-only (0444) and renames it to `<pool_dir>/<name>` without
@@ -184,6 +190,7 @@ mod tests {
         let st = staging_dir(&pool, &d.path().join("state"), "p").unwrap();
         assert_eq!(std::fs::metadata(&st).unwrap().mode() & 0o777, 0o700);
         let f = prepare_file(&st, "m.raw", 4096).unwrap();
+        allocate(&std::fs::OpenOptions::new().write(true).open(&f).unwrap(), 4096).unwrap();
         assert_eq!(std::fs::metadata(&f).unwrap().len(), 4096);
         let dest = publish(&f, &pool, "m.raw").unwrap();
         assert_eq!(std::fs::metadata(&dest).unwrap().mode() & 0o777, 0o444);

@@ -106,7 +106,7 @@ impl TorrentStorage for SingleFileStorage {
             return Ok(());
         }
         anyhow::ensure!(self.writable, "{} has the wrong length and is read-only", self.path.display());
-        Ok(f.set_len(length)?)
+        Ok(crate::staging::allocate(f, length)?)
     }
 
     fn take(&self) -> anyhow::Result<Box<dyn TorrentStorage>> {
