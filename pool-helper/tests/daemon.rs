@@ -40,6 +40,8 @@ fn two_concurrent_ensures_share_one_download_and_a_third_finds_it_present() {
     let st = b.master_status("shared.raw");
     assert_eq!(st["fetches"], 1, "one download for two requests: {st}");
     assert_eq!(st["state"], "seeding");
+    let modes = open_modes(b.daemon.as_ref().unwrap().id(), &dest);
+    assert!(!modes.is_empty() && modes.iter().all(|&m| m == 0), "a fetched master is seeded read-only: {modes:?}");
     let up = a.master_status("shared.raw")["uploaded_bytes"].as_u64().unwrap();
     assert!(up < size as u64 * 3 / 2, "the origin sent one copy, not two ({up})");
 

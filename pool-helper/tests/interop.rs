@@ -126,3 +126,29 @@ fn we_fetch_from_aria2c_and_libtorrent_seeds() {
     c.run_ok(&["fetch", "--pool", &pc.name, man.to_str().unwrap()]);
     assert!(same_file(&src, &pc.path("third.qcow2")), "fetched from libtorrent");
 }
+
+#[test]
+fn a_master_is_found_through_a_lan_tracker_alone() {
+    let pa = Pool::new("a");
+    let size = 6 << 20;
+    let src = pa.raw_master("tracked.raw", size);
+    let tport = free_port();
+    let tracker = format!("http://127.0.0.1:{tport}/announce");
+    let mut a = Instance::new(&["--tracker", &tracker]);
+    let man_path = a.publish(&pa, "tracked.raw");
+    let mut m = manifest(&man_path);
+    let tdir = tempfile::tempdir().unwrap();
+    let _tracker = opentracker(tport, m["info_hash"].as_str().unwrap(), tdir.path());
+    a.serve();
+    a.wait_seeding("tracked.raw");
+    // No peer hints at all: only the tracker knows where the master is.
+    m["peers"] = serde_json::json!([]);
+    m["magnet"] = format!("magnet:?xt=urn:btih:{}", m["info_hash"].as_str().unwrap()).into();
+    let d = tempfile::tempdir().unwrap();
+    let bare = d.path().join("tracked.json");
+    std::fs::write(&bare, m.to_string()).unwrap();
+    let pb = Pool::new("b");
+    let b = Instance::new(&[]);
+    b.run_ok(&["fetch", "--pool", &pb.name, bare.to_str().unwrap()]);
+    assert!(same_file(&src, &pb.path("tracked.raw")));
+}

@@ -40,6 +40,8 @@ fn publish_then_fetch_into_another_pool_is_identical_read_only_and_never_partial
     let man = a.publish(&pa, "base.qcow2");
     assert_eq!(mode(&src), 0o444, "publish makes the master read-only");
     a.wait_seeding("base.qcow2");
+    let modes = open_modes(a.daemon.as_ref().unwrap().id(), &src);
+    assert!(!modes.is_empty() && modes.iter().all(|&m| m == 0), "the seeder holds the master read-only: {modes:?}");
     let m = manifest(&man);
     assert_eq!(m["format"], "qcow2");
     assert_eq!(m["virtual_size"], size as u64);

@@ -286,3 +286,18 @@ pub fn manifest(p: &Path) -> serde_json::Value {
 pub fn same_file(a: &Path, b: &Path) -> bool {
     std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
 }
+
+/// The access modes (O_RDONLY=0, O_WRONLY=1, O_RDWR=2) with which process `pid` holds `path` open.
+pub fn open_modes(pid: u32, path: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let want = std::fs::canonicalize(path).unwrap();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(want.as_path()) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy())).unwrap();
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+        out.push(u32::from_str_radix(flags, 8).unwrap() & 0o3);
+    }
+    out
+}
