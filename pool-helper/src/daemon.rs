@@ -30,6 +30,8 @@ pub enum DaemonError {
 }
 
 type Key = (String, String); // (pool, name)
+/// What a request follows: the fetch's progress and its final line.
+type Watches = (watch::Receiver<Option<Progress>>, watch::Receiver<Option<Final>>);
 
 struct Entry {
     manifest: Manifest,
@@ -138,7 +140,7 @@ impl Daemon {
         key: Key,
         pool: String,
         m: Manifest,
-    ) -> Result<(watch::Receiver<Option<Progress>>, watch::Receiver<Option<Final>>), String> {
+    ) -> Result<Watches, String> {
         let mut g = self.lock();
         if let Some(e) = g.get(&key) {
             if e.manifest.sha256 != m.sha256 {

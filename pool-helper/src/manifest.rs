@@ -222,6 +222,7 @@ pub fn parse_peer(s: &str) -> Result<Vec<std::net::SocketAddr>, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -356,6 +356,7 @@ pub fn encode_torrent(name: &str, length: u64, piece_length: u64, pieces: Vec<u8
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -79,7 +79,7 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled `st`.
     let st = unsafe { st.assume_init() };
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Creates (or reopens, to resume) the staging file `<dir>/<name>.part` and allocates `size`
@@ -179,6 +179,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StagingError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -312,6 +312,7 @@ pub fn local_virtual_size(path: &Path, format: &str, size: u64) -> Result<u64, I
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

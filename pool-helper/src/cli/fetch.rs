@@ -35,7 +35,7 @@ impl Reporter {
             let ev = proto::ProgressEvent { event: "progress".into(), done_bytes: done, total_bytes: total, peers, down_bps: down };
             println!("{}", serde_json::to_string(&ev).unwrap_or_default());
         } else if self.tty {
-            let pct = if total > 0 { done * 100 / total } else { 0 };
+            let pct = (done * 100).checked_div(total).unwrap_or(0);
             let bar = "#".repeat((pct / 4) as usize);
             eprint!("\r[{bar:<25}] {pct:>3}%  {:.1}/{:.1} MiB  {peers} peers  {:.1} MiB/s ", done as f64 / 1048576.0, total as f64 / 1048576.0, down as f64 / 1048576.0);
             let _ = std::io::stderr().flush();
