@@ -153,3 +153,61 @@ fn the_origin_dying_mid_transfer_does_not_stop_a_fetch_when_another_seed_exists(
     assert!(from_a > 0, "the origin took part before it died");
     assert!(same_file(&src, &pb.path("survive.raw")));
 }
+
+/// A peer (aria2c) seeds `file` under a manifest built for it; returns (manifest path, seeder).
+fn hostile_seed(dir: &std::path::Path, file: &str, format: &str, virtual_size: u64) -> (std::path::PathBuf, Bg) {
+    let path = dir.join(file);
+    let h = pool_helper::metainfo::create(&path, file, 16384, &[]).unwrap();
+    std::fs::write(dir.join("t.torrent"), &h.torrent).unwrap();
+    let port = free_port();
+    let m = serde_json::json!({
+        "version": 1, "name": file, "format": format, "size": h.size, "virtual_size": virtual_size,
+        "sha256": h.sha256, "info_hash": h.info_hash, "piece_length": 16384,
+        "magnet": format!("magnet:?xt=urn:btih:{}", h.info_hash), "peers": [format!("127.0.0.1:{port}")],
+        "trackers": [], "torrent_hex": h.torrent.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    });
+    let man = dir.join("m.json");
+    std::fs::write(&man, m.to_string()).unwrap();
+    let seed = Bg(Command::new("aria2c")
+        .args(["--enable-dht=false", "--bt-enable-lpd=false", "--bt-seed-unverified=true", "--seed-ratio=0.0", "--disable-ipv6=true"])
+        .args(["--listen-port", &port.to_string(), "-d", dir.to_str().unwrap(), dir.join("t.torrent").to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    (man, seed)
+}
+
+fn fetch_must_be_refused(man: &std::path::Path, name: &str, word: &str) {
+    let pb = Pool::new("b");
+    let b = Instance::new(&[]);
+    let o = b.run(&["fetch", "--pool", &pb.name, man.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(word) && err.contains("nothing was put in the pool"), "{err}");
+    assert_eq!(std::fs::read_dir(&pb.dir).unwrap().count(), 0, "nothing in the pool");
+    let staging = b.state.path().join("staging").join(&pb.name);
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "staging cleaned");
+    assert!(!pb.volumes().contains(&name.to_string()));
+}
+
+#[test]
+fn a_downloaded_qcow2_naming_a_backing_file_is_refused_and_never_reaches_the_pool() {
+    let d = tempfile::tempdir().unwrap();
+    let evil = d.path().join("evil.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname", evil.to_str().unwrap(), "1M"]);
+    let (man, _seed) = hostile_seed(d.path(), "evil.qcow2", "qcow2", 1 << 20);
+    fetch_must_be_refused(&man, "evil.qcow2", "backing file");
+}
+
+#[test]
+fn a_qcow2_declared_raw_is_refused_and_never_reaches_the_pool() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disguised.raw");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+    let size = std::fs::metadata(&img).unwrap().len();
+    let (man, _seed) = hostile_seed(d.path(), "disguised.raw", "raw", size);
+    fetch_must_be_refused(&man, "disguised.raw", "starts like a qcow2");
+}
