@@ -150,7 +150,7 @@ impl Daemon {
                 ));
             }
             match e.state.as_str() {
-                "seeding" => {
+                "seeding" if e.path.as_ref().is_some_and(|p| p.exists()) => {
                     let (_, d) = watch::channel(Some(Final::done("present", &e.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())));
                     return Ok((e.progress.subscribe(), d));
                 }
@@ -159,6 +159,8 @@ impl Daemon {
             }
         }
         let fetches = g.get(&key).map(|e| e.fetches).unwrap_or(0) + 1;
+        // A seed whose file vanished from the pool: drop it before fetching again.
+        let stale = g.get_mut(&key).and_then(|e| e.handle.take());
         let (ptx, prx) = watch::channel(None);
         let (dtx, drx) = watch::channel(None);
         g.insert(
@@ -169,6 +171,9 @@ impl Daemon {
         let me = self.clone();
         let last = ptx.subscribe();
         tokio::spawn(async move {
+            if let Some(h) = stale {
+                me.ctx.torrents.remove(&h).await;
+            }
             let total = m.size;
             let on_event = move |ev: Event| match ev {
                 Event::Progress(p) => {

@@ -248,7 +248,17 @@ impl Torrents {
     /// Downloads into an existing staging file (pieces already there are re-hashed and kept).
     /// `torrent` must have passed [`crate::metainfo::validate`].
     pub async fn download(&self, torrent: &[u8], staged: &Path, peers: Vec<SocketAddr>, trackers: &[String]) -> Result<Handle, TorrentError> {
-        self.add(torrent, self.options(staged, true, peers, trackers)).await
+        let resp = self
+            .session
+            .add_torrent(AddTorrent::from_bytes(torrent.to_vec()), Some(self.options(staged, true, peers, trackers)))
+            .await
+            .map_err(|e| TorrentError::Add(format!("{e:#}")))?;
+        match resp {
+            AddTorrentResponse::Added(_, h) => Ok(Handle { inner: h }),
+            // The same torrent is already seeded here (from another pool): it is not ours to take.
+            AddTorrentResponse::AlreadyManaged(..) => Err(TorrentError::Add("this master is already seeded from another pool on this host; copy it from there".into())),
+            AddTorrentResponse::ListOnly(_) => Err(TorrentError::Add("unexpected list-only answer".into())),
+        }
     }
 
     /// Gets metainfo from peers for a magnet (librqbit checks its SHA-1 against the info-hash

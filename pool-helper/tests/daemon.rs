@@ -56,6 +56,13 @@ fn two_concurrent_ensures_share_one_download_and_a_third_finds_it_present() {
     let out = b.run_ok(&["--json", "list"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["masters"][0]["name"], "shared.raw");
+
+    // Someone deletes the master from the pool: the next ensure fetches it again.
+    std::fs::remove_file(&dest).unwrap();
+    let (_, fin) = b.request(&req);
+    assert_eq!(fin["state"], "fetched", "{fin}\n{}", b.daemon_log());
+    assert!(same_file(&src, &dest));
+    assert_eq!(b.master_status("shared.raw")["fetches"], 2);
 }
 
 #[test]
