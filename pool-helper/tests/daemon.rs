@@ -113,6 +113,20 @@ fn malformed_requests_manifests_and_torrents_are_refused_and_the_daemon_keeps_se
     assert!(b.daemon.as_mut().unwrap().try_wait().unwrap().is_none(), "daemon still running");
     // The control socket is private.
     assert_eq!(mode(&b.socket()), 0o600);
+
+    // A config file: unknown keys are one clear error; known keys work.
+    let cfg = b.state.path().join("bad.toml");
+    std::fs::write(&cfg, "colour = 1\n").unwrap();
+    let o = b.run(&["--config", cfg.to_str().unwrap(), "status"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("bad.toml") && err.contains("colour") && err.trim().lines().count() == 1, "{err}");
+    std::fs::write(&cfg, format!("control_socket = \"{}\"\n", b.socket().display())).unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "--state-dir", "/nonexistent-state", "--json", "status"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "the socket came from the config file: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 fn hex(b: &[u8]) -> String {
