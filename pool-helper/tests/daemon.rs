@@ -134,7 +134,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 #[test]
-fn a_restarted_daemon_resumes_an_interrupted_fetch_by_itself() {
+fn a_restarted_daemon_resumes_an_interrupted_fetch_and_re_verifies_its_masters() {
     let pa = Pool::new("a");
     let size = 12 << 20;
     let src = pa.raw_master("again.raw", size);
@@ -167,4 +167,26 @@ fn a_restarted_daemon_resumes_an_interrupted_fetch_by_itself() {
     b.wait_seeding("again.raw");
     assert!(same_file(&src, &pb.path("again.raw")));
     assert!(pb.volumes().contains(&"again.raw".to_string()), "pool refreshed by the daemon");
+
+    // Masters are re-verified at start: one changed behind our back is not seeded.
+    b.kill_daemon();
+    let dest = pb.path("again.raw");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&dest).unwrap();
+    bytes[12345] ^= 1;
+    std::fs::write(&dest, &bytes).unwrap();
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o444)).unwrap();
+    b.serve();
+    let start = std::time::Instant::now();
+    let st = loop {
+        let st = b.master_status("again.raw");
+        if st["state"] != "verifying" {
+            break st;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "{st}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["error"].as_str().unwrap().contains("SHA-256"), "{st}");
 }
