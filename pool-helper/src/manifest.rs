@@ -185,7 +185,13 @@ pub fn magnet(info_hash: &str, name: &str, trackers: &[String], peers: &[String]
 
 fn percent_encode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -280,7 +286,8 @@ mod tests {
 
     #[test]
     fn peer_hints_come_from_the_magnet_too() {
-        let m = Manifest { peers: vec![], magnet: magnet(&"b".repeat(40), "x", &[], &["10.0.0.1:7000".into()]), ..good() };
+        let m =
+            Manifest { peers: vec![], magnet: magnet(&"b".repeat(40), "x", &[], &["10.0.0.1:7000".into()]), ..good() };
         assert_eq!(m.peer_hints(), vec!["10.0.0.1:7000".to_string()]);
     }
 }

@@ -167,11 +167,7 @@ impl<'a> Parser<'a> {
     }
 
     fn find(&self, b: u8) -> Result<usize, MetainfoError> {
-        self.buf[self.pos..]
-            .iter()
-            .position(|&c| c == b)
-            .map(|i| self.pos + i)
-            .ok_or_else(|| self.err("unterminated"))
+        self.buf[self.pos..].iter().position(|&c| c == b).map(|i| self.pos + i).ok_or_else(|| self.err("unterminated"))
     }
 
     fn string(&mut self) -> Result<&'a [u8], MetainfoError> {

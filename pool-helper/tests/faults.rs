@@ -29,8 +29,20 @@ fn corrupt_pieces_from_a_peer_are_detected_and_the_master_completes_from_honest_
     std::fs::write(d.path().join("honest.raw"), &bad).unwrap();
     let liar = free_port();
     let _aria = Bg(Command::new("aria2c")
-        .args(["--enable-dht=false", "--bt-enable-lpd=false", "--bt-seed-unverified=true", "--seed-ratio=0.0", "--disable-ipv6=true"])
-        .args(["--listen-port", &liar.to_string(), "-d", d.path().to_str().unwrap(), man.with_extension("torrent").to_str().unwrap()])
+        .args([
+            "--enable-dht=false",
+            "--bt-enable-lpd=false",
+            "--bt-seed-unverified=true",
+            "--seed-ratio=0.0",
+            "--disable-ipv6=true",
+        ])
+        .args([
+            "--listen-port",
+            &liar.to_string(),
+            "-d",
+            d.path().to_str().unwrap(),
+            man.with_extension("torrent").to_str().unwrap(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -57,7 +69,12 @@ fn a_fetch_killed_midway_resumes_after_restart_and_the_pool_never_shows_partial_
     a.wait_seeding("resume.raw");
     let pb = Pool::new("b");
     let b = Instance::new(&["--download-limit", "2000000"]);
-    let mut child = b.cmd(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = b
+        .cmd(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
@@ -74,7 +91,11 @@ fn a_fetch_killed_midway_resumes_after_restart_and_the_pool_never_shows_partial_
     let mut b = b;
     b.extra.clear(); // restart without the download limit
     let out = b.run_ok(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()]);
-    let started: serde_json::Value = out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|v| v["event"] == "started").unwrap();
+    let started: serde_json::Value = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["event"] == "started")
+        .unwrap();
     let have = started["have_bytes"].as_u64().unwrap();
     assert!(have >= 4 << 20, "resumed with the verified pieces kept ({have} bytes)");
     assert!(out.lines().last().unwrap().contains("\"state\":\"fetched\""), "{out}");
@@ -134,7 +155,12 @@ fn the_origin_dying_mid_transfer_does_not_stop_a_fetch_when_another_seed_exists(
 
     let pb = Pool::new("b");
     let b = Instance::new(&["--peer", &s.addr()]);
-    let mut child = b.cmd(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = b
+        .cmd(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let start = Instant::now();
     for line in lines.by_ref() {
@@ -169,8 +195,20 @@ fn hostile_seed(dir: &std::path::Path, file: &str, format: &str, virtual_size: u
     let man = dir.join("m.json");
     std::fs::write(&man, m.to_string()).unwrap();
     let seed = Bg(Command::new("aria2c")
-        .args(["--enable-dht=false", "--bt-enable-lpd=false", "--bt-seed-unverified=true", "--seed-ratio=0.0", "--disable-ipv6=true"])
-        .args(["--listen-port", &port.to_string(), "-d", dir.to_str().unwrap(), dir.join("t.torrent").to_str().unwrap()])
+        .args([
+            "--enable-dht=false",
+            "--bt-enable-lpd=false",
+            "--bt-seed-unverified=true",
+            "--seed-ratio=0.0",
+            "--disable-ipv6=true",
+        ])
+        .args([
+            "--listen-port",
+            &port.to_string(),
+            "-d",
+            dir.to_str().unwrap(),
+            dir.join("t.torrent").to_str().unwrap(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -10,7 +10,11 @@ use std::time::Duration;
 use support::*;
 
 /// Polls `pool` until `stop`: every file seen must be the complete, read-only master.
-fn watch_pool(dir: std::path::PathBuf, size: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u32, Vec<String>)> {
+fn watch_pool(
+    dir: std::path::PathBuf,
+    size: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u32, Vec<String>)> {
     std::thread::spawn(move || {
         let mut seen = 0;
         let mut bad = Vec::new();

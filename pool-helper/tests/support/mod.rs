@@ -34,7 +34,11 @@ pub fn run(prog: &str, args: &[&str]) -> Output {
 pub fn ensure_libvirtd() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let ok = Command::new("virsh").args(["-q", "-c", "qemu:///system", "version"]).output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = Command::new("virsh")
+            .args(["-q", "-c", "qemu:///system", "version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         if !ok {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/start-libvirtd");
             run(script, &[]);
@@ -76,7 +80,10 @@ impl Pool {
     pub fn volumes(&self) -> Vec<String> {
         self.refresh();
         let o = run("virsh", &["-q", "vol-list", &self.name]);
-        String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_whitespace().next().map(str::to_string)).collect()
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
     }
 
     /// A raw master of `size` pseudo-random bytes (seeded, so reruns are reproducible).
