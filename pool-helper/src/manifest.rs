@@ -201,7 +201,8 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 out.push(v);
                 i += 3;
                 continue;
@@ -282,6 +283,15 @@ mod tests {
         let e = Manifest::from_json("{\"version\":1,").unwrap_err().to_string();
         assert!(e.starts_with("manifest is not valid JSON"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn odd_magnets_do_not_panic() {
+        for mag in ["magnet:?x.pe=%aé:1", "magnet:?x.pe=%", "magnet:?x.pe=%zz&x.pe=é%", "magnet:?&&=&x.pe"] {
+            let m = Manifest { peers: vec![], magnet: mag.into(), ..good() };
+            assert!(m.peer_hints().is_empty(), "{mag}");
+        }
+        assert_eq!(percent_decode("127.0.0.1%3A7000"), "127.0.0.1:7000");
     }
 
     #[test]

@@ -453,6 +453,29 @@ mod tests {
     }
 
     #[test]
+    fn mutated_metainfo_never_panics() {
+        let good = torrent_with(|_| {});
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let mut t = good.clone();
+            for _ in 0..1 + (x % 4) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x as usize) % t.len();
+                t[i] = (x >> 32) as u8;
+                if x % 5 == 0 {
+                    t.truncate(i);
+                }
+                if t.is_empty() {
+                    break;
+                }
+            }
+            let _ = validate(&t, Some(100_000));
+        }
+    }
+
+    #[test]
     fn garbage_is_a_syntax_error_not_a_panic() {
         for t in [&b""[..], b"d", b"i12", b"5:ab", b"d4:infoi1ee", b"le", b"99999999999:x", b"d1:b0:1:a0:e"] {
             assert!(validate(t, None).is_err(), "{t:?}");

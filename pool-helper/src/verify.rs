@@ -352,6 +352,24 @@ mod tests {
     }
 
     #[test]
+    fn mutated_headers_never_panic() {
+        let good = qcow2();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let mut b = good[..4096].to_vec();
+            for _ in 0..1 + (x % 6) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x as usize) % 200;
+                b[i] = (x >> 40) as u8;
+            }
+            let _ = check_qcow2_header(&b, (x >> 20) % (1 << 30));
+            let _ = sniff_raw(&b[..(x as usize) % 100]);
+        }
+    }
+
+    #[test]
     fn crafted_valid_header_passes() {
         let i = check(&qcow2()).unwrap();
         assert_eq!(i, Qcow2Info { version: 3, cluster_bits: 16, virtual_size: 1 << 30 });
