@@ -75,7 +75,9 @@ enum Undo {
     Domain(String),
     Running(String),
     Mode { path: String, mode: u32 },
-    Metadata { domain: String, previous: Option<CowMetadata> },
+    /// `saved_xml`: the persistent XML before the change. With no previous metadata it is
+    /// defined again, because removing the element leaves an empty `<metadata/>` behind.
+    Metadata { domain: String, previous: Option<CowMetadata>, saved_xml: String },
 }
 
 /// An undo log over one libvirt connection.
@@ -109,7 +111,10 @@ impl<'a> Transaction<'a> {
                 Undo::Mode { path, mode } => {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| e.to_string())
                 }
-                Undo::Metadata { domain, previous } => {
+                Undo::Metadata { domain, previous: None, saved_xml } => {
+                    self.lv.define(saved_xml, domain).map(|_| ()).map_err(|e| e.to_string())
+                }
+                Undo::Metadata { domain, previous, .. } => {
                     self.lv.set_cow_metadata(domain, previous.as_ref()).map_err(|e| e.to_string())
                 }
             };
@@ -247,7 +252,8 @@ fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), Apply
         }
     }
     let previous = tx.lv.cow_metadata(&plan.original)?;
+    let saved_xml = tx.lv.domain_xml(&plan.original)?;
     tx.lv.set_cow_metadata(&plan.original, Some(&plan.template_metadata))?;
-    tx.undo.push(Undo::Metadata { domain: plan.original.clone(), previous });
+    tx.undo.push(Undo::Metadata { domain: plan.original.clone(), previous, saved_xml });
     Ok(())
 }

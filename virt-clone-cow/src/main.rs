@@ -41,6 +41,9 @@ impl<E: std::error::Error + 'static> From<E> for Failure {
 
 fn run(cli: &Cli) -> Result<(), Failure> {
     match cli.command {
+        Some(Command::Tree) if cli.clone.any_given() => {
+            Err(Failure::Usage("clone flags (--original, --name, ...) cannot be used with `tree`".into()))
+        }
         Some(Command::Tree) => {
             let lv = Libvirt::open(cli.connect.as_deref())?;
             let tree = build_tree(&lv)?;
