@@ -1,0 +1,353 @@
+//! The libvirt hook through real virsh and a real libvirtd: the hook is installed in
+//! /etc/libvirt/hooks/qemu.d with packaging/hook-install, and every test drives it by defining and
+//! starting domains, as any libvirt client would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+const URI: &str = "qemu:///system";
+const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.conf";
+/// No daemon listens here: fetches fail at once with a reason.
+const NO_DAEMON_SOCKET: &str = "/run/vcc-tests-no-daemon.sock";
+
+fn target_dir() -> PathBuf {
+    // target/debug/deps/hook-HASH -> target/debug
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test does)", p.display());
+    p
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+fn virsh(args: &[&str]) -> Output {
+    let mut v = vec!["-q", "-c", URI];
+    v.extend_from_slice(args);
+    run("virsh", &v)
+}
+
+fn virsh_ok(args: &[&str]) -> String {
+    let o = virsh(args);
+    assert!(o.status.success(), "virsh {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn domstate(name: &str) -> String {
+    virsh_ok(&["domstate", name]).trim().to_string()
+}
+
+/// Installs the freshly built hook once per test run, with a config pointing at no daemon and a
+/// short fetch bound.
+fn install_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::fs::create_dir_all("/etc/virt-clone-cow").expect("config dir");
+        std::fs::write(HOOK_CONF, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 8\nconnect_timeout = 1\n"))
+            .expect("hook config");
+        let hook = bin("virt-clone-cow-hook");
+        let script = repo().join("packaging/hook-install");
+        let o = run(script.to_str().expect("utf-8 path"), &["install", hook.to_str().expect("utf-8 path")]);
+        assert!(o.status.success(), "hook-install failed: {}", String::from_utf8_lossy(&o.stderr));
+    });
+}
+
+/// A directory of masters and overlays plus every domain named with this prefix; all removed on drop.
+struct Env {
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(test: &str) -> Env {
+        install_hook();
+        let prefix = format!("vcct-hook-{test}-{}", std::process::id());
+        let dir = PathBuf::from("/var/lib/vcc-tests").join(&prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        Env { prefix, dir }
+    }
+
+    fn name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).to_string_lossy().into_owned()
+    }
+
+    fn master(&self, file: &str, format: &str) -> String {
+        let p = self.path(file);
+        let o = run("qemu-img", &["create", "-q", "-f", format, &p, "64M"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        p
+    }
+
+    fn define(&self, xml: &str) {
+        let f = self.dir.join(format!("def-{}.xml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()));
+        std::fs::write(&f, xml).expect("write xml");
+        virsh_ok(&["define", f.to_str().expect("utf-8")]);
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let list = virsh(&["list", "--all", "--name"]);
+        for n in String::from_utf8_lossy(&list.stdout).lines().map(str::trim).filter(|n| n.starts_with(&self.prefix)) {
+            let _ = virsh(&["destroy", n]);
+            let _ = virsh(&["undefine", "--nvram", n]);
+            let _ = virsh(&["undefine", n]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn domain_type() -> &'static str {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+        "kvm"
+    } else {
+        "qemu"
+    }
+}
+
+/// A BIOS guest with one disk: `disk` is the inside of `<disk>`; `metadata` goes in `<metadata>`.
+fn domain_xml(name: &str, disk: &str, metadata: &str) -> String {
+    let esc = name.replace('&', "&amp;").replace('<', "&lt;");
+    format!(
+        "<domain type='{}'><name>{esc}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <metadata>{metadata}</metadata>\
+         <os><type arch='x86_64'>hvm</type></os><devices>\
+         <disk type='file' device='disk'>{disk}<target dev='vda' bus='virtio'/></disk>\
+         <graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices></domain>",
+        domain_type()
+    )
+}
+
+fn backed_disk(overlay: &str, master: &str, master_format: &str) -> String {
+    format!(
+        "<driver name='qemu' type='qcow2'/><source file='{overlay}'/>\
+         <backingStore type='file'><format type='{master_format}'/><source file='{master}'/></backingStore>"
+    )
+}
+
+fn image_json(path: &str) -> serde_json::Value {
+    let o = run("qemu-img", &["info", "-f", "qcow2", "--output=json", "--force-share", path]);
+    assert!(o.status.success(), "qemu-img info {path}: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("qemu-img json")
+}
+
+fn inode(path: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").ino()
+}
+
+#[test]
+fn start_creates_the_overlay_named_by_a_user_written_backing_store() {
+    let env = Env::new("create");
+    let master = env.master("base.raw", "raw");
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
+    assert!(!Path::new(&overlay).exists());
+
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    let info = image_json(&overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+    assert_eq!(info["format-specific"]["data"]["compat"].as_str(), Some("1.1"));
+    assert_eq!(info["virtual-size"].as_u64(), Some(64 << 20));
+
+    // A second start (the overlay now holds the guest's data) must not recreate it.
+    let ino = inode(&overlay);
+    virsh_ok(&["destroy", &name]);
+    virsh_ok(&["start", &name]);
+    assert_eq!(inode(&overlay), ino, "the existing overlay was replaced");
+}
+
+#[test]
+fn a_template_refuses_to_start_with_a_clear_message() {
+    let env = Env::new("template");
+    let master = env.master("t.qcow2", "qcow2");
+    let name = env.name("tmpl");
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:template><vcc:master target='vda' path='{master}' format='qcow2'/></vcc:template></vcc:cow>"
+    );
+    env.define(&domain_xml(&name, &format!("<driver name='qemu' type='qcow2'/><source file='{master}'/>"), &md));
+    let o = virsh(&["start", &name]);
+    assert!(!o.status.success(), "a template started");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is a virt-clone-cow template"), "{err}");
+    assert!(err.contains("virt-clone-cow --original"), "the message says what to do: {err}");
+    assert_eq!(domstate(&name), "shut off");
+}
+
+#[test]
+fn a_missing_master_without_a_daemon_fails_the_start_within_the_bound_and_names_the_master() {
+    let env = Env::new("nodaemon");
+    let master = env.path("absent.qcow2");
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='qcow2' sha256='{}'/></vcc:disk></vcc:clone></vcc:cow>",
+        "ab".repeat(32)
+    );
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "qcow2"), &md));
+    let t0 = Instant::now();
+    let o = virsh(&["start", &name]);
+    let took = t0.elapsed();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&master), "the error names the master: {err}");
+    assert!(err.contains("pool-helper serve"), "the error gives the reason and what to do: {err}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert!(!Path::new(&overlay).exists(), "no overlay is made without its master");
+    assert_eq!(domstate(&name), "shut off");
+}
+
+#[test]
+fn a_missing_master_with_no_manifest_says_so() {
+    let env = Env::new("nomanifest");
+    let master = env.path("absent.raw");
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
+    let o = virsh(&["start", &name]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&master) && err.contains("no pool-helper manifest"), "{err}");
+    assert!(!Path::new(&overlay).exists());
+}
+
+#[test]
+fn a_disposable_clone_starts_fresh_each_time() {
+    let env = Env::new("disposable");
+    let master = env.master("base.qcow2", "qcow2");
+    let name = env.name("vm");
+    // Made by virt-clone-cow itself: a template, then a disposable clone.
+    let tmpl = env.name("tmpl");
+    env.define(&domain_xml(&tmpl, &format!("<driver name='qemu' type='qcow2'/><source file='{master}'/>"), ""));
+    let o = run(bin("virt-clone-cow").to_str().expect("utf-8"), &["-c", URI, "--original", &tmpl, "--name", &name, "--disposable", "--start"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let overlay = env.path(&format!("{name}-vda.qcow2"));
+    assert_eq!(domstate(&name), "running");
+    // Something the guest "wrote" lands in the overlay.
+    let before = inode(&overlay);
+
+    virsh_ok(&["destroy", &name]);
+    assert!(!Path::new(&overlay).exists(), "release end must discard a disposable clone's overlay");
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    assert!(Path::new(&overlay).exists());
+    let info = image_json(&overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+    let _ = before; // inode numbers may be reused; existence after the stop is the proof
+}
+
+#[test]
+fn an_unmanaged_domain_is_left_alone() {
+    let env = Env::new("unmanaged");
+    let disk = env.master("plain.qcow2", "qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &format!("<driver name='qemu' type='qcow2'/><source file='{disk}'/>"), ""));
+    let before = virsh_ok(&["dumpxml", "--inactive", &name]);
+    let files_before: Vec<_> = std::fs::read_dir(&env.dir).expect("dir").flatten().map(|e| e.file_name()).collect();
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    virsh_ok(&["destroy", &name]);
+    assert_eq!(virsh_ok(&["dumpxml", "--inactive", &name]), before);
+    let files_after: Vec<_> = std::fs::read_dir(&env.dir).expect("dir").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(files_before.len(), files_after.len());
+    assert!(Path::new(&disk).exists());
+}
+
+/// Runs the hook binary the way libvirt does, for the filter operations whose stdout libvirt parses.
+fn hook_direct(domain: &str, op: &str, sub: &str, xml: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(bin("virt-clone-cow-hook"))
+        .args([domain, op, sub, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hook");
+    child.stdin.take().expect("stdin").write_all(xml.as_bytes()).expect("write xml");
+    child.wait_with_output().expect("hook output")
+}
+
+#[test]
+fn migrate_and_restore_pass_the_xml_through_and_check_masters() {
+    let env = Env::new("filters");
+    let master = env.master("m.qcow2", "qcow2");
+    let name = env.name("vm");
+    let ok_xml = domain_xml(&name, &backed_disk(&env.path("o.qcow2"), &master, "qcow2"), "");
+    for op in ["migrate", "restore"] {
+        let o = hook_direct(&name, op, "begin", &ok_xml);
+        assert!(o.status.success(), "{op}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout.is_empty(), "{op} must print nothing on stdout (libvirt parses it as XML)");
+        assert!(!Path::new(&env.path("o.qcow2")).exists(), "{op} makes no overlay");
+    }
+    let missing = domain_xml(&name, &backed_disk(&env.path("o.qcow2"), &env.path("gone.qcow2"), "qcow2"), "");
+    let o = hook_direct(&name, "migrate", "begin", &missing);
+    assert!(!o.status.success(), "a migration whose master is missing here must be refused");
+    assert!(o.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("gone.qcow2"));
+    // reconnect never fails, whatever the XML.
+    let o = hook_direct(&name, "reconnect", "begin", "<not xml");
+    assert!(o.status.success());
+    assert!(o.stdout.is_empty() && o.stderr.is_empty());
+}
+
+#[test]
+fn virt_install_with_backing_store_still_works() {
+    let env = Env::new("virtinstall");
+    let master = env.master("m.qcow2", "qcow2");
+    let disk = env.path("vi.qcow2");
+    let name = env.name("vi");
+    let disk_arg = format!("path={disk},backing_store={master},backing_format=qcow2,size=1,format=qcow2,bus=virtio");
+    let o = run(
+        "virt-install",
+        &[
+            "--connect", URI, "--name", &name, "--memory", "64", "--vcpus", "1", "--import", "--disk", &disk_arg,
+            "--network", "none", "--graphics", "none", "--osinfo", "detect=off,name=generic", "--noautoconsole", "--noreboot",
+        ],
+    );
+    assert!(o.status.success(), "virt-install: {}", String::from_utf8_lossy(&o.stderr));
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(image_json(&disk)["full-backing-filename"].as_str(), Some(master.as_str()));
+}
+
+#[test]
+fn a_volume_made_with_vol_create_as_backing_vol_shows_in_the_tree() {
+    let env = Env::new("volcreate");
+    let pool = env.name("pool");
+    virsh_ok(&["pool-define-as", &pool, "dir", "--target", env.dir.to_str().expect("utf-8")]);
+    virsh_ok(&["pool-start", &pool]);
+    let master = env.master("m.qcow2", "qcow2");
+    virsh_ok(&["pool-refresh", &pool]);
+    virsh_ok(&["vol-create-as", &pool, "child.qcow2", "64M", "--format", "qcow2", "--backing-vol", &master, "--backing-vol-format", "qcow2"]);
+    let o = run(bin("virt-clone-cow").to_str().expect("utf-8"), &["-c", URI, "tree", "--json"]);
+    let _ = virsh(&["pool-destroy", &pool]);
+    let _ = virsh(&["pool-undefine", &pool]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tree: serde_json::Value = serde_json::from_slice(&o.stdout).expect("tree json");
+    let node = tree["masters"].as_array().expect("masters").iter().find(|m| m["path"] == master.as_str()).expect("the master is listed");
+    let clones = node["clones"].as_array().expect("clones");
+    assert_eq!(clones.len(), 1);
+    assert_eq!(clones[0]["volume"], "child.qcow2");
+    assert_eq!(clones[0]["pool"], pool.as_str());
+    assert!(clones[0]["domain"].is_null());
+}
