@@ -113,6 +113,6 @@ fn create_overlay(d: &ManagedDisk) -> Result<(), PrepareError> {
             .virtual_size,
     };
     let backing = BackingSpec { path: &m.path, format: &m.format, virtual_size };
-    create_file_overlay(&d.overlay, &backing, OverlayOptions::detect())
+    create_file_overlay(&d.overlay, &backing, OverlayOptions::preferred())
         .map_err(|source| PrepareError::Overlay { target: d.target.clone(), source })
 }

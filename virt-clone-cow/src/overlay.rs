@@ -52,7 +52,14 @@ pub struct OverlayOptions {
 }
 
 impl OverlayOptions {
-    /// The best layout the installed qemu-img supports.
+    /// The best layout, for file overlays: [`create_file_overlay`] falls back by itself when
+    /// qemu-img does not know extended L2 entries, so no probe is needed (the hook saves a
+    /// qemu-img run per overlay).
+    pub fn preferred() -> Self {
+        OverlayOptions { extended_l2: true }
+    }
+
+    /// The best layout the installed qemu-img supports (asks qemu-img once per process).
     pub fn detect() -> Self {
         OverlayOptions { extended_l2: qemu_img_supports_extended_l2() }
     }
@@ -111,7 +118,14 @@ pub fn create_file_overlay(overlay: &Path, backing: &BackingSpec<'_>, opts: Over
     ];
     let mut argv: Vec<&std::ffi::OsStr> = args.to_vec();
     argv.push(size.as_ref());
-    if let Err(source) = run("qemu-img", &argv) {
+    let mut result = run("qemu-img", &argv);
+    if opts.extended_l2 && result.as_ref().is_err_and(|e| e.to_string().contains("extended_l2")) {
+        // An older QEMU (before 5.2): the plain layout.
+        let plain = OverlayOptions { extended_l2: false }.create_opts();
+        argv[5] = plain.as_ref();
+        result = run("qemu-img", &argv);
+    }
+    if let Err(source) = result {
         let _ = std::fs::remove_file(overlay);
         return Err(OverlayError::QemuImg { path: shown, source });
     }
