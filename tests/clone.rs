@@ -561,3 +561,103 @@ fn vars_file_appearing_after_planning_fails_the_second_clone_and_rolls_back_the_
     before.assert_unchanged(&env, &tmpl, &[&master, &tmpl_nvram]);
     assert!(!domain_exists(&names[0]), "the first clone was undefined again");
 }
+
+// ---------------------------------------------------------------------------------------------
+// More shapes of templates
+
+#[test]
+fn clones_of_a_template_with_a_vnc_unix_socket_get_their_own_sockets_and_run_side_by_side() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let env = TestEnv::new("vncsock");
+    let (tmpl, _) = bios_template(&env, "-tmpl");
+    let dir = env.work_dir.join("sockets");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let sock = dir.join(format!("{tmpl}.vnc")).to_string_lossy().into_owned();
+    let xml = inactive_xml(&tmpl);
+    let g0 = xml.find("<graphics").unwrap();
+    let g1 = xml.find("</graphics>").unwrap() + "</graphics>".len();
+    let with_socket = format!(
+        "{}<graphics type='vnc'><listen type='socket' socket='{}'/></graphics>{}",
+        &xml[..g0],
+        esc(&sock),
+        &xml[g1..]
+    );
+    define_xml(&with_socket);
+    assert!(inactive_xml(&tmpl).contains(&format!("socket='{}'", esc(&sock))));
+    let names = [env.name("-a"), env.name("-b")];
+    cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1], "--start"]).assert_ok();
+    let mut socks = HashSet::new();
+    for n in &names {
+        assert_eq!(domstate(n), "running");
+        let x = inactive_xml(n);
+        let l = x.lines().find(|l| l.contains("<listen type='socket'")).unwrap();
+        assert!(!l.contains(&format!("socket='{}'", esc(&sock))), "{n} does not reuse the template's socket: {l}");
+        let p = l.split("socket='").nth(1).unwrap().split('\'').next().unwrap().to_string();
+        assert!(std::fs::metadata(&p).unwrap().file_type().is_socket(), "{n}: {p} is a live socket");
+        assert!(socks.insert(p), "each clone has its own socket");
+    }
+}
+
+#[test]
+fn disposable_clones_are_marked_in_their_metadata() {
+    let env = TestEnv::new("disposable");
+    let (tmpl, _) = bios_template(&env, "-tmpl");
+    let name = env.name("-d");
+    cli(&["--original", &tmpl, "--name", &name, "--disposable"]).assert_ok();
+    let c = cow_metadata(&name).and_then(|m| m.clone).expect("clone metadata");
+    assert!(c.disposable);
+    let plain = env.name("-p");
+    cli(&["--original", &tmpl, "--name", &plain]).assert_ok();
+    assert!(!cow_metadata(&plain).and_then(|m| m.clone).unwrap().disposable);
+}
+
+#[test]
+fn a_clone_can_itself_be_cloned_and_the_grandchild_boots_over_the_whole_chain() {
+    let env = TestEnv::new("chain");
+    let (tmpl, master) = bios_template(&env, "-tmpl");
+    let child = env.name("-child");
+    cli(&["--original", &tmpl, "--name", &child]).assert_ok();
+    let child_overlay = env.in_pool(&format!("{child}-vda.qcow2"));
+    let grandchild = env.name("-grandchild");
+    let run = cli(&["--original", &child, "--name", &grandchild, "--start", "--json"]);
+    run.assert_ok();
+    let g_overlay = env.in_pool(&format!("{grandchild}-vda.qcow2"));
+    assert_overlay(&g_overlay, &child_overlay, "qcow2");
+    assert_eq!(domstate(&grandchild), "running");
+    assert_eq!(mode(&child_overlay) & 0o222, 0, "the child's overlay is now a read-only master");
+    assert_eq!(mode(&master) & 0o222, 0);
+    // The child is now both a clone and a template.
+    let md = cow_metadata(&child).unwrap();
+    assert_eq!(md.clone.unwrap().original, tmpl);
+    assert_eq!(md.template.unwrap().masters[0].path, child_overlay);
+    // The tree shows the grandchild under the child's overlay, and the child under the master.
+    let tree = cli(&["tree", "--json"]);
+    tree.assert_ok();
+    let tree = tree.json();
+    let clones_of = |path: &str| -> Vec<String> {
+        tree["masters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["path"].as_str() == Some(path))
+            .map(|m| m["clones"].as_array().unwrap().iter().filter_map(|c| c["domain"].as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(clones_of(&master), vec![child.clone()]);
+    assert_eq!(clones_of(&child_overlay), vec![grandchild.clone()]);
+}
+
+#[test]
+fn unreachable_libvirt_is_a_one_line_error_exit_1() {
+    let out = std::process::Command::new(cli_path())
+        .args(["--connect", "qemu+unix:///system?socket=/nonexistent/vcct.sock", "--original", "x", "--name", "y"])
+        .output()
+        .unwrap();
+    let run = CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    run.assert_error(1, &["cannot connect to libvirt"]);
+}

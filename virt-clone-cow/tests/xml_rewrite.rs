@@ -144,6 +144,7 @@ fn assert_only_expected_lines_changed(original: &str, rewritten: &str, edited: &
     let mut disks_seen = 0usize;
     let mut in_char = false;
     let mut in_nvram = false;
+    let mut in_graphics = false;
     let mut in_old_backing = 0usize;
     for l in orig {
         let t = trimmed(l);
@@ -171,11 +172,15 @@ fn assert_only_expected_lines_changed(original: &str, rewritten: &str, edited: &
         if t.starts_with("<nvram") && !t.contains("</nvram>") && !t.ends_with("/>") {
             in_nvram = true;
         }
+        if t.starts_with("<graphics ") && !t.ends_with("/>") {
+            in_graphics = true;
+        }
         let may_change = (t.starts_with("<name>") && l.starts_with("  <name>"))
             || t.starts_with("<mac address=")
             || t.starts_with("<graphics ")
             || t.starts_with("<nvram")
             || (in_nvram && t.starts_with("<source "))
+            || (in_graphics && t.starts_with("<listen ") && t.contains(" socket="))
             || (edited_disk && (t.starts_with("<driver ") || t.starts_with("<source ")))
             || (in_char && (t.starts_with("<source ") || t.starts_with("<log ")));
         kept.push((l, may_change));
@@ -187,6 +192,9 @@ fn assert_only_expected_lines_changed(original: &str, rewritten: &str, edited: &
         }
         if t == "</nvram>" {
             in_nvram = false;
+        }
+        if t == "</graphics>" {
+            in_graphics = false;
         }
     }
 
@@ -599,4 +607,32 @@ fn plan_on_a_real_capture_makes_overlays_for_file_and_volume_disks_and_keeps_sha
     }
     let t = p.template_metadata.template.as_ref().unwrap();
     assert_eq!(t.masters.len(), 3);
+}
+
+const GRAPHICS_SOCKET: &str = include_str!("data/graphics-unix-socket.xml");
+
+#[test]
+fn clones_get_their_own_vnc_unix_socket_path() {
+    // Two clones keeping the template's socket path would fight over it: QEMU unlinks and rebinds
+    // the path, so the first clone's display becomes unreachable.
+    let facts = DomainFacts::parse(GRAPHICS_SOCKET).unwrap();
+    let old = "/var/lib/vcc-capture/vcc-capture-sock.vnc";
+    assert!(facts.char_paths.iter().any(|p| p == old), "the VNC socket is a path to rename: {:?}", facts.char_paths);
+    let (edits, _) = edits_for(&facts);
+    let out = rewrite_domain(GRAPHICS_SOCKET, &edits).unwrap();
+    assert!(!out.contains(&format!("socket='{old}'")), "the template's socket path is not reused:\n{out}");
+    let new = format!("{old}.{}", quick_escape(CLONE));
+    assert!(line_with(&out, "<graphics type='vnc'").contains(&format!("socket='{new}'")), "{out}");
+    assert!(line_with(&out, "<listen type='socket'").contains(&format!("socket='{new}'")), "{out}");
+    // The unix serial socket is renamed as before.
+    assert_eq!(
+        DomainFacts::parse(&out).unwrap().char_paths.iter().filter(|p| p.ends_with(&format!(".{CLONE}"))).count(),
+        2
+    );
+    assert_only_expected_lines_changed(GRAPHICS_SOCKET, &out, &HashSet::new());
+}
+
+/// Attribute escaping as the rewrite writes it (libvirt's style: `&apos;` and `&quot;`).
+fn quick_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
 }
