@@ -92,7 +92,7 @@ pub struct DomainFacts {
     pub macs: Vec<Option<String>>,
     pub nvram: Option<Nvram>,
     /// Files and sockets named by serial/console/parallel/channel devices (`source@path`,
-    /// `log@file`).
+    /// `log@file`) and graphics unix sockets (`graphics@socket`, `graphics/listen@socket`).
     pub char_paths: Vec<String>,
     /// Our metadata element (`urn:virt-clone-cow:1`) as XML text, if the domain has one.
     pub vcc_metadata: Option<String>,
@@ -220,6 +220,12 @@ fn on_element(
         if let Some(nv) = facts.nvram.as_mut() {
             nv.path = attr(e, "file")?;
             nv.source_form = true;
+        }
+    } else if at(stack, &["domain", "devices", "graphics"]) || at(stack, &["domain", "devices", "graphics", "listen"]) {
+        if let Some(p) = attr(e, "socket")? {
+            if !facts.char_paths.contains(&p) {
+                facts.char_paths.push(p);
+            }
         }
     } else if n == 4 && stack[1] == "devices" && CHAR_DEVICES.contains(&stack[2].as_str()) {
         let key = match stack[3].as_str() {

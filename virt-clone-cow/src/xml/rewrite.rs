@@ -2,7 +2,7 @@
 //!
 //! Every event is copied from reader to writer as it came, except the few this pass must change:
 //! the name, the UUID (dropped: libvirt makes a new one), MAC addresses, fixed graphics ports,
-//! paths of serial/console/channel devices, the UEFI vars path, the private disks (new source,
+//! paths of serial/console/channel devices and graphics sockets, the UEFI vars path, the private disks (new source,
 //! qcow2 driver, a `<backingStore>` naming the master) and our own metadata element.
 
 use std::collections::{BTreeMap, HashMap};
@@ -328,10 +328,14 @@ impl<'e> State<'e> {
             let fixed = autoport.as_deref() != Some("yes")
                 && port.as_deref().is_some_and(|p| p != "-1" && p != "0");
             let ws_fixed = super::attr(e, "websocket")?.is_some_and(|p| p != "-1");
-            if !fixed && !ws_fixed {
+            let socket = super::attr(e, "socket")?.and_then(|old| self.edits.char_paths.get(&old));
+            if !fixed && !ws_fixed && socket.is_none() {
                 return Ok(None);
             }
             let mut changes: Vec<(&str, Option<&str>)> = Vec::new();
+            if let Some(new) = socket {
+                changes.push(("socket", Some(new.as_str())));
+            }
             if fixed {
                 changes.extend([("port", Some("-1")), ("autoport", Some("yes")), ("tlsPort", None)]);
             }
@@ -339,6 +343,12 @@ impl<'e> State<'e> {
                 changes.push(("websocket", Some("-1")));
             }
             return Ok(Some(set_attrs(e, &changes)?));
+        }
+        if at(s, &["domain", "devices", "graphics", "listen"]) {
+            if let Some(new) = super::attr(e, "socket")?.and_then(|old| self.edits.char_paths.get(&old)) {
+                return Ok(Some(set_attrs(e, &[("socket", Some(new.as_str()))])?));
+            }
+            return Ok(None);
         }
         if at(s, &["domain", "os", "nvram", "source"]) {
             if let Some(p) = &self.edits.nvram_path {
