@@ -41,7 +41,7 @@ pub struct HookPlan {
 pub fn needs(facts: &DomainFacts) -> HookPlan {
     let md = facts.vcc_metadata.as_deref().and_then(|x| CowMetadata::parse(x).ok()).unwrap_or_default();
     let mut plan = HookPlan {
-        template: md.template.is_some(),
+        template: md.template.as_ref().is_some_and(|t| is_still_template(facts, &t.masters)),
         disposable: md.clone.as_ref().is_some_and(|c| c.disposable),
         disks: Vec::new(),
     };
@@ -76,6 +76,12 @@ pub fn needs(facts: &DomainFacts) -> HookPlan {
         plan.disks.push(ManagedDisk { target, overlay, master });
     }
     plan
+}
+
+/// A template mark counts while the domain still uses one of the recorded masters: a full copy
+/// made with virt-clone carries the mark along but has disks of its own, and must start.
+pub fn is_still_template(facts: &DomainFacts, masters: &[MasterRef]) -> bool {
+    masters.is_empty() || masters.iter().any(|m| m.used_by(facts))
 }
 
 #[cfg(test)]
@@ -115,6 +121,15 @@ mod tests {
         assert!(p.disposable);
         assert_eq!(p.disks[0].master.sha256.as_deref(), Some("ab"));
         assert_eq!(p.disks[0].master.manifest.as_deref(), Some("/m.json"));
+    }
+
+    #[test]
+    fn a_full_copy_of_a_template_is_not_a_template() {
+        let mark = "<metadata><vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:template>\
+                    <vcc:master target='vda' path='/p/u.qcow2' format='qcow2'/></vcc:template></vcc:cow></metadata><devices>";
+        assert!(needs(&facts(&USER_DEFINED.replace("<devices>", mark))).template);
+        let copy = USER_DEFINED.replace("<devices>", mark).replace("<source file='/p/u.qcow2'/>", "<source file='/p/copy.qcow2'/>");
+        assert!(!needs(&facts(&copy)).template, "a copy with its own disks must start");
     }
 
     #[test]
