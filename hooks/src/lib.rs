@@ -67,19 +67,7 @@ pub enum HookError {
 }
 
 /// The error and its causes on one line.
-pub fn error_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s.replace('\n', " ")
-}
+pub use virt_clone_cow::error::one_line as error_line;
 
 /// Whether the XML can concern us at all: our metadata or a `<backingStore>` somewhere. Every other
 /// domain leaves in microseconds, without parsing.

@@ -33,6 +33,7 @@
 
 pub mod apply;
 pub mod cmd;
+pub mod error;
 pub mod libvirt;
 pub mod metadata;
 pub mod overlay;

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Error(e)) => {
-            eprintln!("virt-clone-cow: error: {}", output::error_chain(e.as_ref()));
+            eprintln!("virt-clone-cow: error: {}", virt_clone_cow::error::one_line(e.as_ref()));
             ExitCode::from(1)
         }
     }
