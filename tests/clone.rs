@@ -661,3 +661,112 @@ fn unreachable_libvirt_is_a_one_line_error_exit_1() {
     };
     run.assert_error(1, &["cannot connect to libvirt"]);
 }
+
+#[test]
+fn invalid_or_duplicate_clone_names_are_refused_before_anything_is_made() {
+    let env = TestEnv::new("badname");
+    let (tmpl, master) = bios_template(&env, "-tmpl");
+    let before = Snapshot::take(&env, &tmpl, &[&master]);
+    let slash = env.name("-a/b");
+    cli(&["--original", &tmpl, "--name", &slash]).assert_error(1, &[&format!("'{slash}' is not a valid domain name")]);
+    before.assert_unchanged(&env, &tmpl, &[&master]);
+    let twice = env.name("-twice");
+    cli(&["--original", &tmpl, "--name", &twice, "--name", &twice]).assert_error(1, &[&format!("'{twice}' is given twice")]);
+    before.assert_unchanged(&env, &tmpl, &[&master]);
+}
+
+#[test]
+fn name_with_count_makes_numbered_clones() {
+    let env = TestEnv::new("numbered");
+    let (tmpl, _) = bios_template(&env, "-tmpl");
+    let base = env.name("-web");
+    let run = cli(&["--original", &tmpl, "--name", &base, "--count", "3", "--json"]);
+    run.assert_ok();
+    let want: Vec<String> = (1..=3).map(|i| format!("{base}-{i}")).collect();
+    assert_eq!(clone_names(&run.json()), want);
+    assert!(want.iter().all(|n| domain_exists(n)));
+}
+
+#[test]
+fn failed_second_run_keeps_the_first_runs_clones_read_only_masters_and_template_mark() {
+    let env = TestEnv::new("rerun");
+    let tmpl = env.name("-tmpl");
+    let master = env.in_pool("base.qcow2");
+    make_qcow2(&master, 16);
+    env.refresh_pool();
+    let mut spec = DomainSpec::new(&tmpl, false).disk(DiskSpec::File {
+        path: master.clone(),
+        format: "qcow2".into(),
+        target: "vda".into(),
+    });
+    // Clones cannot start (the serial log's directory is missing), but can be defined.
+    spec.serial_file = Some(env.in_work(&format!("no-such-dir/{tmpl}-serial.log")));
+    define_xml(&spec.xml());
+    let first = env.name("-first");
+    cli(&["--original", &tmpl, "--name", &first]).assert_ok();
+    assert_eq!(mode(&master) & 0o222, 0);
+    let md_after_first = cow_metadata(&tmpl).expect("template mark");
+    let before = Snapshot::take(&env, &tmpl, &[&master]);
+    let run = cli(&["--original", &tmpl, "--name", &env.name("-second"), "--start"]);
+    run.assert_error(1, &["starting domain"]);
+    before.assert_unchanged(&env, &tmpl, &[&master]);
+    assert_eq!(mode(&master) & 0o222, 0, "the first clone still depends on the master: it stays read-only");
+    assert_eq!(cow_metadata(&tmpl), Some(md_after_first), "the template mark is as the first run left it");
+    assert!(domain_exists(&first));
+}
+
+#[test]
+fn uefi_vars_inside_a_pool_are_copied_as_volumes_of_that_pool() {
+    let env = TestEnv::new("poolvars");
+    let tmpl = env.name("-tmpl");
+    let master = env.in_pool("base.qcow2");
+    make_qcow2(&master, 16);
+    env.refresh_pool();
+    let vars = env.in_pool(&format!("{tmpl}_VARS.fd"));
+    let xml = DomainSpec::new(&tmpl, true)
+        .disk(DiskSpec::File { path: master.clone(), format: "qcow2".into(), target: "vda".into() })
+        .xml()
+        .replace(&format!("<nvram template='{OVMF_VARS}'/>"), &format!("<nvram template='{OVMF_VARS}'>{}</nvram>", esc(&vars)));
+    assert!(xml.contains(&vars));
+    define_xml(&xml);
+    assert_eq!(boot_once_for_nvram(&tmpl), vars);
+    env.refresh_pool();
+    let sha = sha256(&vars);
+    let names = [env.name("-a"), env.name("-b")];
+    let run = cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1], "--json"]);
+    run.assert_ok();
+    for n in &names {
+        let nv = env.in_pool(&format!("{n}_VARS.fd"));
+        assert_eq!(facts(n).nvram.and_then(|v| v.path).as_deref(), Some(nv.as_str()));
+        assert_eq!(sha256(&nv), sha, "{n}: vars copied byte for byte");
+        let vol = virsh_ok(&["vol-path", "--pool", &env.pool, &format!("{n}_VARS.fd")]);
+        assert_eq!(vol.trim(), nv, "{n}: the copy is a volume of the pool");
+    }
+    virsh_ok(&["start", &names[0]]);
+    assert_eq!(wait_for_state(&names[0], "running", Duration::from_secs(10)), "running");
+}
+
+#[test]
+fn clones_of_a_never_started_uefi_template_get_fresh_vars_at_first_start() {
+    let env = TestEnv::new("freshvars");
+    let tmpl = env.name("-tmpl");
+    let master = env.in_pool("base.qcow2");
+    make_qcow2(&master, 16);
+    env.refresh_pool();
+    define_xml(
+        &DomainSpec::new(&tmpl, true)
+            .disk(DiskSpec::File { path: master.clone(), format: "qcow2".into(), target: "vda".into() })
+            .xml(),
+    );
+    // libvirt 9.0 names the vars file at define time, but makes it only at the first start.
+    let tmpl_vars = facts(&tmpl).nvram.and_then(|n| n.path);
+    assert!(tmpl_vars.as_deref().is_some_and(|p| !std::path::Path::new(p).exists()), "{tmpl_vars:?}: named, not made");
+    let name = env.name("-c");
+    cli(&["--original", &tmpl, "--name", &name, "--start"]).assert_ok();
+    assert_eq!(domstate(&name), "running");
+    let nv = facts(&name).nvram.and_then(|n| n.path).expect("the clone's vars path");
+    assert_ne!(Some(&nv), tmpl_vars.as_ref());
+    assert!(nv.contains(&name), "{nv} is the clone's own");
+    assert!(std::path::Path::new(&nv).is_file(), "libvirt made {nv} from the OVMF template at start");
+    assert!(!std::path::Path::new(tmpl_vars.as_deref().unwrap()).exists(), "the template still has no vars file");
+}
