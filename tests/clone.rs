@@ -770,3 +770,31 @@ fn clones_of_a_never_started_uefi_template_get_fresh_vars_at_first_start() {
     assert!(std::path::Path::new(&nv).is_file(), "libvirt made {nv} from the OVMF template at start");
     assert!(!std::path::Path::new(tmpl_vars.as_deref().unwrap()).exists(), "the template still has no vars file");
 }
+
+#[test]
+fn failure_starting_the_second_clone_stops_and_removes_the_first() {
+    let env = TestEnv::new("start2");
+    let tmpl = env.name("-tmpl");
+    let master = env.in_pool("base.qcow2");
+    make_qcow2(&master, 16);
+    env.refresh_pool();
+    let logs = env.work_dir.join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let mut spec = DomainSpec::new(&tmpl, false).disk(DiskSpec::File {
+        path: master.clone(),
+        format: "qcow2".into(),
+        target: "vda".into(),
+    });
+    spec.serial_file = Some(logs.join(format!("{tmpl}-serial.log")).to_string_lossy().into_owned());
+    define_xml(&spec.xml());
+    let names = [env.name("-a"), env.name("-b")];
+    // A directory where the second clone's serial log goes: only that clone cannot start.
+    std::fs::create_dir(logs.join(format!("{}-serial.log", names[1]))).unwrap();
+    let logs_before = list_dir(&logs);
+    let before = Snapshot::take(&env, &tmpl, &[&master]);
+    let run = cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1], "--start"]);
+    run.assert_error(1, &[&format!("starting domain '{}'", names[1])]);
+    assert!(!domain_exists(&names[0]), "the first clone, started, was stopped and undefined");
+    before.assert_unchanged(&env, &tmpl, &[&master]);
+    assert_eq!(list_dir(&logs), logs_before, "no serial log of the removed first clone is left");
+}
