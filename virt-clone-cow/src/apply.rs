@@ -71,6 +71,8 @@ pub struct CloneOutcome {
 #[derive(Debug)]
 enum Undo {
     File(PathBuf),
+    /// A file the clone's QEMU may create at start (serial log...): removed if it was.
+    StartedFile(PathBuf),
     Volume { pool: String, name: String },
     Domain(String),
     Running(String),
@@ -108,6 +110,10 @@ impl<'a> Transaction<'a> {
                 Undo::Domain(n) => self.lv.undefine(n).map_err(|e| e.to_string()),
                 Undo::Volume { pool, name } => self.lv.delete_volume(pool, name).map_err(|e| e.to_string()),
                 Undo::File(p) => std::fs::remove_file(p).map_err(|e| e.to_string()),
+                Undo::StartedFile(p) => match std::fs::remove_file(p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                    _ => Ok(()),
+                },
                 Undo::Mode { path, mode } => {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| e.to_string())
                 }
@@ -155,7 +161,13 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
         }
         make_template(&mut tx, plan)?;
         if opts.start {
-            for o in &mut outcomes {
+            for (o, c) in outcomes.iter_mut().zip(&plan.clones) {
+                if lv.is_local() {
+                    let paths = crate::xml::DomainFacts::parse(&c.xml).map(|f| f.char_paths).unwrap_or_default();
+                    for p in paths.into_iter().filter(|p| !Path::new(p).exists()) {
+                        tx.undo.push(Undo::StartedFile(PathBuf::from(p)));
+                    }
+                }
                 lv.start(&o.name)?;
                 tx.undo.push(Undo::Running(o.name.clone()));
                 o.started = true;
