@@ -798,3 +798,27 @@ fn failure_starting_the_second_clone_stops_and_removes_the_first() {
     before.assert_unchanged(&env, &tmpl, &[&master]);
     assert_eq!(list_dir(&logs), logs_before, "no serial log of the removed first clone is left");
 }
+
+#[test]
+fn template_with_an_smbios_system_uuid_can_be_cloned() {
+    let env = TestEnv::new("sysinfo");
+    let (tmpl, _) = bios_template(&env, "-tmpl");
+    let uuid = domuuid(&tmpl);
+    let xml = inactive_xml(&tmpl).replacen(
+        "  <os>",
+        &format!(
+            "  <sysinfo type='smbios'><system><entry name='serial'>tmpl</entry><entry name='uuid'>{uuid}</entry></system></sysinfo>\n  <os>"
+        ),
+        1,
+    );
+    define_xml(&xml);
+    assert!(inactive_xml(&tmpl).contains(&format!("<entry name='uuid'>{uuid}</entry>")));
+    let names = [env.name("-a"), env.name("-b")];
+    cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1], "--start"]).assert_ok();
+    let uuids: HashSet<String> = names.iter().map(|n| domuuid(n)).chain([uuid]).collect();
+    assert_eq!(uuids.len(), 3, "every clone has its own UUID");
+    for n in &names {
+        assert_eq!(domstate(n), "running");
+        assert!(inactive_xml(n).contains("<entry name='serial'>tmpl</entry>"), "other SMBIOS entries are kept");
+    }
+}

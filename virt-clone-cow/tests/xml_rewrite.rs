@@ -636,3 +636,18 @@ fn clones_get_their_own_vnc_unix_socket_path() {
 fn quick_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
 }
+
+const SYSINFO_UUID: &str = include_str!("data/sysinfo-system-uuid.xml");
+
+#[test]
+fn rewrite_drops_the_smbios_system_uuid_so_libvirt_gives_the_clone_a_new_one() {
+    // Without <uuid>, libvirt takes the domain UUID from <sysinfo><system><entry name='uuid'>:
+    // the clone would collide with its template ("already defined with uuid").
+    let (_, _, _, out, new) = rewrite(SYSINFO_UUID);
+    assert_eq!(new.uuid, None);
+    assert!(!out.contains("11111111-2222-3333-4444-555555555555"), "no trace of the template's UUID:\n{out}");
+    assert!(out.contains("<entry name='manufacturer'>vcc</entry>") && out.contains("<entry name='serial'>tmpl-serial</entry>"));
+    let (orig, _) = split_metadata(SYSINFO_UUID);
+    let (out_lines, _) = split_metadata(&out);
+    assert_eq!(out_lines.len() + 2, orig.len(), "only the <uuid> and the sysinfo uuid entry lines are dropped");
+}
