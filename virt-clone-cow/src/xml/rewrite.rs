@@ -1,7 +1,7 @@
 //! The streaming rewrite from an original's domain XML to a clone's.
 //!
 //! Every event is copied from reader to writer as it came, except the few this pass must change:
-//! the name, the UUID (dropped: libvirt makes a new one), MAC addresses, fixed graphics ports,
+//! the name, the UUID and the SMBIOS system UUID (dropped: libvirt makes a new one), MAC addresses, fixed graphics ports,
 //! paths of serial/console/channel devices and graphics sockets, the UEFI vars path, the private disks (new source,
 //! qcow2 driver, a `<backingStore>` naming the master) and our own metadata element.
 
@@ -147,7 +147,14 @@ impl<'e> State<'e> {
         let depth = self.stack.len();
 
         // Elements dropped whole, together with the whitespace before them.
+        // The SMBIOS system UUID goes with <uuid>: without <uuid> libvirt would adopt it, and the
+        // clone would collide with its original.
+        let smbios_uuid = depth == 4
+            && at(&self.stack[..3], &["domain", "sysinfo", "system"])
+            && self.stack[3] == "entry"
+            && super::attr(&e, "name")?.as_deref() == Some("uuid");
         let drop = at(&self.stack, &["domain", "uuid"])
+            || smbios_uuid
             || (depth == 3
                 && at(&self.stack[..2], &["domain", "metadata"])
                 && declares_namespace(&e, NAMESPACE))
