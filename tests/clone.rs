@@ -822,3 +822,19 @@ fn template_with_an_smbios_system_uuid_can_be_cloned() {
         assert!(inactive_xml(n).contains("<entry name='serial'>tmpl</entry>"), "other SMBIOS entries are kept");
     }
 }
+
+#[test]
+fn clones_get_new_vm_generation_ids() {
+    let env = TestEnv::new("genid");
+    let (tmpl, _) = bios_template(&env, "-tmpl");
+    define_xml(&inactive_xml(&tmpl).replacen("  <memory", "  <genid/>\n  <memory", 1));
+    let genid = |n: &str| -> String {
+        let x = inactive_xml(n);
+        let l = x.lines().find(|l| l.contains("<genid>")).unwrap_or_else(|| panic!("{n} has a stored genid:\n{x}"));
+        l.trim().to_string()
+    };
+    let names = [env.name("-a"), env.name("-b")];
+    cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1]]).assert_ok();
+    let ids: HashSet<String> = names.iter().map(|n| genid(n)).chain([genid(&tmpl)]).collect();
+    assert_eq!(ids.len(), 3, "template and clones have distinct generation IDs: {ids:?}");
+}

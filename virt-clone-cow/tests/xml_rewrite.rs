@@ -177,6 +177,7 @@ fn assert_only_expected_lines_changed(original: &str, rewritten: &str, edited: &
         }
         let may_change = (t.starts_with("<name>") && l.starts_with("  <name>"))
             || t.starts_with("<mac address=")
+            || t.starts_with("<genid>")
             || t.starts_with("<graphics ")
             || t.starts_with("<nvram")
             || (in_nvram && t.starts_with("<source "))
@@ -650,4 +651,18 @@ fn rewrite_drops_the_smbios_system_uuid_so_libvirt_gives_the_clone_a_new_one() {
     let (orig, _) = split_metadata(SYSINFO_UUID);
     let (out_lines, _) = split_metadata(&out);
     assert_eq!(out_lines.len() + 2, orig.len(), "only the <uuid> and the sysinfo uuid entry lines are dropped");
+}
+
+const GENID: &str = include_str!("data/genid.xml");
+
+#[test]
+fn rewrite_empties_the_vm_generation_id_so_each_clone_gets_a_new_one() {
+    // libvirt stores the generated <genid> in the config; a clone keeping it would look to the
+    // guest like the same VM generation (Windows AD, the Linux RNG reseed on vmgenid change).
+    let old = line_with(GENID, "<genid>").trim().to_string();
+    assert!(old.len() > "<genid></genid>".len(), "the capture has a stored generation ID: {old}");
+    let (_, _, _, out, _) = rewrite(GENID);
+    assert!(!out.contains(&old), "the template's generation ID is not kept:\n{out}");
+    assert_eq!(line_with(&out, "<genid").trim(), "<genid></genid>", "empty: libvirt generates a new one");
+    assert_only_expected_lines_changed(GENID, &out, &HashSet::new());
 }
