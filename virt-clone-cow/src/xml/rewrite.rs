@@ -1,9 +1,10 @@
 //! The streaming rewrite from an original's domain XML to a clone's.
 //!
 //! Every event is copied from reader to writer as it came, except the few this pass must change:
-//! the name, the UUID and the SMBIOS system UUID (dropped: libvirt makes a new one), MAC addresses, fixed graphics ports,
-//! paths of serial/console/channel devices and graphics sockets, the UEFI vars path, the private disks (new source,
-//! qcow2 driver, a `<backingStore>` naming the master) and our own metadata element.
+//! the name, the UUID and the SMBIOS system UUID (dropped: libvirt makes a new one), the VM
+//! generation ID (emptied: likewise), MAC addresses, fixed graphics ports, paths of
+//! serial/console/channel devices and graphics sockets, the UEFI vars path, the private disks
+//! (new source, qcow2 driver, a `<backingStore>` naming the master) and our own metadata element.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -196,6 +197,9 @@ impl<'e> State<'e> {
             // Elements whose text we replace.
             let new_text = if at(&self.stack, &["domain", "name"]) {
                 Some(self.edits.name.clone())
+            } else if at(&self.stack, &["domain", "genid"]) {
+                // The stored VM generation ID: empty makes libvirt generate a new one.
+                Some(String::new())
             } else if at(&self.stack, &["domain", "os", "nvram"]) && !self.edits.nvram_source_form {
                 self.edits.nvram_path.clone()
             } else {
