@@ -351,3 +351,38 @@ fn a_volume_made_with_vol_create_as_backing_vol_shows_in_the_tree() {
     assert_eq!(clones[0]["pool"], pool.as_str());
     assert!(clones[0]["domain"].is_null());
 }
+
+#[test]
+fn the_daemon_scan_finds_missing_masters_and_overlays_their_pool_does_not_list() {
+    let env = Env::new("scan");
+    let pool = env.name("pool");
+    virsh_ok(&["pool-define-as", &pool, "dir", "--target", env.dir.to_str().expect("utf-8")]);
+    virsh_ok(&["pool-start", &pool]);
+    let absent = env.path("absent.qcow2");
+    let name = env.name("needs");
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{}'><vcc:master path='{absent}' format='qcow2' sha256='{}'/></vcc:disk></vcc:clone></vcc:cow>",
+        env.path("needs.qcow2"),
+        "cd".repeat(32)
+    );
+    env.define(&domain_xml(&name, &backed_disk(&env.path("needs.qcow2"), &absent, "qcow2"), &md));
+    // A domain whose overlay exists in the pool's directory but was made behind libvirt's back
+    // (as the hook does).
+    let master = env.master("m.qcow2", "qcow2");
+    virsh_ok(&["pool-refresh", &pool]);
+    let made = env.path("made-by-hook.qcow2");
+    let o = run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &master, &made]);
+    assert!(o.status.success());
+    env.define(&domain_xml(&env.name("hooked"), &backed_disk(&made, &master, "qcow2"), ""));
+
+    let lv = virt_clone_cow::libvirt::Libvirt::open(Some(URI)).expect("connect");
+    let scan = virt_clone_cow::watch::scan(&lv).expect("scan");
+    let _ = virsh(&["pool-destroy", &pool]);
+    let _ = virsh(&["pool-undefine", &pool]);
+    let m = scan.missing.iter().find(|m| m.master.path == absent).expect("the missing master is found");
+    assert_eq!(m.domains, vec![name.clone()]);
+    assert_eq!(m.master.sha256.as_deref(), Some("cd".repeat(32).as_str()));
+    assert!(scan.missing.iter().all(|m| m.master.path != master), "a present master is not missing");
+    assert!(scan.pools_to_refresh.contains(&pool), "{:?}", scan.pools_to_refresh);
+}

@@ -15,7 +15,6 @@
 
 pub mod config;
 pub mod daemon;
-pub mod disks;
 pub mod prepare;
 pub mod release;
 
@@ -91,7 +90,7 @@ pub fn run(inv: &Invocation, xml: &str, cfg: &Config, log: &mut dyn Write) -> Re
         return Ok(());
     }
     let facts = facts.map_err(|source| HookError::Xml { domain: inv.domain.clone(), source })?;
-    let plan = disks::needs(&facts);
+    let plan = virt_clone_cow::managed::needs(&facts);
     if op == ("prepare", "begin") && plan.template {
         return Err(HookError::Template(facts.name.clone()));
     }

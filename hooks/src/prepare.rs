@@ -10,7 +10,7 @@ use virt_clone_cow::overlay::{create_file_overlay, image_info, BackingSpec, Over
 
 use crate::config::Config;
 use crate::daemon::{request_path, DaemonError};
-use crate::disks::{HookPlan, ManagedDisk};
+use virt_clone_cow::managed::{LinkedDisks, ManagedDisk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -41,7 +41,7 @@ pub enum PrepareError {
 }
 
 /// Ensures masters (and, when `create_overlays`, overlays) for every managed disk.
-pub fn prepare(domain: &str, plan: &HookPlan, cfg: &Config, create_overlays: bool, log: &mut dyn Write) -> Result<(), PrepareError> {
+pub fn prepare(domain: &str, plan: &LinkedDisks, cfg: &Config, create_overlays: bool, log: &mut dyn Write) -> Result<(), PrepareError> {
     let deadline = Instant::now() + cfg.fetch_timeout;
     for d in &plan.disks {
         if !d.master_exists() {

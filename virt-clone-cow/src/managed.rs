@@ -1,10 +1,12 @@
-//! Which disks of a domain the hook looks after, worked out from the XML alone.
+//! Which disks of a domain are linked clones of a master, worked out from the domain XML alone:
+//! the hook uses it at start (it may not call libvirt), and the pool-helper daemon uses it to
+//! prefetch masters that defined domains will need.
 
 use std::path::{Path, PathBuf};
 
-use virt_clone_cow::metadata::{CowMetadata, MasterRef};
-use virt_clone_cow::overlay::MASTER_FORMATS;
-use virt_clone_cow::xml::{BackingDecl, DiskSource, DomainFacts};
+use crate::metadata::{CowMetadata, MasterRef};
+use crate::overlay::MASTER_FORMATS;
+use crate::xml::{BackingDecl, DiskSource, DomainFacts};
 
 /// A disk that is an overlay over a master.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,9 +27,9 @@ impl ManagedDisk {
     }
 }
 
-/// What the hook must look after for one domain.
+/// The linked disks of one domain and how it is marked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HookPlan {
+pub struct LinkedDisks {
     /// Marked as a template by virt-clone-cow: must not start.
     pub template: bool,
     /// Marked disposable: overlays are discarded when it stops.
@@ -38,9 +40,9 @@ pub struct HookPlan {
 /// Reads the plan out of the domain's facts: every writable qcow2 file disk whose `<backingStore>`
 /// names a qcow2 or raw master file, plus the disks our clone metadata describes (which also carry
 /// what pool-helper needs to fetch a missing master).
-pub fn needs(facts: &DomainFacts) -> HookPlan {
+pub fn needs(facts: &DomainFacts) -> LinkedDisks {
     let md = facts.vcc_metadata.as_deref().and_then(|x| CowMetadata::parse(x).ok()).unwrap_or_default();
-    let mut plan = HookPlan {
+    let mut plan = LinkedDisks {
         template: md.template.as_ref().is_some_and(|t| is_still_template(facts, &t.masters)),
         disposable: md.clone.as_ref().is_some_and(|c| c.disposable),
         disks: Vec::new(),
