@@ -838,3 +838,34 @@ fn clones_get_new_vm_generation_ids() {
     let ids: HashSet<String> = names.iter().map(|n| genid(n)).chain([genid(&tmpl)]).collect();
     assert_eq!(ids.len(), 3, "template and clones have distinct generation IDs: {ids:?}");
 }
+
+#[test]
+fn writable_block_and_network_disks_are_refused_and_shared_ones_are_kept_as_they_are() {
+    let env = TestEnv::new("blocknet");
+    let (tmpl, master) = bios_template(&env, "-tmpl");
+    let base = inactive_xml(&tmpl);
+    let block = "<disk type='block' device='disk'><driver name='qemu' type='raw'/>\
+                 <source dev='/dev/vcct-no-such-vg/lv0'/><target dev='vdb' bus='virtio'/>SHARE</disk>";
+    let nbd = "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+               <source protocol='nbd' name='export1'><host name='127.0.0.1' port='10809'/></source>\
+               <target dev='vdc' bus='virtio'/>SHARE</disk>";
+    for (disk, needles) in [(block, ["disk vdb", "is a block disk"]), (nbd, ["disk vdc", "is a network disk"])] {
+        define_xml(&base.replacen("</devices>", &format!("{}\n  </devices>", disk.replace("SHARE", "")), 1));
+        let before = Snapshot::take(&env, &tmpl, &[&master]);
+        cli(&["--original", &tmpl, "--name", &env.name("-c")]).assert_error(1, &needles);
+        before.assert_unchanged(&env, &tmpl, &[&master]);
+    }
+    // Marked shareable, both stay shared and untouched in the clone.
+    let shared = format!("{}{}", block.replace("SHARE", "<shareable/>"), nbd.replace("SHARE", "<readonly/>"));
+    define_xml(&base.replacen("</devices>", &format!("{shared}\n  </devices>"), 1));
+    let name = env.name("-c");
+    cli(&["--original", &tmpl, "--name", &name]).assert_ok();
+    let f = facts(&name);
+    let t = facts(&tmpl);
+    for target in ["vdb", "vdc"] {
+        let d = |f: &virt_clone_cow::xml::DomainFacts| f.disks.iter().find(|d| d.target.as_deref() == Some(target)).cloned().unwrap();
+        let (c, o) = (d(&f), d(&t));
+        assert_eq!((c.source, c.format, c.shareable, c.readonly), (o.source, o.format, o.shareable, o.readonly), "{target}");
+    }
+    assert_eq!(f.disks.iter().find(|d| d.target.as_deref() == Some("vdb")).unwrap().source, DiskSource::Block("/dev/vcct-no-such-vg/lv0".into()));
+}
