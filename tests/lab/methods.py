@@ -32,7 +32,7 @@ class Waiter:
         def work():
             while time.time() < deadline:
                 if done_check():
-                    got = sha256(path)
+                    got = sha256(path) if os.path.exists(path) else "missing"
                     with self.lock:
                         if got == self.expected:
                             self.times[index] = time.time() - self.t0
@@ -134,7 +134,92 @@ def multicast(lab, master, expected_sha, work, timeout, rate_mbit):
             c.wait()
 
 
-def bittorrent(lab, master, expected_sha, work, timeout, pool_helper):
+class PoolHelpers:
+    """One pool-helper daemon per host, each with its own libvirt dir pool, state dir and fixed
+    port, reachable at the host's lab address. The origin publishes the master from its pool."""
+
+    PORT = 6881
+
+    def __init__(self, lab, work, binary, extra_args=()):
+        self.lab, self.work, self.bin, self.extra = lab, work, binary, list(extra_args)
+        self.daemons = {}
+
+    def state(self, h):
+        return os.path.join(self.work, f"h{h.index}", "state")
+
+    def pool(self, h):
+        return f"vcclab-pool-h{h.index}"
+
+    def pool_dir(self, h):
+        return os.path.join(self.work, f"h{h.index}", "pool")
+
+    def args(self, h):
+        return [self.bin, "--state-dir", self.state(h), "--listen-port", str(self.PORT), "--advertise", h.ip,
+                "--no-lsd", *self.extra]
+
+    def __enter__(self):
+        for h in self.lab.hosts:
+            os.makedirs(self.pool_dir(h), exist_ok=True)
+            os.makedirs(self.state(h), exist_ok=True)
+            subprocess.run(("virsh", "-q", "pool-destroy", self.pool(h)), capture_output=True)
+            subprocess.run(("virsh", "-q", "pool-undefine", self.pool(h)), capture_output=True)
+            subprocess.run(("virsh", "-q", "pool-define-as", self.pool(h), "dir", "--target", self.pool_dir(h)),
+                           check=True, capture_output=True)
+            subprocess.run(("virsh", "-q", "pool-start", self.pool(h)), check=True, capture_output=True)
+            self.start(h)
+        return self
+
+    def start(self, h):
+        log = open(os.path.join(self.work, f"daemon-h{h.index}.log"), "ab")
+        self.daemons[h.index] = h.popen(self.args(h) + ["serve"], stdout=log, stderr=log)
+        sock = os.path.join(self.state(h), "control.sock")
+        deadline = time.time() + 30
+        while not os.path.exists(sock):
+            if self.daemons[h.index].poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"pool-helper on {h.ns} did not start (see {log.name})")
+            time.sleep(0.05)
+
+    def kill(self, h):
+        p = self.daemons.pop(h.index, None)
+        if p:
+            p.kill()
+            p.wait()
+
+    def __exit__(self, *exc):
+        for i in list(self.daemons):
+            self.kill(self.lab.hosts[i])
+        for h in self.lab.hosts:
+            subprocess.run(("virsh", "-q", "pool-destroy", self.pool(h)), capture_output=True)
+            subprocess.run(("virsh", "-q", "pool-undefine", self.pool(h)), capture_output=True)
+
+    def publish(self, master):
+        origin = self.lab.hosts[0]
+        name = os.path.basename(master)
+        shutil.copyfile(master, os.path.join(self.pool_dir(origin), name))
+        subprocess.run(("virsh", "-q", "pool-refresh", self.pool(origin)), check=True, capture_output=True)
+        out = origin.run(*self.args(origin), "publish", "--pool", self.pool(origin), name)
+        return out.strip().splitlines()[-1]
+
+    def fetch(self, h, manifest):
+        return h.popen(self.args(h) + ["fetch", "--pool", self.pool(h), manifest],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def bittorrent(lab, master, expected_sha, work, timeout, pool_helper, faults=None):
     """pool-helper on every host: the origin publishes, every other host fetches at the same moment
-    from whoever has pieces."""
-    raise NotImplementedError("the BitTorrent method needs pool-helper (issue 3)")
+    from whoever has pieces. `faults(lab, helpers, t0)` runs alongside, for the fault scenarios."""
+    with PoolHelpers(lab, work, pool_helper) as ph:
+        manifest = ph.publish(master)
+        t0 = time.time()
+        waiter = Waiter(expected_sha, t0)
+        threads = []
+        for h in lab.hosts[1:]:
+            dest = os.path.join(ph.pool_dir(h), os.path.basename(master))
+            p = ph.fetch(h, manifest)
+            threads.append(waiter.verify_when_present(h.index, dest, lambda p=p: p.poll() is not None,
+                                                      t0 + timeout))
+        if faults:
+            faults(lab, ph, t0)
+        for t in threads:
+            t.join()
+        return waiter
