@@ -869,3 +869,36 @@ fn writable_block_and_network_disks_are_refused_and_shared_ones_are_kept_as_they
     }
     assert_eq!(f.disks.iter().find(|d| d.target.as_deref() == Some("vdb")).unwrap().source, DiskSource::Block("/dev/vcct-no-such-vg/lv0".into()));
 }
+
+#[test]
+fn interrupting_a_run_with_sigint_or_sigterm_leaves_nothing_behind() {
+    let env = TestEnv::new("sigint");
+    let (tmpl, master) = bios_template(&env, "-tmpl");
+    let before = Snapshot::take(&env, &tmpl, &[&master]);
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let base = env.name(&format!("-s{signal}"));
+        let mut child = std::process::Command::new(cli_path())
+            .args(["--connect", URI, "--original", &tmpl, "--name", &base, "--count", "100"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait (bounded) until the run has defined its first clone, then interrupt it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !domain_exists(&format!("{base}-1")) {
+            assert!(std::time::Instant::now() < deadline, "the run never defined its first clone");
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let pid = i32::try_from(child.id()).unwrap();
+        run_ok("kill", &[format!("-{signal}"), pid.to_string()]);
+        let out = child.wait_with_output().unwrap();
+        let run = CliRun {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        run.assert_error(1, &["interrupted"]);
+        before.assert_unchanged(&env, &tmpl, &[&master]);
+    }
+}
