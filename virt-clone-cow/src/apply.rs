@@ -6,6 +6,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -48,6 +49,8 @@ pub enum ApplyError {
     },
     #[error("'{0}' exists already; refusing to overwrite it")]
     NvramExists(String),
+    #[error("interrupted by a signal; everything made so far has been removed")]
+    Interrupted,
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
     #[error("making the master '{path}' read-only")]
@@ -140,6 +143,33 @@ impl Drop for Transaction<'_> {
     }
 }
 
+/// Set by the handler [`catch_interrupts`] installs.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP stop a clone run at its next step and undo it, instead of
+/// killing the process with half the clones made. A second signal during the undo is ignored.
+#[allow(unsafe_code)]
+pub fn catch_interrupts() {
+    let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: `on_interrupt` has the signature signal(2) expects and only stores to an
+        // atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, handler) };
+    }
+}
+
+fn check_interrupt() -> Result<(), ApplyError> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err(ApplyError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
 /// Options for carrying out a plan.
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyOptions {
@@ -153,15 +183,18 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
     let mut outcomes = Vec::with_capacity(plan.clones.len());
     let result = (|| {
         for c in &plan.clones {
+            check_interrupt()?;
             let t0 = Instant::now();
             make_clone(&mut tx, c, opts.overlay)?;
             let uuid = lv.define(&c.xml, &c.name)?;
             tx.undo.push(Undo::Domain(c.name.clone()));
             outcomes.push(CloneOutcome { name: c.name.clone(), uuid, started: false, define_ms: ms(t0.elapsed()) });
         }
+        check_interrupt()?;
         make_template(&mut tx, plan)?;
         if opts.start {
             for (o, c) in outcomes.iter_mut().zip(&plan.clones) {
+                check_interrupt()?;
                 if lv.is_local() {
                     let paths = crate::xml::DomainFacts::parse(&c.xml).map(|f| f.char_paths).unwrap_or_default();
                     for p in paths.into_iter().filter(|p| !Path::new(p).exists()) {
@@ -173,7 +206,7 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
                 o.started = true;
             }
         }
-        Ok(())
+        check_interrupt()
     })();
     match result {
         Ok(()) => {

@@ -52,6 +52,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         None => {
             let req = cli.clone.to_request().map_err(Failure::Usage)?;
             let lv = Libvirt::open(cli.connect.as_deref())?;
+            // Ctrl-C or a kill during the run undoes it instead of leaving half the clones.
+            virt_clone_cow::apply::catch_interrupts();
             let report = clone_domain(&lv, &req)?;
             output::print(cli.json, &report, || output::render_clone_report(&report))
         }
