@@ -194,6 +194,9 @@ fn three_started_clones_of_a_uefi_template_get_overlays_new_identities_and_own_v
         assert!(node["clones"].as_array().unwrap().iter().all(|c| c["running"].as_bool() == Some(true)));
         let templates: Vec<&str> = node["templates"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
         assert_eq!(templates, vec![tmpl.as_str()]);
+        let sum: u64 = node["clones"].as_array().unwrap().iter().map(|c| c["allocation"].as_u64().unwrap()).sum();
+        assert!(sum > 0);
+        assert_eq!(node["clones_allocation"].as_u64(), Some(sum), "clones_allocation adds up the overlays");
     }
 }
 
@@ -604,7 +607,11 @@ fn disposable_clones_are_marked_in_their_metadata() {
     let env = TestEnv::new("disposable");
     let (tmpl, _) = bios_template(&env, "-tmpl");
     let name = env.name("-d");
-    cli(&["--original", &tmpl, "--name", &name, "--disposable"]).assert_ok();
+    let run = cli(&["--original", &tmpl, "--name", &name, "--disposable"]);
+    run.assert_ok();
+    assert!(run.stdout.contains(&format!("Made 1 linked clone(s) of '{tmpl}'")), "text report:\n{}", run.stdout);
+    assert!(run.stdout.contains(&name), "text report names the clone:\n{}", run.stdout);
+    assert!(run.stderr.is_empty(), "nothing on stderr on success: {}", run.stderr);
     let c = cow_metadata(&name).and_then(|m| m.clone).expect("clone metadata");
     assert!(c.disposable);
     let plain = env.name("-p");
