@@ -64,7 +64,7 @@ fn assert_overlay(overlay: &str, master: &str, master_format: &str) {
 fn three_started_clones_of_a_uefi_template_get_overlays_new_identities_and_own_vars() {
     let env = TestEnv::new("e2e");
     let tmpl = env.name(" tmpl & \"q\" 'x'");
-    let qcow = env.in_pool("base.qcow2");
+    let qcow = env.in_pool("base & 'q' \"1\".qcow2");
     let raw = env.in_pool("data.raw");
     let iso = env.in_pool("install.iso");
     make_qcow2(&qcow, 64);
