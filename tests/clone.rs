@@ -49,9 +49,17 @@ fn assert_overlay(overlay: &str, master: &str, master_format: &str) {
     assert!(std::path::Path::new(overlay).is_file(), "overlay {overlay} exists");
     let info = qemu_img_info(overlay, "qcow2");
     assert_eq!(info["backing-filename"].as_str(), Some(master), "{overlay}: backing file\n{info:#}");
-    assert_eq!(info["backing-filename-format"].as_str(), Some(master_format), "{overlay}: backing format stated\n{info:#}");
+    assert_eq!(
+        info["backing-filename-format"].as_str(),
+        Some(master_format),
+        "{overlay}: backing format stated\n{info:#}"
+    );
     assert_eq!(info["format-specific"]["data"]["compat"].as_str(), Some("1.1"), "{overlay}: compat\n{info:#}");
-    assert_eq!(info["format-specific"]["data"]["extended-l2"].as_bool(), Some(true), "{overlay}: extended_l2\n{info:#}");
+    assert_eq!(
+        info["format-specific"]["data"]["extended-l2"].as_bool(),
+        Some(true),
+        "{overlay}: extended_l2\n{info:#}"
+    );
     assert_eq!(info["cluster-size"].as_u64(), Some(131072), "{overlay}: cluster size\n{info:#}");
     let master_size = qemu_img_info(master, master_format)["virtual-size"].as_u64();
     assert_eq!(info["virtual-size"].as_u64(), master_size, "{overlay}: virtual size equals the master's");
@@ -73,7 +81,12 @@ fn three_started_clones_of_a_uefi_template_get_overlays_new_identities_and_own_v
     env.refresh_pool();
     let mut spec = DomainSpec::new(&tmpl, true)
         .disk(DiskSpec::File { path: qcow.clone(), format: "qcow2".into(), target: "vda".into() })
-        .disk(DiskSpec::Volume { pool: env.pool.clone(), volume: "data.raw".into(), format: "raw".into(), target: "vdb".into() })
+        .disk(DiskSpec::Volume {
+            pool: env.pool.clone(),
+            volume: "data.raw".into(),
+            format: "raw".into(),
+            target: "vdb".into(),
+        })
         .disk(DiskSpec::Cdrom { path: Some(iso.clone()), target: "sda".into() });
     spec.nics = 2;
     define_xml(&spec.xml());
@@ -86,9 +99,8 @@ fn three_started_clones_of_a_uefi_template_get_overlays_new_identities_and_own_v
     assert!(before[0].1 & 0o200 != 0, "the master starts writable, so making it read-only is observable");
 
     let names = [env.name(" web 'one' & co"), env.name("-c2"), env.name("-c3")];
-    let run = cli(&[
-        "--original", &tmpl, "--name", &names[0], "--name", &names[1], "--name", &names[2], "--start", "--json",
-    ]);
+    let run =
+        cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1], "--name", &names[2], "--start", "--json"]);
     run.assert_ok();
     let report = run.json();
     assert_eq!(report["original"].as_str(), Some(tmpl.as_str()));
@@ -648,7 +660,9 @@ fn a_clone_can_itself_be_cloned_and_the_grandchild_boots_over_the_whole_chain() 
             .unwrap()
             .iter()
             .find(|m| m["path"].as_str() == Some(path))
-            .map(|m| m["clones"].as_array().unwrap().iter().filter_map(|c| c["domain"].as_str().map(String::from)).collect())
+            .map(|m| {
+                m["clones"].as_array().unwrap().iter().filter_map(|c| c["domain"].as_str().map(String::from)).collect()
+            })
             .unwrap_or_default()
     };
     assert_eq!(clones_of(&master), vec![child.clone()]);
@@ -678,7 +692,8 @@ fn invalid_or_duplicate_clone_names_are_refused_before_anything_is_made() {
     cli(&["--original", &tmpl, "--name", &slash]).assert_error(1, &[&format!("'{slash}' is not a valid domain name")]);
     before.assert_unchanged(&env, &tmpl, &[&master]);
     let twice = env.name("-twice");
-    cli(&["--original", &tmpl, "--name", &twice, "--name", &twice]).assert_error(1, &[&format!("'{twice}' is given twice")]);
+    cli(&["--original", &tmpl, "--name", &twice, "--name", &twice])
+        .assert_error(1, &[&format!("'{twice}' is given twice")]);
     before.assert_unchanged(&env, &tmpl, &[&master]);
 }
 
@@ -733,7 +748,10 @@ fn uefi_vars_inside_a_pool_are_copied_as_volumes_of_that_pool() {
     let xml = DomainSpec::new(&tmpl, true)
         .disk(DiskSpec::File { path: master.clone(), format: "qcow2".into(), target: "vda".into() })
         .xml()
-        .replace(&format!("<nvram template='{OVMF_VARS}'/>"), &format!("<nvram template='{OVMF_VARS}'>{}</nvram>", esc(&vars)));
+        .replace(
+            &format!("<nvram template='{OVMF_VARS}'/>"),
+            &format!("<nvram template='{OVMF_VARS}'>{}</nvram>", esc(&vars)),
+        );
     assert!(xml.contains(&vars));
     define_xml(&xml);
     assert_eq!(boot_once_for_nvram(&tmpl), vars);
@@ -870,11 +888,20 @@ fn writable_block_and_network_disks_are_refused_and_shared_ones_are_kept_as_they
     let f = facts(&name);
     let t = facts(&tmpl);
     for target in ["vdb", "vdc"] {
-        let d = |f: &virt_clone_cow::xml::DomainFacts| f.disks.iter().find(|d| d.target.as_deref() == Some(target)).cloned().unwrap();
+        let d = |f: &virt_clone_cow::xml::DomainFacts| {
+            f.disks.iter().find(|d| d.target.as_deref() == Some(target)).cloned().unwrap()
+        };
         let (c, o) = (d(&f), d(&t));
-        assert_eq!((c.source, c.format, c.shareable, c.readonly), (o.source, o.format, o.shareable, o.readonly), "{target}");
+        assert_eq!(
+            (c.source, c.format, c.shareable, c.readonly),
+            (o.source, o.format, o.shareable, o.readonly),
+            "{target}"
+        );
     }
-    assert_eq!(f.disks.iter().find(|d| d.target.as_deref() == Some("vdb")).unwrap().source, DiskSource::Block("/dev/vcct-no-such-vg/lv0".into()));
+    assert_eq!(
+        f.disks.iter().find(|d| d.target.as_deref() == Some("vdb")).unwrap().source,
+        DiskSource::Block("/dev/vcct-no-such-vg/lv0".into())
+    );
 }
 
 #[test]

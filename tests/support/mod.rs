@@ -164,7 +164,14 @@ pub fn qemu_img_info(path: impl AsRef<Path>, format: &str) -> serde_json::Value 
     let p = path.as_ref();
     let out = run_ok(
         "qemu-img",
-        &[OsStr::new("info"), "--output=json".as_ref(), "-f".as_ref(), format.as_ref(), "--force-share".as_ref(), p.as_os_str()],
+        &[
+            OsStr::new("info"),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            format.as_ref(),
+            "--force-share".as_ref(),
+            p.as_os_str(),
+        ],
     );
     serde_json::from_str(&out).unwrap()
 }
@@ -173,7 +180,10 @@ pub fn qemu_img_info(path: impl AsRef<Path>, format: &str) -> serde_json::Value 
 pub fn make_qcow2(path: impl AsRef<Path>, size_mib: u64) {
     let p = path.as_ref();
     let size = format!("{size_mib}M");
-    run_ok("qemu-img", &[OsStr::new("create"), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), p.as_os_str(), size.as_ref()]);
+    run_ok(
+        "qemu-img",
+        &[OsStr::new("create"), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), p.as_os_str(), size.as_ref()],
+    );
     run_ok(
         "qemu-io",
         &[OsStr::new("-f"), "qcow2".as_ref(), "-c".as_ref(), "write -P 0xab 0 1M".as_ref(), p.as_os_str()],
@@ -194,7 +204,10 @@ pub fn make_raw(path: impl AsRef<Path>, size_mib: u64) {
 pub fn make_image(path: impl AsRef<Path>, format: &str, size_mib: u64) {
     let p = path.as_ref();
     let size = format!("{size_mib}M");
-    run_ok("qemu-img", &[OsStr::new("create"), "-q".as_ref(), "-f".as_ref(), format.as_ref(), p.as_os_str(), size.as_ref()]);
+    run_ok(
+        "qemu-img",
+        &[OsStr::new("create"), "-q".as_ref(), "-f".as_ref(), format.as_ref(), p.as_os_str(), size.as_ref()],
+    );
 }
 
 /// The names in a directory, sorted (empty when it does not exist).
@@ -531,7 +544,10 @@ impl TestEnv {
         let dir = self.work_dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let opts = format!("size={size},mode=0755");
-        run_ok("mount", &[OsStr::new("-t"), "tmpfs".as_ref(), "-o".as_ref(), opts.as_ref(), "tmpfs".as_ref(), dir.as_os_str()]);
+        run_ok(
+            "mount",
+            &[OsStr::new("-t"), "tmpfs".as_ref(), "-o".as_ref(), opts.as_ref(), "tmpfs".as_ref(), dir.as_os_str()],
+        );
         self.mounts.push(dir.clone());
         dir
     }

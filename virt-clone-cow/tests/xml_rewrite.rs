@@ -85,7 +85,10 @@ fn edits_for(facts: &DomainFacts) -> (DomainEdits, CowMetadata) {
             overlay: overlay_for(&target),
             master: MasterRef { path: master.clone(), format: format.clone(), ..Default::default() },
         });
-        disks.insert(d.index, DiskEdit { source_attr, backing: BackingEdit { path: master, format, self_contained: true } });
+        disks.insert(
+            d.index,
+            DiskEdit { source_attr, backing: BackingEdit { path: master, format, self_contained: true } },
+        );
     }
     let md = CowMetadata {
         template: None,
@@ -95,7 +98,11 @@ fn edits_for(facts: &DomainFacts) -> (DomainEdits, CowMetadata) {
         name: CLONE.to_string(),
         macs: (0..facts.macs.len()).map(|i| Some(format!("52:54:00:fe:00:{i:02x}"))).collect(),
         disks,
-        nvram_path: facts.nvram.as_ref().and_then(|n| n.path.as_ref()).map(|_| format!("/var/lib/vcc-test/nvram/{CLONE}_VARS.fd")),
+        nvram_path: facts
+            .nvram
+            .as_ref()
+            .and_then(|n| n.path.as_ref())
+            .map(|_| format!("/var/lib/vcc-test/nvram/{CLONE}_VARS.fd")),
         nvram_source_form: facts.nvram.as_ref().is_some_and(|n| n.source_form),
         char_paths: facts.char_paths.iter().map(|p| (p.clone(), format!("{p}.{CLONE}"))).collect(),
         metadata: Some(md.to_xml()),
@@ -271,7 +278,16 @@ fn facts_of_the_every_disk_kind_capture_are_read_correctly() {
         summary(&f),
         vec![
             ("file".into(), "disk".into(), t("qcow2"), file(&format!("{p}base & \"1\".qcow2")), t("vda"), f_, f_, f_),
-            ("file".into(), "disk".into(), t("raw"), file("/var/lib/vcc-capture/outside/data.raw"), t("vdb"), f_, f_, f_),
+            (
+                "file".into(),
+                "disk".into(),
+                t("raw"),
+                file("/var/lib/vcc-capture/outside/data.raw"),
+                t("vdb"),
+                f_,
+                f_,
+                f_
+            ),
             (
                 "volume".into(),
                 "disk".into(),
@@ -282,12 +298,39 @@ fn facts_of_the_every_disk_kind_capture_are_read_correctly() {
                 f_,
                 f_
             ),
-            ("block".into(), "disk".into(), t("raw"), DiskSource::Block("/dev/vcc-capture-vg/lv0".into()), t("vdd"), f_, f_, f_),
-            ("network".into(), "disk".into(), t("raw"), DiskSource::Other("network export1".into()), t("vde"), f_, f_, f_),
+            (
+                "block".into(),
+                "disk".into(),
+                t("raw"),
+                DiskSource::Block("/dev/vcc-capture-vg/lv0".into()),
+                t("vdd"),
+                f_,
+                f_,
+                f_
+            ),
+            (
+                "network".into(),
+                "disk".into(),
+                t("raw"),
+                DiskSource::Other("network export1".into()),
+                t("vde"),
+                f_,
+                f_,
+                f_
+            ),
             ("file".into(), "disk".into(), t("qcow2"), file(&format!("{p}ro.qcow2")), t("vdf"), n_, f_, f_),
             ("file".into(), "disk".into(), t("raw"), file(&format!("{p}shared.raw")), t("vdg"), f_, n_, f_),
             ("file".into(), "disk".into(), t("qcow2"), file(&format!("{p}scratch.qcow2")), t("vdh"), f_, f_, n_),
-            ("file".into(), "cdrom".into(), t("raw"), file("/var/lib/vcc-capture/iso/install.iso"), t("sda"), n_, f_, f_),
+            (
+                "file".into(),
+                "cdrom".into(),
+                t("raw"),
+                file("/var/lib/vcc-capture/iso/install.iso"),
+                t("sda"),
+                n_,
+                f_,
+                f_
+            ),
             ("file".into(), "cdrom".into(), t("raw"), DiskSource::None, t("sdb"), n_, f_, f_),
         ]
     );
@@ -420,7 +463,11 @@ fn rewrite_of_every_disk_kind_changes_only_the_lines_a_clone_must_change() {
     assert_eq!(vda.format.as_deref(), Some("qcow2"));
     assert_eq!(
         vda.backing,
-        BackingDecl::Store { kind: "file".into(), format: s("qcow2"), path: s("/var/lib/vcc-capture/pool/base & \"1\".qcow2") }
+        BackingDecl::Store {
+            kind: "file".into(),
+            format: s("qcow2"),
+            path: s("/var/lib/vcc-capture/pool/base & \"1\".qcow2")
+        }
     );
     let vdb = &new.disks[1];
     assert_eq!(vdb.format.as_deref(), Some("qcow2"), "a raw master's overlay is qcow2");
@@ -479,7 +526,10 @@ fn rewrite_of_every_disk_kind_changes_only_the_lines_a_clone_must_change() {
 fn rewrite_drops_a_fixed_spice_tls_port_for_autoport() {
     // libvirt here refuses spice tlsPort unless spice_tls is on in qemu.conf, so the capture has
     // none: add one as libvirt formats it (after port).
-    let xml = EVERY_KIND.replace("<graphics type='spice' port='5930' autoport='no'", "<graphics type='spice' port='5930' tlsPort='5931' autoport='no'");
+    let xml = EVERY_KIND.replace(
+        "<graphics type='spice' port='5930' autoport='no'",
+        "<graphics type='spice' port='5930' tlsPort='5931' autoport='no'",
+    );
     assert_ne!(xml, EVERY_KIND);
     let facts = DomainFacts::parse(&xml).unwrap();
     let (edits, _) = edits_for_safe(&facts);
@@ -503,12 +553,17 @@ fn rewrite_with_nvram_source_form_replaces_the_source_and_the_old_backing_chain(
     // The disk that was itself an overlay gets a chain of one: the master, not the old chain.
     assert_eq!(
         new.disks[0].backing,
-        BackingDecl::Store { kind: "file".into(), format: s("qcow2"), path: s("/var/lib/vcc-capture/pool/layer2.qcow2") }
+        BackingDecl::Store {
+            kind: "file".into(),
+            format: s("qcow2"),
+            path: s("/var/lib/vcc-capture/pool/layer2.qcow2")
+        }
     );
     assert!(!out.contains("layer1.qcow2"), "the old chain is gone:\n{out}");
     assert_eq!(disk_block(&out, "vda").matches("<backingStore").count(), 2, "one store and its <backingStore/> end");
     // Foreign XML outside metadata survives.
-    let qemu_cmd = |x: &str| x.lines().skip_while(|l| !l.contains("<qemu:commandline>")).take(4).collect::<Vec<_>>().join("\n");
+    let qemu_cmd =
+        |x: &str| x.lines().skip_while(|l| !l.contains("<qemu:commandline>")).take(4).collect::<Vec<_>>().join("\n");
     assert_eq!(qemu_cmd(&out), qemu_cmd(SOURCE_FORM));
     assert!(out.starts_with("<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"));
     // No <metadata> before: one is added holding ours.
@@ -596,7 +651,10 @@ fn plan_on_a_real_capture_makes_overlays_for_file_and_volume_disks_and_keeps_sha
         let edited: HashSet<usize> = [0, 1, 2].into();
         assert_only_expected_lines_changed(ODD_NAME, &c.xml, &edited);
         assert_eq!(f.disks[0].source, file(&format!("/var/lib/vcc-scratch/pool/{}-vda.qcow2", c.name)));
-        assert_eq!(f.disks[1].source, DiskSource::Volume { pool: "scratch".into(), volume: format!("{}-vdb.qcow2", c.name) });
+        assert_eq!(
+            f.disks[1].source,
+            DiskSource::Volume { pool: "scratch".into(), volume: format!("{}-vdb.qcow2", c.name) }
+        );
         assert_eq!(f.disks[2].source, file(&format!("/var/lib/vcc-scratch/{}-vdc.qcow2", c.name)));
         assert_eq!(disk_block(&c.xml, "vdd"), disk_block(ODD_NAME, "vdd"), "shareable disk untouched");
         assert_eq!(disk_block(&c.xml, "sda"), disk_block(ODD_NAME, "sda"), "empty cdrom untouched");
@@ -647,7 +705,10 @@ fn rewrite_drops_the_smbios_system_uuid_so_libvirt_gives_the_clone_a_new_one() {
     let (_, _, _, out, new) = rewrite(SYSINFO_UUID);
     assert_eq!(new.uuid, None);
     assert!(!out.contains("11111111-2222-3333-4444-555555555555"), "no trace of the template's UUID:\n{out}");
-    assert!(out.contains("<entry name='manufacturer'>vcc</entry>") && out.contains("<entry name='serial'>tmpl-serial</entry>"));
+    assert!(
+        out.contains("<entry name='manufacturer'>vcc</entry>")
+            && out.contains("<entry name='serial'>tmpl-serial</entry>")
+    );
     let (orig, _) = split_metadata(SYSINFO_UUID);
     let (out_lines, _) = split_metadata(&out);
     assert_eq!(out_lines.len() + 2, orig.len(), "only the <uuid> and the sysinfo uuid entry lines are dropped");
