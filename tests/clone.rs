@@ -936,3 +936,28 @@ fn interrupting_a_run_with_sigint_or_sigterm_leaves_nothing_behind() {
         before.assert_unchanged(&env, &tmpl, &[&master]);
     }
 }
+
+#[test]
+fn failure_starting_the_second_uefi_clone_leaves_no_vars_file_libvirt_made_for_the_first() {
+    let env = TestEnv::new("start2uefi");
+    let tmpl = env.name("-tmpl");
+    let master = env.in_pool("base.qcow2");
+    make_qcow2(&master, 16);
+    env.refresh_pool();
+    let logs = env.work_dir.join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let mut spec = DomainSpec::new(&tmpl, true).disk(DiskSpec::File {
+        path: master.clone(),
+        format: "qcow2".into(),
+        target: "vda".into(),
+    });
+    spec.serial_file = Some(logs.join(format!("{tmpl}-serial.log")).to_string_lossy().into_owned());
+    define_xml(&spec.xml());
+    // Never started: there are no vars to copy, libvirt makes each clone's at its first start.
+    let names = [env.name("-a"), env.name("-b")];
+    std::fs::create_dir(logs.join(format!("{}-serial.log", names[1]))).unwrap();
+    let before = Snapshot::take(&env, &tmpl, &[&master]);
+    let run = cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1], "--start"]);
+    run.assert_error(1, &[&format!("starting domain '{}'", names[1])]);
+    before.assert_unchanged(&env, &tmpl, &[&master]);
+}
