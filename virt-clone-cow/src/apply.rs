@@ -74,7 +74,7 @@ pub struct CloneOutcome {
 #[derive(Debug)]
 enum Undo {
     File(PathBuf),
-    /// A file the clone's QEMU may create at start (serial log...): removed if it was.
+    /// A file that starting the clone may create (serial log, UEFI vars): removed if it was.
     StartedFile(PathBuf),
     Volume { pool: String, name: String },
     Domain(String),
@@ -196,7 +196,11 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
             for (o, c) in outcomes.iter_mut().zip(&plan.clones) {
                 check_interrupt()?;
                 if lv.is_local() {
-                    let paths = crate::xml::DomainFacts::parse(&c.xml).map(|f| f.char_paths).unwrap_or_default();
+                    // Files made at start (serial logs; UEFI vars libvirt makes from the firmware
+                    // template when none were copied) go if the run is undone.
+                    let paths = crate::xml::DomainFacts::parse(&c.xml)
+                        .map(|f| f.char_paths.into_iter().chain(f.nvram.and_then(|n| n.path)).collect::<Vec<_>>())
+                        .unwrap_or_default();
                     for p in paths.into_iter().filter(|p| !Path::new(p).exists()) {
                         tx.undo.push(Undo::StartedFile(PathBuf::from(p)));
                     }
