@@ -126,7 +126,7 @@ pub struct PlanInput<'a> {
 pub enum PlanError {
     #[error("clone name '{0}' is given twice")]
     DuplicateName(String),
-    #[error("'{0}' is not a valid domain name (empty, or contains '/')")]
+    #[error("'{0}' is not a valid domain name (empty, or contains '/' or a control character such as a newline)")]
     BadName(String),
     #[error("could not write the clone's XML")]
     Xml(#[from] XmlError),
@@ -138,7 +138,7 @@ pub enum PlanError {
 pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Result<ClonePlan, PlanError> {
     let mut seen = HashSet::new();
     for n in input.names {
-        if n.is_empty() || n.contains('/') {
+        if n.is_empty() || n.contains('/') || n.chars().any(char::is_control) {
             return Err(PlanError::BadName(n.clone()));
         }
         if !seen.insert(n.as_str()) {
@@ -297,6 +297,23 @@ fn nvram_path_for(from: &str, original: &str, clone: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_with_slashes_or_newlines_are_refused_before_planning() {
+        let facts = DomainFacts::parse("<domain><name>t</name></domain>").unwrap();
+        for bad in ["", "a/b", "two\nlines"] {
+            let input = PlanInput {
+                original_xml: "<domain><name>t</name></domain>",
+                facts: &facts,
+                masters: &[],
+                names: &[bad.to_string()],
+                taken_macs: &HashSet::new(),
+                disposable: false,
+                nvram_pool: None,
+            };
+            assert!(matches!(plan(&input, || [1, 2, 3]), Err(PlanError::BadName(_))), "{bad:?}");
+        }
+    }
 
     #[test]
     fn auto_names_skip_taken_ones() {
