@@ -317,6 +317,12 @@ impl Libvirt {
             .collect())
     }
 
+    /// The target directory of a pool (`<target><path>`), if it has one (dir, fs, netfs pools).
+    pub fn pool_dir(&self, pool: &str) -> Result<Option<String>> {
+        let xml = self.pool(pool)?.xml_desc(0).map_err(call(format!("reading the XML of storage pool '{pool}'")))?;
+        Ok(crate::xml::volume::pool_target_path(&xml))
+    }
+
     /// Refreshes a pool so it lists what changed in its directory.
     pub fn refresh_pool(&self, pool: &str) -> Result<()> {
         self.pool(pool)?.refresh(0).map_err(call(format!("refreshing storage pool '{pool}'")))

@@ -1,0 +1,30 @@
+//! `pool-helper serve`
+
+use std::sync::Arc;
+
+use super::{runtime, CliError};
+use crate::config::Config;
+use crate::daemon::Daemon;
+use crate::fetch::Ctx;
+use crate::torrent::Torrents;
+
+pub fn run(cfg: Config) -> Result<(), CliError> {
+    runtime()?.block_on(async move {
+        let listener = Daemon::bind(&cfg.control_socket)?;
+        let torrents = Torrents::start(&cfg).await?;
+        tracing::info!(
+            "serving: control socket {}, BitTorrent on {:?}",
+            cfg.control_socket.display(),
+            torrents.listen_addr()
+        );
+        let d = Daemon::new(Arc::new(Ctx { cfg, torrents }));
+        d.start_recorded();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CliError::Runtime)?;
+        tokio::select! {
+            _ = d.serve(listener) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok(())
+    })
+}

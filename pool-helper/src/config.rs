@@ -1,0 +1,186 @@
+//! Configuration: one TOML file (`--config`), overridden by flags. Every key is documented in
+//! `docs/pool-helper.md`.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pool-helper";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/pool-helper/control.sock";
+pub const DEFAULT_LISTEN_PORT: u16 = 6881;
+pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 2 << 40;
+
+/// The TOML file, every key optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub state_dir: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub listen_port: Option<u16>,
+    /// Address other hosts reach us at (written into manifests as a peer hint).
+    pub advertise: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default)]
+    pub trackers: Vec<String>,
+    pub upload_limit: Option<u32>,
+    pub download_limit: Option<u32>,
+    pub dht: Option<bool>,
+    pub lsd: Option<bool>,
+    pub libvirt_uri: Option<String>,
+    pub max_virtual_size: Option<u64>,
+    pub qemu_img_check: Option<bool>,
+    /// Seconds without progress before a fetch is declared stalled.
+    pub stall_timeout: Option<u64>,
+}
+
+/// Flags shared by every command (`None`: not given).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub listen_port: Option<u16>,
+    pub advertise: Option<String>,
+    pub peers: Vec<String>,
+    pub trackers: Vec<String>,
+    pub upload_limit: Option<u32>,
+    pub download_limit: Option<u32>,
+    pub dht: bool,
+    pub no_lsd: bool,
+    pub libvirt_uri: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub listen_port: u16,
+    pub advertise: Option<String>,
+    pub peers: Vec<String>,
+    pub trackers: Vec<String>,
+    pub upload_limit: Option<u32>,
+    pub download_limit: Option<u32>,
+    pub dht: bool,
+    pub lsd: bool,
+    pub libvirt_uri: Option<String>,
+    pub max_virtual_size: u64,
+    pub qemu_img_check: bool,
+    pub stall_timeout: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file '{path}'")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file '{path}': {msg}")]
+    Parse { path: String, msg: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
+        let file = match &o.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: p.display().to_string(),
+                    msg: e.message().to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(file, o)
+    }
+
+    pub fn merge(f: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
+        let state_dir = o.state_dir.clone().or(f.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let control_socket = o.control_socket.clone().or(f.control_socket).unwrap_or_else(|| {
+            if state_dir == Path::new(DEFAULT_STATE_DIR) {
+                DEFAULT_CONTROL_SOCKET.into()
+            } else {
+                state_dir.join("control.sock")
+            }
+        });
+        let mut peers = f.peers;
+        peers.extend(o.peers.iter().cloned());
+        let mut trackers = f.trackers;
+        trackers.extend(o.trackers.iter().cloned());
+        for p in &peers {
+            crate::manifest::parse_peer(p).map_err(ConfigError::Invalid)?;
+        }
+        for t in &trackers {
+            if !(t.starts_with("http://") || t.starts_with("https://") || t.starts_with("udp://")) {
+                return Err(ConfigError::Invalid(format!("tracker '{t}' is not an http(s):// or udp:// URL")));
+            }
+        }
+        let listen_port = o.listen_port.or(f.listen_port).unwrap_or(DEFAULT_LISTEN_PORT);
+        if listen_port == 0 {
+            return Err(ConfigError::Invalid("listen port 0: a seeder needs a fixed port".into()));
+        }
+        Ok(Config {
+            state_dir,
+            control_socket,
+            listen_port,
+            advertise: o.advertise.clone().or(f.advertise),
+            peers,
+            trackers,
+            upload_limit: o.upload_limit.or(f.upload_limit).filter(|&v| v > 0),
+            download_limit: o.download_limit.or(f.download_limit).filter(|&v| v > 0),
+            dht: o.dht || f.dht.unwrap_or(false),
+            lsd: !o.no_lsd && f.lsd.unwrap_or(true),
+            libvirt_uri: o.libvirt_uri.clone().or(f.libvirt_uri),
+            max_virtual_size: f.max_virtual_size.unwrap_or(DEFAULT_MAX_VIRTUAL_SIZE),
+            qemu_img_check: f.qemu_img_check.unwrap_or(true),
+            stall_timeout: f.stall_timeout.unwrap_or(120),
+        })
+    }
+
+    /// Where records of published and fetched masters live.
+    pub fn masters_dir(&self) -> PathBuf {
+        self.state_dir.join("masters")
+    }
+    /// Where `publish` writes .torrent and manifest files.
+    pub fn published_dir(&self) -> PathBuf {
+        self.state_dir.join("published")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_state_dir_gets_its_own_socket() {
+        let o = Overrides { state_dir: Some("/tmp/x".into()), ..Default::default() };
+        let c = Config::merge(FileConfig::default(), &o).unwrap();
+        assert_eq!(c.control_socket, PathBuf::from("/tmp/x/control.sock"));
+        let c = Config::merge(FileConfig::default(), &Overrides::default()).unwrap();
+        assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert!(!c.dht);
+    }
+
+    #[test]
+    fn flags_override_the_file_and_peers_add_up() {
+        let f: FileConfig = toml::from_str("listen_port = 7000\npeers = [\"127.0.0.1:1\"]\nupload_limit = 5").unwrap();
+        let o = Overrides { listen_port: Some(7001), peers: vec!["127.0.0.1:2".into()], ..Default::default() };
+        let c = Config::merge(f, &o).unwrap();
+        assert_eq!(c.listen_port, 7001);
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.upload_limit, Some(5));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_trackers_are_errors() {
+        assert!(toml::from_str::<FileConfig>("colour = 1").is_err());
+        let o = Overrides { trackers: vec!["ftp://x".into()], ..Default::default() };
+        assert!(Config::merge(FileConfig::default(), &o).is_err());
+    }
+}

@@ -1,0 +1,405 @@
+//! `pool-helper serve`: seeds every recorded master (re-verified first), resumes pending fetches,
+//! and answers the control socket. Several requests for the same master share one download.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::control::proto::{self, Final, MasterListEntry, MasterRequest, MasterStatus, ProgressEvent, Request};
+use crate::fetch::{error_chain, Ctx, Event, Outcome};
+use crate::manifest::Manifest;
+use crate::records;
+use crate::torrent::{Handle, Progress};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another daemon already listens on '{0}'")]
+    Running(String),
+    #[error("cannot listen on '{path}'")]
+    Listen {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Key = (String, String); // (pool, name)
+/// What a request follows: the fetch's progress and its final line.
+type Watches = (watch::Receiver<Option<Progress>>, watch::Receiver<Option<Final>>);
+
+struct Entry {
+    manifest: Manifest,
+    pool: String,
+    state: String,
+    path: Option<PathBuf>,
+    handle: Option<Handle>,
+    error: Option<String>,
+    fetches: u32,
+    /// Bytes uploaded while this host was still downloading (the download torrent is gone).
+    uploaded_base: u64,
+    progress: watch::Sender<Option<Progress>>,
+    done: watch::Sender<Option<Final>>,
+}
+
+/// The daemon's shared state.
+pub struct Daemon {
+    ctx: Arc<Ctx>,
+    masters: Mutex<HashMap<Key, Entry>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    pub fn new(ctx: Arc<Ctx>) -> Arc<Self> {
+        Arc::new(Daemon { ctx, masters: Mutex::new(HashMap::new()) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.masters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Binds the control socket (0600), refusing to steal one a live daemon answers on.
+    pub fn bind(path: &std::path::Path) -> Result<UnixListener, DaemonError> {
+        let p = path.display().to_string();
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Running(p));
+        }
+        let _ = std::fs::remove_file(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| DaemonError::Listen { path: p.clone(), source })?;
+        }
+        let l = UnixListener::bind(path).map_err(|source| DaemonError::Listen { path: p.clone(), source })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| DaemonError::Listen { path: p, source })?;
+        Ok(l)
+    }
+
+    /// Re-verifies and seeds every recorded master; resumes pending fetches.
+    pub fn start_recorded(self: &Arc<Self>) {
+        for r in records::load_all(&self.ctx.cfg) {
+            let key = (r.pool.clone(), r.manifest.name.clone());
+            if r.state == "pending" {
+                tracing::info!(name = %r.manifest.name, "resuming an interrupted fetch");
+                let _ = self.start_fetch(key, r.pool.clone(), r.manifest.clone());
+                continue;
+            }
+            let (ptx, _) = watch::channel(None);
+            let (dtx, _) = watch::channel(None);
+            self.lock().insert(
+                key.clone(),
+                Entry {
+                    manifest: r.manifest.clone(),
+                    pool: r.pool.clone(),
+                    state: "verifying".into(),
+                    path: Some(r.path.clone()),
+                    handle: None,
+                    error: None,
+                    fetches: 0,
+                    uploaded_base: 0,
+                    progress: ptx,
+                    done: dtx,
+                },
+            );
+            let me = self.clone();
+            tokio::spawn(async move {
+                let res = match me.ctx.check_present(&r.manifest, &r.path).await {
+                    Ok(Some(p)) => me.ctx.seed(&r.manifest, &p).await,
+                    Ok(None) => Err(crate::fetch::FetchError::Internal(format!("{} is gone", r.path.display()))),
+                    Err(e) => Err(e),
+                };
+                let mut g = me.lock();
+                if let Some(e) = g.get_mut(&key) {
+                    match res {
+                        Ok(h) => {
+                            e.state = "seeding".into();
+                            e.handle = Some(h);
+                        }
+                        Err(err) => {
+                            tracing::warn!("not seeding {}: {}", r.manifest.name, error_chain(&err));
+                            e.state = "failed".into();
+                            e.error = Some(error_chain(&err));
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
+    fn start_fetch(
+        self: &Arc<Self>,
+        key: Key,
+        pool: String,
+        m: Manifest,
+    ) -> Result<Watches, String> {
+        let mut g = self.lock();
+        if let Some(e) = g.get(&key) {
+            if e.manifest.sha256 != m.sha256 {
+                return Err(format!(
+                    "pool '{}' already has a master named '{}' with another SHA-256 ({})",
+                    pool, m.name, e.manifest.sha256
+                ));
+            }
+            match e.state.as_str() {
+                "seeding" => {
+                    let (_, d) = watch::channel(Some(Final::done("present", &e.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())));
+                    return Ok((e.progress.subscribe(), d));
+                }
+                "fetching" | "verifying" => return Ok((e.progress.subscribe(), e.done.subscribe())),
+                _ => {} // failed: try again
+            }
+        }
+        let fetches = g.get(&key).map(|e| e.fetches).unwrap_or(0) + 1;
+        let (ptx, prx) = watch::channel(None);
+        let (dtx, drx) = watch::channel(None);
+        g.insert(
+            key.clone(),
+            Entry { manifest: m.clone(), pool: pool.clone(), state: "fetching".into(), path: None, handle: None, error: None, fetches, uploaded_base: 0, progress: ptx.clone(), done: dtx.clone() },
+        );
+        drop(g);
+        let me = self.clone();
+        let last = ptx.subscribe();
+        tokio::spawn(async move {
+            let total = m.size;
+            let on_event = move |ev: Event| match ev {
+                Event::Progress(p) => {
+                    let _ = ptx.send(Some(p));
+                }
+                Event::Started { have_bytes, total_bytes } => {
+                    let _ = ptx.send(Some(Progress { state: "live".into(), done_bytes: have_bytes, total_bytes, ..Default::default() }));
+                }
+                Event::Verifying => {
+                    let up = ptx.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
+                    let _ = ptx.send(Some(Progress { state: "verifying".into(), done_bytes: total, total_bytes: total, uploaded_bytes: up, ..Default::default() }));
+                }
+            };
+            let res = me.ctx.fetch(&pool, &m, &on_event).await;
+            let seeded = match &res {
+                Ok((outcome, None)) => me.ctx.seed(&m, outcome.path()).await.map(Some).map_err(|e| error_chain(&e)),
+                Ok((_, Some(h))) => Ok(Some(h.clone())),
+                Err(_) => Ok(None),
+            };
+            let uploaded = last.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
+            let fin = {
+                let mut g = me.lock();
+                let mut e = g.get_mut(&key);
+                if let Some(e) = e.as_mut() {
+                    e.uploaded_base = uploaded;
+                }
+                match (res, seeded) {
+                    (Ok((outcome, _)), Ok(h)) => {
+                        let (state, path) = match &outcome {
+                            Outcome::Present(p) => ("present", p.clone()),
+                            Outcome::Fetched(p) => ("fetched", p.clone()),
+                        };
+                        if let Some(e) = e {
+                            e.state = "seeding".into();
+                            e.path = Some(path.clone());
+                            e.handle = h;
+                            e.error = None;
+                        }
+                        Final::done(state, &path.display().to_string())
+                    }
+                    (Ok((outcome, _)), Err(err)) => {
+                        // In the pool and verified, but seeding failed: still a success for the caller.
+                        if let Some(e) = e {
+                            e.state = "failed".into();
+                            e.path = Some(outcome.path().to_path_buf());
+                            e.error = Some(format!("seeding: {err}"));
+                        }
+                        let state = if matches!(outcome, Outcome::Present(_)) { "present" } else { "fetched" };
+                        Final::done(state, &outcome.path().display().to_string())
+                    }
+                    (Err(err), _) => {
+                        let msg = error_chain(&err);
+                        tracing::warn!("fetch failed: {msg}");
+                        if let Some(e) = e {
+                            e.state = "failed".into();
+                            e.error = Some(msg.clone());
+                        }
+                        Final::error(msg)
+                    }
+                }
+            };
+            let _ = dtx.send(Some(fin));
+        });
+        Ok((prx, drx))
+    }
+
+    fn status(&self) -> Vec<MasterStatus> {
+        let g = self.lock();
+        let mut v: Vec<MasterStatus> = g
+            .values()
+            .map(|e| {
+                let p = e.handle.as_ref().map(|h| h.progress()).or_else(|| e.progress.borrow().clone()).unwrap_or_default();
+                MasterStatus {
+                    name: e.manifest.name.clone(),
+                    pool: e.pool.clone(),
+                    sha256: e.manifest.sha256.clone(),
+                    state: e.state.clone(),
+                    path: e.path.as_ref().map(|p| p.display().to_string()),
+                    done_bytes: p.done_bytes,
+                    total_bytes: if p.total_bytes == 0 { e.manifest.size } else { p.total_bytes },
+                    peers: p.peers,
+                    up_bps: p.up_bps,
+                    down_bps: p.down_bps,
+                    uploaded_bytes: e.uploaded_base + p.uploaded_bytes,
+                    error: e.error.clone().or(p.error),
+                    fetches: e.fetches,
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.pool, &a.name).cmp(&(&b.pool, &b.name)));
+        v
+    }
+
+    fn manifest_of(r: &MasterRequest) -> Result<Manifest, String> {
+        match (&r.manifest, &r.manifest_path) {
+            (Some(v), None) => Manifest::from_value(v.clone()).map_err(|e| error_chain(&e)),
+            (None, Some(p)) => {
+                if !p.starts_with('/') {
+                    return Err(format!("manifest_path '{p}' is not absolute"));
+                }
+                Manifest::load(std::path::Path::new(p)).map_err(|e| error_chain(&e))
+            }
+            _ => Err("give exactly one of 'manifest' and 'manifest_path'".into()),
+        }
+    }
+
+    /// Serves connections until the process ends.
+    pub async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.handle(s).await {
+                            tracing::debug!("control connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, s: UnixStream) -> std::io::Result<()> {
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r).take(proto::MAX_REQUEST_BYTES as u64);
+        let mut line = String::new();
+        r.read_line(&mut line).await?;
+        let req: Request = match serde_json::from_str(line.trim()) {
+            Ok(q) => q,
+            Err(e) => return write_final(&mut w, &Final::error(format!("bad request: {e}"))).await,
+        };
+        match req {
+            Request::Status => {
+                let masters = serde_json::to_value(self.status()).unwrap_or_default();
+                write_final(&mut w, &Final { ok: true, masters: Some(masters), ..Default::default() }).await
+            }
+            Request::List => {
+                let l: Vec<MasterListEntry> = self
+                    .status()
+                    .into_iter()
+                    .map(|s| MasterListEntry { name: s.name, pool: s.pool, path: s.path, state: s.state })
+                    .collect();
+                let masters = serde_json::to_value(l).unwrap_or_default();
+                write_final(&mut w, &Final { ok: true, masters: Some(masters), ..Default::default() }).await
+            }
+            Request::Seed(mr) => {
+                let m = match Self::manifest_of(&mr) {
+                    Ok(m) => m,
+                    Err(e) => return write_final(&mut w, &Final::error(e)).await,
+                };
+                let key = (mr.pool.clone(), m.name.clone());
+                let rec = records::load_all(&self.ctx.cfg).into_iter().find(|r| r.pool == mr.pool && r.manifest.name == m.name && r.manifest.sha256 == m.sha256);
+                let Some(rec) = rec else {
+                    return write_final(&mut w, &Final::error(format!("no published master '{}' in pool '{}' on this host", m.name, mr.pool))).await;
+                };
+                let res = match self.ctx.check_present(&m, &rec.path).await {
+                    Ok(Some(p)) => self.ctx.seed(&m, &p).await.map(|h| (h, p)),
+                    Ok(None) => Err(crate::fetch::FetchError::Internal(format!("{} is gone", rec.path.display()))),
+                    Err(e) => Err(e),
+                };
+                match res {
+                    Ok((h, p)) => {
+                        let (ptx, _) = watch::channel(None);
+                        let (dtx, _) = watch::channel(None);
+                        self.lock().insert(
+                            key,
+                            Entry { manifest: m, pool: mr.pool, state: "seeding".into(), path: Some(p.clone()), handle: Some(h), error: None, fetches: 0, uploaded_base: 0, progress: ptx, done: dtx },
+                        );
+                        write_final(&mut w, &Final::done("seeding", &p.display().to_string())).await
+                    }
+                    Err(e) => write_final(&mut w, &Final::error(error_chain(&e))).await,
+                }
+            }
+            Request::Ensure(mr) => self.ensure(w, mr, false).await,
+            Request::Fetch(mr) => self.ensure(w, mr, true).await,
+        }
+    }
+
+    async fn ensure(self: Arc<Self>, mut w: tokio::net::unix::OwnedWriteHalf, mr: MasterRequest, always: bool) -> std::io::Result<()> {
+        {
+            {
+                let m = match Self::manifest_of(&mr) {
+                    Ok(m) => m,
+                    Err(e) => return write_final(&mut w, &Final::error(e)).await,
+                };
+                let key = (mr.pool.clone(), m.name.clone());
+                let (mut prx, mut drx) = match self.start_fetch(key, mr.pool.clone(), m.clone()) {
+                    Ok(x) => x,
+                    Err(e) => return write_final(&mut w, &Final::error(e)).await,
+                };
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut sent_any = false;
+                loop {
+                    let fin = drx.borrow_and_update().clone();
+                    if let Some(f) = fin {
+                        if always && !sent_any {
+                            let ev = ProgressEvent { event: "progress".into(), done_bytes: m.size, total_bytes: m.size, peers: 0, down_bps: 0 };
+                            write_line(&mut w, &ev).await?;
+                        }
+                        return write_final(&mut w, &f).await;
+                    }
+                    tokio::select! {
+                        _ = drx.changed() => {}
+                        _ = tick.tick() => {
+                            let p = prx.borrow_and_update().clone();
+                            if let Some(p) = p {
+                                let ev = ProgressEvent { event: "progress".into(), done_bytes: p.done_bytes, total_bytes: p.total_bytes, peers: p.peers, down_bps: p.down_bps };
+                                // A client that went away does not stop the download.
+                                write_line(&mut w, &ev).await?;
+                                sent_any = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn write_line<T: serde::Serialize>(w: &mut tokio::net::unix::OwnedWriteHalf, v: &T) -> std::io::Result<()> {
+    let mut s = serde_json::to_string(v).unwrap_or_default();
+    s.push('\n');
+    w.write_all(s.as_bytes()).await
+}
+
+async fn write_final(w: &mut tokio::net::unix::OwnedWriteHalf, f: &Final) -> std::io::Result<()> {
+    write_line(w, f).await?;
+    w.shutdown().await
+}

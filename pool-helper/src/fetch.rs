@@ -1,0 +1,286 @@
+//! Getting a master into a pool: the pipeline shared by the daemon and in-process `fetch`.
+//!
+//! manifest → pool directory (libvirt) → already there and verified? → staging file (0700 dir,
+//! preallocated) → validated metainfo → download (librqbit, peers from config + manifest hints)
+//! → SHA-256 + own header checks + qemu-img → fsync, 0444, renameat2(NOREPLACE), fsync dir →
+//! pool refresh (libvirt) → record → seed read-only.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::manifest::{parse_peer, Manifest};
+use crate::metainfo::{self, MetainfoError};
+use crate::records::{self, Record};
+use crate::staging::{self, StagingError};
+use crate::torrent::{Handle, Progress, TorrentError, Torrents};
+use crate::verify::{self, ImageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+    #[error("pool '{0}' has no target directory (only directory-based pools are supported)")]
+    NoPoolDir(String),
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+    #[error(transparent)]
+    Torrent(#[from] TorrentError),
+    #[error("metainfo for '{name}' refused: {source}")]
+    Metainfo {
+        name: String,
+        #[source]
+        source: MetainfoError,
+    },
+    #[error("'{name}' failed verification: {source} (nothing was put in the pool)")]
+    Image {
+        name: String,
+        #[source]
+        source: ImageError,
+    },
+    #[error("'{path}' is already in the pool but differs from the manifest: {source}")]
+    Conflict {
+        path: String,
+        #[source]
+        source: ImageError,
+    },
+    #[error("download of '{name}' failed: {msg}")]
+    Download { name: String, msg: String },
+    #[error("disk full while downloading '{name}' (staging file removed, nothing in the pool): {msg}")]
+    DiskFull { name: String, msg: String },
+    #[error("download of '{name}' stalled: no progress for {secs} s ({peers} peers connected)")]
+    Stalled { name: String, secs: u64, peers: u32 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What a process needs to fetch and seed.
+#[derive(Debug)]
+pub struct Ctx {
+    pub cfg: Config,
+    pub torrents: Torrents,
+}
+
+/// How a fetch ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Already in the pool and verified.
+    Present(PathBuf),
+    /// Downloaded, verified and published.
+    Fetched(PathBuf),
+}
+
+impl Outcome {
+    pub fn path(&self) -> &Path {
+        match self {
+            Outcome::Present(p) | Outcome::Fetched(p) => p,
+        }
+    }
+}
+
+/// Events during a fetch.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The download is running; `have_bytes` were already in staging (resumed).
+    Started { have_bytes: u64, total_bytes: u64 },
+    Progress(Progress),
+    Verifying,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, FetchError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| FetchError::Internal(e.to_string()))
+}
+
+pub fn libvirt(cfg: &Config) -> Result<virt_clone_cow::libvirt::Libvirt, FetchError> {
+    virt_clone_cow::libvirt::Libvirt::open(Some(cfg.libvirt_uri.as_deref().unwrap_or("qemu:///system")))
+        .map_err(|e| FetchError::Libvirt(error_chain(&e)))
+}
+
+/// "a: b: c" from an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s.replace('\n', "; ")
+}
+
+pub fn pool_dir(cfg: &Config, pool: &str) -> Result<PathBuf, FetchError> {
+    let lv = libvirt(cfg)?;
+    lv.pool_dir(pool)
+        .map_err(|e| FetchError::Libvirt(error_chain(&e)))?
+        .map(PathBuf::from)
+        .ok_or_else(|| FetchError::NoPoolDir(pool.into()))
+}
+
+pub fn refresh_pool(cfg: &Config, pool: &str) -> Result<(), FetchError> {
+    libvirt(cfg)?.refresh_pool(pool).map_err(|e| FetchError::Libvirt(error_chain(&e)))
+}
+
+pub fn expect<'a>(cfg: &Config, m: &'a Manifest, qemu_img: bool) -> verify::Expect<'a> {
+    verify::Expect {
+        format: &m.format,
+        size: m.size,
+        virtual_size: m.virtual_size,
+        sha256: &m.sha256,
+        max_virtual_size: cfg.max_virtual_size,
+        qemu_img: qemu_img && cfg.qemu_img_check,
+    }
+}
+
+impl Ctx {
+    /// Peers to try: config list plus manifest hints, minus ourselves.
+    pub fn peers_for(&self, m: &Manifest) -> Vec<SocketAddr> {
+        let own = self.torrents.listen_addr().map(|a| a.port()).unwrap_or(self.cfg.listen_port);
+        let mut out = Vec::new();
+        let mut hints = self.cfg.peers.clone();
+        hints.extend(m.peer_hints());
+        for h in hints {
+            let Ok(addrs) = parse_peer(&h) else { continue };
+            for a in addrs {
+                let me = a.port() == own
+                    && (a.ip().is_loopback()
+                        || a.ip().is_unspecified()
+                        || self.cfg.advertise.as_deref().is_some_and(|adv| h.starts_with(adv)));
+                if !me && !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn trackers_for(&self, m: &Manifest) -> Vec<String> {
+        let mut t = self.cfg.trackers.clone();
+        t.extend(m.trackers.iter().filter(|x| !self.cfg.trackers.contains(x)).cloned());
+        t
+    }
+
+    /// The validated metainfo: from the manifest, or from peers via the magnet.
+    pub async fn metainfo(&self, m: &Manifest) -> Result<Vec<u8>, FetchError> {
+        let bytes = match m.torrent_bytes() {
+            Some(b) => b,
+            None => self.torrents.resolve_magnet(&m.magnet, &m.info_hash, self.peers_for(m), &self.trackers_for(m)).await?,
+        };
+        let err = |source| FetchError::Metainfo { name: m.name.clone(), source };
+        let mi = metainfo::validate(&bytes, Some(m.size)).map_err(err)?;
+        if mi.info_hash != m.info_hash {
+            return Err(err(MetainfoError::InfoHash { got: mi.info_hash, want: m.info_hash.clone() }));
+        }
+        if mi.piece_length != m.piece_length {
+            return Err(err(MetainfoError::PieceLength(mi.piece_length)));
+        }
+        Ok(bytes)
+    }
+
+    /// Checks the master already in the pool (if any). Ok(None): not there.
+    pub async fn check_present(&self, m: &Manifest, dest: &Path) -> Result<Option<PathBuf>, FetchError> {
+        match std::fs::symlink_metadata(dest) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(FetchError::Internal(format!("cannot stat {}: {e}", dest.display()))),
+            Ok(_) => {
+                let (cfg, m2, d) = (self.cfg.clone(), m.clone(), dest.to_path_buf());
+                blocking(move || verify::verify_image(&d, &expect(&cfg, &m2, true)))
+                    .await?
+                    .map_err(|source| FetchError::Conflict { path: dest.display().to_string(), source })?;
+                Ok(Some(dest.to_path_buf()))
+            }
+        }
+    }
+
+    /// Seeds a verified master in the pool (read-only).
+    pub async fn seed(&self, m: &Manifest, path: &Path) -> Result<Handle, FetchError> {
+        let torrent = self.metainfo(m).await?;
+        Ok(self.torrents.seed(&torrent, path, self.peers_for(m), &self.trackers_for(m)).await?)
+    }
+
+    /// The whole pipeline. `on_event` is called about once a second while downloading.
+    pub async fn fetch(&self, pool: &str, m: &Manifest, on_event: &(dyn Fn(Event) + Send + Sync)) -> Result<(Outcome, Option<Handle>), FetchError> {
+        m.validate().map_err(|e| FetchError::Internal(error_chain(&e)))?;
+        let cfg = self.cfg.clone();
+        let p = pool.to_string();
+        let pool_dir = blocking(move || pool_dir(&cfg, &p)).await??;
+        let dest = pool_dir.join(&m.name);
+        if let Some(path) = self.check_present(m, &dest).await? {
+            return Ok((Outcome::Present(path), None));
+        }
+        let torrent = self.metainfo(m).await?;
+        // Keep the validated metainfo with the record, so seeding later needs no peer for it.
+        let m = &Manifest { torrent_hex: Some(hex::encode(&torrent)), ..m.clone() };
+        let sdir = staging::staging_dir(&pool_dir, &self.cfg.state_dir, pool)?;
+        let (sd, name, size) = (sdir.clone(), m.name.clone(), m.size);
+        let staged = blocking(move || staging::prepare_file(&sd, &name, size)).await??;
+        records::save(&self.cfg, &Record { pool: pool.into(), manifest: m.clone(), path: dest.clone(), state: "pending".into() })?;
+
+        let h = self.torrents.download(&torrent, &staged, self.peers_for(m), &self.trackers_for(m)).await?;
+        let r = self.wait(m, &h, on_event).await;
+        self.torrents.remove(&h).await;
+        if let Err(e) = r {
+            if matches!(e, FetchError::DiskFull { .. }) {
+                let _ = std::fs::remove_file(&staged);
+                records::remove(&self.cfg, pool, &m.name);
+            }
+            return Err(e);
+        }
+        on_event(Event::Verifying);
+        let (cfg, m2, st) = (self.cfg.clone(), m.clone(), staged.clone());
+        if let Err(source) = blocking(move || verify::verify_image(&st, &expect(&cfg, &m2, true))).await? {
+            let _ = std::fs::remove_file(&staged);
+            records::remove(&self.cfg, pool, &m.name);
+            return Err(FetchError::Image { name: m.name.clone(), source });
+        }
+        let (st, pd, name) = (staged.clone(), pool_dir.clone(), m.name.clone());
+        let path = blocking(move || staging::publish(&st, &pd, &name)).await??;
+        let (cfg, p) = (self.cfg.clone(), pool.to_string());
+        blocking(move || refresh_pool(&cfg, &p)).await??;
+        records::save(&self.cfg, &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "fetched".into() })?;
+        let h = self.torrents.seed(&torrent, &path, self.peers_for(m), &self.trackers_for(m)).await?;
+        Ok((Outcome::Fetched(path), Some(h)))
+    }
+
+    async fn wait(&self, m: &Manifest, h: &Handle, on_event: &(dyn Fn(Event) + Send + Sync)) -> Result<(), FetchError> {
+        let name = m.name.clone();
+        let stall = Duration::from_secs(self.cfg.stall_timeout);
+        let mut last_done = 0u64;
+        let mut last_change = Instant::now();
+        let mut started = false;
+        loop {
+            let p = h.progress();
+            if p.state == "error" {
+                let msg = p.error.unwrap_or_else(|| "unknown error".into()).replace('\n', "; ");
+                if msg.contains("No space left") || msg.contains("os error 28") {
+                    return Err(FetchError::DiskFull { name, msg });
+                }
+                return Err(FetchError::Download { name, msg });
+            }
+            if p.state == "live" && !started {
+                started = true;
+                on_event(Event::Started { have_bytes: p.done_bytes, total_bytes: p.total_bytes });
+            }
+            if p.state == "live" {
+                on_event(Event::Progress(p.clone()));
+            }
+            if p.finished && p.state == "live" {
+                return Ok(());
+            }
+            if p.done_bytes != last_done || p.state == "initializing" {
+                last_done = p.done_bytes;
+                last_change = Instant::now();
+            } else if last_change.elapsed() > stall {
+                return Err(FetchError::Stalled { name, secs: stall.as_secs(), peers: p.peers });
+            }
+            tokio::time::sleep(Duration::from_millis(if started { 1000 } else { 200 })).await;
+        }
+    }
+}
+
+/// Shared context.
+pub type SharedCtx = Arc<Ctx>;

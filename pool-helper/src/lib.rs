@@ -1,0 +1,20 @@
+//! pool-helper: publishes libvirt master volumes as torrents, fetches missing masters into
+//! storage pools from every host that has them (BitTorrent, librqbit), verifies them as untrusted
+//! input, and seeds them on.
+//!
+//! Modules, one concern each: [`config`], [`manifest`], [`metainfo`] (bencode read/validate/write),
+//! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`torrent`]
+//! (the only user of librqbit), [`fetch`] (the pipeline), [`publish`], [`records`], [`daemon`]
+//! and [`control`] (the socket protocol), [`cli`].
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod fetch;
+pub mod manifest;
+pub mod metainfo;
+pub mod publish;
+pub mod records;
+pub mod staging;
+pub mod torrent;
+pub mod verify;

@@ -1,0 +1,109 @@
+//! Publishing a pool volume as a master: read-only, hashed, .torrent + manifest written.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::fetch::{error_chain, libvirt};
+use crate::manifest::{self, Manifest};
+use crate::metainfo;
+use crate::records::{self, Record};
+use crate::staging;
+use crate::verify;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+    #[error("volume '{volume}' not found in pool '{pool}' (see `virsh vol-list {pool}`)")]
+    NoVolume { pool: String, volume: String },
+    #[error("volume '{0}' cannot be a master: {1}")]
+    BadVolume(String, String),
+    #[error("cannot hash '{path}'")]
+    Hash {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Staging(#[from] staging::StagingError),
+}
+
+/// What `publish` made.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    pub torrent_path: PathBuf,
+    pub path: PathBuf,
+}
+
+/// Our address for manifests: `advertise` from the config, else the host name.
+pub fn advertised_peer(cfg: &Config) -> String {
+    let host = cfg.advertise.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    });
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", cfg.listen_port)
+    } else {
+        format!("{host}:{}", cfg.listen_port)
+    }
+}
+
+pub fn publish(cfg: &Config, pool: &str, volume: &str) -> Result<Published, PublishError> {
+    manifest::validate_name(volume).map_err(|e| PublishError::BadVolume(volume.into(), e))?;
+    let lv = libvirt(cfg).map_err(|e| PublishError::Libvirt(error_chain(&e)))?;
+    let vol = lv
+        .volume(pool, volume)
+        .map_err(|e| PublishError::Libvirt(error_chain(&e)))?
+        .ok_or_else(|| PublishError::NoVolume { pool: pool.into(), volume: volume.into() })?;
+    let path = PathBuf::from(&vol.facts.path);
+    if vol.facts.backing.is_some() {
+        return Err(PublishError::BadVolume(volume.into(), "it has a backing file".into()));
+    }
+    let format = vol.facts.format.clone().unwrap_or_else(|| "raw".into());
+    if format != "qcow2" && format != "raw" {
+        return Err(PublishError::BadVolume(volume.into(), format!("format '{format}' (qcow2 or raw only)")));
+    }
+    let meta = std::fs::symlink_metadata(&path).map_err(|source| PublishError::Hash { path: path.display().to_string(), source })?;
+    if !meta.file_type().is_file() {
+        return Err(PublishError::BadVolume(volume.into(), "not a regular file".into()));
+    }
+    // Immutable from now on: overlays will reference this path.
+    staging::make_read_only(&path)?;
+    let size = meta.len();
+    let virtual_size = verify::local_virtual_size(&path, &format, size).map_err(|e| PublishError::BadVolume(volume.into(), e.to_string()))?;
+    let pl = metainfo::choose_piece_length(size);
+    let hashed = metainfo::create(&path, volume, pl, &cfg.trackers).map_err(|source| PublishError::Hash { path: path.display().to_string(), source })?;
+    if hashed.size != size {
+        return Err(PublishError::BadVolume(volume.into(), "it changed while being hashed".into()));
+    }
+    let mut peers = vec![advertised_peer(cfg)];
+    peers.extend(cfg.peers.iter().filter(|p| !peers.contains(p)).cloned().collect::<Vec<_>>());
+    let m = Manifest {
+        version: manifest::MANIFEST_VERSION,
+        name: volume.into(),
+        format,
+        size,
+        virtual_size,
+        sha256: hashed.sha256.clone(),
+        info_hash: hashed.info_hash.clone(),
+        piece_length: pl,
+        magnet: manifest::magnet(&hashed.info_hash, volume, &cfg.trackers, &peers),
+        peers,
+        trackers: cfg.trackers.clone(),
+        torrent_hex: Some(hex::encode(&hashed.torrent)),
+    };
+    let dir = cfg.published_dir();
+    let torrent_path = dir.join(format!("{volume}.torrent"));
+    let manifest_path = dir.join(format!("{volume}.json"));
+    staging::write_atomic(&torrent_path, &hashed.torrent)?;
+    let mut json = serde_json::to_vec_pretty(&m).unwrap_or_default();
+    json.push(b'\n');
+    staging::write_atomic(&manifest_path, &json)?;
+    records::save(cfg, &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "published".into() })?;
+    Ok(Published { manifest: m, manifest_path: abs(&manifest_path), torrent_path: abs(&torrent_path), path })
+}
+
+fn abs(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}

@@ -1,0 +1,149 @@
+//! The daemon and its control socket, driven like the libvirt hook drives it.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+
+use support::*;
+
+#[test]
+fn two_concurrent_ensures_share_one_download_and_a_third_finds_it_present() {
+    let pa = Pool::new("a");
+    let size = 16 << 20;
+    let src = pa.raw_master("shared.raw", size);
+    let mut a = Instance::new(&["--upload-limit", "6000000"]);
+    a.serve();
+    let man = a.publish(&pa, "shared.raw");
+    a.wait_seeding("shared.raw");
+    let pb = Pool::new("b");
+    let mut b = Instance::new(&[]);
+    b.serve();
+    // Inline manifest, as the hook sends it.
+    let req = serde_json::json!({"op": "ensure", "pool": pb.name, "manifest": manifest(&man)});
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (s, r) = (b.socket(), req.clone());
+            std::thread::spawn(move || request(&s, &r))
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let dest = pb.path("shared.raw");
+    for (events, fin) in &results {
+        assert_eq!(fin["ok"], true, "{fin}\n{}", b.daemon_log());
+        assert_eq!(fin["state"], "fetched");
+        assert_eq!(fin["path"], dest.to_str().unwrap());
+        assert!(events.iter().all(|e| e["event"] == "progress" && e["total_bytes"] == size as u64), "{events:?}");
+    }
+    assert!(same_file(&src, &dest));
+    let st = b.master_status("shared.raw");
+    assert_eq!(st["fetches"], 1, "one download for two requests: {st}");
+    assert_eq!(st["state"], "seeding");
+    let modes = open_modes(b.daemon.as_ref().unwrap().id(), &dest);
+    assert!(!modes.is_empty() && modes.iter().all(|&m| m == 0), "a fetched master is seeded read-only: {modes:?}");
+    let up = a.master_status("shared.raw")["uploaded_bytes"].as_u64().unwrap();
+    assert!(up < size as u64 * 3 / 2, "the origin sent one copy, not two ({up})");
+
+    let (_, fin) = b.request(&req);
+    assert_eq!(fin["state"], "present", "{fin}");
+    // `pool-helper fetch` goes through the running daemon.
+    let out = b.run_ok(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()]);
+    assert!(out.lines().last().unwrap().contains("\"state\":\"present\""), "{out}");
+    // status and list from the CLI.
+    let out = b.run_ok(&["status"]);
+    assert!(out.contains("seeding") && out.contains("shared.raw"), "{out}");
+    let out = b.run_ok(&["--json", "list"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["masters"][0]["name"], "shared.raw");
+}
+
+#[test]
+fn malformed_requests_manifests_and_torrents_are_refused_and_the_daemon_keeps_serving() {
+    let pb = Pool::new("b");
+    let mut b = Instance::new(&[]);
+    b.serve();
+    let good = serde_json::json!({
+        "version": 1, "name": "x.raw", "format": "raw", "size": 65536, "virtual_size": 65536,
+        "sha256": "a".repeat(64), "info_hash": "b".repeat(40), "piece_length": 16384,
+        "magnet": "magnet:?xt=urn:btih:bbbb", "peers": [], "trackers": []
+    });
+    let mut evil_name = good.clone();
+    evil_name["name"] = "../../etc/passwd".into();
+    // piece length 0 (librqbit's parser would panic on it).
+    let bomb = format!("d4:infod6:lengthi65536e4:name5:x.raw12:piece lengthi0e6:pieces{}:{}ee", 80, "a".repeat(80));
+    let mut bad_torrent = good.clone();
+    bad_torrent["torrent_hex"] = hex(bomb.as_bytes()).into();
+    let mut deep = good.clone();
+    deep["torrent_hex"] = hex(format!("d4:info{}{}e", "l".repeat(5000), "e".repeat(5000)).as_bytes()).into();
+
+    let cases = [
+        (serde_json::json!({"op": "ensure", "pool": pb.name, "manifest": evil_name}), "name"),
+        (serde_json::json!({"op": "ensure", "pool": pb.name, "manifest": bad_torrent}), "piece length"),
+        (serde_json::json!({"op": "ensure", "pool": pb.name, "manifest": deep}), "nested"),
+        (serde_json::json!({"op": "ensure", "pool": pb.name, "manifest_path": "relative.json"}), "absolute"),
+        (serde_json::json!({"op": "ensure", "pool": pb.name, "manifest_path": "/nonexistent/m.json"}), "cannot read"),
+        (serde_json::json!({"op": "ensure", "pool": "no-such-pool-xyz", "manifest": good}), "no-such-pool-xyz"),
+        (serde_json::json!({"op": "explode"}), "bad request"),
+    ];
+    for (req, word) in cases {
+        let (_, fin) = b.request(&req);
+        assert_eq!(fin["ok"], false, "{req}: {fin}");
+        let e = fin["error"].as_str().unwrap();
+        assert!(e.contains(word) && !e.contains('\n'), "{req}: {e}");
+    }
+    // Not even JSON.
+    let mut s = UnixStream::connect(b.socket()).unwrap();
+    s.write_all(b"}{ not json\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":false"), "{line}");
+    // Still serving; the one well-formed request that failed shows up as failed, with why.
+    let st = b.status();
+    assert_eq!(st.len(), 1, "{st:?}");
+    assert_eq!(st[0]["state"], "failed");
+    assert!(st[0]["error"].as_str().unwrap().contains("no-such-pool-xyz"), "{st:?}");
+    assert!(b.daemon.as_mut().unwrap().try_wait().unwrap().is_none(), "daemon still running");
+    // The control socket is private.
+    assert_eq!(mode(&b.socket()), 0o600);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn a_restarted_daemon_resumes_an_interrupted_fetch_by_itself() {
+    let pa = Pool::new("a");
+    let size = 12 << 20;
+    let src = pa.raw_master("again.raw", size);
+    let mut a = Instance::new(&[]);
+    a.serve();
+    let man = a.publish(&pa, "again.raw");
+    a.wait_seeding("again.raw");
+    let pb = Pool::new("b");
+    let mut b = Instance::new(&["--download-limit", "2000000"]);
+    b.serve();
+    let req = serde_json::json!({"op": "ensure", "pool": pb.name, "manifest_path": man.to_str().unwrap()});
+    // The client goes away after a few events; the download goes on.
+    let mut s = UnixStream::connect(b.socket()).unwrap();
+    writeln!(s, "{req}").unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    for _ in 0..3 {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"progress\""), "{line}");
+    }
+    drop(r);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let done = b.master_status("again.raw")["done_bytes"].as_u64().unwrap();
+    assert!(done > 0 && done < size as u64, "still fetching after the client left ({done})");
+    b.kill_daemon();
+    assert_eq!(std::fs::read_dir(&pb.dir).unwrap().count(), 0, "nothing partial in the pool");
+    b.extra.clear();
+    b.serve();
+    b.wait_seeding("again.raw");
+    assert!(same_file(&src, &pb.path("again.raw")));
+    assert!(pb.volumes().contains(&"again.raw".to_string()), "pool refreshed by the daemon");
+}
