@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 const URI: &str = "qemu:///system";
 const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.conf";
+/// The installed hook asks the pool-helper daemon the tests start here (state dir of that daemon).
+const HOOK_DAEMON_STATE: &str = "/run/vcc-tests-hookd";
+/// How long the hook waits for a missing master in these tests.
+const FETCH_TIMEOUT_S: u64 = 10;
 /// No daemon listens here: fetches fail at once with a reason.
 const NO_DAEMON_SOCKET: &str = "/run/vcc-tests-no-daemon.sock";
 
@@ -54,8 +58,11 @@ fn install_hook() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         std::fs::create_dir_all("/etc/virt-clone-cow").expect("config dir");
-        std::fs::write(HOOK_CONF, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 8\nconnect_timeout = 1\n"))
-            .expect("hook config");
+        std::fs::write(
+            HOOK_CONF,
+            format!("control_socket = {HOOK_DAEMON_STATE}/control.sock\nfetch_timeout = {FETCH_TIMEOUT_S}\nconnect_timeout = 1\nprogress_interval = 2\n"),
+        )
+        .expect("hook config");
         let hook = bin("virt-clone-cow-hook");
         let script = repo().join("packaging/hook-install");
         let o = run(script.to_str().expect("utf-8 path"), &["install", hook.to_str().expect("utf-8 path")]);
@@ -194,7 +201,7 @@ fn a_template_refuses_to_start_with_a_clear_message() {
 }
 
 #[test]
-fn a_missing_master_without_a_daemon_fails_the_start_within_the_bound_and_names_the_master() {
+fn a_missing_master_without_a_daemon_fails_within_the_bound_and_names_the_master() {
     let env = Env::new("nodaemon");
     let master = env.path("absent.qcow2");
     let overlay = env.path("vm.qcow2");
@@ -204,17 +211,17 @@ fn a_missing_master_without_a_daemon_fails_the_start_within_the_bound_and_names_
          <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='qcow2' sha256='{}'/></vcc:disk></vcc:clone></vcc:cow>",
         "ab".repeat(32)
     );
-    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "qcow2"), &md));
+    let conf = env.path("hook.conf");
+    std::fs::write(&conf, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 5\nconnect_timeout = 1\n")).expect("conf");
     let t0 = Instant::now();
-    let o = virsh(&["start", &name]);
+    let o = hook_direct_with(&name, "prepare", "begin", &domain_xml(&name, &backed_disk(&overlay, &master, "qcow2"), &md), Some(&conf));
     let took = t0.elapsed();
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&master), "the error names the master: {err}");
     assert!(err.contains("pool-helper serve"), "the error gives the reason and what to do: {err}");
-    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
     assert!(!Path::new(&overlay).exists(), "no overlay is made without its master");
-    assert_eq!(domstate(&name), "shut off");
 }
 
 #[test]
@@ -275,8 +282,16 @@ fn an_unmanaged_domain_is_left_alone() {
 
 /// Runs the hook binary the way libvirt does, for the filter operations whose stdout libvirt parses.
 fn hook_direct(domain: &str, op: &str, sub: &str, xml: &str) -> Output {
+    hook_direct_with(domain, op, sub, xml, None)
+}
+
+fn hook_direct_with(domain: &str, op: &str, sub: &str, xml: &str, conf: Option<&str>) -> Output {
     use std::io::Write;
-    let mut child = Command::new(bin("virt-clone-cow-hook"))
+    let mut cmd = Command::new(bin("virt-clone-cow-hook"));
+    if let Some(c) = conf {
+        cmd.env("VIRT_CLONE_COW_HOOK_CONF", c);
+    }
+    let mut child = cmd
         .args([domain, op, sub, "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -385,4 +400,169 @@ fn the_daemon_scan_finds_missing_masters_and_overlays_their_pool_does_not_list()
     assert_eq!(m.master.sha256.as_deref(), Some("cd".repeat(32).as_str()));
     assert!(scan.missing.iter().all(|m| m.master.path != master), "a present master is not missing");
     assert!(scan.pools_to_refresh.contains(&pool), "{:?}", scan.pools_to_refresh);
+}
+
+/// A pool-helper instance: its own state dir, port and control socket, on 127.0.0.1.
+struct PoolHelper {
+    state: PathBuf,
+    port: u16,
+    daemon: Option<std::process::Child>,
+}
+
+impl PoolHelper {
+    fn new(state: &Path) -> PoolHelper {
+        let _ = std::fs::remove_dir_all(state);
+        std::fs::create_dir_all(state).expect("state dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        PoolHelper { state: state.to_path_buf(), port, daemon: None }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("pool-helper"));
+        c.arg("--state-dir").arg(&self.state);
+        c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd"]);
+        c.args(args).stdin(Stdio::null());
+        c
+    }
+
+    fn serve(&mut self) {
+        let log = std::fs::File::create(self.state.join("daemon.log")).expect("log");
+        self.daemon = Some(self.cmd(&["serve"]).stdout(Stdio::null()).stderr(log).spawn().expect("pool-helper serve"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(self.state.join("control.sock")).is_err() {
+            assert!(Instant::now() < deadline, "pool-helper did not start: {}", std::fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn publish(&self, pool: &str, volume: &str) -> String {
+        let o = self.cmd(&["publish", "--pool", pool, volume]).output().expect("publish");
+        assert!(o.status.success(), "publish: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+}
+
+impl Drop for PoolHelper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Tests that use the daemon the installed hook talks to take turns.
+static HOOK_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn dir_pool(env: &Env, tag: &str) -> (String, PathBuf) {
+    let name = env.name(tag);
+    let dir = env.dir.join(tag);
+    std::fs::create_dir_all(&dir).expect("pool dir");
+    virsh_ok(&["pool-define-as", &name, "dir", "--target", dir.to_str().expect("utf-8")]);
+    virsh_ok(&["pool-start", &name]);
+    (name, dir)
+}
+
+fn drop_pool(name: &str) {
+    let _ = virsh(&["pool-destroy", name]);
+    let _ = virsh(&["pool-undefine", name]);
+}
+
+/// A domain on "this host" whose master is published by another pool-helper instance: its
+/// metadata names the manifest and the pool the master belongs in.
+fn fetching_domain_xml(name: &str, overlay: &str, master: &str, pool: &str, manifest: &str) -> String {
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{pool}' manifest='{manifest}'/>\
+         </vcc:disk></vcc:clone></vcc:cow>"
+    );
+    domain_xml(name, &backed_disk(overlay, master, "raw"), &md)
+}
+
+fn write_random(path: &Path, len: usize) {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    std::fs::write(path, v).expect("write master");
+}
+
+fn sha256(path: &str) -> String {
+    let o = run("sha256sum", &[path]);
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("fetch");
+    // The other host: publishes and seeds the master.
+    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
+    write_random(&seed_dir.join("base.raw"), 24 << 20);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_pool, "base.raw");
+    let published: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    // This host: a daemon (the one the installed hook asks) and a pool without the master.
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.serve();
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("base.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&fetching_domain_xml(&name, &overlay, &master, &pool, &manifest));
+    assert!(!Path::new(&master).exists());
+
+    let o = virsh(&["start", &name]);
+    drop(local);
+    drop(seeder);
+    drop_pool(&pool);
+    drop_pool(&seed_pool);
+    assert!(o.status.success(), "virsh start: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(sha256(&master), published["sha256"].as_str().expect("sha256"), "the master matches the manifest");
+    let info = image_json(&overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+}
+
+#[test]
+fn with_no_peer_holding_the_master_the_start_fails_within_the_bound_naming_it() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("nopeer");
+    // Published on another host whose daemon is not running: nobody seeds it.
+    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
+    write_random(&seed_dir.join("lonely.raw"), 4 << 20);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    let manifest = seeder.publish(&seed_pool, "lonely.raw");
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.serve();
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("lonely.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&fetching_domain_xml(&name, &overlay, &master, &pool, &manifest));
+
+    let t0 = Instant::now();
+    let o = virsh(&["start", &name]);
+    let took = t0.elapsed();
+    drop(local);
+    drop_pool(&pool);
+    drop_pool(&seed_pool);
+    assert!(!o.status.success(), "the start must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&master), "names the master: {err}");
+    assert!(err.contains("still not here after"), "says why: {err}");
+    assert!(err.contains("later start will succeed"), "says what happens next: {err}");
+    assert!(took >= Duration::from_secs(FETCH_TIMEOUT_S - 1) && took < Duration::from_secs(FETCH_TIMEOUT_S + 15), "took {took:?}");
+    assert!(!Path::new(&overlay).exists());
+    assert!(!Path::new(&master).exists(), "nothing partial in the pool");
+    assert_eq!(domstate(&name), "shut off");
 }

@@ -33,10 +33,14 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The settings from [`DEFAULT_PATH`]; defaults when it is missing. Unknown keys and bad values
-    /// are ignored with a note on stderr (a hook must not fail every start over a typo).
+    /// The settings from [`DEFAULT_PATH`] (or the file named by `VIRT_CLONE_COW_HOOK_CONF`, for
+    /// running the hook by hand); defaults when it is missing. Unknown keys and bad values are
+    /// ignored with a note on stderr (a hook must not fail every start over a typo).
     pub fn load_default() -> Self {
-        Self::load(Path::new(DEFAULT_PATH))
+        match std::env::var_os("VIRT_CLONE_COW_HOOK_CONF") {
+            Some(p) => Self::load(Path::new(&p)),
+            None => Self::load(Path::new(DEFAULT_PATH)),
+        }
     }
 
     pub fn load(path: &Path) -> Self {
