@@ -242,7 +242,13 @@ fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> 
             }
             OverlayLocation::Volume { pool, name, .. } => {
                 let xml = overlay_volume_xml(name, &backing, opts);
-                tx.lv.create_volume(pool, &xml, name).map_err(|source| ApplyError::OverlayVolume {
+                let mut made = tx.lv.create_volume(pool, &xml, name);
+                if opts.extended_l2 && made.as_ref().is_err_and(|e| crate::error::one_line(e).contains("extended_l2")) {
+                    // QEMU older than 5.2 (or libvirt older than 8.0): the plain layout.
+                    let plain = overlay_volume_xml(name, &backing, OverlayOptions { extended_l2: false });
+                    made = tx.lv.create_volume(pool, &plain, name);
+                }
+                made.map_err(|source| ApplyError::OverlayVolume {
                     clone: c.name.clone(),
                     target: o.target.clone(),
                     source,

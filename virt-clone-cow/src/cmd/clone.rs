@@ -123,7 +123,7 @@ pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, Clo
     let outcomes = if req.dry_run {
         Vec::new()
     } else {
-        apply(lv, &plan, ApplyOptions { start: req.start, overlay: OverlayOptions::detect() })?
+        apply(lv, &plan, ApplyOptions { start: req.start, overlay: OverlayOptions::preferred() })?
     };
     Ok(report(&plan, &outcomes, req.dry_run, t0))
 }
