@@ -1,6 +1,7 @@
 """The ways a master reaches every host: BitTorrent (pool-helper), one central HTTP server (nginx),
 multicast (uftp). Each returns, per receiving host, the seconds until it held a verified copy."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -155,7 +156,7 @@ class PoolHelpers:
 
     def args(self, h):
         return [self.bin, "--state-dir", self.state(h), "--listen-port", str(self.PORT), "--advertise", h.ip,
-                "--no-lsd", *self.extra]
+                *self.extra]
 
     def __enter__(self):
         for h in self.lab.hosts:
@@ -205,11 +206,32 @@ class PoolHelpers:
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def opentracker(host, info_hash, work):
+    """Debian's opentracker on a lab host, serving only this info-hash (it refuses to run as root)."""
+    d = os.path.join(work, "tracker")
+    os.makedirs(d, exist_ok=True)
+    os.chmod(d, 0o755)
+    with open(os.path.join(d, "wl"), "w") as f:
+        f.write(info_hash + "\n")
+    p = host.popen(["opentracker", "-i", host.ip, "-p", "6969", "-P", "6969", "-u", "nobody", "-d", d, "-w", "wl"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    if p.poll() is not None:
+        raise RuntimeError("opentracker did not start")
+    return p
+
+
 def bittorrent(lab, master, expected_sha, work, timeout, pool_helper, faults=None):
     """pool-helper on every host: the origin publishes, every other host fetches at the same moment
-    from whoever has pieces. `faults(lab, helpers, t0)` runs alongside, for the fault scenarios."""
-    with PoolHelpers(lab, work, pool_helper) as ph:
+    from whoever has pieces; peers find each other through a LAN tracker on the origin (and the
+    manifest's peer hints). `faults(lab, helpers, t0)` runs alongside, for the fault scenarios."""
+    origin = lab.hosts[0]
+    tracker_url = f"http://{origin.ip}:6969/announce"
+    with PoolHelpers(lab, work, pool_helper, ["--tracker", tracker_url]) as ph:
         manifest = ph.publish(master)
+        with open(manifest) as f:
+            info_hash = json.load(f)["info_hash"]
+        tracker = opentracker(origin, info_hash, work)
         t0 = time.time()
         waiter = Waiter(expected_sha, t0)
         threads = []
@@ -222,4 +244,6 @@ def bittorrent(lab, master, expected_sha, work, timeout, pool_helper, faults=Non
             faults(lab, ph, t0)
         for t in threads:
             t.join()
+        tracker.kill()
+        tracker.wait()
         return waiter
