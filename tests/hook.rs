@@ -116,6 +116,12 @@ impl Drop for Env {
             let _ = virsh(&["undefine", "--nvram", n]);
             let _ = virsh(&["undefine", n]);
         }
+        // Pools named after this test (virt-install makes one for the directory of a disk).
+        let pools = virsh(&["pool-list", "--all", "--name"]);
+        for p in String::from_utf8_lossy(&pools.stdout).lines().map(str::trim).filter(|p| p.starts_with(&self.prefix)) {
+            let _ = virsh(&["pool-destroy", p]);
+            let _ = virsh(&["pool-undefine", p]);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
