@@ -961,3 +961,18 @@ fn failure_starting_the_second_uefi_clone_leaves_no_vars_file_libvirt_made_for_t
     run.assert_error(1, &[&format!("starting domain '{}'", names[1])]);
     before.assert_unchanged(&env, &tmpl, &[&master]);
 }
+
+#[test]
+fn managed_saved_original_is_refused_and_its_saved_state_kept() {
+    let env = TestEnv::new("msave");
+    let (tmpl, master) = bios_template(&env, "-tmpl");
+    virsh_ok(&["start", &tmpl]);
+    assert_eq!(wait_for_state(&tmpl, "running", Duration::from_secs(10)), "running");
+    virsh_ok(&["managedsave", &tmpl]);
+    let before = Snapshot::take(&env, &tmpl, &[&master]);
+    let run = cli(&["--original", &tmpl, "--name", &env.name("-c")]);
+    run.assert_error(1, &[&format!("domain '{tmpl}' has a saved state"), "managedsave-remove"]);
+    before.assert_unchanged(&env, &tmpl, &[&master]);
+    assert!(cow_metadata(&tmpl).is_none());
+    virsh_ok(&["managedsave-remove", &tmpl]);
+}

@@ -146,6 +146,11 @@ impl Libvirt {
         self.domain(name)?.is_active().map_err(call(format!("asking whether '{name}' runs")))
     }
 
+    /// Whether the domain has a managed-save image (its RAM state saved with `virsh managedsave`).
+    pub fn has_managed_save(&self, name: &str) -> Result<bool> {
+        self.domain(name)?.has_managed_save(0).map_err(call(format!("asking whether '{name}' has a saved state")))
+    }
+
     /// Every domain on the connection, running or not.
     pub fn list_domains(&self) -> Result<Vec<DomainEntry>> {
         let doms = self.conn.list_all_domains(0).map_err(call("listing domains"))?;

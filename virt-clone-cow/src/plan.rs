@@ -274,8 +274,8 @@ pub fn rename_path(path: &str, original: &str, clone: &str) -> String {
         (Some(d), Some(f)) => (d.to_string_lossy().into_owned(), f.to_string_lossy().into_owned()),
         _ => return format!("{path}-{clone}"),
     };
-    let new_file = if !original.is_empty() && file.contains(original) {
-        file.replace(original, clone)
+    let new_file = if let Some(replaced) = replace_token(&file, original, clone) {
+        replaced
     } else {
         match file.rsplit_once('.') {
             Some((stem, ext)) if !stem.is_empty() => format!("{stem}-{clone}.{ext}"),
@@ -287,6 +287,28 @@ pub fn rename_path(path: &str, original: &str, clone: &str) -> String {
     } else {
         format!("{}/{new_file}", dir.trim_end_matches('/'))
     }
+}
+
+/// `text` with every occurrence of `token` that stands alone (not inside a longer word: the
+/// characters around it are not letters or digits) replaced by `with`; None if there is none.
+fn replace_token(text: &str, token: &str, with: &str) -> Option<String> {
+    if token.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut found = false;
+    while let Some(i) = rest.find(token) {
+        let before = rest[..i].chars().next_back().or_else(|| out.chars().next_back());
+        let after = rest[i + token.len()..].chars().next();
+        let alone = !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric);
+        out.push_str(&rest[..i]);
+        out.push_str(if alone { with } else { token });
+        found |= alone;
+        rest = &rest[i + token.len()..];
+    }
+    out.push_str(rest);
+    found.then_some(out)
 }
 
 /// The clone's UEFI vars path: libvirt's own naming (`NAME_VARS.fd`) in the same directory.
@@ -327,6 +349,9 @@ mod tests {
         assert_eq!(rename_path("/var/log/console.log", "tmpl", "c1"), "/var/log/console-c1.log");
         assert_eq!(rename_path("/run/sock", "tmpl", "c1"), "/run/sock-c1");
         assert_eq!(rename_path("/var/lib/libvirt/qemu/nvram/tmpl_VARS.fd", "tmpl", "c1"), "/var/lib/libvirt/qemu/nvram/c1_VARS.fd");
+        // A short original name inside a longer word is not the name.
+        assert_eq!(rename_path("/var/log/tmpl-serial.log", "e", "web"), "/var/log/tmpl-serial-web.log");
+        assert_eq!(rename_path("/var/log/e-serial.log", "e", "web"), "/var/log/web-serial.log");
     }
 
     #[test]

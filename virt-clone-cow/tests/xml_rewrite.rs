@@ -727,3 +727,34 @@ fn rewrite_empties_the_vm_generation_id_so_each_clone_gets_a_new_one() {
     assert_eq!(line_with(&out, "<genid").trim(), "<genid></genid>", "empty: libvirt generates a new one");
     assert_only_expected_lines_changed(GENID, &out, &HashSet::new());
 }
+
+#[test]
+fn only_per_domain_char_paths_are_renamed_host_devices_and_connect_sockets_stay() {
+    let xml = "<domain type='kvm'><name>tmpl</name><devices>\
+        <serial type='dev'><source path='/dev/ttyS0'/><target port='0'/></serial>\
+        <serial type='file'><source path='/var/log/tmpl-serial.log'/><target port='1'/></serial>\
+        <channel type='unix'><source mode='connect' path='/run/agent/ext.sock'/><target type='virtio' name='a.0'/></channel>\
+        <channel type='unix'><source mode='bind' path='/run/tmpl/own.sock'/><target type='virtio' name='b.0'/></channel>\
+        <console type='pty'><log file='/var/log/tmpl-console.log'/><target type='serial' port='0'/></console>\
+        <parallel type='pipe'><source path='/tmp/tmpl-pipe'/></parallel>\
+        </devices></domain>";
+    let facts = DomainFacts::parse(xml).unwrap();
+    let mut got = facts.char_paths.clone();
+    got.sort();
+    assert_eq!(got, vec!["/run/tmpl/own.sock", "/var/log/tmpl-console.log", "/var/log/tmpl-serial.log"]);
+    let masters: Vec<Master> = Vec::new();
+    let names = vec!["c1".to_string()];
+    let input = PlanInput {
+        original_xml: xml,
+        facts: &facts,
+        masters: &masters,
+        names: &names,
+        taken_macs: &HashSet::new(),
+        disposable: false,
+        nvram_pool: None,
+    };
+    let p = plan(&input, || [1, 2, 3]).unwrap();
+    let out = &p.clones[0].xml;
+    assert!(out.contains("path='/dev/ttyS0'") && out.contains("path='/run/agent/ext.sock'") && out.contains("path='/tmp/tmpl-pipe'"), "{out}");
+    assert!(out.contains("/var/log/c1-serial.log") && out.contains("/run/tmpl/own-c1.sock") && out.contains("/var/log/c1-console.log"), "{out}");
+}
