@@ -243,7 +243,7 @@ fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> 
             OverlayLocation::Volume { pool, name, .. } => {
                 let xml = overlay_volume_xml(name, &backing, opts);
                 let mut made = tx.lv.create_volume(pool, &xml, name);
-                if opts.extended_l2 && made.as_ref().is_err_and(|e| crate::error::one_line(e).contains("extended_l2")) {
+                if opts.extended_l2 && made.as_ref().is_err_and(refuses_extended_l2) {
                     // QEMU older than 5.2 (or libvirt older than 8.0): the plain layout.
                     let plain = overlay_volume_xml(name, &backing, OverlayOptions { extended_l2: false });
                     made = tx.lv.create_volume(pool, &plain, name);
@@ -290,6 +290,13 @@ fn copy_nvram(tx: &mut Transaction<'_>, nv: &NvramPlan) -> Result<(), ApplyError
     dst.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).map_err(err)?;
     dst.sync_all().map_err(err)?;
     Ok(())
+}
+
+/// Whether libvirt or the qemu-img it ran refused extended L2 entries (and only that: libvirt's
+/// message quotes the qemu-img command line, which names the option in every failure).
+fn refuses_extended_l2(e: &LibvirtError) -> bool {
+    let m = crate::error::one_line(e);
+    m.contains("Invalid parameter 'extended_l2'") || (m.contains("extended_l2") && !m.contains("Child process"))
 }
 
 /// Marks the original as a template and makes its masters read-only (local files only: over a
