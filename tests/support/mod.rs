@@ -1,1 +1,636 @@
-//! Test support
+//! Test support for the integration tests against a real libvirtd (qemu:///system) with real
+//! QEMU guests and real qemu-img.
+//!
+//! Every test makes a [`TestEnv`]: a uniquely named dir storage pool and a work directory outside
+//! any pool. Every domain, file and mount a test makes carries the env's prefix
+//! (`vcct-<test>-<pid>`) or lives in its directories, and the env removes all of it on drop, also
+//! when the test panics. Tests run in parallel threads, so nothing here is shared between envs
+//! except the cached UEFI probe.
+//!
+//! External programs (virsh, qemu-img, qemu-io, sha256sum, mount) always run from argument
+//! vectors.
+
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The libvirt connection every test uses.
+pub const URI: &str = "qemu:///system";
+/// Where envs put their pools and work directories.
+pub const BASE_DIR: &str = "/var/lib/vcc-tests";
+/// Where libvirt keeps per-domain UEFI vars by default.
+pub const NVRAM_DIR: &str = "/var/lib/libvirt/qemu/nvram";
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+// ---------------------------------------------------------------------------------------------
+// Running programs
+
+/// Renders an argument vector for failure messages.
+pub fn cmdline<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
+    let mut s = program.to_string();
+    for a in args {
+        let a = a.as_ref().to_string_lossy();
+        if a.is_empty() || a.chars().any(|c| c.is_whitespace() || "'\"&<>$\\`".contains(c)) {
+            let _ = write!(s, " '{}'", a.replace('\'', "'\\''"));
+        } else {
+            let _ = write!(s, " {a}");
+        }
+    }
+    s
+}
+
+/// Runs a program with stdin closed and returns its output, whatever the exit status.
+pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("could not run `{}`: {e}", cmdline(program, args)))
+}
+
+/// Runs a program and panics (showing the command and its stderr) unless it exits 0; returns stdout.
+pub fn run_ok<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "`{}` failed ({}): {}",
+        cmdline(program, args),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn with_uri<S: AsRef<OsStr>>(args: &[S]) -> Vec<&OsStr> {
+    let mut v: Vec<&OsStr> = vec!["-q".as_ref(), "-c".as_ref(), URI.as_ref()];
+    v.extend(args.iter().map(AsRef::as_ref));
+    v
+}
+
+/// `virsh -q -c qemu:///system ARGS...`, whatever the exit status.
+pub fn virsh<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run("virsh", &with_uri(args))
+}
+
+/// `virsh -q -c qemu:///system ARGS...`; panics unless it succeeds; returns stdout.
+pub fn virsh_ok<S: AsRef<OsStr>>(args: &[S]) -> String {
+    run_ok("virsh", &with_uri(args))
+}
+
+/// The state of a domain as `virsh domstate` prints it (`running`, `paused`, `shut off`).
+pub fn domstate(name: &str) -> String {
+    virsh_ok(&["domstate", name]).trim().to_string()
+}
+
+/// Polls `domstate` until it is `want` or `timeout` passes; returns the last state seen.
+pub fn wait_for_state(name: &str, want: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = domstate(name);
+        if s == want || Instant::now() >= deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether a domain of this name is defined (or running).
+pub fn domain_exists(name: &str) -> bool {
+    virsh(&["domuuid", name]).status.success()
+}
+
+/// The persistent XML of a domain, secrets included (what virt-clone-cow reads).
+pub fn inactive_xml(name: &str) -> String {
+    virsh_ok(&["dumpxml", "--inactive", "--security-info", name])
+}
+
+/// The names of all domains, running or not, sorted.
+pub fn all_domain_names() -> Vec<String> {
+    let mut v: Vec<String> =
+        virsh_ok(&["list", "--all", "--name"]).lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
+    v.sort();
+    v
+}
+
+/// The domain's UUID.
+pub fn domuuid(name: &str) -> String {
+    virsh_ok(&["domuuid", name]).trim().to_string()
+}
+
+/// Our metadata element of a domain's persistent config, parsed; None when it has none.
+pub fn cow_metadata(name: &str) -> Option<virt_clone_cow::metadata::CowMetadata> {
+    let out = virsh(&["metadata", name, "--uri", virt_clone_cow::metadata::NAMESPACE, "--config"]);
+    if !out.status.success() {
+        return None;
+    }
+    let xml = String::from_utf8_lossy(&out.stdout);
+    Some(virt_clone_cow::metadata::CowMetadata::parse(&xml).unwrap())
+}
+
+/// Facts of a domain's persistent XML, read with the library's reader (which the hermetic tests
+/// check against real captures).
+pub fn facts(name: &str) -> virt_clone_cow::xml::DomainFacts {
+    virt_clone_cow::xml::DomainFacts::parse(&inactive_xml(name)).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files and images
+
+/// SHA-256 of a file, by `sha256sum`.
+pub fn sha256(path: impl AsRef<Path>) -> String {
+    let p = path.as_ref();
+    let out = run_ok("sha256sum", &[p.as_os_str()]);
+    out.split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// The permission bits of a file.
+pub fn mode(path: impl AsRef<Path>) -> u32 {
+    std::fs::metadata(path.as_ref())
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.as_ref().display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// `qemu-img info --output=json -f FORMAT --force-share PATH`.
+pub fn qemu_img_info(path: impl AsRef<Path>, format: &str) -> serde_json::Value {
+    let p = path.as_ref();
+    let out = run_ok(
+        "qemu-img",
+        &[
+            OsStr::new("info"),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            format.as_ref(),
+            "--force-share".as_ref(),
+            p.as_os_str(),
+        ],
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+/// A qcow2 image of `size_mib` MiB with its first MiB written with 0xab (so hashes mean something).
+pub fn make_qcow2(path: impl AsRef<Path>, size_mib: u64) {
+    let p = path.as_ref();
+    let size = format!("{size_mib}M");
+    run_ok(
+        "qemu-img",
+        &[OsStr::new("create"), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), p.as_os_str(), size.as_ref()],
+    );
+    run_ok(
+        "qemu-io",
+        &[OsStr::new("-f"), "qcow2".as_ref(), "-c".as_ref(), "write -P 0xab 0 1M".as_ref(), p.as_os_str()],
+    );
+}
+
+/// A raw image of `size_mib` MiB: a pattern in the first MiB, the rest sparse.
+pub fn make_raw(path: impl AsRef<Path>, size_mib: u64) {
+    let p = path.as_ref();
+    let mut data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    data.truncate((size_mib << 20).min(1 << 20) as usize);
+    std::fs::write(p, &data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+}
+
+/// An image in another format (vmdk, vdi...) made by qemu-img.
+pub fn make_image(path: impl AsRef<Path>, format: &str, size_mib: u64) {
+    let p = path.as_ref();
+    let size = format!("{size_mib}M");
+    run_ok(
+        "qemu-img",
+        &[OsStr::new("create"), "-q".as_ref(), "-f".as_ref(), format.as_ref(), p.as_os_str(), size.as_ref()],
+    );
+}
+
+/// The names in a directory, sorted (empty when it does not exist).
+pub fn list_dir(dir: impl AsRef<Path>) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir.as_ref()) {
+        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// Escapes text for XML attribute values and element text.
+pub fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guests
+
+/// Whether KVM can be used: /dev/kvm opens read-write.
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+/// The domain type for a BIOS guest: kvm when /dev/kvm opens read-write, else qemu (TCG).
+pub fn bios_domain_type() -> &'static str {
+    if kvm_usable() {
+        "kvm"
+    } else {
+        "qemu"
+    }
+}
+
+/// The domain type for a UEFI guest. On some hosts OVMF under KVM pauses with a KVM internal
+/// error; a one-time probe (a tiny transient UEFI guest under KVM, watched for ~2 s) decides
+/// between kvm and qemu (TCG). Cached for the process.
+pub fn uefi_domain_type() -> &'static str {
+    static TYPE: OnceLock<&'static str> = OnceLock::new();
+    TYPE.get_or_init(|| if kvm_usable() && probe_uefi_under_kvm() { "kvm" } else { "qemu" })
+}
+
+fn probe_uefi_under_kvm() -> bool {
+    let name = format!("vcct-uefi-probe-{}", std::process::id());
+    let dir = PathBuf::from(BASE_DIR).join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let vars = dir.join("VARS.fd");
+    let xml = format!(
+        "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='q35'>hvm</type>\
+         <loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>\
+         <nvram template='{OVMF_VARS}'>{}</nvram></os><features><acpi/></features>\
+         <devices><graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices></domain>",
+        esc(&vars.to_string_lossy())
+    );
+    let xml_path = dir.join("probe.xml");
+    std::fs::write(&xml_path, xml).unwrap();
+    let ok = if virsh(&[OsStr::new("create"), xml_path.as_os_str()]).status.success() {
+        // Paused at any point within ~2 s: KVM cannot run OVMF here.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut running = true;
+        while Instant::now() < deadline {
+            if domstate(&name) != "running" {
+                running = false;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = virsh(&["destroy", &name]);
+        running
+    } else {
+        false
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    ok
+}
+
+/// A disk of a test domain.
+#[derive(Debug, Clone)]
+pub enum DiskSpec {
+    /// `<disk type='file' device='disk'>`.
+    File { path: String, format: String, target: String },
+    /// `<disk type='volume' device='disk'>`.
+    Volume { pool: String, volume: String, format: String, target: String },
+    /// `<disk type='file' device='cdrom'>`, read-only, with or without a medium.
+    Cdrom { path: Option<String>, target: String },
+}
+
+/// A test domain, as XML for `virsh define`.
+#[derive(Debug, Clone)]
+pub struct DomainSpec {
+    pub name: String,
+    pub uefi: bool,
+    pub memory_mib: u32,
+    pub disks: Vec<DiskSpec>,
+    /// How many `<interface type='user'>` NICs (MACs left to libvirt).
+    pub nics: usize,
+    /// A fixed VNC port (autoport='no'); None: autoport.
+    pub vnc_port: Option<u16>,
+    /// A `<serial type='file'>` (with the matching console) writing to this path.
+    pub serial_file: Option<String>,
+}
+
+impl DomainSpec {
+    /// A domain with no disks, one NIC, VNC autoport.
+    pub fn new(name: &str, uefi: bool) -> Self {
+        DomainSpec {
+            name: name.to_string(),
+            uefi,
+            memory_mib: if uefi { 128 } else { 64 },
+            disks: Vec::new(),
+            nics: 1,
+            vnc_port: None,
+            serial_file: None,
+        }
+    }
+
+    pub fn disk(mut self, d: DiskSpec) -> Self {
+        self.disks.push(d);
+        self
+    }
+
+    pub fn xml(&self) -> String {
+        let (dtype, os) = if self.uefi {
+            (
+                uefi_domain_type(),
+                format!(
+                    "<type arch='x86_64' machine='q35'>hvm</type>\
+                     <loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>\
+                     <nvram template='{OVMF_VARS}'/><boot dev='hd'/>"
+                ),
+            )
+        } else {
+            (bios_domain_type(), "<type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/>".to_string())
+        };
+        let cdrom_bus = if self.uefi { "sata" } else { "ide" };
+        let mut devices = String::new();
+        for d in &self.disks {
+            match d {
+                DiskSpec::File { path, format, target } => {
+                    let _ = write!(
+                        devices,
+                        "\n    <disk type='file' device='disk'><driver name='qemu' type='{}'/>\
+                         <source file='{}'/><target dev='{}' bus='virtio'/></disk>",
+                        esc(format),
+                        esc(path),
+                        esc(target)
+                    );
+                }
+                DiskSpec::Volume { pool, volume, format, target } => {
+                    let _ = write!(
+                        devices,
+                        "\n    <disk type='volume' device='disk'><driver name='qemu' type='{}'/>\
+                         <source pool='{}' volume='{}'/><target dev='{}' bus='virtio'/></disk>",
+                        esc(format),
+                        esc(pool),
+                        esc(volume),
+                        esc(target)
+                    );
+                }
+                DiskSpec::Cdrom { path, target } => {
+                    let source = path.as_ref().map(|p| format!("<source file='{}'/>", esc(p))).unwrap_or_default();
+                    let _ = write!(
+                        devices,
+                        "\n    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>{source}\
+                         <target dev='{}' bus='{cdrom_bus}'/><readonly/></disk>",
+                        esc(target)
+                    );
+                }
+            }
+        }
+        for _ in 0..self.nics {
+            devices.push_str("\n    <interface type='user'><model type='virtio'/></interface>");
+        }
+        if let Some(p) = &self.serial_file {
+            let _ = write!(
+                devices,
+                "\n    <serial type='file'><source path='{0}'/><target port='0'/></serial>\
+                 <console type='file'><source path='{0}'/><target type='serial' port='0'/></console>",
+                esc(p)
+            );
+        }
+        match self.vnc_port {
+            Some(port) => {
+                let _ = write!(devices, "\n    <graphics type='vnc' port='{port}' autoport='no' listen='127.0.0.1'/>");
+            }
+            None => devices.push_str("\n    <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>"),
+        }
+        format!(
+            "<domain type='{dtype}'>\n  <name>{}</name>\n  <memory unit='MiB'>{}</memory>\n  <vcpu>1</vcpu>\n  \
+             <os>{os}</os>\n  <features><acpi/></features>\n  <devices>{devices}\n  </devices>\n</domain>\n",
+            esc(&self.name),
+            self.memory_mib
+        )
+    }
+}
+
+/// Defines a domain from XML (through a temporary file).
+pub fn define_xml(xml: &str) {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut f, xml.as_bytes()).unwrap();
+    virsh_ok(&[OsStr::new("define"), f.path().as_os_str()]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CLI
+
+/// The built `virt-clone-cow` binary: `target/debug/virt-clone-cow` next to this test's `deps/`.
+pub fn cli_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap_or_else(|| Path::new("."));
+    let bin = dir.join("virt-clone-cow");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build --workspace --all-targets` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// What a CLI run did.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// The stdout as JSON; panics with both streams otherwise.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+
+    /// Asserts success.
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "virt-clone-cow failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    /// Asserts a failure with exit `code` and exactly one stderr line `virt-clone-cow: error: ...`
+    /// (usage errors: `virt-clone-cow: ...`) containing every one of `needles`.
+    pub fn assert_error(&self, code: i32, needles: &[&str]) {
+        assert_eq!(self.code, code, "exit code; stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "stderr must be one line, got:\n{}", self.stderr);
+        let prefix = if code == 2 { "virt-clone-cow: " } else { "virt-clone-cow: error: " };
+        assert!(lines[0].starts_with(prefix), "stderr must start with '{prefix}': {}", lines[0]);
+        for n in needles {
+            assert!(lines[0].contains(n), "stderr should mention '{n}': {}", lines[0]);
+        }
+        assert!(self.stdout.is_empty(), "nothing on stdout on failure, got:\n{}", self.stdout);
+    }
+}
+
+/// Runs `virt-clone-cow --connect qemu:///system ARGS...`.
+pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> CliRun {
+    let bin = cli_path();
+    let out = Command::new(&bin)
+        .arg("--connect")
+        .arg(URI)
+        .args(args)
+        .stdin(Stdio::null())
+        .env_remove("VIRT_CLONE_COW_LOG")
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", bin.display()));
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The environment
+
+/// A test's pool, work directory and names; everything is removed on drop.
+#[derive(Debug)]
+pub struct TestEnv {
+    /// `vcct-<test>-<pid>`: the pool name and the start of every domain name.
+    pub prefix: String,
+    /// The dir pool (named `prefix`).
+    pub pool: String,
+    pub pool_dir: PathBuf,
+    /// A directory outside any pool.
+    pub work_dir: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+impl TestEnv {
+    /// Makes and starts the pool `vcct-<test>-<pid>` over `/var/lib/vcc-tests/<that name>`.
+    pub fn new(test: &str) -> Self {
+        let prefix = format!("vcct-{test}-{}", std::process::id());
+        let env = TestEnv {
+            pool: prefix.clone(),
+            pool_dir: PathBuf::from(BASE_DIR).join(&prefix),
+            work_dir: PathBuf::from(BASE_DIR).join(format!("{prefix}.work")),
+            prefix,
+            mounts: Vec::new(),
+        };
+        // Leftovers of a killed run with the same pid.
+        env.cleanup();
+        std::fs::create_dir_all(&env.pool_dir).unwrap();
+        std::fs::create_dir_all(&env.work_dir).unwrap();
+        let dir = env.pool_dir.to_string_lossy().into_owned();
+        virsh_ok(&["pool-define-as", &env.pool, "dir", "--target", &dir]);
+        virsh_ok(&["pool-start", &env.pool]);
+        env
+    }
+
+    /// A domain name in this env: `<prefix><suffix>`.
+    pub fn name(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    /// A path in the pool directory.
+    pub fn in_pool(&self, file: &str) -> String {
+        self.pool_dir.join(file).to_string_lossy().into_owned()
+    }
+
+    /// A path in the work directory (outside any pool).
+    pub fn in_work(&self, file: &str) -> String {
+        self.work_dir.join(file).to_string_lossy().into_owned()
+    }
+
+    /// Makes the pool see files created in its directory behind libvirt's back.
+    pub fn refresh_pool(&self) {
+        virsh_ok(&["pool-refresh", &self.pool]);
+    }
+
+    /// Mounts a tmpfs of `size` (e.g. `4M`) at `<work>/<name>`; unmounted on drop.
+    pub fn mount_tmpfs(&mut self, name: &str, size: &str) -> PathBuf {
+        let dir = self.work_dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let opts = format!("size={size},mode=0755");
+        run_ok(
+            "mount",
+            &[OsStr::new("-t"), "tmpfs".as_ref(), "-o".as_ref(), opts.as_ref(), "tmpfs".as_ref(), dir.as_os_str()],
+        );
+        self.mounts.push(dir.clone());
+        dir
+    }
+
+    /// Names of this env's domains, sorted.
+    pub fn domains(&self) -> Vec<String> {
+        all_domain_names().into_iter().filter(|n| n.starts_with(&self.prefix)).collect()
+    }
+
+    /// UEFI vars files of this env's domains in libvirt's default directory.
+    pub fn nvram_files(&self) -> Vec<String> {
+        list_dir(NVRAM_DIR).into_iter().filter(|n| n.starts_with(&self.prefix)).collect()
+    }
+
+    /// Everything removed: domains (stopped, undefined with their UEFI vars), mounts, the pool and
+    /// both directories. Never panics.
+    fn cleanup(&self) {
+        for name in all_domain_names_quiet().into_iter().filter(|n| n.starts_with(&self.prefix)) {
+            let _ = virsh(&["destroy", &name]);
+            if !virsh(&["undefine", "--nvram", "--managed-save", &name]).status.success() {
+                let _ = virsh(&["undefine", &name]);
+            }
+        }
+        for f in list_dir(NVRAM_DIR).into_iter().filter(|n| n.starts_with(&self.prefix)) {
+            let _ = std::fs::remove_file(Path::new(NVRAM_DIR).join(f));
+        }
+        for m in self.mounts.iter().rev() {
+            let _ = run("umount", &[m.as_os_str()]);
+        }
+        let _ = virsh(&["pool-destroy", &self.pool]);
+        let _ = virsh(&["pool-undefine", &self.pool]);
+        for d in [&self.pool_dir, &self.work_dir] {
+            // Masters were made read-only; root removes them anyway.
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn all_domain_names_quiet() -> Vec<String> {
+    let out = virsh(&["list", "--all", "--name"]);
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// What a failed run must leave as it was: this env's domains, the pool and work directories, the
+/// UEFI vars directory, the original's persistent XML, and each watched file's mode and content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub domains: Vec<String>,
+    pub pool_files: Vec<String>,
+    pub work_files: Vec<String>,
+    pub nvram_files: Vec<String>,
+    pub original_xml: Option<String>,
+    /// (path, mode, sha256).
+    pub files: Vec<(String, u32, String)>,
+}
+
+impl Snapshot {
+    pub fn take(env: &TestEnv, original: &str, watched: &[&str]) -> Self {
+        let original_xml = domain_exists(original).then(|| inactive_xml(original));
+        Snapshot {
+            domains: env.domains(),
+            pool_files: list_dir(&env.pool_dir),
+            work_files: list_dir(&env.work_dir),
+            nvram_files: env.nvram_files(),
+            original_xml,
+            files: watched.iter().map(|p| (p.to_string(), mode(p), sha256(p))).collect(),
+        }
+    }
+
+    /// Asserts that nothing changed since `self`, field by field for readable failures.
+    pub fn assert_unchanged(&self, env: &TestEnv, original: &str, watched: &[&str]) {
+        let now = Snapshot::take(env, original, watched);
+        assert_eq!(now.domains, self.domains, "domains left behind or removed");
+        assert_eq!(now.pool_files, self.pool_files, "files left behind in the pool directory");
+        assert_eq!(now.work_files, self.work_files, "files left behind in the work directory");
+        assert_eq!(now.nvram_files, self.nvram_files, "UEFI vars files left behind");
+        assert_eq!(now.original_xml, self.original_xml, "the original's persistent XML changed");
+        assert_eq!(now.files, self.files, "a master's mode or content changed");
+    }
+}

@@ -6,6 +6,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -48,6 +49,8 @@ pub enum ApplyError {
     },
     #[error("'{0}' exists already; refusing to overwrite it")]
     NvramExists(String),
+    #[error("interrupted by a signal; everything made so far has been removed")]
+    Interrupted,
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
     #[error("making the master '{path}' read-only")]
@@ -71,11 +74,15 @@ pub struct CloneOutcome {
 #[derive(Debug)]
 enum Undo {
     File(PathBuf),
+    /// A file that starting the clone may create (serial log, UEFI vars): removed if it was.
+    StartedFile(PathBuf),
     Volume { pool: String, name: String },
     Domain(String),
     Running(String),
     Mode { path: String, mode: u32 },
-    Metadata { domain: String, previous: Option<CowMetadata> },
+    /// `saved_xml`: the persistent XML before the change. With no previous metadata it is
+    /// defined again, because removing the element leaves an empty `<metadata/>` behind.
+    Metadata { domain: String, previous: Option<CowMetadata>, saved_xml: String },
 }
 
 /// An undo log over one libvirt connection.
@@ -106,10 +113,17 @@ impl<'a> Transaction<'a> {
                 Undo::Domain(n) => self.lv.undefine(n).map_err(|e| e.to_string()),
                 Undo::Volume { pool, name } => self.lv.delete_volume(pool, name).map_err(|e| e.to_string()),
                 Undo::File(p) => std::fs::remove_file(p).map_err(|e| e.to_string()),
+                Undo::StartedFile(p) => match std::fs::remove_file(p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                    _ => Ok(()),
+                },
                 Undo::Mode { path, mode } => {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| e.to_string())
                 }
-                Undo::Metadata { domain, previous } => {
+                Undo::Metadata { domain, previous: None, saved_xml } => {
+                    self.lv.define(saved_xml, domain).map(|_| ()).map_err(|e| e.to_string())
+                }
+                Undo::Metadata { domain, previous, .. } => {
                     self.lv.set_cow_metadata(domain, previous.as_ref()).map_err(|e| e.to_string())
                 }
             };
@@ -129,6 +143,33 @@ impl Drop for Transaction<'_> {
     }
 }
 
+/// Set by the handler [`catch_interrupts`] installs.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP stop a clone run at its next step and undo it, instead of
+/// killing the process with half the clones made. A second signal during the undo is ignored.
+#[allow(unsafe_code)]
+pub fn catch_interrupts() {
+    let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: `on_interrupt` has the signature signal(2) expects and only stores to an
+        // atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, handler) };
+    }
+}
+
+fn check_interrupt() -> Result<(), ApplyError> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err(ApplyError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
 /// Options for carrying out a plan.
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyOptions {
@@ -142,21 +183,34 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
     let mut outcomes = Vec::with_capacity(plan.clones.len());
     let result = (|| {
         for c in &plan.clones {
+            check_interrupt()?;
             let t0 = Instant::now();
             make_clone(&mut tx, c, opts.overlay)?;
             let uuid = lv.define(&c.xml, &c.name)?;
             tx.undo.push(Undo::Domain(c.name.clone()));
             outcomes.push(CloneOutcome { name: c.name.clone(), uuid, started: false, define_ms: ms(t0.elapsed()) });
         }
+        check_interrupt()?;
         make_template(&mut tx, plan)?;
         if opts.start {
-            for o in &mut outcomes {
+            for (o, c) in outcomes.iter_mut().zip(&plan.clones) {
+                check_interrupt()?;
+                if lv.is_local() {
+                    // Files made at start (serial logs; UEFI vars libvirt makes from the firmware
+                    // template when none were copied) go if the run is undone.
+                    let paths = crate::xml::DomainFacts::parse(&c.xml)
+                        .map(|f| f.char_paths.into_iter().chain(f.nvram.and_then(|n| n.path)).collect::<Vec<_>>())
+                        .unwrap_or_default();
+                    for p in paths.into_iter().filter(|p| !Path::new(p).exists()) {
+                        tx.undo.push(Undo::StartedFile(PathBuf::from(p)));
+                    }
+                }
                 lv.start(&o.name)?;
                 tx.undo.push(Undo::Running(o.name.clone()));
                 o.started = true;
             }
         }
-        Ok(())
+        check_interrupt()
     })();
     match result {
         Ok(()) => {
@@ -188,7 +242,13 @@ fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> 
             }
             OverlayLocation::Volume { pool, name, .. } => {
                 let xml = overlay_volume_xml(name, &backing, opts);
-                tx.lv.create_volume(pool, &xml, name).map_err(|source| ApplyError::OverlayVolume {
+                let mut made = tx.lv.create_volume(pool, &xml, name);
+                if opts.extended_l2 && made.as_ref().is_err_and(refuses_extended_l2) {
+                    // QEMU older than 5.2 (or libvirt older than 8.0): the plain layout.
+                    let plain = overlay_volume_xml(name, &backing, OverlayOptions { extended_l2: false });
+                    made = tx.lv.create_volume(pool, &plain, name);
+                }
+                made.map_err(|source| ApplyError::OverlayVolume {
                     clone: c.name.clone(),
                     target: o.target.clone(),
                     source,
@@ -232,6 +292,13 @@ fn copy_nvram(tx: &mut Transaction<'_>, nv: &NvramPlan) -> Result<(), ApplyError
     Ok(())
 }
 
+/// Whether libvirt or the qemu-img it ran refused extended L2 entries (and only that: libvirt's
+/// message quotes the qemu-img command line, which names the option in every failure).
+fn refuses_extended_l2(e: &LibvirtError) -> bool {
+    let m = crate::error::one_line(e);
+    m.contains("Invalid parameter 'extended_l2'") || (m.contains("extended_l2") && !m.contains("Child process"))
+}
+
 /// Marks the original as a template and makes its masters read-only (local files only: over a
 /// remote connection libvirt has no call for a volume's mode).
 fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), ApplyError> {
@@ -247,7 +314,8 @@ fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), Apply
         }
     }
     let previous = tx.lv.cow_metadata(&plan.original)?;
+    let saved_xml = tx.lv.domain_xml(&plan.original)?;
     tx.lv.set_cow_metadata(&plan.original, Some(&plan.template_metadata))?;
-    tx.undo.push(Undo::Metadata { domain: plan.original.clone(), previous });
+    tx.undo.push(Undo::Metadata { domain: plan.original.clone(), previous, saved_xml });
     Ok(())
 }

@@ -13,7 +13,6 @@ use virt_clone_cow::cmd::clone::{CloneRequest, NameRequest};
 #[command(
     name = "virt-clone-cow",
     version,
-    args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  virt-clone-cow --original base --name web-1 --name web-2 --start\n  \
                   virt-clone-cow --original base --auto-clone --count 10 --json\n  \
                   virt-clone-cow tree"
@@ -76,6 +75,17 @@ pub struct CloneArgs {
 }
 
 impl CloneArgs {
+    /// Whether any clone flag was given (they make no sense with a subcommand).
+    pub fn any_given(&self) -> bool {
+        self.original.is_some()
+            || !self.names.is_empty()
+            || self.auto_clone
+            || self.count.is_some()
+            || self.start
+            || self.dry_run
+            || self.disposable
+    }
+
     /// Turns the flags into a request, or says which flags are wrong.
     pub fn to_request(&self) -> Result<CloneRequest, String> {
         let original = self
@@ -115,5 +125,18 @@ mod tests {
         assert!(parse(&["-o", "b"]).unwrap_err().contains("--auto-clone"));
         assert!(parse(&["--name", "x"]).unwrap_err().contains("--original"));
         assert!(parse(&["-o", "b", "--name", "x", "--auto-clone"]).is_err());
+    }
+
+    #[test]
+    fn global_flags_work_before_and_after_the_tree_subcommand() {
+        for args in [&["--connect", "qemu:///system", "--json", "tree"][..], &["tree", "--connect", "u", "--json"]] {
+            let mut v = vec!["virt-clone-cow"];
+            v.extend_from_slice(args);
+            let cli = Cli::try_parse_from(v).unwrap();
+            assert!(matches!(cli.command, Some(Command::Tree)) && cli.json && cli.connect.is_some());
+            assert!(!cli.clone.any_given());
+        }
+        let cli = Cli::try_parse_from(["virt-clone-cow", "-o", "b", "tree"]).unwrap();
+        assert!(cli.clone.any_given(), "main refuses clone flags with a subcommand");
     }
 }

@@ -14,6 +14,8 @@
 //! * [`overlay`]: creating qcow2 overlays with qemu-img (argument vectors only) or as pool volumes.
 //! * [`libvirt`]: the one adapter through which every libvirt call goes.
 //! * [`apply`]: carrying out a plan so that a failure leaves nothing behind.
+//! * [`managed`]: which disks of a domain are overlays over which masters (for the hook and the
+//!   pool-helper daemon).
 //! * [`cmd::tree`]: which masters have which clones, and what each clone costs.
 //!
 //! ```no_run
@@ -33,10 +35,13 @@
 
 pub mod apply;
 pub mod cmd;
+pub mod error;
 pub mod libvirt;
+pub mod managed;
 pub mod metadata;
 pub mod overlay;
 pub mod plan;
 pub mod process;
 pub mod units;
+pub mod watch;
 pub mod xml;

@@ -146,6 +146,11 @@ impl Libvirt {
         self.domain(name)?.is_active().map_err(call(format!("asking whether '{name}' runs")))
     }
 
+    /// Whether the domain has a managed-save image (its RAM state saved with `virsh managedsave`).
+    pub fn has_managed_save(&self, name: &str) -> Result<bool> {
+        self.domain(name)?.has_managed_save(0).map_err(call(format!("asking whether '{name}' has a saved state")))
+    }
+
     /// Every domain on the connection, running or not.
     pub fn list_domains(&self) -> Result<Vec<DomainEntry>> {
         let doms = self.conn.list_all_domains(0).map_err(call("listing domains"))?;
@@ -236,23 +241,15 @@ impl Libvirt {
             Some(d) => d.to_string_lossy().into_owned(),
             None => return Ok(None),
         };
-        let pools = self
-            .conn
-            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
-            .map_err(call("listing storage pools"))?;
-        for p in pools {
-            let Ok(xml) = p.xml_desc(0) else { continue };
-            if crate::xml::volume::pool_target_path(&xml).as_deref() == Some(dir.as_str()) {
-                let pname = p.name().unwrap_or_default();
-                p.refresh(0).map_err(call(format!("refreshing storage pool '{pname}'")))?;
-                return match self.conn.lookup_storage_vol_by_path(path) {
-                    Ok(v) => self.volume_of(&v, &what).map(Some),
-                    Err(e) if is(&e, ErrorNumber::NoStorageVolume) => Ok(None),
-                    Err(e) => Err(call(format!("looking up {what}"))(e)),
-                };
-            }
+        let Some((pname, _)) = self.pool_targets()?.into_iter().find(|(_, target)| *target == dir) else {
+            return Ok(None);
+        };
+        self.refresh_pool(&pname)?;
+        match self.conn.lookup_storage_vol_by_path(path) {
+            Ok(v) => self.volume_of(&v, &what).map(Some),
+            Err(e) if is(&e, ErrorNumber::NoStorageVolume) => Ok(None),
+            Err(e) => Err(call(format!("looking up {what}"))(e)),
         }
-        Ok(None)
     }
 
     /// The volume `name` in `pool`, if it exists.
@@ -307,6 +304,22 @@ impl Libvirt {
             }
         }
         Ok(out)
+    }
+
+    /// Name and target directory of every active pool.
+    pub fn pool_targets(&self) -> Result<Vec<(String, String)>> {
+        let pools = self
+            .conn
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(call("listing storage pools"))?;
+        Ok(pools
+            .iter()
+            .filter_map(|p| {
+                let name = p.name().ok()?;
+                let target = crate::xml::volume::pool_target_path(&p.xml_desc(0).ok()?)?;
+                Some((name, target))
+            })
+            .collect())
     }
 
     /// The target directory of a pool (`<target><path>`), if it has one (dir, fs, netfs pools).

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Error(e)) => {
-            eprintln!("virt-clone-cow: error: {}", output::error_chain(e.as_ref()));
+            eprintln!("virt-clone-cow: error: {}", virt_clone_cow::error::one_line(e.as_ref()));
             ExitCode::from(1)
         }
     }
@@ -41,6 +41,9 @@ impl<E: std::error::Error + 'static> From<E> for Failure {
 
 fn run(cli: &Cli) -> Result<(), Failure> {
     match cli.command {
+        Some(Command::Tree) if cli.clone.any_given() => {
+            Err(Failure::Usage("clone flags (--original, --name, ...) cannot be used with `tree`".into()))
+        }
         Some(Command::Tree) => {
             let lv = Libvirt::open(cli.connect.as_deref())?;
             let tree = build_tree(&lv)?;
@@ -49,6 +52,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         None => {
             let req = cli.clone.to_request().map_err(Failure::Usage)?;
             let lv = Libvirt::open(cli.connect.as_deref())?;
+            // Ctrl-C or a kill during the run undoes it instead of leaving half the clones.
+            virt_clone_cow::apply::catch_interrupts();
             let report = clone_domain(&lv, &req)?;
             output::print(cli.json, &report, || output::render_clone_report(&report))
         }

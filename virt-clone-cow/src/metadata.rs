@@ -46,6 +46,20 @@ pub struct MasterRef {
     pub manifest: Option<String>,
 }
 
+impl MasterRef {
+    /// Whether one of the domain's disks is this master (by path, or by pool and volume).
+    pub fn used_by(&self, facts: &crate::xml::DomainFacts) -> bool {
+        use crate::xml::DiskSource;
+        facts.disks.iter().any(|d| match &d.source {
+            DiskSource::File(p) => *p == self.path,
+            DiskSource::Volume { pool, volume } => {
+                self.pool.as_ref() == Some(pool) && self.volume.as_ref() == Some(volume)
+            }
+            _ => false,
+        })
+    }
+}
+
 /// One disk of a clone: its overlay and the master under it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CloneDisk {

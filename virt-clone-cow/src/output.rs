@@ -4,22 +4,6 @@ use std::io::Write;
 
 use virt_clone_cow::cmd::clone::CloneReport;
 
-/// The error and its causes on one line: `what failed: why: why`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s.replace('\n', " ")
-}
-
-/// JSON (one object) or text.
 /// A closed pipe (`| head`) is not an error.
 pub fn print<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> Result<(), super::Failure> {
     let mut out = std::io::stdout().lock();

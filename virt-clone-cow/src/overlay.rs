@@ -40,6 +40,10 @@ pub enum OverlayError {
         #[source]
         source: CommandError,
     },
+    #[error("'{0}' can be written by other users (group/other-writable, not sticky, or not owned by root); refusing to create overlays there")]
+    UnsafeDir(String),
+    #[error("'{0}' is not a regular file; a master must be one")]
+    NotRegular(String),
     #[error("qemu-img printed information about '{path}' that we cannot read: {why}")]
     InfoFormat { path: String, why: String },
 }
@@ -52,7 +56,14 @@ pub struct OverlayOptions {
 }
 
 impl OverlayOptions {
-    /// The best layout the installed qemu-img supports.
+    /// The best layout, for file overlays: [`create_file_overlay`] falls back by itself when
+    /// qemu-img does not know extended L2 entries, so no probe is needed (the hook saves a
+    /// qemu-img run per overlay).
+    pub fn preferred() -> Self {
+        OverlayOptions { extended_l2: true }
+    }
+
+    /// The best layout the installed qemu-img supports (asks qemu-img once per process).
     pub fn detect() -> Self {
         OverlayOptions { extended_l2: qemu_img_supports_extended_l2() }
     }
@@ -84,19 +95,45 @@ pub struct BackingSpec<'a> {
     pub virtual_size: u64,
 }
 
-/// Creates the overlay file `overlay` over `backing` with qemu-img. The file is created exclusively
-/// first, so an existing file (or a race with another process) is never overwritten; if qemu-img
-/// fails the file is removed again.
+/// Creates the overlay file `overlay` over `backing` with qemu-img, never overwriting anything:
+///
+/// * the directory must be one only root (or we) can write to, or a sticky one, so nobody can swap
+///   files under us while qemu-img runs as root;
+/// * qemu-img writes a hidden temporary file created exclusively beside the overlay, which is then
+///   hard-linked to the overlay's name (this fails if the name exists) and removed, so the name
+///   appears only when the overlay is complete, and a crash leaves no half-made overlay under it;
+/// * the master must be a regular file (a FIFO or a device would block or mislead qemu-img).
 pub fn create_file_overlay(overlay: &Path, backing: &BackingSpec<'_>, opts: OverlayOptions) -> Result<(), OverlayError> {
     let shown = overlay.display().to_string();
-    match OpenOptions::new().write(true).create_new(true).open(overlay) {
-        Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(OverlayError::Exists(shown)),
-        Err(source) => return Err(OverlayError::Create { path: shown, source }),
+    let (dir, file) = match (overlay.parent(), overlay.file_name()) {
+        (Some(d), Some(f)) if overlay.is_absolute() => (d, f.to_string_lossy().into_owned()),
+        _ => return Err(OverlayError::Create { path: shown, source: std::io::Error::other("not an absolute file path") }),
+    };
+    check_private_dir(dir)?;
+    ensure_regular(backing.path)?;
+    if overlay.symlink_metadata().is_ok() {
+        return Err(OverlayError::Exists(shown));
     }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let tmp = dir.join(format!(".{file}.vcc-{}-{nanos}.tmp", std::process::id()));
+    match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        Ok(_) => {}
+        Err(source) => return Err(OverlayError::Create { path: tmp.display().to_string(), source }),
+    }
+    let result = qemu_img_create(&tmp, backing, opts).map_err(|source| OverlayError::QemuImg { path: shown.clone(), source });
+    let linked = result.and_then(|()| match std::fs::hard_link(&tmp, overlay) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(OverlayError::Exists(shown.clone())),
+        Err(source) => Err(OverlayError::Create { path: shown.clone(), source }),
+    });
+    let _ = std::fs::remove_file(&tmp);
+    linked
+}
+
+fn qemu_img_create(path: &Path, backing: &BackingSpec<'_>, opts: OverlayOptions) -> Result<(), CommandError> {
     let size = backing.virtual_size.to_string();
     let create_opts = opts.create_opts();
-    let args: [&std::ffi::OsStr; 11] = [
+    let mut argv: Vec<&std::ffi::OsStr> = vec![
         "create".as_ref(),
         "-q".as_ref(),
         "-f".as_ref(),
@@ -107,15 +144,43 @@ pub fn create_file_overlay(overlay: &Path, backing: &BackingSpec<'_>, opts: Over
         backing.path.as_ref(),
         "-F".as_ref(),
         backing.format.as_ref(),
-        overlay.as_os_str(),
+        path.as_os_str(),
+        size.as_ref(),
     ];
-    let mut argv: Vec<&std::ffi::OsStr> = args.to_vec();
-    argv.push(size.as_ref());
-    if let Err(source) = run("qemu-img", &argv) {
-        let _ = std::fs::remove_file(overlay);
-        return Err(OverlayError::QemuImg { path: shown, source });
+    match run("qemu-img", &argv) {
+        // An older QEMU (before 5.2) does not know extended L2 entries: the plain layout. Only
+        // qemu-img's own complaint counts (our command line contains the word too).
+        Err(e) if opts.extended_l2 && e.stderr().is_some_and(|s| s.contains("extended_l2")) => {
+            let plain = OverlayOptions { extended_l2: false }.create_opts();
+            argv[5] = plain.as_ref();
+            run("qemu-img", &argv).map(|_| ())
+        }
+        other => other.map(|_| ()),
+    }
+}
+
+/// Refuses directories someone other than root (or us) could write to without the sticky bit.
+fn check_private_dir(dir: &Path) -> Result<(), OverlayError> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = dir.display().to_string();
+    let m = std::fs::metadata(dir).map_err(|source| OverlayError::Create { path: shown.clone(), source })?;
+    // Our effective uid without unsafe code: the owner of /proc/self.
+    let me = std::fs::metadata("/proc/self").map(|p| p.uid()).unwrap_or(0);
+    let owner_ok = m.uid() == 0 || m.uid() == me;
+    let others_cannot_swap = m.mode() & 0o022 == 0 || m.mode() & 0o1000 != 0;
+    if !m.is_dir() || !owner_ok || !others_cannot_swap {
+        return Err(OverlayError::UnsafeDir(shown));
     }
     Ok(())
+}
+
+/// The master must be a regular file (symlinks to one are fine).
+fn ensure_regular(path: &str) -> Result<(), OverlayError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(OverlayError::NotRegular(path.to_string())),
+        Err(source) => Err(OverlayError::Create { path: path.to_string(), source }),
+    }
 }
 
 /// Storage-volume XML for an overlay volume named `name` over `backing` (for `virStorageVolCreateXML`).
@@ -149,6 +214,7 @@ pub struct ImageInfo {
 /// `qemu-img info -f FORMAT --output=json --force-share PATH`: the format is always stated, so a
 /// raw image is never probed as something else.
 pub fn image_info(path: &str, format: &str) -> Result<ImageInfo, OverlayError> {
+    ensure_regular(path)?;
     let out = run("qemu-img", &["info", "-f", format, "--output=json", "--force-share", path])
         .map_err(|source| OverlayError::Info { path: path.into(), source })?;
     parse_image_info(path, &out.stdout)
@@ -221,5 +287,35 @@ mod tests {
         let err = create_file_overlay(&ov, &b, OverlayOptions::detect()).unwrap_err();
         assert!(matches!(err, OverlayError::QemuImg { .. }), "{err}");
         assert!(!ov.exists(), "the half-made overlay must be removed");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 1, "only the master is left: {left:?}");
+    }
+
+    #[test]
+    fn overlays_are_not_made_in_directories_others_can_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let master = dir.path().join("m.raw");
+        std::fs::write(&master, vec![0u8; 4096]).unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let b = BackingSpec { path: master.to_str().unwrap(), format: "raw", virtual_size: 4096 };
+        let err = create_file_overlay(&open.join("o.qcow2"), &b, OverlayOptions::preferred()).unwrap_err();
+        assert!(matches!(err, OverlayError::UnsafeDir(_)), "{err}");
+        // Sticky, like /tmp: nobody can swap our files there.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        create_file_overlay(&open.join("o.qcow2"), &b, OverlayOptions::preferred()).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_is_not_a_master() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("f");
+        crate::process::run("mkfifo", &[fifo.to_str().unwrap()]).unwrap();
+        let b = BackingSpec { path: fifo.to_str().unwrap(), format: "raw", virtual_size: 4096 };
+        let err = create_file_overlay(&dir.path().join("o.qcow2"), &b, OverlayOptions::preferred()).unwrap_err();
+        assert!(matches!(err, OverlayError::NotRegular(_)), "{err}");
+        assert!(matches!(image_info(fifo.to_str().unwrap(), "raw").unwrap_err(), OverlayError::NotRegular(_)));
     }
 }

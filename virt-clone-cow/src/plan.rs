@@ -126,7 +126,7 @@ pub struct PlanInput<'a> {
 pub enum PlanError {
     #[error("clone name '{0}' is given twice")]
     DuplicateName(String),
-    #[error("'{0}' is not a valid domain name (empty, or contains '/')")]
+    #[error("'{0}' is not a valid domain name (empty, or contains '/' or a control character such as a newline)")]
     BadName(String),
     #[error("could not write the clone's XML")]
     Xml(#[from] XmlError),
@@ -138,7 +138,7 @@ pub enum PlanError {
 pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Result<ClonePlan, PlanError> {
     let mut seen = HashSet::new();
     for n in input.names {
-        if n.is_empty() || n.contains('/') {
+        if n.is_empty() || n.contains('/') || n.chars().any(char::is_control) {
             return Err(PlanError::BadName(n.clone()));
         }
         if !seen.insert(n.as_str()) {
@@ -274,8 +274,8 @@ pub fn rename_path(path: &str, original: &str, clone: &str) -> String {
         (Some(d), Some(f)) => (d.to_string_lossy().into_owned(), f.to_string_lossy().into_owned()),
         _ => return format!("{path}-{clone}"),
     };
-    let new_file = if !original.is_empty() && file.contains(original) {
-        file.replace(original, clone)
+    let new_file = if let Some(replaced) = replace_token(&file, original, clone) {
+        replaced
     } else {
         match file.rsplit_once('.') {
             Some((stem, ext)) if !stem.is_empty() => format!("{stem}-{clone}.{ext}"),
@@ -289,6 +289,28 @@ pub fn rename_path(path: &str, original: &str, clone: &str) -> String {
     }
 }
 
+/// `text` with every occurrence of `token` that stands alone (not inside a longer word: the
+/// characters around it are not letters or digits) replaced by `with`; None if there is none.
+fn replace_token(text: &str, token: &str, with: &str) -> Option<String> {
+    if token.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut found = false;
+    while let Some(i) = rest.find(token) {
+        let before = rest[..i].chars().next_back().or_else(|| out.chars().next_back());
+        let after = rest[i + token.len()..].chars().next();
+        let alone = !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric);
+        out.push_str(&rest[..i]);
+        out.push_str(if alone { with } else { token });
+        found |= alone;
+        rest = &rest[i + token.len()..];
+    }
+    out.push_str(rest);
+    found.then_some(out)
+}
+
 /// The clone's UEFI vars path: libvirt's own naming (`NAME_VARS.fd`) in the same directory.
 fn nvram_path_for(from: &str, original: &str, clone: &str) -> String {
     rename_path(from, original, clone)
@@ -297,6 +319,23 @@ fn nvram_path_for(from: &str, original: &str, clone: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_with_slashes_or_newlines_are_refused_before_planning() {
+        let facts = DomainFacts::parse("<domain><name>t</name></domain>").unwrap();
+        for bad in ["", "a/b", "two\nlines"] {
+            let input = PlanInput {
+                original_xml: "<domain><name>t</name></domain>",
+                facts: &facts,
+                masters: &[],
+                names: &[bad.to_string()],
+                taken_macs: &HashSet::new(),
+                disposable: false,
+                nvram_pool: None,
+            };
+            assert!(matches!(plan(&input, || [1, 2, 3]), Err(PlanError::BadName(_))), "{bad:?}");
+        }
+    }
 
     #[test]
     fn auto_names_skip_taken_ones() {
@@ -310,6 +349,9 @@ mod tests {
         assert_eq!(rename_path("/var/log/console.log", "tmpl", "c1"), "/var/log/console-c1.log");
         assert_eq!(rename_path("/run/sock", "tmpl", "c1"), "/run/sock-c1");
         assert_eq!(rename_path("/var/lib/libvirt/qemu/nvram/tmpl_VARS.fd", "tmpl", "c1"), "/var/lib/libvirt/qemu/nvram/c1_VARS.fd");
+        // A short original name inside a longer word is not the name.
+        assert_eq!(rename_path("/var/log/tmpl-serial.log", "e", "web"), "/var/log/tmpl-serial-web.log");
+        assert_eq!(rename_path("/var/log/e-serial.log", "e", "web"), "/var/log/web-serial.log");
     }
 
     #[test]

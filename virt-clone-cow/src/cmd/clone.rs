@@ -62,6 +62,12 @@ pub enum CloneError {
     },
     #[error("'{path}' is the master of disk {master_target} and also the shared writable disk {shared_target} of '{domain}'; a master must not change under its clones: make {shared_target} <readonly/> or give it its own file")]
     MasterShared { domain: String, path: String, master_target: String, shared_target: String },
+    #[error("disk '{target}' of '{domain}' has a target name that cannot name an overlay file (letters and digits only, like vda)")]
+    BadTarget { domain: String, target: String },
+    #[error("disk {target} of '{domain}' names its image by a relative path ('{path}'); give the absolute path (virsh edit)")]
+    RelativeMaster { domain: String, target: String, path: String },
+    #[error("domain '{0}' has a saved state (managed save): its disks are mid-flight. Start it and shut it down, or drop the state with `virsh managedsave-remove '{0}'`, then clone")]
+    OriginalSaved(String),
     #[error("'{0}' exists already (left from an earlier clone with this name?); remove it or pick another name")]
     OverlayExists(String),
     #[error("cannot read the XML of domain '{domain}'")]
@@ -123,7 +129,7 @@ pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, Clo
     let outcomes = if req.dry_run {
         Vec::new()
     } else {
-        apply(lv, &plan, ApplyOptions { start: req.start, overlay: OverlayOptions::detect() })?
+        apply(lv, &plan, ApplyOptions { start: req.start, overlay: OverlayOptions::preferred() })?
     };
     Ok(report(&plan, &outcomes, req.dry_run, t0))
 }
@@ -134,6 +140,9 @@ pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneErr
     let xml = lv.domain_xml(&req.original)?;
     if lv.is_active(&req.original)? {
         return Err(CloneError::OriginalRunning(req.original.clone()));
+    }
+    if lv.has_managed_save(&req.original)? {
+        return Err(CloneError::OriginalSaved(req.original.clone()));
     }
     let facts = DomainFacts::parse(&xml).map_err(|source| CloneError::Xml { domain: req.original.clone(), source })?;
     let masters = resolve_masters(lv, &facts)?;
@@ -206,6 +215,15 @@ fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, Clo
     let mut out = Vec::new();
     for d in facts.private_disks() {
         let target = d.label();
+        // The target names the overlay file: keep it to what libvirt's own targets look like.
+        if d.target.is_none() || !target.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(CloneError::BadTarget { domain: domain.clone(), target });
+        }
+        if let DiskSource::File(path) = &d.source {
+            if !path.starts_with('/') {
+                return Err(CloneError::RelativeMaster { domain: domain.clone(), target, path: path.clone() });
+            }
+        }
         let format = d.format.clone().ok_or_else(|| CloneError::NoFormat { domain: domain.clone(), target: target.clone() })?;
         if !MASTER_FORMATS.contains(&format.as_str()) {
             return Err(CloneError::UnsupportedFormat { domain: domain.clone(), target, format });

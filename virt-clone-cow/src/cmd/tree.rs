@@ -83,8 +83,9 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
     for d in lv.list_domains()? {
         let Ok(facts) = DomainFacts::parse(&d.xml) else { continue };
         let md = facts.vcc_metadata.as_deref().and_then(|x| CowMetadata::parse(x).ok()).unwrap_or_default();
+        // A full copy made with virt-clone carries the template mark but has disks of its own.
         if let Some(t) = &md.template {
-            for m in &t.masters {
+            for m in t.masters.iter().filter(|m| m.used_by(&facts)) {
                 node(&mut masters, &m.path, Some(m.format.clone()));
                 if let Some(n) = masters.get_mut(&m.path) {
                     n.templates.push(facts.name.clone());

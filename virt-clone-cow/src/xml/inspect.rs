@@ -92,7 +92,7 @@ pub struct DomainFacts {
     pub macs: Vec<Option<String>>,
     pub nvram: Option<Nvram>,
     /// Files and sockets named by serial/console/parallel/channel devices (`source@path`,
-    /// `log@file`).
+    /// `log@file`) and graphics unix sockets (`graphics@socket`, `graphics/listen@socket`).
     pub char_paths: Vec<String>,
     /// Our metadata element (`urn:virt-clone-cow:1`) as XML text, if the domain has one.
     pub vcc_metadata: Option<String>,
@@ -111,6 +111,8 @@ impl DomainFacts {
         // Depth of the disk's first <backingStore> while inside it.
         let mut backing_depth: Option<usize> = None;
         let mut seen_name = false;
+        // `type` of the serial/console/parallel/channel device being read.
+        let mut char_type: Option<String> = None;
 
         loop {
             let ev = r.read_event().map_err(|e| syntax(&r, e))?;
@@ -124,7 +126,10 @@ impl DomainFacts {
                         continue;
                     }
                     stack.push(name);
-                    on_element(&mut facts, &stack, e, &mut disk, &mut backing_depth)?;
+                    if stack.len() == 3 && stack[1] == "devices" && CHAR_DEVICES.contains(&stack[2].as_str()) {
+                        char_type = attr(e, "type")?;
+                    }
+                    on_element(&mut facts, &stack, e, &mut disk, &mut backing_depth, char_type.as_deref())?;
                     text.clear();
                     if empty {
                         on_end(&mut facts, &stack, &mut disk, &mut backing_depth, &text, &mut seen_name)?;
@@ -163,6 +168,7 @@ fn on_element(
     e: &BytesStart<'_>,
     disk: &mut Option<Disk>,
     backing_depth: &mut Option<usize>,
+    char_type: Option<&str>,
 ) -> Result<(), XmlError> {
     let n = stack.len();
     if n == 1 && stack[0] == "domain" {
@@ -221,10 +227,20 @@ fn on_element(
             nv.path = attr(e, "file")?;
             nv.source_form = true;
         }
+    } else if at(stack, &["domain", "devices", "graphics"]) || at(stack, &["domain", "devices", "graphics", "listen"]) {
+        if let Some(p) = attr(e, "socket")? {
+            if !facts.char_paths.contains(&p) {
+                facts.char_paths.push(p);
+            }
+        }
     } else if n == 4 && stack[1] == "devices" && CHAR_DEVICES.contains(&stack[2].as_str()) {
-        let key = match stack[3].as_str() {
-            "source" => "path",
-            "log" => "file",
+        // Only paths that belong to this domain: files it writes, sockets it creates (unix
+        // mode='bind') and logs. Host devices (type='dev'), pipes and sockets it connects to are
+        // shared things and stay as they are.
+        let key = match (stack[3].as_str(), char_type) {
+            ("source", Some("file")) => "path",
+            ("source", Some("unix")) if attr(e, "mode")?.as_deref() == Some("bind") => "path",
+            ("log", _) => "file",
             _ => return Ok(()),
         };
         if let Some(p) = attr(e, key)? {

@@ -1,9 +1,10 @@
 //! The streaming rewrite from an original's domain XML to a clone's.
 //!
 //! Every event is copied from reader to writer as it came, except the few this pass must change:
-//! the name, the UUID (dropped: libvirt makes a new one), MAC addresses, fixed graphics ports,
-//! paths of serial/console/channel devices, the UEFI vars path, the private disks (new source,
-//! qcow2 driver, a `<backingStore>` naming the master) and our own metadata element.
+//! the name, the UUID and the SMBIOS system UUID (dropped: libvirt makes a new one), the VM
+//! generation ID (emptied: likewise), MAC addresses, fixed graphics ports, paths of
+//! serial/console/channel devices and graphics sockets, the UEFI vars path, the private disks
+//! (new source, qcow2 driver, a `<backingStore>` naming the master) and our own metadata element.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -147,7 +148,14 @@ impl<'e> State<'e> {
         let depth = self.stack.len();
 
         // Elements dropped whole, together with the whitespace before them.
+        // The SMBIOS system UUID goes with <uuid>: without <uuid> libvirt would adopt it, and the
+        // clone would collide with its original.
+        let smbios_uuid = depth == 4
+            && at(&self.stack[..3], &["domain", "sysinfo", "system"])
+            && self.stack[3] == "entry"
+            && super::attr(&e, "name")?.as_deref() == Some("uuid");
         let drop = at(&self.stack, &["domain", "uuid"])
+            || smbios_uuid
             || (depth == 3
                 && at(&self.stack[..2], &["domain", "metadata"])
                 && declares_namespace(&e, NAMESPACE))
@@ -189,6 +197,9 @@ impl<'e> State<'e> {
             // Elements whose text we replace.
             let new_text = if at(&self.stack, &["domain", "name"]) {
                 Some(self.edits.name.clone())
+            } else if at(&self.stack, &["domain", "genid"]) {
+                // The stored VM generation ID: empty makes libvirt generate a new one.
+                Some(String::new())
             } else if at(&self.stack, &["domain", "os", "nvram"]) && !self.edits.nvram_source_form {
                 self.edits.nvram_path.clone()
             } else {
@@ -328,10 +339,14 @@ impl<'e> State<'e> {
             let fixed = autoport.as_deref() != Some("yes")
                 && port.as_deref().is_some_and(|p| p != "-1" && p != "0");
             let ws_fixed = super::attr(e, "websocket")?.is_some_and(|p| p != "-1");
-            if !fixed && !ws_fixed {
+            let socket = super::attr(e, "socket")?.and_then(|old| self.edits.char_paths.get(&old));
+            if !fixed && !ws_fixed && socket.is_none() {
                 return Ok(None);
             }
             let mut changes: Vec<(&str, Option<&str>)> = Vec::new();
+            if let Some(new) = socket {
+                changes.push(("socket", Some(new.as_str())));
+            }
             if fixed {
                 changes.extend([("port", Some("-1")), ("autoport", Some("yes")), ("tlsPort", None)]);
             }
@@ -339,6 +354,12 @@ impl<'e> State<'e> {
                 changes.push(("websocket", Some("-1")));
             }
             return Ok(Some(set_attrs(e, &changes)?));
+        }
+        if at(s, &["domain", "devices", "graphics", "listen"]) {
+            if let Some(new) = super::attr(e, "socket")?.and_then(|old| self.edits.char_paths.get(&old)) {
+                return Ok(Some(set_attrs(e, &[("socket", Some(new.as_str()))])?));
+            }
+            return Ok(None);
         }
         if at(s, &["domain", "os", "nvram", "source"]) {
             if let Some(p) = &self.edits.nvram_path {

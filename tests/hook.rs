@@ -1,0 +1,574 @@
+//! The libvirt hook through real virsh and a real libvirtd: the hook is installed in
+//! /etc/libvirt/hooks/qemu.d with packaging/hook-install, and every test drives it by defining and
+//! starting domains, as any libvirt client would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+const URI: &str = "qemu:///system";
+const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.conf";
+/// The installed hook asks the pool-helper daemon the tests start here (state dir of that daemon).
+const HOOK_DAEMON_STATE: &str = "/run/vcc-tests-hookd";
+/// How long the hook waits for a missing master in these tests.
+const FETCH_TIMEOUT_S: u64 = 10;
+/// No daemon listens here: fetches fail at once with a reason.
+const NO_DAEMON_SOCKET: &str = "/run/vcc-tests-no-daemon.sock";
+
+fn target_dir() -> PathBuf {
+    // target/debug/deps/hook-HASH -> target/debug
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test does)", p.display());
+    p
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+fn virsh(args: &[&str]) -> Output {
+    let mut v = vec!["-q", "-c", URI];
+    v.extend_from_slice(args);
+    run("virsh", &v)
+}
+
+fn virsh_ok(args: &[&str]) -> String {
+    let o = virsh(args);
+    assert!(o.status.success(), "virsh {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn domstate(name: &str) -> String {
+    virsh_ok(&["domstate", name]).trim().to_string()
+}
+
+/// Installs the freshly built hook once per test run, with a config pointing at no daemon and a
+/// short fetch bound.
+fn install_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::fs::create_dir_all("/etc/virt-clone-cow").expect("config dir");
+        std::fs::write(
+            HOOK_CONF,
+            format!("control_socket = {HOOK_DAEMON_STATE}/control.sock\nfetch_timeout = {FETCH_TIMEOUT_S}\nconnect_timeout = 1\nprogress_interval = 2\n"),
+        )
+        .expect("hook config");
+        let hook = bin("virt-clone-cow-hook");
+        let script = repo().join("packaging/hook-install");
+        let o = run(script.to_str().expect("utf-8 path"), &["install", hook.to_str().expect("utf-8 path")]);
+        assert!(o.status.success(), "hook-install failed: {}", String::from_utf8_lossy(&o.stderr));
+    });
+}
+
+/// A directory of masters and overlays plus every domain named with this prefix; all removed on drop.
+struct Env {
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(test: &str) -> Env {
+        install_hook();
+        let prefix = format!("vcct-hook-{test}-{}", std::process::id());
+        let dir = PathBuf::from("/var/lib/vcc-tests").join(&prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        Env { prefix, dir }
+    }
+
+    fn name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).to_string_lossy().into_owned()
+    }
+
+    fn master(&self, file: &str, format: &str) -> String {
+        let p = self.path(file);
+        let o = run("qemu-img", &["create", "-q", "-f", format, &p, "64M"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        p
+    }
+
+    fn define(&self, xml: &str) {
+        let f = self.dir.join(format!("def-{}.xml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()));
+        std::fs::write(&f, xml).expect("write xml");
+        virsh_ok(&["define", f.to_str().expect("utf-8")]);
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let list = virsh(&["list", "--all", "--name"]);
+        for n in String::from_utf8_lossy(&list.stdout).lines().map(str::trim).filter(|n| n.starts_with(&self.prefix)) {
+            let _ = virsh(&["destroy", n]);
+            let _ = virsh(&["undefine", "--nvram", n]);
+            let _ = virsh(&["undefine", n]);
+        }
+        // Pools named after this test (virt-install makes one for the directory of a disk).
+        let pools = virsh(&["pool-list", "--all", "--name"]);
+        for p in String::from_utf8_lossy(&pools.stdout).lines().map(str::trim).filter(|p| p.starts_with(&self.prefix)) {
+            let _ = virsh(&["pool-destroy", p]);
+            let _ = virsh(&["pool-undefine", p]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn domain_type() -> &'static str {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+        "kvm"
+    } else {
+        "qemu"
+    }
+}
+
+/// A BIOS guest with one disk: `disk` is the inside of `<disk>`; `metadata` goes in `<metadata>`.
+fn domain_xml(name: &str, disk: &str, metadata: &str) -> String {
+    let esc = name.replace('&', "&amp;").replace('<', "&lt;");
+    format!(
+        "<domain type='{}'><name>{esc}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <metadata>{metadata}</metadata>\
+         <os><type arch='x86_64'>hvm</type></os><devices>\
+         <disk type='file' device='disk'>{disk}<target dev='vda' bus='virtio'/></disk>\
+         <graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices></domain>",
+        domain_type()
+    )
+}
+
+fn backed_disk(overlay: &str, master: &str, master_format: &str) -> String {
+    format!(
+        "<driver name='qemu' type='qcow2'/><source file='{overlay}'/>\
+         <backingStore type='file'><format type='{master_format}'/><source file='{master}'/></backingStore>"
+    )
+}
+
+fn image_json(path: &str) -> serde_json::Value {
+    let o = run("qemu-img", &["info", "-f", "qcow2", "--output=json", "--force-share", path]);
+    assert!(o.status.success(), "qemu-img info {path}: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("qemu-img json")
+}
+
+fn inode(path: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").ino()
+}
+
+#[test]
+fn start_creates_the_overlay_named_by_a_user_written_backing_store() {
+    let env = Env::new("create");
+    let master = env.master("base.raw", "raw");
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
+    assert!(!Path::new(&overlay).exists());
+
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    let info = image_json(&overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+    assert_eq!(info["format-specific"]["data"]["compat"].as_str(), Some("1.1"));
+    assert_eq!(info["virtual-size"].as_u64(), Some(64 << 20));
+
+    // A second start (the overlay now holds the guest's data) must not recreate it.
+    let ino = inode(&overlay);
+    virsh_ok(&["destroy", &name]);
+    virsh_ok(&["start", &name]);
+    assert_eq!(inode(&overlay), ino, "the existing overlay was replaced");
+}
+
+#[test]
+fn a_template_refuses_to_start_with_a_clear_message() {
+    let env = Env::new("template");
+    let master = env.master("t.qcow2", "qcow2");
+    let name = env.name("tmpl");
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:template><vcc:master target='vda' path='{master}' format='qcow2'/></vcc:template></vcc:cow>"
+    );
+    env.define(&domain_xml(&name, &format!("<driver name='qemu' type='qcow2'/><source file='{master}'/>"), &md));
+    let o = virsh(&["start", &name]);
+    assert!(!o.status.success(), "a template started");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is a virt-clone-cow template"), "{err}");
+    assert!(err.contains("virt-clone-cow --original"), "the message says what to do: {err}");
+    assert_eq!(domstate(&name), "shut off");
+}
+
+#[test]
+fn a_missing_master_without_a_daemon_fails_within_the_bound_and_names_the_master() {
+    let env = Env::new("nodaemon");
+    let master = env.path("absent.qcow2");
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='qcow2' sha256='{}'/></vcc:disk></vcc:clone></vcc:cow>",
+        "ab".repeat(32)
+    );
+    let conf = env.path("hook.conf");
+    std::fs::write(&conf, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 5\nconnect_timeout = 1\n")).expect("conf");
+    let t0 = Instant::now();
+    let o = hook_direct_with(&name, "prepare", "begin", &domain_xml(&name, &backed_disk(&overlay, &master, "qcow2"), &md), Some(&conf));
+    let took = t0.elapsed();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&master), "the error names the master: {err}");
+    assert!(err.contains("pool-helper serve"), "the error gives the reason and what to do: {err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(!Path::new(&overlay).exists(), "no overlay is made without its master");
+}
+
+#[test]
+fn a_missing_master_with_no_manifest_says_so() {
+    let env = Env::new("nomanifest");
+    let master = env.path("absent.raw");
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
+    let o = virsh(&["start", &name]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&master) && err.contains("no pool-helper manifest"), "{err}");
+    assert!(!Path::new(&overlay).exists());
+}
+
+#[test]
+fn a_disposable_clone_starts_fresh_each_time() {
+    let env = Env::new("disposable");
+    let master = env.master("base.qcow2", "qcow2");
+    let name = env.name("vm");
+    // Made by virt-clone-cow itself: a template, then a disposable clone.
+    let tmpl = env.name("tmpl");
+    env.define(&domain_xml(&tmpl, &format!("<driver name='qemu' type='qcow2'/><source file='{master}'/>"), ""));
+    let o = run(bin("virt-clone-cow").to_str().expect("utf-8"), &["-c", URI, "--original", &tmpl, "--name", &name, "--disposable", "--start"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let overlay = env.path(&format!("{name}-vda.qcow2"));
+    assert_eq!(domstate(&name), "running");
+    // Something the guest "wrote" lands in the overlay.
+    let before = inode(&overlay);
+
+    virsh_ok(&["destroy", &name]);
+    assert!(!Path::new(&overlay).exists(), "release end must discard a disposable clone's overlay");
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    assert!(Path::new(&overlay).exists());
+    let info = image_json(&overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+    let _ = before; // inode numbers may be reused; existence after the stop is the proof
+}
+
+#[test]
+fn an_unmanaged_domain_is_left_alone() {
+    let env = Env::new("unmanaged");
+    let disk = env.master("plain.qcow2", "qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &format!("<driver name='qemu' type='qcow2'/><source file='{disk}'/>"), ""));
+    let before = virsh_ok(&["dumpxml", "--inactive", &name]);
+    let files_before: Vec<_> = std::fs::read_dir(&env.dir).expect("dir").flatten().map(|e| e.file_name()).collect();
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    virsh_ok(&["destroy", &name]);
+    assert_eq!(virsh_ok(&["dumpxml", "--inactive", &name]), before);
+    let files_after: Vec<_> = std::fs::read_dir(&env.dir).expect("dir").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(files_before.len(), files_after.len());
+    assert!(Path::new(&disk).exists());
+}
+
+/// Runs the hook binary the way libvirt does, for the filter operations whose stdout libvirt parses.
+fn hook_direct(domain: &str, op: &str, sub: &str, xml: &str) -> Output {
+    hook_direct_with(domain, op, sub, xml, None)
+}
+
+fn hook_direct_with(domain: &str, op: &str, sub: &str, xml: &str, conf: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(bin("virt-clone-cow-hook"));
+    if let Some(c) = conf {
+        cmd.env("VIRT_CLONE_COW_HOOK_CONF", c);
+    }
+    let mut child = cmd
+        .args([domain, op, sub, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hook");
+    child.stdin.take().expect("stdin").write_all(xml.as_bytes()).expect("write xml");
+    child.wait_with_output().expect("hook output")
+}
+
+#[test]
+fn migrate_and_restore_pass_the_xml_through_and_check_masters() {
+    let env = Env::new("filters");
+    let master = env.master("m.qcow2", "qcow2");
+    let name = env.name("vm");
+    let ok_xml = domain_xml(&name, &backed_disk(&env.path("o.qcow2"), &master, "qcow2"), "");
+    for op in ["migrate", "restore"] {
+        let o = hook_direct(&name, op, "begin", &ok_xml);
+        assert!(o.status.success(), "{op}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout.is_empty(), "{op} must print nothing on stdout (libvirt parses it as XML)");
+        assert!(!Path::new(&env.path("o.qcow2")).exists(), "{op} makes no overlay");
+    }
+    let missing = domain_xml(&name, &backed_disk(&env.path("o.qcow2"), &env.path("gone.qcow2"), "qcow2"), "");
+    let o = hook_direct(&name, "migrate", "begin", &missing);
+    assert!(!o.status.success(), "a migration whose master is missing here must be refused");
+    assert!(o.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("gone.qcow2"));
+    // reconnect never fails, whatever the XML.
+    let o = hook_direct(&name, "reconnect", "begin", "<not xml");
+    assert!(o.status.success());
+    assert!(o.stdout.is_empty() && o.stderr.is_empty());
+}
+
+#[test]
+fn virt_install_with_backing_store_still_works() {
+    let env = Env::new("virtinstall");
+    let master = env.master("m.qcow2", "qcow2");
+    let disk = env.path("vi.qcow2");
+    let name = env.name("vi");
+    let disk_arg = format!("path={disk},backing_store={master},backing_format=qcow2,size=1,format=qcow2,bus=virtio");
+    let o = run(
+        "virt-install",
+        &[
+            "--connect", URI, "--name", &name, "--memory", "64", "--vcpus", "1", "--import", "--disk", &disk_arg,
+            "--network", "none", "--graphics", "none", "--osinfo", "detect=off,name=generic", "--noautoconsole", "--noreboot",
+        ],
+    );
+    assert!(o.status.success(), "virt-install: {}", String::from_utf8_lossy(&o.stderr));
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(image_json(&disk)["full-backing-filename"].as_str(), Some(master.as_str()));
+}
+
+#[test]
+fn a_volume_made_with_vol_create_as_backing_vol_shows_in_the_tree() {
+    let env = Env::new("volcreate");
+    let pool = env.name("pool");
+    virsh_ok(&["pool-define-as", &pool, "dir", "--target", env.dir.to_str().expect("utf-8")]);
+    virsh_ok(&["pool-start", &pool]);
+    let master = env.master("m.qcow2", "qcow2");
+    virsh_ok(&["pool-refresh", &pool]);
+    virsh_ok(&["vol-create-as", &pool, "child.qcow2", "64M", "--format", "qcow2", "--backing-vol", &master, "--backing-vol-format", "qcow2"]);
+    let o = run(bin("virt-clone-cow").to_str().expect("utf-8"), &["-c", URI, "tree", "--json"]);
+    let _ = virsh(&["pool-destroy", &pool]);
+    let _ = virsh(&["pool-undefine", &pool]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tree: serde_json::Value = serde_json::from_slice(&o.stdout).expect("tree json");
+    let node = tree["masters"].as_array().expect("masters").iter().find(|m| m["path"] == master.as_str()).expect("the master is listed");
+    let clones = node["clones"].as_array().expect("clones");
+    assert_eq!(clones.len(), 1);
+    assert_eq!(clones[0]["volume"], "child.qcow2");
+    assert_eq!(clones[0]["pool"], pool.as_str());
+    assert!(clones[0]["domain"].is_null());
+}
+
+#[test]
+fn the_daemon_scan_finds_missing_masters_and_overlays_their_pool_does_not_list() {
+    let env = Env::new("scan");
+    let pool = env.name("pool");
+    virsh_ok(&["pool-define-as", &pool, "dir", "--target", env.dir.to_str().expect("utf-8")]);
+    virsh_ok(&["pool-start", &pool]);
+    let absent = env.path("absent.qcow2");
+    let name = env.name("needs");
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{}'><vcc:master path='{absent}' format='qcow2' sha256='{}'/></vcc:disk></vcc:clone></vcc:cow>",
+        env.path("needs.qcow2"),
+        "cd".repeat(32)
+    );
+    env.define(&domain_xml(&name, &backed_disk(&env.path("needs.qcow2"), &absent, "qcow2"), &md));
+    // A domain whose overlay exists in the pool's directory but was made behind libvirt's back
+    // (as the hook does).
+    let master = env.master("m.qcow2", "qcow2");
+    virsh_ok(&["pool-refresh", &pool]);
+    let made = env.path("made-by-hook.qcow2");
+    let o = run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &master, &made]);
+    assert!(o.status.success());
+    env.define(&domain_xml(&env.name("hooked"), &backed_disk(&made, &master, "qcow2"), ""));
+
+    let lv = virt_clone_cow::libvirt::Libvirt::open(Some(URI)).expect("connect");
+    let scan = virt_clone_cow::watch::scan(&lv).expect("scan");
+    let _ = virsh(&["pool-destroy", &pool]);
+    let _ = virsh(&["pool-undefine", &pool]);
+    let m = scan.missing.iter().find(|m| m.master.path == absent).expect("the missing master is found");
+    assert_eq!(m.domains, vec![name.clone()]);
+    assert_eq!(m.master.sha256.as_deref(), Some("cd".repeat(32).as_str()));
+    assert!(scan.missing.iter().all(|m| m.master.path != master), "a present master is not missing");
+    assert!(scan.pools_to_refresh.contains(&pool), "{:?}", scan.pools_to_refresh);
+}
+
+/// A pool-helper instance: its own state dir, port and control socket, on 127.0.0.1.
+struct PoolHelper {
+    state: PathBuf,
+    port: u16,
+    daemon: Option<std::process::Child>,
+}
+
+impl PoolHelper {
+    fn new(state: &Path) -> PoolHelper {
+        let _ = std::fs::remove_dir_all(state);
+        std::fs::create_dir_all(state).expect("state dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        PoolHelper { state: state.to_path_buf(), port, daemon: None }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("pool-helper"));
+        c.arg("--state-dir").arg(&self.state);
+        c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd"]);
+        c.args(args).stdin(Stdio::null());
+        c
+    }
+
+    fn serve(&mut self) {
+        let log = std::fs::File::create(self.state.join("daemon.log")).expect("log");
+        self.daemon = Some(self.cmd(&["serve"]).stdout(Stdio::null()).stderr(log).spawn().expect("pool-helper serve"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(self.state.join("control.sock")).is_err() {
+            assert!(Instant::now() < deadline, "pool-helper did not start: {}", std::fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn publish(&self, pool: &str, volume: &str) -> String {
+        let o = self.cmd(&["publish", "--pool", pool, volume]).output().expect("publish");
+        assert!(o.status.success(), "publish: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+}
+
+impl Drop for PoolHelper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Tests that use the daemon the installed hook talks to take turns.
+static HOOK_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn dir_pool(env: &Env, tag: &str) -> (String, PathBuf) {
+    let name = env.name(tag);
+    let dir = env.dir.join(tag);
+    std::fs::create_dir_all(&dir).expect("pool dir");
+    virsh_ok(&["pool-define-as", &name, "dir", "--target", dir.to_str().expect("utf-8")]);
+    virsh_ok(&["pool-start", &name]);
+    (name, dir)
+}
+
+fn drop_pool(name: &str) {
+    let _ = virsh(&["pool-destroy", name]);
+    let _ = virsh(&["pool-undefine", name]);
+}
+
+/// A domain on "this host" whose master is published by another pool-helper instance: its
+/// metadata names the manifest and the pool the master belongs in.
+fn fetching_domain_xml(name: &str, overlay: &str, master: &str, pool: &str, manifest: &str) -> String {
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{pool}' manifest='{manifest}'/>\
+         </vcc:disk></vcc:clone></vcc:cow>"
+    );
+    domain_xml(name, &backed_disk(overlay, master, "raw"), &md)
+}
+
+fn write_random(path: &Path, len: usize) {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    std::fs::write(path, v).expect("write master");
+}
+
+fn sha256(path: &str) -> String {
+    let o = run("sha256sum", &[path]);
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("fetch");
+    // The other host: publishes and seeds the master.
+    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
+    write_random(&seed_dir.join("base.raw"), 24 << 20);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_pool, "base.raw");
+    let published: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    // This host: a daemon (the one the installed hook asks) and a pool without the master.
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.serve();
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("base.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&fetching_domain_xml(&name, &overlay, &master, &pool, &manifest));
+    assert!(!Path::new(&master).exists());
+
+    let o = virsh(&["start", &name]);
+    drop(local);
+    drop(seeder);
+    drop_pool(&pool);
+    drop_pool(&seed_pool);
+    assert!(o.status.success(), "virsh start: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(sha256(&master), published["sha256"].as_str().expect("sha256"), "the master matches the manifest");
+    let info = image_json(&overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+}
+
+#[test]
+fn with_no_peer_holding_the_master_the_start_fails_within_the_bound_naming_it() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("nopeer");
+    // Published on another host whose daemon is not running: nobody seeds it.
+    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
+    write_random(&seed_dir.join("lonely.raw"), 4 << 20);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    let manifest = seeder.publish(&seed_pool, "lonely.raw");
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.serve();
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("lonely.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&fetching_domain_xml(&name, &overlay, &master, &pool, &manifest));
+
+    let t0 = Instant::now();
+    let o = virsh(&["start", &name]);
+    let took = t0.elapsed();
+    drop(local);
+    drop_pool(&pool);
+    drop_pool(&seed_pool);
+    assert!(!o.status.success(), "the start must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&master), "names the master: {err}");
+    assert!(err.contains("still not here after"), "says why: {err}");
+    assert!(err.contains("later start will succeed"), "says what happens next: {err}");
+    assert!(took >= Duration::from_secs(FETCH_TIMEOUT_S - 1) && took < Duration::from_secs(FETCH_TIMEOUT_S + 15), "took {took:?}");
+    assert!(!Path::new(&overlay).exists());
+    assert!(!Path::new(&master).exists(), "nothing partial in the pool");
+    assert_eq!(domstate(&name), "shut off");
+}

@@ -1,0 +1,249 @@
+"""The ways a master reaches every host: BitTorrent (pool-helper), one central HTTP server (nginx),
+multicast (uftp). Each returns, per receiving host, the seconds until it held a verified copy."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(4 << 20)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+class Waiter:
+    """Polls for each host's file to appear, then verifies it; records the time of verification."""
+
+    def __init__(self, expected_sha, t0):
+        self.expected = expected_sha
+        self.t0 = t0
+        self.times = {}
+        self.bad = {}
+        self.lock = threading.Lock()
+
+    def verify_when_present(self, index, path, done_check, deadline):
+        def work():
+            while time.time() < deadline:
+                if done_check():
+                    got = sha256(path) if os.path.exists(path) else "missing"
+                    with self.lock:
+                        if got == self.expected:
+                            self.times[index] = time.time() - self.t0
+                        else:
+                            self.bad[index] = got
+                    return
+                time.sleep(0.05)
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        return t
+
+
+def http(lab, master, expected_sha, work, timeout):
+    """Every host downloads from nginx on the origin at once (the central-server model)."""
+    origin = lab.hosts[0]
+    root = os.path.dirname(master)
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 2;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+daemon off;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  server {{ listen {origin.ip}:8080; root {root}; }}
+}}
+""")
+    server = origin.popen(["nginx", "-c", conf, "-p", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://{origin.ip}:8080/{os.path.basename(master)}"
+        deadline = time.time() + 10
+        while subprocess.run(("ip", "netns", "exec", lab.hosts[1].ns, "curl", "-sf", "-o", "/dev/null", "-r", "0-0", url),
+                             capture_output=True).returncode != 0:
+            if time.time() > deadline:
+                raise RuntimeError("nginx did not come up")
+            time.sleep(0.1)
+        t0 = time.time()
+        waiter = Waiter(expected_sha, t0)
+        threads, procs = [], []
+        for h in lab.hosts[1:]:
+            dest = os.path.join(work, f"http-h{h.index}.img")
+            p = h.popen(["curl", "-sS", "-o", dest, url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            procs.append(p)
+            threads.append(waiter.verify_when_present(h.index, dest, lambda p=p: p.poll() is not None, t0 + timeout))
+        for t in threads:
+            t.join()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        return waiter
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def multicast(lab, master, expected_sha, work, timeout, rate_mbit):
+    """uftp: one multicast sender, every host receives the same packets; the sender keeps one pace
+    for all (TFMCC congestion control: the slowest receiver sets it)."""
+    origin = lab.hosts[0]
+    name = os.path.basename(master)
+    clients = []
+    t0 = None
+    try:
+        for h in lab.hosts[1:]:
+            dest = os.path.join(work, f"uftp-h{h.index}")
+            tmp = os.path.join(work, f"uftp-h{h.index}.tmp")
+            os.makedirs(dest, exist_ok=True)
+            os.makedirs(tmp, exist_ok=True)
+            clients.append(h.popen(["uftpd", "-d", "-I", "eth0", "-D", dest, "-T", tmp, "-x", "0"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(2.0)
+        for c in clients:
+            if c.poll() is not None:
+                raise RuntimeError("a uftpd client exited at start")
+        t0 = time.time()
+        waiter = Waiter(expected_sha, t0)
+        server = origin.popen(["uftp", "-I", "eth0", "-C", "tfmcc", "-R", str(int(rate_mbit * 1000)), "-a", "200",
+                               "-L", os.path.join(work, "uftp-server.log"), master],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        threads = []
+        for h in lab.hosts[1:]:
+            dest = os.path.join(work, f"uftp-h{h.index}", name)
+            threads.append(waiter.verify_when_present(h.index, dest, lambda d=dest: os.path.exists(d), t0 + timeout))
+        for t in threads:
+            t.join()
+        if server.poll() is None:
+            server.kill()
+        if len(waiter.times) < len(lab.hosts) - 1:
+            log = os.path.join(work, "uftp-server.log")
+            if os.path.exists(log):
+                shutil.copy(log, os.path.join(os.path.dirname(work), "last-uftp-server.log"))
+        return waiter
+    finally:
+        for c in clients:
+            c.kill()
+            c.wait()
+
+
+class PoolHelpers:
+    """One pool-helper daemon per host, each with its own libvirt dir pool, state dir and fixed
+    port, reachable at the host's lab address. The origin publishes the master from its pool."""
+
+    PORT = 6881
+
+    def __init__(self, lab, work, binary, extra_args=()):
+        self.lab, self.work, self.bin, self.extra = lab, work, binary, list(extra_args)
+        self.daemons = {}
+
+    def state(self, h):
+        return os.path.join(self.work, f"h{h.index}", "state")
+
+    def pool(self, h):
+        return f"vcclab-pool-h{h.index}"
+
+    def pool_dir(self, h):
+        return os.path.join(self.work, f"h{h.index}", "pool")
+
+    def args(self, h):
+        return [self.bin, "--state-dir", self.state(h), "--listen-port", str(self.PORT), "--advertise", h.ip,
+                *self.extra]
+
+    def __enter__(self):
+        for h in self.lab.hosts:
+            os.makedirs(self.pool_dir(h), exist_ok=True)
+            os.makedirs(self.state(h), exist_ok=True)
+            subprocess.run(("virsh", "-q", "pool-destroy", self.pool(h)), capture_output=True)
+            subprocess.run(("virsh", "-q", "pool-undefine", self.pool(h)), capture_output=True)
+            subprocess.run(("virsh", "-q", "pool-define-as", self.pool(h), "dir", "--target", self.pool_dir(h)),
+                           check=True, capture_output=True)
+            subprocess.run(("virsh", "-q", "pool-start", self.pool(h)), check=True, capture_output=True)
+            self.start(h)
+        return self
+
+    def start(self, h):
+        log = open(os.path.join(self.work, f"daemon-h{h.index}.log"), "ab")
+        self.daemons[h.index] = h.popen(self.args(h) + ["serve"], stdout=log, stderr=log)
+        sock = os.path.join(self.state(h), "control.sock")
+        deadline = time.time() + 30
+        while not os.path.exists(sock):
+            if self.daemons[h.index].poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"pool-helper on {h.ns} did not start (see {log.name})")
+            time.sleep(0.05)
+
+    def kill(self, h):
+        p = self.daemons.pop(h.index, None)
+        if p:
+            p.kill()
+            p.wait()
+
+    def __exit__(self, *exc):
+        for i in list(self.daemons):
+            self.kill(self.lab.hosts[i])
+        for h in self.lab.hosts:
+            subprocess.run(("virsh", "-q", "pool-destroy", self.pool(h)), capture_output=True)
+            subprocess.run(("virsh", "-q", "pool-undefine", self.pool(h)), capture_output=True)
+
+    def publish(self, master):
+        origin = self.lab.hosts[0]
+        name = os.path.basename(master)
+        shutil.copyfile(master, os.path.join(self.pool_dir(origin), name))
+        subprocess.run(("virsh", "-q", "pool-refresh", self.pool(origin)), check=True, capture_output=True)
+        out = origin.run(*self.args(origin), "publish", "--pool", self.pool(origin), name)
+        return out.strip().splitlines()[-1]
+
+    def fetch(self, h, manifest):
+        return h.popen(self.args(h) + ["fetch", "--pool", self.pool(h), manifest],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def opentracker(host, info_hash, work):
+    """Debian's opentracker on a lab host, serving only this info-hash (it refuses to run as root)."""
+    d = os.path.join(work, "tracker")
+    os.makedirs(d, exist_ok=True)
+    os.chmod(d, 0o755)
+    with open(os.path.join(d, "wl"), "w") as f:
+        f.write(info_hash + "\n")
+    p = host.popen(["opentracker", "-i", host.ip, "-p", "6969", "-P", "6969", "-u", "nobody", "-d", d, "-w", "wl"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    if p.poll() is not None:
+        raise RuntimeError("opentracker did not start")
+    return p
+
+
+def bittorrent(lab, master, expected_sha, work, timeout, pool_helper, faults=None):
+    """pool-helper on every host: the origin publishes, every other host fetches at the same moment
+    from whoever has pieces; peers find each other through a LAN tracker on the origin (and the
+    manifest's peer hints). `faults(lab, helpers, t0)` runs alongside, for the fault scenarios."""
+    origin = lab.hosts[0]
+    tracker_url = f"http://{origin.ip}:6969/announce"
+    with PoolHelpers(lab, work, pool_helper, ["--tracker", tracker_url]) as ph:
+        manifest = ph.publish(master)
+        with open(manifest) as f:
+            info_hash = json.load(f)["info_hash"]
+        tracker = opentracker(origin, info_hash, work)
+        t0 = time.time()
+        waiter = Waiter(expected_sha, t0)
+        threads = []
+        for h in lab.hosts[1:]:
+            dest = os.path.join(ph.pool_dir(h), os.path.basename(master))
+            p = ph.fetch(h, manifest)
+            threads.append(waiter.verify_when_present(h.index, dest, lambda p=p: p.poll() is not None,
+                                                      t0 + timeout))
+        if faults:
+            faults(lab, ph, t0)
+        for t in threads:
+            t.join()
+        tracker.kill()
+        tracker.wait()
+        return waiter

@@ -1,0 +1,126 @@
+"""Test hosts as network namespaces on this machine, joined by veth links to one bridge, each link
+shaped with tc (netem: rate, delay, loss). Traffic stays inside these namespaces."""
+import os
+import subprocess
+import time
+
+PREFIX = "vcclab"
+SUBNET = "10.213.0"
+
+
+def sh(*argv, check=True, ns=None, capture=True):
+    """Runs an argv (never a shell string), optionally inside a namespace."""
+    if ns:
+        argv = ("ip", "netns", "exec", ns) + tuple(argv)
+    p = subprocess.run(argv, capture_output=capture, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {(p.stderr or '').strip()}")
+    return p.stdout if capture else ""
+
+
+class Host:
+    def __init__(self, index, rate_mbit, delay_ms, loss_pct):
+        self.index = index
+        self.ns = f"{PREFIX}-h{index}"
+        self.ip = f"{SUBNET}.{10 + index}"
+        self.peer_dev = f"{PREFIX}v{index}"  # the switch side of the link
+        self.rate_mbit = rate_mbit
+        self.delay_ms = delay_ms
+        self.loss_pct = loss_pct
+
+    def run(self, *argv, **kw):
+        return sh(*argv, ns=self.ns, **kw)
+
+    def popen(self, argv, **kw):
+        return subprocess.Popen(("ip", "netns", "exec", self.ns) + tuple(argv), **kw)
+
+
+class Lab:
+    """N hosts; host 0 is the origin. `slow` (a host index) gets a link `slow_factor` times slower."""
+
+    def __init__(self, n, rate_mbit=100.0, delay_ms=0.0, loss_pct=0.0, slow=None, slow_factor=10.0):
+        self.switch = f"{PREFIX}-sw"
+        self.hosts = []
+        for i in range(n):
+            r = rate_mbit / slow_factor if slow is not None and i == slow else rate_mbit
+            self.hosts.append(Host(i, r, delay_ms, loss_pct))
+
+    def __enter__(self):
+        teardown()
+        try:
+            self.setup()
+        except Exception:
+            teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        teardown()
+
+    def setup(self):
+        sh("ip", "netns", "add", self.switch)
+        sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
+        sh("ip", "-n", self.switch, "link", "set", "br0", "up")
+        for h in self.hosts:
+            sh("ip", "netns", "add", h.ns)
+            sh("ip", "link", "add", h.peer_dev, "netns", self.switch, "type", "veth", "peer", "name", "eth0", "netns", h.ns)
+            sh("ip", "-n", self.switch, "link", "set", h.peer_dev, "master", "br0", "up")
+            sh("ip", "-n", h.ns, "addr", "add", f"{h.ip}/24", "dev", "eth0")
+            sh("ip", "-n", h.ns, "link", "set", "lo", "up")
+            sh("ip", "-n", h.ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", h.ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
+            self.shape(h)
+
+    def shape(self, h):
+        """Host upload = eth0 egress; host download = the switch port's egress, each a token bucket
+        at the link rate. Delay needs the netem qdisc (refused clearly where the kernel lacks it);
+        loss is dropped at random on the host's way out (iptables statistic)."""
+        burst = max(32 * 1024, int(h.rate_mbit * 1e6 / 8 / 100))
+        for ns, dev in ((h.ns, "eth0"), (self.switch, h.peer_dev)):
+            if h.delay_ms:
+                p = subprocess.run(("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "netem",
+                                    "delay", f"{h.delay_ms}ms", "limit", "100000"), capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise SystemExit(f"lab: --delay-ms needs the netem qdisc, which this kernel lacks ({p.stderr.strip()})")
+                parent = ("parent", "1:1", "handle", "10:")
+            else:
+                parent = ("root",)
+            sh("tc", "-n", ns, "qdisc", "replace", "dev", dev, *parent, "tbf", "rate", f"{h.rate_mbit}mbit",
+               "burst", str(burst), "latency", "200ms")
+        if h.loss_pct:
+            sh("iptables", "-A", "OUTPUT", "-o", "eth0", "-m", "statistic", "--mode", "random", "--probability",
+               str(h.loss_pct / 100.0), "-j", "DROP", ns=h.ns)
+
+    def link(self, h, up):
+        """Cuts or restores a host's link (the switch side, so the host sees its peers vanish)."""
+        sh("ip", "-n", self.switch, "link", "set", h.peer_dev, "up" if up else "down")
+
+    def sent_by(self, h):
+        """Bytes the host has sent into the switch so far (rx on the switch port)."""
+        return int(sh("cat", f"/sys/class/net/{h.peer_dev}/statistics/rx_bytes", ns=self.switch).strip())
+
+
+def teardown():
+    """Removes every namespace of the lab (and with them their links and processes' sockets)."""
+    out = sh("ip", "netns", "list", check=False)
+    for line in out.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(PREFIX + "-"):
+            # Kill what still runs inside, then delete.
+            pids = sh("ip", "netns", "pids", name, check=False).split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            sh("ip", "netns", "del", name, check=False)
+
+
+def lower_bound(size_bytes, hosts):
+    """Kumar & Ross: T_min = max{S/u_seed, S/d_min, N*S/(u_seed + sum u_i)} (rates in Mbit/s)."""
+    s_bits = size_bytes * 8
+    seed = hosts[0].rate_mbit * 1e6
+    receivers = hosts[1:]
+    d_min = min(h.rate_mbit for h in receivers) * 1e6
+    total_up = seed + sum(h.rate_mbit for h in receivers) * 1e6
+    return max(s_bits / seed, s_bits / d_min, len(receivers) * s_bits / total_up)
