@@ -82,6 +82,7 @@ enum Undo {
     Domain(String),
     Running(String),
     Mode { path: String, mode: u32 },
+    Autostart(String),
     /// `saved_xml`: the persistent XML before the change. With no previous metadata it is
     /// defined again, because removing the element leaves an empty `<metadata/>` behind.
     Metadata { domain: String, previous: Option<CowMetadata>, saved_xml: String },
@@ -123,6 +124,7 @@ impl<'a> Transaction<'a> {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
                     _ => Ok(()),
                 },
+                Undo::Autostart(n) => self.lv.set_autostart(n, true).map_err(|e| e.to_string()),
                 Undo::Mode { path, mode } => {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| e.to_string())
                 }
@@ -328,6 +330,11 @@ fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), Apply
                 tx.undo.push(Undo::Mode { path: m.path.clone(), mode });
             }
         }
+    }
+    // A template must not start at boot either (its masters would change under the clones).
+    if tx.lv.autostart(&plan.original)? {
+        tx.lv.set_autostart(&plan.original, false)?;
+        tx.undo.push(Undo::Autostart(plan.original.clone()));
     }
     let previous = tx.lv.cow_metadata(&plan.original)?;
     let saved_xml = tx.lv.domain_xml(&plan.original)?;
