@@ -976,3 +976,15 @@ fn managed_saved_original_is_refused_and_its_saved_state_kept() {
     assert!(cow_metadata(&tmpl).is_none());
     virsh_ok(&["managedsave-remove", &tmpl]);
 }
+
+#[test]
+fn a_template_no_longer_starts_at_boot() {
+    let env = TestEnv::new("autostart");
+    let (tmpl, _master) = bios_template(&env, "-tmpl");
+    virsh_ok(&["autostart", &tmpl]);
+    let run = cli(&["--original", &tmpl, "--name", &env.name("-c")]);
+    run.assert_ok();
+    let info = virsh_ok(&["dominfo", &tmpl]);
+    let autostart = info.lines().find(|l| l.starts_with("Autostart:")).unwrap_or_default().to_string();
+    assert!(autostart.ends_with("disable"), "{info}");
+}

@@ -51,6 +51,8 @@ pub enum ApplyError {
     NvramExists(String),
     #[error("interrupted by a signal; everything made so far has been removed")]
     Interrupted,
+    #[error("domain '{0}' was started while it was being cloned; shut it down and clone again")]
+    OriginalStarted(String),
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
     #[error("making the master '{path}' read-only")]
@@ -80,6 +82,7 @@ enum Undo {
     Domain(String),
     Running(String),
     Mode { path: String, mode: u32 },
+    Autostart(String),
     /// `saved_xml`: the persistent XML before the change. With no previous metadata it is
     /// defined again, because removing the element leaves an empty `<metadata/>` behind.
     Metadata { domain: String, previous: Option<CowMetadata>, saved_xml: String },
@@ -112,11 +115,16 @@ impl<'a> Transaction<'a> {
                 Undo::Running(n) => self.lv.destroy(n).map_err(|e| e.to_string()),
                 Undo::Domain(n) => self.lv.undefine(n).map_err(|e| e.to_string()),
                 Undo::Volume { pool, name } => self.lv.delete_volume(pool, name).map_err(|e| e.to_string()),
-                Undo::File(p) => std::fs::remove_file(p).map_err(|e| e.to_string()),
+                // Already gone (the hook discards a disposable clone's overlay when it stops): fine.
+                Undo::File(p) => match std::fs::remove_file(p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                    _ => Ok(()),
+                },
                 Undo::StartedFile(p) => match std::fs::remove_file(p) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
                     _ => Ok(()),
                 },
+                Undo::Autostart(n) => self.lv.set_autostart(n, true).map_err(|e| e.to_string()),
                 Undo::Mode { path, mode } => {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| e.to_string())
                 }
@@ -182,6 +190,12 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
     let mut tx = Transaction::new(lv);
     let mut outcomes = Vec::with_capacity(plan.clones.len());
     let result = (|| {
+        // Protect first: once marked (and its masters read-only) the original cannot be started
+        // through the hook, and a start that slipped in since planning is caught here.
+        make_template(&mut tx, plan)?;
+        if lv.is_active(&plan.original)? {
+            return Err(ApplyError::OriginalStarted(plan.original.clone()));
+        }
         for c in &plan.clones {
             check_interrupt()?;
             let t0 = Instant::now();
@@ -191,7 +205,6 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
             outcomes.push(CloneOutcome { name: c.name.clone(), uuid, started: false, define_ms: ms(t0.elapsed()) });
         }
         check_interrupt()?;
-        make_template(&mut tx, plan)?;
         if opts.start {
             for (o, c) in outcomes.iter_mut().zip(&plan.clones) {
                 check_interrupt()?;
@@ -302,6 +315,11 @@ fn refuses_extended_l2(e: &LibvirtError) -> bool {
 /// Marks the original as a template and makes its masters read-only (local files only: over a
 /// remote connection libvirt has no call for a volume's mode).
 fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), ApplyError> {
+    if plan.masters.is_empty() {
+        // Nothing is shared with the clones (no private disk): the original stays an ordinary
+        // domain that may start.
+        return Ok(());
+    }
     if tx.lv.is_local() {
         for m in &plan.masters {
             let meta = std::fs::metadata(&m.path).map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
@@ -312,6 +330,11 @@ fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), Apply
                 tx.undo.push(Undo::Mode { path: m.path.clone(), mode });
             }
         }
+    }
+    // A template must not start at boot either (its masters would change under the clones).
+    if tx.lv.autostart(&plan.original)? {
+        tx.lv.set_autostart(&plan.original, false)?;
+        tx.undo.push(Undo::Autostart(plan.original.clone()));
     }
     let previous = tx.lv.cow_metadata(&plan.original)?;
     let saved_xml = tx.lv.domain_xml(&plan.original)?;

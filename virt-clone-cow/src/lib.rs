@@ -37,6 +37,7 @@ pub mod apply;
 pub mod cmd;
 pub mod error;
 pub mod libvirt;
+pub mod lock;
 pub mod managed;
 pub mod metadata;
 pub mod overlay;

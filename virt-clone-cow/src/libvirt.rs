@@ -146,6 +146,14 @@ impl Libvirt {
         self.domain(name)?.is_active().map_err(call(format!("asking whether '{name}' runs")))
     }
 
+    pub fn autostart(&self, name: &str) -> Result<bool> {
+        self.domain(name)?.autostart().map_err(call(format!("reading the autostart flag of '{name}'")))
+    }
+
+    pub fn set_autostart(&self, name: &str, on: bool) -> Result<()> {
+        self.domain(name)?.set_autostart(on).map_err(call(format!("setting the autostart flag of '{name}'")))
+    }
+
     /// Whether the domain has a managed-save image (its RAM state saved with `virsh managedsave`).
     pub fn has_managed_save(&self, name: &str) -> Result<bool> {
         self.domain(name)?.has_managed_save(0).map_err(call(format!("asking whether '{name}' has a saved state")))

@@ -51,13 +51,23 @@ impl MasterRef {
     pub fn used_by(&self, facts: &crate::xml::DomainFacts) -> bool {
         use crate::xml::DiskSource;
         facts.disks.iter().any(|d| match &d.source {
-            DiskSource::File(p) => *p == self.path,
+            DiskSource::File(p) => same_file(p, &self.path),
             DiskSource::Volume { pool, volume } => {
                 self.pool.as_ref() == Some(pool) && self.volume.as_ref() == Some(volume)
             }
             _ => false,
         })
     }
+}
+
+/// Whether two paths name the same file: equal, or equal once symlinks are resolved (a pool's
+/// canonical volume path and a disk path through a symlinked directory).
+pub fn same_file(a: &str, b: &str) -> bool {
+    a == b
+        || match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        }
 }
 
 /// One disk of a clone: its overlay and the master under it.
@@ -254,6 +264,26 @@ mod tests {
         let bare = md.to_bare_xml();
         assert!(!bare.contains("vcc:") && bare.starts_with("<cow "), "{bare}");
         assert_eq!(CowMetadata::parse(&bare).unwrap(), md);
+    }
+
+    #[test]
+    fn a_master_is_recognised_through_a_symlinked_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(real.join("base.qcow2"), b"x").unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let via_link = dir.path().join("link/base.qcow2");
+        let xml = format!(
+            "<domain><name>t</name><devices><disk type='file' device='disk'><driver type='qcow2'/>\
+             <source file='{}'/><target dev='vda'/></disk></devices></domain>",
+            via_link.display()
+        );
+        let facts = crate::xml::DomainFacts::parse(&xml).unwrap();
+        let m = MasterRef { path: real.join("base.qcow2").to_string_lossy().into_owned(), format: "qcow2".into(), ..Default::default() };
+        assert!(m.used_by(&facts));
+        let other = MasterRef { path: real.join("other.qcow2").to_string_lossy().into_owned(), ..m };
+        assert!(!other.used_by(&facts));
     }
 
     #[test]

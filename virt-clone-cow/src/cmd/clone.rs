@@ -77,6 +77,8 @@ pub enum CloneError {
         source: XmlError,
     },
     #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
@@ -125,6 +127,11 @@ pub struct CloneReport {
 /// Plans and (unless a dry run) makes the clones.
 pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, CloneError> {
     let t0 = Instant::now();
+    let _lock = if req.dry_run {
+        None
+    } else {
+        Some(crate::lock::OriginalLock::acquire(lv.uri(), &req.original, std::time::Duration::from_secs(120))?)
+    };
     let plan = make_plan(lv, req)?;
     let outcomes = if req.dry_run {
         Vec::new()
@@ -305,7 +312,7 @@ fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, Clo
     for m in &out {
         for d in &facts.disks {
             let writable_shared = d.shareable && !d.readonly && matches!(d.device.as_str(), "disk" | "lun");
-            if writable_shared && d.source == DiskSource::File(m.path.clone()) {
+            if writable_shared && matches!(&d.source, DiskSource::File(p) if crate::metadata::same_file(p, &m.path)) {
                 return Err(CloneError::MasterShared {
                     domain: domain.clone(),
                     path: m.path.clone(),
