@@ -89,10 +89,8 @@ impl Config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: p.display().to_string(),
-                    msg: e.message().to_string(),
-                })?
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::Parse { path: p.display().to_string(), msg: e.message().to_string() })?
             }
             None => FileConfig::default(),
         };

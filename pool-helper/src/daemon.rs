@@ -79,7 +79,8 @@ impl Daemon {
             std::fs::create_dir_all(dir).map_err(|source| DaemonError::Listen { path: p.clone(), source })?;
         }
         let l = UnixListener::bind(path).map_err(|source| DaemonError::Listen { path: p.clone(), source })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| DaemonError::Listen { path: p, source })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| DaemonError::Listen { path: p, source })?;
         Ok(l)
     }
 
@@ -135,12 +136,7 @@ impl Daemon {
     }
 
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
-    fn start_fetch(
-        self: &Arc<Self>,
-        key: Key,
-        pool: String,
-        m: Manifest,
-    ) -> Result<Watches, String> {
+    fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, String> {
         let mut g = self.lock();
         if let Some(e) = g.get(&key) {
             if e.manifest.sha256 != m.sha256 {
@@ -150,8 +146,11 @@ impl Daemon {
                 ));
             }
             match e.state.as_str() {
-                "seeding" => {
-                    let (_, d) = watch::channel(Some(Final::done("present", &e.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())));
+                "seeding" if e.path.as_ref().is_some_and(|p| p.exists()) => {
+                    let (_, d) = watch::channel(Some(Final::done(
+                        "present",
+                        &e.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    )));
                     return Ok((e.progress.subscribe(), d));
                 }
                 "fetching" | "verifying" => return Ok((e.progress.subscribe(), e.done.subscribe())),
@@ -159,27 +158,54 @@ impl Daemon {
             }
         }
         let fetches = g.get(&key).map(|e| e.fetches).unwrap_or(0) + 1;
+        // A seed whose file vanished from the pool: drop it before fetching again.
+        let stale = g.get_mut(&key).and_then(|e| e.handle.take());
         let (ptx, prx) = watch::channel(None);
         let (dtx, drx) = watch::channel(None);
         g.insert(
             key.clone(),
-            Entry { manifest: m.clone(), pool: pool.clone(), state: "fetching".into(), path: None, handle: None, error: None, fetches, uploaded_base: 0, progress: ptx.clone(), done: dtx.clone() },
+            Entry {
+                manifest: m.clone(),
+                pool: pool.clone(),
+                state: "fetching".into(),
+                path: None,
+                handle: None,
+                error: None,
+                fetches,
+                uploaded_base: 0,
+                progress: ptx.clone(),
+                done: dtx.clone(),
+            },
         );
         drop(g);
         let me = self.clone();
         let last = ptx.subscribe();
         tokio::spawn(async move {
+            if let Some(h) = stale {
+                me.ctx.torrents.remove(&h).await;
+            }
             let total = m.size;
             let on_event = move |ev: Event| match ev {
                 Event::Progress(p) => {
                     let _ = ptx.send(Some(p));
                 }
                 Event::Started { have_bytes, total_bytes } => {
-                    let _ = ptx.send(Some(Progress { state: "live".into(), done_bytes: have_bytes, total_bytes, ..Default::default() }));
+                    let _ = ptx.send(Some(Progress {
+                        state: "live".into(),
+                        done_bytes: have_bytes,
+                        total_bytes,
+                        ..Default::default()
+                    }));
                 }
                 Event::Verifying => {
                     let up = ptx.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
-                    let _ = ptx.send(Some(Progress { state: "verifying".into(), done_bytes: total, total_bytes: total, uploaded_bytes: up, ..Default::default() }));
+                    let _ = ptx.send(Some(Progress {
+                        state: "verifying".into(),
+                        done_bytes: total,
+                        total_bytes: total,
+                        uploaded_bytes: up,
+                        ..Default::default()
+                    }));
                 }
             };
             let res = me.ctx.fetch(&pool, &m, &on_event).await;
@@ -240,7 +266,8 @@ impl Daemon {
         let mut v: Vec<MasterStatus> = g
             .values()
             .map(|e| {
-                let p = e.handle.as_ref().map(|h| h.progress()).or_else(|| e.progress.borrow().clone()).unwrap_or_default();
+                let p =
+                    e.handle.as_ref().map(|h| h.progress()).or_else(|| e.progress.borrow().clone()).unwrap_or_default();
                 MasterStatus {
                     name: e.manifest.name.clone(),
                     pool: e.pool.clone(),
@@ -324,9 +351,15 @@ impl Daemon {
                     Err(e) => return write_final(&mut w, &Final::error(e)).await,
                 };
                 let key = (mr.pool.clone(), m.name.clone());
-                let rec = records::load_all(&self.ctx.cfg).into_iter().find(|r| r.pool == mr.pool && r.manifest.name == m.name && r.manifest.sha256 == m.sha256);
+                let rec = records::load_all(&self.ctx.cfg)
+                    .into_iter()
+                    .find(|r| r.pool == mr.pool && r.manifest.name == m.name && r.manifest.sha256 == m.sha256);
                 let Some(rec) = rec else {
-                    return write_final(&mut w, &Final::error(format!("no published master '{}' in pool '{}' on this host", m.name, mr.pool))).await;
+                    return write_final(
+                        &mut w,
+                        &Final::error(format!("no published master '{}' in pool '{}' on this host", m.name, mr.pool)),
+                    )
+                    .await;
                 };
                 let res = match self.ctx.check_present(&m, &rec.path).await {
                     Ok(Some(p)) => self.ctx.seed(&m, &p).await.map(|h| (h, p)),
@@ -339,7 +372,18 @@ impl Daemon {
                         let (dtx, _) = watch::channel(None);
                         self.lock().insert(
                             key,
-                            Entry { manifest: m, pool: mr.pool, state: "seeding".into(), path: Some(p.clone()), handle: Some(h), error: None, fetches: 0, uploaded_base: 0, progress: ptx, done: dtx },
+                            Entry {
+                                manifest: m,
+                                pool: mr.pool,
+                                state: "seeding".into(),
+                                path: Some(p.clone()),
+                                handle: Some(h),
+                                error: None,
+                                fetches: 0,
+                                uploaded_base: 0,
+                                progress: ptx,
+                                done: dtx,
+                            },
                         );
                         write_final(&mut w, &Final::done("seeding", &p.display().to_string())).await
                     }
@@ -351,7 +395,12 @@ impl Daemon {
         }
     }
 
-    async fn ensure(self: Arc<Self>, mut w: tokio::net::unix::OwnedWriteHalf, mr: MasterRequest, always: bool) -> std::io::Result<()> {
+    async fn ensure(
+        self: Arc<Self>,
+        mut w: tokio::net::unix::OwnedWriteHalf,
+        mr: MasterRequest,
+        always: bool,
+    ) -> std::io::Result<()> {
         {
             {
                 let m = match Self::manifest_of(&mr) {
@@ -370,7 +419,13 @@ impl Daemon {
                     let fin = drx.borrow_and_update().clone();
                     if let Some(f) = fin {
                         if always && !sent_any {
-                            let ev = ProgressEvent { event: "progress".into(), done_bytes: m.size, total_bytes: m.size, peers: 0, down_bps: 0 };
+                            let ev = ProgressEvent {
+                                event: "progress".into(),
+                                done_bytes: m.size,
+                                total_bytes: m.size,
+                                peers: 0,
+                                down_bps: 0,
+                            };
                             write_line(&mut w, &ev).await?;
                         }
                         return write_final(&mut w, &f).await;

@@ -84,7 +84,10 @@ impl Outcome {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The download is running; `have_bytes` were already in staging (resumed).
-    Started { have_bytes: u64, total_bytes: u64 },
+    Started {
+        have_bytes: u64,
+        total_bytes: u64,
+    },
     Progress(Progress),
     Verifying,
 }
@@ -168,7 +171,9 @@ impl Ctx {
     pub async fn metainfo(&self, m: &Manifest) -> Result<Vec<u8>, FetchError> {
         let bytes = match m.torrent_bytes() {
             Some(b) => b,
-            None => self.torrents.resolve_magnet(&m.magnet, &m.info_hash, self.peers_for(m), &self.trackers_for(m)).await?,
+            None => {
+                self.torrents.resolve_magnet(&m.magnet, &m.info_hash, self.peers_for(m), &self.trackers_for(m)).await?
+            }
         };
         let err = |source| FetchError::Metainfo { name: m.name.clone(), source };
         let mi = metainfo::validate(&bytes, Some(m.size)).map_err(err)?;
@@ -203,7 +208,12 @@ impl Ctx {
     }
 
     /// The whole pipeline. `on_event` is called about once a second while downloading.
-    pub async fn fetch(&self, pool: &str, m: &Manifest, on_event: &(dyn Fn(Event) + Send + Sync)) -> Result<(Outcome, Option<Handle>), FetchError> {
+    pub async fn fetch(
+        &self,
+        pool: &str,
+        m: &Manifest,
+        on_event: &(dyn Fn(Event) + Send + Sync),
+    ) -> Result<(Outcome, Option<Handle>), FetchError> {
         m.validate().map_err(|e| FetchError::Internal(error_chain(&e)))?;
         let cfg = self.cfg.clone();
         let p = pool.to_string();
@@ -218,7 +228,10 @@ impl Ctx {
         let sdir = staging::staging_dir(&pool_dir, &self.cfg.state_dir, pool)?;
         let (sd, name, size) = (sdir.clone(), m.name.clone(), m.size);
         let staged = blocking(move || staging::prepare_file(&sd, &name, size)).await??;
-        records::save(&self.cfg, &Record { pool: pool.into(), manifest: m.clone(), path: dest.clone(), state: "pending".into() })?;
+        records::save(
+            &self.cfg,
+            &Record { pool: pool.into(), manifest: m.clone(), path: dest.clone(), state: "pending".into() },
+        )?;
 
         let h = self.torrents.download(&torrent, &staged, self.peers_for(m), &self.trackers_for(m)).await?;
         let r = self.wait(m, &h, on_event).await;
@@ -241,7 +254,10 @@ impl Ctx {
         let path = blocking(move || staging::publish(&st, &pd, &name)).await??;
         let (cfg, p) = (self.cfg.clone(), pool.to_string());
         blocking(move || refresh_pool(&cfg, &p)).await??;
-        records::save(&self.cfg, &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "fetched".into() })?;
+        records::save(
+            &self.cfg,
+            &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "fetched".into() },
+        )?;
         let h = self.torrents.seed(&torrent, &path, self.peers_for(m), &self.trackers_for(m)).await?;
         Ok((Outcome::Fetched(path), Some(h)))
     }

@@ -185,7 +185,13 @@ pub fn magnet(info_hash: &str, name: &str, trackers: &[String], peers: &[String]
 
 fn percent_encode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -195,7 +201,8 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 out.push(v);
                 i += 3;
                 continue;
@@ -279,8 +286,18 @@ mod tests {
     }
 
     #[test]
+    fn odd_magnets_do_not_panic() {
+        for mag in ["magnet:?x.pe=%aé:1", "magnet:?x.pe=%", "magnet:?x.pe=%zz&x.pe=é%", "magnet:?&&=&x.pe"] {
+            let m = Manifest { peers: vec![], magnet: mag.into(), ..good() };
+            assert!(m.peer_hints().is_empty(), "{mag}");
+        }
+        assert_eq!(percent_decode("127.0.0.1%3A7000"), "127.0.0.1:7000");
+    }
+
+    #[test]
     fn peer_hints_come_from_the_magnet_too() {
-        let m = Manifest { peers: vec![], magnet: magnet(&"b".repeat(40), "x", &[], &["10.0.0.1:7000".into()]), ..good() };
+        let m =
+            Manifest { peers: vec![], magnet: magnet(&"b".repeat(40), "x", &[], &["10.0.0.1:7000".into()]), ..good() };
         assert_eq!(m.peer_hints(), vec!["10.0.0.1:7000".to_string()]);
     }
 }

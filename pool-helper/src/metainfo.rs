@@ -167,11 +167,7 @@ impl<'a> Parser<'a> {
     }
 
     fn find(&self, b: u8) -> Result<usize, MetainfoError> {
-        self.buf[self.pos..]
-            .iter()
-            .position(|&c| c == b)
-            .map(|i| self.pos + i)
-            .ok_or_else(|| self.err("unterminated"))
+        self.buf[self.pos..].iter().position(|&c| c == b).map(|i| self.pos + i).ok_or_else(|| self.err("unterminated"))
     }
 
     fn string(&mut self) -> Result<&'a [u8], MetainfoError> {
@@ -454,6 +450,29 @@ mod tests {
     fn length_must_match_the_manifest() {
         let t = torrent_with(|_| {});
         assert_eq!(validate(&t, Some(5)).unwrap_err(), MetainfoError::LengthMismatch { got: 100_000, want: 5 });
+    }
+
+    #[test]
+    fn mutated_metainfo_never_panics() {
+        let good = torrent_with(|_| {});
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let mut t = good.clone();
+            for _ in 0..1 + (x % 4) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x as usize) % t.len();
+                t[i] = (x >> 32) as u8;
+                if x % 5 == 0 {
+                    t.truncate(i);
+                }
+                if t.is_empty() {
+                    break;
+                }
+            }
+            let _ = validate(&t, Some(100_000));
+        }
     }
 
     #[test]

@@ -40,7 +40,9 @@ pub struct Published {
 /// Our address for manifests: `advertise` from the config, else the host name.
 pub fn advertised_peer(cfg: &Config) -> String {
     let host = cfg.advertise.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into())
     });
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{}", cfg.listen_port)
@@ -64,16 +66,19 @@ pub fn publish(cfg: &Config, pool: &str, volume: &str) -> Result<Published, Publ
     if format != "qcow2" && format != "raw" {
         return Err(PublishError::BadVolume(volume.into(), format!("format '{format}' (qcow2 or raw only)")));
     }
-    let meta = std::fs::symlink_metadata(&path).map_err(|source| PublishError::Hash { path: path.display().to_string(), source })?;
+    let meta = std::fs::symlink_metadata(&path)
+        .map_err(|source| PublishError::Hash { path: path.display().to_string(), source })?;
     if !meta.file_type().is_file() {
         return Err(PublishError::BadVolume(volume.into(), "not a regular file".into()));
     }
     // Immutable from now on: overlays will reference this path.
     staging::make_read_only(&path)?;
     let size = meta.len();
-    let virtual_size = verify::local_virtual_size(&path, &format, size).map_err(|e| PublishError::BadVolume(volume.into(), e.to_string()))?;
+    let virtual_size = verify::local_virtual_size(&path, &format, size)
+        .map_err(|e| PublishError::BadVolume(volume.into(), e.to_string()))?;
     let pl = metainfo::choose_piece_length(size);
-    let hashed = metainfo::create(&path, volume, pl, &cfg.trackers).map_err(|source| PublishError::Hash { path: path.display().to_string(), source })?;
+    let hashed = metainfo::create(&path, volume, pl, &cfg.trackers)
+        .map_err(|source| PublishError::Hash { path: path.display().to_string(), source })?;
     if hashed.size != size {
         return Err(PublishError::BadVolume(volume.into(), "it changed while being hashed".into()));
     }
@@ -100,7 +105,10 @@ pub fn publish(cfg: &Config, pool: &str, volume: &str) -> Result<Published, Publ
     let mut json = serde_json::to_vec_pretty(&m).unwrap_or_default();
     json.push(b'\n');
     staging::write_atomic(&manifest_path, &json)?;
-    records::save(cfg, &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "published".into() })?;
+    records::save(
+        cfg,
+        &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "published".into() },
+    )?;
     Ok(Published { manifest: m, manifest_path: abs(&manifest_path), torrent_path: abs(&torrent_path), path })
 }
 

@@ -18,8 +18,8 @@ use anyhow::Context as _;
 use librqbit::limits::LimitsConfig;
 use librqbit::storage::{BoxStorageFactory, StorageFactory, StorageFactoryExt, TorrentStorage};
 use librqbit::{
-    AddTorrent, AddTorrentOptions, AddTorrentResponse, ListenerMode, ListenerOptions, ManagedTorrentShared,
-    Session, SessionOptions, TorrentMetadata, TorrentStatsState,
+    AddTorrent, AddTorrentOptions, AddTorrentResponse, ListenerMode, ListenerOptions, ManagedTorrentShared, Session,
+    SessionOptions, TorrentMetadata, TorrentStatsState,
 };
 use serde::Serialize;
 
@@ -241,19 +241,49 @@ impl Torrents {
 
     /// Seeds a verified master, opened read-only. librqbit re-hashes it first.
     /// `torrent` must have passed [`crate::metainfo::validate`].
-    pub async fn seed(&self, torrent: &[u8], path: &Path, peers: Vec<SocketAddr>, trackers: &[String]) -> Result<Handle, TorrentError> {
+    pub async fn seed(
+        &self,
+        torrent: &[u8],
+        path: &Path,
+        peers: Vec<SocketAddr>,
+        trackers: &[String],
+    ) -> Result<Handle, TorrentError> {
         self.add(torrent, self.options(path, false, peers, trackers)).await
     }
 
     /// Downloads into an existing staging file (pieces already there are re-hashed and kept).
     /// `torrent` must have passed [`crate::metainfo::validate`].
-    pub async fn download(&self, torrent: &[u8], staged: &Path, peers: Vec<SocketAddr>, trackers: &[String]) -> Result<Handle, TorrentError> {
-        self.add(torrent, self.options(staged, true, peers, trackers)).await
+    pub async fn download(
+        &self,
+        torrent: &[u8],
+        staged: &Path,
+        peers: Vec<SocketAddr>,
+        trackers: &[String],
+    ) -> Result<Handle, TorrentError> {
+        let resp = self
+            .session
+            .add_torrent(AddTorrent::from_bytes(torrent.to_vec()), Some(self.options(staged, true, peers, trackers)))
+            .await
+            .map_err(|e| TorrentError::Add(format!("{e:#}")))?;
+        match resp {
+            AddTorrentResponse::Added(_, h) => Ok(Handle { inner: h }),
+            // The same torrent is already seeded here (from another pool): it is not ours to take.
+            AddTorrentResponse::AlreadyManaged(..) => Err(TorrentError::Add(
+                "this master is already seeded from another pool on this host; copy it from there".into(),
+            )),
+            AddTorrentResponse::ListOnly(_) => Err(TorrentError::Add("unexpected list-only answer".into())),
+        }
     }
 
     /// Gets metainfo from peers for a magnet (librqbit checks its SHA-1 against the info-hash
     /// before parsing it). The caller validates the bytes before using them.
-    pub async fn resolve_magnet(&self, magnet: &str, info_hash: &str, peers: Vec<SocketAddr>, trackers: &[String]) -> Result<Vec<u8>, TorrentError> {
+    pub async fn resolve_magnet(
+        &self,
+        magnet: &str,
+        info_hash: &str,
+        peers: Vec<SocketAddr>,
+        trackers: &[String],
+    ) -> Result<Vec<u8>, TorrentError> {
         let opts = AddTorrentOptions {
             list_only: true,
             initial_peers: Some(peers),
@@ -261,10 +291,13 @@ impl Torrents {
             ..Default::default()
         };
         let err = |msg: String| TorrentError::Magnet { info_hash: info_hash.into(), msg };
-        let resp = tokio::time::timeout(std::time::Duration::from_secs(120), self.session.add_torrent(AddTorrent::from_url(magnet.to_string()), Some(opts)))
-            .await
-            .map_err(|_| err("no peer sent it within 120 s".into()))?
-            .map_err(|e| err(format!("{e:#}")))?;
+        let resp = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            self.session.add_torrent(AddTorrent::from_url(magnet.to_string()), Some(opts)),
+        )
+        .await
+        .map_err(|_| err("no peer sent it within 120 s".into()))?
+        .map_err(|e| err(format!("{e:#}")))?;
         match resp {
             AddTorrentResponse::ListOnly(l) => Ok(l.torrent_bytes.to_vec()),
             _ => Err(err("unexpected answer".into())),

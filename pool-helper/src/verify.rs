@@ -242,11 +242,21 @@ pub fn check_header(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
 pub fn qemu_img_second_opinion(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
     let q = |s: String| ImageError::QemuImg(s);
     let mut cmd = Command::new("prlimit");
-    cmd.args(["--cpu=30", "--as=2147483648", "--", "qemu-img", "info", "-f", e.format, "--output=json", "--force-share"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "--cpu=30",
+        "--as=2147483648",
+        "--",
+        "qemu-img",
+        "info",
+        "-f",
+        e.format,
+        "--output=json",
+        "--force-share",
+    ])
+    .arg(path)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|err| q(format!("cannot run prlimit/qemu-img: {err}")))?;
     let start = Instant::now();
     let status = loop {
@@ -339,6 +349,24 @@ mod tests {
 
     fn err(b: &[u8]) -> String {
         check(b).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn mutated_headers_never_panic() {
+        let good = qcow2();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let mut b = good[..4096].to_vec();
+            for _ in 0..1 + (x % 6) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x as usize) % 200;
+                b[i] = (x >> 40) as u8;
+            }
+            let _ = check_qcow2_header(&b, (x >> 20) % (1 << 30));
+            let _ = sniff_raw(&b[..(x as usize) % 100]);
+        }
     }
 
     #[test]
@@ -437,7 +465,14 @@ mod tests {
         virt_clone_cow::process::run("qemu-img", &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"]).unwrap();
         let size = std::fs::metadata(&p).unwrap().len();
         let sha = sha256_file(&p).unwrap();
-        let e = Expect { format: "qcow2", size, virtual_size: 64 << 20, sha256: &sha, max_virtual_size: 1 << 40, qemu_img: true };
+        let e = Expect {
+            format: "qcow2",
+            size,
+            virtual_size: 64 << 20,
+            sha256: &sha,
+            max_virtual_size: 1 << 40,
+            qemu_img: true,
+        };
         verify_image(&p, &e).unwrap();
         let wrong = Expect { virtual_size: 32 << 20, ..e.clone() };
         assert!(matches!(verify_image(&p, &wrong), Err(ImageError::VirtualSize { .. })));

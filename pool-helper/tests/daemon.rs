@@ -56,6 +56,13 @@ fn two_concurrent_ensures_share_one_download_and_a_third_finds_it_present() {
     let out = b.run_ok(&["--json", "list"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["masters"][0]["name"], "shared.raw");
+
+    // Someone deletes the master from the pool: the next ensure fetches it again.
+    std::fs::remove_file(&dest).unwrap();
+    let (_, fin) = b.request(&req);
+    assert_eq!(fin["state"], "fetched", "{fin}\n{}", b.daemon_log());
+    assert!(same_file(&src, &dest));
+    assert_eq!(b.master_status("shared.raw")["fetches"], 2);
 }
 
 #[test]
@@ -106,6 +113,20 @@ fn malformed_requests_manifests_and_torrents_are_refused_and_the_daemon_keeps_se
     assert!(b.daemon.as_mut().unwrap().try_wait().unwrap().is_none(), "daemon still running");
     // The control socket is private.
     assert_eq!(mode(&b.socket()), 0o600);
+
+    // A config file: unknown keys are one clear error; known keys work.
+    let cfg = b.state.path().join("bad.toml");
+    std::fs::write(&cfg, "colour = 1\n").unwrap();
+    let o = b.run(&["--config", cfg.to_str().unwrap(), "status"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("bad.toml") && err.contains("colour") && err.trim().lines().count() == 1, "{err}");
+    std::fs::write(&cfg, format!("control_socket = \"{}\"\n", b.socket().display())).unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "--state-dir", "/nonexistent-state", "--json", "status"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "the socket came from the config file: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 fn hex(b: &[u8]) -> String {
@@ -113,7 +134,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 #[test]
-fn a_restarted_daemon_resumes_an_interrupted_fetch_by_itself() {
+fn a_restarted_daemon_resumes_an_interrupted_fetch_and_re_verifies_its_masters() {
     let pa = Pool::new("a");
     let size = 12 << 20;
     let src = pa.raw_master("again.raw", size);
@@ -146,4 +167,26 @@ fn a_restarted_daemon_resumes_an_interrupted_fetch_by_itself() {
     b.wait_seeding("again.raw");
     assert!(same_file(&src, &pb.path("again.raw")));
     assert!(pb.volumes().contains(&"again.raw".to_string()), "pool refreshed by the daemon");
+
+    // Masters are re-verified at start: one changed behind our back is not seeded.
+    b.kill_daemon();
+    let dest = pb.path("again.raw");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&dest).unwrap();
+    bytes[12345] ^= 1;
+    std::fs::write(&dest, &bytes).unwrap();
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o444)).unwrap();
+    b.serve();
+    let start = std::time::Instant::now();
+    let st = loop {
+        let st = b.master_status("again.raw");
+        if st["state"] != "verifying" {
+            break st;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "{st}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["error"].as_str().unwrap().contains("SHA-256"), "{st}");
 }

@@ -29,8 +29,20 @@ fn corrupt_pieces_from_a_peer_are_detected_and_the_master_completes_from_honest_
     std::fs::write(d.path().join("honest.raw"), &bad).unwrap();
     let liar = free_port();
     let _aria = Bg(Command::new("aria2c")
-        .args(["--enable-dht=false", "--bt-enable-lpd=false", "--bt-seed-unverified=true", "--seed-ratio=0.0", "--disable-ipv6=true"])
-        .args(["--listen-port", &liar.to_string(), "-d", d.path().to_str().unwrap(), man.with_extension("torrent").to_str().unwrap()])
+        .args([
+            "--enable-dht=false",
+            "--bt-enable-lpd=false",
+            "--bt-seed-unverified=true",
+            "--seed-ratio=0.0",
+            "--disable-ipv6=true",
+        ])
+        .args([
+            "--listen-port",
+            &liar.to_string(),
+            "-d",
+            d.path().to_str().unwrap(),
+            man.with_extension("torrent").to_str().unwrap(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -57,7 +69,12 @@ fn a_fetch_killed_midway_resumes_after_restart_and_the_pool_never_shows_partial_
     a.wait_seeding("resume.raw");
     let pb = Pool::new("b");
     let b = Instance::new(&["--download-limit", "2000000"]);
-    let mut child = b.cmd(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = b
+        .cmd(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
@@ -74,7 +91,11 @@ fn a_fetch_killed_midway_resumes_after_restart_and_the_pool_never_shows_partial_
     let mut b = b;
     b.extra.clear(); // restart without the download limit
     let out = b.run_ok(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()]);
-    let started: serde_json::Value = out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|v| v["event"] == "started").unwrap();
+    let started: serde_json::Value = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["event"] == "started")
+        .unwrap();
     let have = started["have_bytes"].as_u64().unwrap();
     assert!(have >= 4 << 20, "resumed with the verified pieces kept ({have} bytes)");
     assert!(out.lines().last().unwrap().contains("\"state\":\"fetched\""), "{out}");
@@ -134,7 +155,12 @@ fn the_origin_dying_mid_transfer_does_not_stop_a_fetch_when_another_seed_exists(
 
     let pb = Pool::new("b");
     let b = Instance::new(&["--peer", &s.addr()]);
-    let mut child = b.cmd(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = b
+        .cmd(&["--json", "fetch", "--pool", &pb.name, man.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let start = Instant::now();
     for line in lines.by_ref() {
@@ -152,4 +178,74 @@ fn the_origin_dying_mid_transfer_does_not_stop_a_fetch_when_another_seed_exists(
     assert!(rest.last().unwrap().contains("\"state\":\"fetched\""), "{rest:?}");
     assert!(from_a > 0, "the origin took part before it died");
     assert!(same_file(&src, &pb.path("survive.raw")));
+}
+
+/// A peer (aria2c) seeds `file` under a manifest built for it; returns (manifest path, seeder).
+fn hostile_seed(dir: &std::path::Path, file: &str, format: &str, virtual_size: u64) -> (std::path::PathBuf, Bg) {
+    let path = dir.join(file);
+    let h = pool_helper::metainfo::create(&path, file, 16384, &[]).unwrap();
+    std::fs::write(dir.join("t.torrent"), &h.torrent).unwrap();
+    let port = free_port();
+    let m = serde_json::json!({
+        "version": 1, "name": file, "format": format, "size": h.size, "virtual_size": virtual_size,
+        "sha256": h.sha256, "info_hash": h.info_hash, "piece_length": 16384,
+        "magnet": format!("magnet:?xt=urn:btih:{}", h.info_hash), "peers": [format!("127.0.0.1:{port}")],
+        "trackers": [], "torrent_hex": h.torrent.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    });
+    let man = dir.join("m.json");
+    std::fs::write(&man, m.to_string()).unwrap();
+    let seed = Bg(Command::new("aria2c")
+        .args([
+            "--enable-dht=false",
+            "--bt-enable-lpd=false",
+            "--bt-seed-unverified=true",
+            "--seed-ratio=0.0",
+            "--disable-ipv6=true",
+        ])
+        .args([
+            "--listen-port",
+            &port.to_string(),
+            "-d",
+            dir.to_str().unwrap(),
+            dir.join("t.torrent").to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    (man, seed)
+}
+
+fn fetch_must_be_refused(man: &std::path::Path, name: &str, word: &str) {
+    let pb = Pool::new("b");
+    let b = Instance::new(&[]);
+    let o = b.run(&["fetch", "--pool", &pb.name, man.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(word) && err.contains("nothing was put in the pool"), "{err}");
+    assert_eq!(std::fs::read_dir(&pb.dir).unwrap().count(), 0, "nothing in the pool");
+    let staging = b.state.path().join("staging").join(&pb.name);
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "staging cleaned");
+    assert!(!pb.volumes().contains(&name.to_string()));
+}
+
+#[test]
+fn a_downloaded_qcow2_naming_a_backing_file_is_refused_and_never_reaches_the_pool() {
+    let d = tempfile::tempdir().unwrap();
+    let evil = d.path().join("evil.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname", evil.to_str().unwrap(), "1M"]);
+    let (man, _seed) = hostile_seed(d.path(), "evil.qcow2", "qcow2", 1 << 20);
+    fetch_must_be_refused(&man, "evil.qcow2", "backing file");
+}
+
+#[test]
+fn a_qcow2_declared_raw_is_refused_and_never_reaches_the_pool() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disguised.raw");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+    let size = std::fs::metadata(&img).unwrap().len();
+    let (man, _seed) = hostile_seed(d.path(), "disguised.raw", "raw", size);
+    fetch_must_be_refused(&man, "disguised.raw", "starts like a qcow2");
 }

@@ -15,7 +15,15 @@ const LT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/lt.py");
 
 fn aria2c(args: &[&str]) -> Command {
     let mut c = Command::new("aria2c");
-    c.args(["--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false", "--enable-peer-exchange=false", "--summary-interval=0", "--console-log-level=warn", "--disable-ipv6=true"]);
+    c.args([
+        "--enable-dht=false",
+        "--enable-dht6=false",
+        "--bt-enable-lpd=false",
+        "--enable-peer-exchange=false",
+        "--summary-interval=0",
+        "--console-log-level=warn",
+        "--disable-ipv6=true",
+    ]);
     c.args(args).stdin(Stdio::null());
     c
 }
@@ -60,11 +68,18 @@ fn aria2c_and_libtorrent_download_our_published_master_with_our_torrent() {
 
     // aria2c finds us through the tracker.
     let d1 = tempfile::tempdir().unwrap();
-    let aria = aria2c(&["--seed-time=0", "--listen-port", &free_port().to_string(), "-d", d1.path().to_str().unwrap(), torrent.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let aria = aria2c(&[
+        "--seed-time=0",
+        "--listen-port",
+        &free_port().to_string(),
+        "-d",
+        d1.path().to_str().unwrap(),
+        torrent.to_str().unwrap(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let o = wait_output(aria, Duration::from_secs(150));
     assert!(o.status.success(), "aria2c: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(same_file(&src, &d1.path().join("interop.raw")), "aria2c got a byte-identical copy");
@@ -97,11 +112,19 @@ fn we_fetch_from_aria2c_and_libtorrent_seeds() {
     let d1 = tempfile::tempdir().unwrap();
     std::fs::copy(&src, d1.path().join("third.qcow2")).unwrap();
     let aport = free_port();
-    let _aria = Bg(aria2c(&["-V", "--seed-ratio=0.0", "--listen-port", &aport.to_string(), "-d", d1.path().to_str().unwrap(), torrent.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    let _aria = Bg(aria2c(&[
+        "-V",
+        "--seed-ratio=0.0",
+        "--listen-port",
+        &aport.to_string(),
+        "-d",
+        d1.path().to_str().unwrap(),
+        torrent.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap());
     std::thread::sleep(Duration::from_secs(2));
     let pb = Pool::new("b");
     let b = Instance::new(&["--peer", &format!("127.0.0.1:{aport}")]);

@@ -10,7 +10,11 @@ use std::time::Duration;
 use support::*;
 
 /// Polls `pool` until `stop`: every file seen must be the complete, read-only master.
-fn watch_pool(dir: std::path::PathBuf, size: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u32, Vec<String>)> {
+fn watch_pool(
+    dir: std::path::PathBuf,
+    size: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u32, Vec<String>)> {
     std::thread::spawn(move || {
         let mut seen = 0;
         let mut bad = Vec::new();
@@ -93,10 +97,10 @@ fn swarm_two_leechers_get_identical_copies_and_exchange_pieces() {
     let req = |pool: &str| serde_json::json!({"op": "ensure", "pool": pool, "manifest_path": man.to_str().unwrap()});
     let (rb, rc) = (req(&pb.name), req(&pc.name));
     let (sb, sc) = (b.socket(), c.socket());
+    // C starts a second after B. (Stock librqbit picks pieces in order, so two leechers started
+    // together want the same pieces and trade nothing; the vendored patch picks them at random.)
     let tb = std::thread::spawn(move || request(&sb, &rb));
-    // librqbit picks pieces in order: two leechers started together ask the origin for the same
-    // pieces. C starts a little later, so B has pieces C lacks.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(1));
     let tc = std::thread::spawn(move || request(&sc, &rc));
     let (eb, fb) = tb.join().unwrap();
     let (_, fc) = tc.join().unwrap();
@@ -109,7 +113,7 @@ fn swarm_two_leechers_get_identical_copies_and_exchange_pieces() {
     let up_c = c.master_status("swarm.raw")["uploaded_bytes"].as_u64().unwrap();
     let up_a = a.master_status("swarm.raw")["uploaded_bytes"].as_u64().unwrap();
     eprintln!("uploaded: origin {up_a}, b {up_b}, c {up_c} (size {size})");
-    assert!(up_b > 0, "the leecher that started first served the later one (b {up_b}, c {up_c})");
+    assert!(up_b > 0 && up_c > 0, "the leechers served each other, both ways (b {up_b}, c {up_c})");
     assert!(up_a < 2 * size as u64, "origin uploaded less than two copies ({up_a})");
     assert_eq!(b.master_status("swarm.raw")["state"], "seeding");
 }

@@ -32,12 +32,23 @@ struct Reporter {
 impl Reporter {
     fn progress(&self, done: u64, total: u64, peers: u32, down: u64) {
         if self.json {
-            let ev = proto::ProgressEvent { event: "progress".into(), done_bytes: done, total_bytes: total, peers, down_bps: down };
+            let ev = proto::ProgressEvent {
+                event: "progress".into(),
+                done_bytes: done,
+                total_bytes: total,
+                peers,
+                down_bps: down,
+            };
             println!("{}", serde_json::to_string(&ev).unwrap_or_default());
         } else if self.tty {
             let pct = (done * 100).checked_div(total).unwrap_or(0);
             let bar = "#".repeat((pct / 4) as usize);
-            eprint!("\r[{bar:<25}] {pct:>3}%  {:.1}/{:.1} MiB  {peers} peers  {:.1} MiB/s ", done as f64 / 1048576.0, total as f64 / 1048576.0, down as f64 / 1048576.0);
+            eprint!(
+                "\r[{bar:<25}] {pct:>3}%  {:.1}/{:.1} MiB  {peers} peers  {:.1} MiB/s ",
+                done as f64 / 1048576.0,
+                total as f64 / 1048576.0,
+                down as f64 / 1048576.0
+            );
             let _ = std::io::stderr().flush();
         }
     }
@@ -64,7 +75,11 @@ pub fn run(cfg: &Config, a: &FetchArgs, json: bool) -> Result<(), CliError> {
     if !a.in_process {
         if let Some(s) = client::connect(&cfg.control_socket)? {
             let path = std::path::absolute(&a.manifest).unwrap_or_else(|_| a.manifest.clone());
-            let req = proto::Request::Fetch(proto::MasterRequest { pool: a.pool.clone(), manifest: None, manifest_path: Some(path.display().to_string()) });
+            let req = proto::Request::Fetch(proto::MasterRequest {
+                pool: a.pool.clone(),
+                manifest: None,
+                manifest_path: Some(path.display().to_string()),
+            });
             let f = client::call(s, &req, |ev| {
                 let n = |k: &str| ev.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
                 rep.progress(n("done_bytes"), n("total_bytes"), n("peers") as u32, n("down_bps"));

@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, Overrides};
 
 #[derive(Debug, Parser)]
-#[command(name = "pool-helper", version, about = "Publish libvirt master volumes as torrents; fetch missing masters from peers, verified, and seed them on")]
+#[command(
+    name = "pool-helper",
+    version,
+    about = "Publish libvirt master volumes as torrents; fetch missing masters from peers, verified, and seed them on"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,

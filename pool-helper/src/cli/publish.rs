@@ -26,7 +26,10 @@ pub fn run(cfg: &Config, a: &PublishArgs, json: bool) -> Result<(), CliError> {
             });
             let f = client::call(s, &req, |_| {})?;
             if !f.ok {
-                return Err(CliError::Failed(format!("published, but the daemon does not seed it: {}", f.error.unwrap_or_default())));
+                return Err(CliError::Failed(format!(
+                    "published, but the daemon does not seed it: {}",
+                    f.error.unwrap_or_default()
+                )));
             }
         }
         None => tracing::warn!(

@@ -19,7 +19,8 @@ pub fn run(cfg: Config) -> Result<(), CliError> {
         );
         let d = Daemon::new(Arc::new(Ctx { cfg, torrents }));
         d.start_recorded();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CliError::Runtime)?;
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CliError::Runtime)?;
         tokio::select! {
             _ = d.serve(listener) => {}
             _ = tokio::signal::ctrl_c() => {}

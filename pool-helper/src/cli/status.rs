@@ -20,7 +20,10 @@ pub fn run(cfg: &Config, json: bool, list: bool) -> Result<(), CliError> {
                 .collect();
             return print(json, serde_json::to_value(v).unwrap_or_default(), list);
         }
-        return Err(CliError::Failed(format!("no daemon answers on {} (start `pool-helper serve`)", cfg.control_socket.display())));
+        return Err(CliError::Failed(format!(
+            "no daemon answers on {} (start `pool-helper serve`)",
+            cfg.control_socket.display()
+        )));
     };
     let f = client::call(s, if list { &proto::Request::List } else { &proto::Request::Status }, |_| {})?;
     if !f.ok {
@@ -36,7 +39,9 @@ fn print(json: bool, masters: serde_json::Value, list: bool) -> Result<(), CliEr
     }
     let empty = vec![];
     for m in masters.as_array().unwrap_or(&empty) {
-        let g = |k: &str| m.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+        let g = |k: &str| {
+            m.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default()
+        };
         let n = |k: &str| m.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         if list {
             println!("{:<10} {}/{}  {}", g("state"), g("pool"), g("name"), g("path"));
@@ -44,7 +49,14 @@ fn print(json: bool, masters: serde_json::Value, list: bool) -> Result<(), CliEr
             let pct = if n("total_bytes") > 0 { n("done_bytes") * 100 / n("total_bytes") } else { 0 };
             print!(
                 "{:<10} {}/{}  {}%  peers {}  down {} B/s  up {} B/s  uploaded {} B",
-                g("state"), g("pool"), g("name"), pct, n("peers"), n("down_bps"), n("up_bps"), n("uploaded_bytes")
+                g("state"),
+                g("pool"),
+                g("name"),
+                pct,
+                n("peers"),
+                n("down_bps"),
+                n("up_bps"),
+                n("uploaded_bytes")
             );
             match m.get("error").and_then(|e| e.as_str()) {
                 Some(e) => println!("  error: {e}"),

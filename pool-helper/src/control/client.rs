@@ -32,7 +32,11 @@ pub fn connect(path: &Path) -> Result<Option<UnixStream>, ClientError> {
 }
 
 /// Sends one request; calls `on_event` for each event line; returns the final line.
-pub fn call(mut s: UnixStream, req: &Request, mut on_event: impl FnMut(&serde_json::Value)) -> Result<Final, ClientError> {
+pub fn call(
+    mut s: UnixStream,
+    req: &Request,
+    mut on_event: impl FnMut(&serde_json::Value),
+) -> Result<Final, ClientError> {
     let mut line = serde_json::to_string(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(ClientError::Io)?;

@@ -34,7 +34,11 @@ pub fn run(prog: &str, args: &[&str]) -> Output {
 pub fn ensure_libvirtd() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let ok = Command::new("virsh").args(["-q", "-c", "qemu:///system", "version"]).output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = Command::new("virsh")
+            .args(["-q", "-c", "qemu:///system", "version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         if !ok {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/start-libvirtd");
             run(script, &[]);
@@ -76,7 +80,10 @@ impl Pool {
     pub fn volumes(&self) -> Vec<String> {
         self.refresh();
         let o = run("virsh", &["-q", "vol-list", &self.name]);
-        String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_whitespace().next().map(str::to_string)).collect()
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
     }
 
     /// A raw master of `size` pseudo-random bytes (seeded, so reruns are reproducible).
@@ -134,12 +141,25 @@ pub struct Instance {
     pub port: u16,
     pub extra: Vec<String>,
     pub daemon: Option<Child>,
+    /// Run inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    pub advertise: String,
+    /// Local service discovery (off by default in tests: explicit peers are deterministic).
+    pub lsd: bool,
 }
 
 impl Instance {
     pub fn new(extra: &[&str]) -> Instance {
         let state = tempfile::Builder::new().prefix("ph-state-").tempdir_in("/var/tmp").unwrap();
-        Instance { state, port: free_port(), extra: extra.iter().map(|s| s.to_string()).collect(), daemon: None }
+        Instance {
+            state,
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            daemon: None,
+            netns: None,
+            advertise: "127.0.0.1".into(),
+            lsd: false,
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -151,9 +171,19 @@ impl Instance {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
         c.arg("--state-dir").arg(self.state.path());
-        c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd"]);
+        c.args(["--listen-port", &self.port.to_string(), "--advertise", &self.advertise]);
+        if !self.lsd {
+            c.arg("--no-lsd");
+        }
         c.args(&self.extra);
         c.args(args);
         c.stdin(Stdio::null());
@@ -300,4 +330,44 @@ pub fn open_modes(pid: u32, path: &Path) -> Vec<u32> {
         out.push(u32::from_str_radix(flags, 8).unwrap() & 0o3);
     }
     out
+}
+
+/// Network namespaces on one bridge: the project's own test hosts, removed on drop.
+pub struct Lan {
+    pub bridge: String,
+    pub hosts: Vec<(String, String)>, // (namespace, address)
+}
+
+impl Lan {
+    pub fn new(n: usize) -> Lan {
+        let tag = format!("{}{}", std::process::id() % 100000, SEQ.fetch_add(1, Ordering::SeqCst));
+        let bridge = format!("phbr{tag}");
+        let net = format!("10.251.{}", std::process::id() % 200);
+        run("ip", &["link", "add", &bridge, "type", "bridge"]);
+        let mut lan = Lan { bridge: bridge.clone(), hosts: Vec::new() };
+        run("ip", &["link", "set", &bridge, "up"]);
+        for i in 0..n {
+            let ns = format!("ph{tag}-{i}");
+            let veth = format!("phv{tag}{i}");
+            let addr = format!("{net}.{}", 10 + i);
+            run("ip", &["netns", "add", &ns]);
+            lan.hosts.push((ns.clone(), addr.clone()));
+            run("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            run("ip", &["link", "set", &veth, "master", &bridge, "up"]);
+            run("ip", &["netns", "exec", &ns, "ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            run("ip", &["netns", "exec", &ns, "ip", "link", "set", "eth0", "up"]);
+            run("ip", &["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
+            run("ip", &["netns", "exec", &ns, "ip", "route", "add", "224.0.0.0/4", "dev", "eth0"]);
+        }
+        lan
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for (ns, _) in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+    }
 }
