@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub qemu_img_check: Option<bool>,
     /// Seconds without progress before a fetch is declared stalled.
     pub stall_timeout: Option<u64>,
+    /// Seconds between looks at libvirt for masters defined domains need (0: never look).
+    pub watch_interval: Option<u64>,
 }
 
 /// Flags shared by every command (`None`: not given).
@@ -48,6 +50,7 @@ pub struct Overrides {
     pub dht: bool,
     pub no_lsd: bool,
     pub libvirt_uri: Option<String>,
+    pub watch_interval: Option<u64>,
 }
 
 /// The validated configuration.
@@ -67,6 +70,8 @@ pub struct Config {
     pub max_virtual_size: u64,
     pub qemu_img_check: bool,
     pub stall_timeout: u64,
+    /// Seconds between looks at libvirt (prefetch, pool refresh); 0 turns it off.
+    pub watch_interval: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +142,7 @@ impl Config {
             max_virtual_size: f.max_virtual_size.unwrap_or(DEFAULT_MAX_VIRTUAL_SIZE),
             qemu_img_check: f.qemu_img_check.unwrap_or(true),
             stall_timeout: f.stall_timeout.unwrap_or(120),
+            watch_interval: o.watch_interval.or(f.watch_interval).unwrap_or(10),
         })
     }
 

@@ -135,6 +135,24 @@ impl Daemon {
         }
     }
 
+    /// Fetches a master ahead of need (the watcher): true when a new download started, false when
+    /// it is already here, being fetched, or cannot be (logged).
+    pub fn prefetch(self: &Arc<Self>, pool: &str, m: Manifest) -> bool {
+        let key = (pool.to_string(), m.name.clone());
+        if let Some(e) = self.lock().get(&key) {
+            if e.state != "failed" {
+                return false;
+            }
+        }
+        match self.start_fetch(key, pool.to_string(), m) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("prefetch into pool '{pool}': {e}");
+                false
+            }
+        }
+    }
+
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
     fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, String> {
         let mut g = self.lock();

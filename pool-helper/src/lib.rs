@@ -18,3 +18,4 @@ pub mod records;
 pub mod staging;
 pub mod torrent;
 pub mod verify;
+pub mod watcher;

@@ -60,6 +60,11 @@ pub struct GlobalArgs {
     /// Disable local service discovery (BEP 14).
     #[arg(long, global = true)]
     pub no_lsd: bool,
+    /// Seconds between the daemon's looks at libvirt for masters that defined domains need
+    /// (prefetched before their first start) and pools holding overlays the hook made (refreshed);
+    /// 0 turns it off [default: 10].
+    #[arg(long, global = true, value_name = "SECS")]
+    pub watch_interval: Option<u64>,
     /// libvirt URI [default: qemu:///system].
     #[arg(long, global = true)]
     pub connect: Option<String>,
@@ -123,6 +128,7 @@ impl GlobalArgs {
             dht: self.dht,
             no_lsd: self.no_lsd,
             libvirt_uri: self.connect.clone(),
+            watch_interval: self.watch_interval,
         };
         Ok(Config::load(&o)?)
     }

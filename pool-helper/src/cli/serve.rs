@@ -17,8 +17,12 @@ pub fn run(cfg: Config) -> Result<(), CliError> {
             cfg.control_socket.display(),
             torrents.listen_addr()
         );
+        let (uri, every) = (cfg.libvirt_uri.clone(), cfg.watch_interval);
         let d = Daemon::new(Arc::new(Ctx { cfg, torrents }));
         d.start_recorded();
+        if every > 0 {
+            crate::watcher::spawn(d.clone(), uri, std::time::Duration::from_secs(every));
+        }
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(CliError::Runtime)?;
         tokio::select! {

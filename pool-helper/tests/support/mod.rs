@@ -181,6 +181,8 @@ impl Instance {
         };
         c.arg("--state-dir").arg(self.state.path());
         c.args(["--listen-port", &self.port.to_string(), "--advertise", &self.advertise]);
+        // No watching libvirt: other tests' domains are not this instance's business.
+        c.args(["--watch-interval", "0"]);
         if !self.lsd {
             c.arg("--no-lsd");
         }
