@@ -244,29 +244,84 @@ fn a_missing_master_with_no_manifest_says_so() {
     assert!(!Path::new(&overlay).exists());
 }
 
+/// Writes a recognisable 64 KiB at `offset` of a qcow2 image nobody has open.
+fn write_pattern(path: &str, offset: &str) {
+    let o = run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P 0xab {offset} 64k"), path]);
+    assert!(o.status.success(), "qemu-io write {path}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+}
+
+/// Whether the pattern of [`write_pattern`] is there (read even while a QEMU has the image open).
+fn has_pattern(path: &str, offset: &str) -> bool {
+    run("qemu-io", &["-r", "-U", "-f", "qcow2", "-c", &format!("read -P 0xab {offset} 64k"), path]).status.success()
+}
+
+/// A template over `base.qcow2` and a disposable clone of it made by virt-clone-cow (not started).
+fn disposable_clone(env: &Env) -> (String, String, String) {
+    let master = env.master("base.qcow2", "qcow2");
+    let name = env.name("vm");
+    let tmpl = env.name("tmpl");
+    env.define(&domain_xml(&tmpl, &format!("<driver name='qemu' type='qcow2'/><source file='{master}'/>"), ""));
+    let o = run(bin("virt-clone-cow").to_str().expect("utf-8"), &["-c", URI, "--original", &tmpl, "--name", &name, "--disposable"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let overlay = env.path(&format!("{name}-vda.qcow2"));
+    (name, overlay, master)
+}
+
 #[test]
 fn a_disposable_clone_starts_fresh_each_time() {
     let env = Env::new("disposable");
-    let master = env.master("base.qcow2", "qcow2");
-    let name = env.name("vm");
-    // Made by virt-clone-cow itself: a template, then a disposable clone.
-    let tmpl = env.name("tmpl");
-    env.define(&domain_xml(&tmpl, &format!("<driver name='qemu' type='qcow2'/><source file='{master}'/>"), ""));
-    let o = run(bin("virt-clone-cow").to_str().expect("utf-8"), &["-c", URI, "--original", &tmpl, "--name", &name, "--disposable", "--start"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let overlay = env.path(&format!("{name}-vda.qcow2"));
-    assert_eq!(domstate(&name), "running");
-    // Something the guest "wrote" lands in the overlay.
-    let before = inode(&overlay);
-
-    virsh_ok(&["destroy", &name]);
-    assert!(!Path::new(&overlay).exists(), "release end must discard a disposable clone's overlay");
+    let (name, overlay, master) = disposable_clone(&env);
+    // What the guest "wrote" before its first start (as after a host crash: libvirt never ran
+    // release) is gone when it starts.
+    write_pattern(&overlay, "0");
     virsh_ok(&["start", &name]);
     assert_eq!(domstate(&name), "running");
-    assert!(Path::new(&overlay).exists());
+    assert!(!has_pattern(&overlay, "0"), "prepare must discard a disposable clone's overlay");
+    virsh_ok(&["destroy", &name]);
+    write_pattern(&overlay, "0");
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    assert!(!has_pattern(&overlay, "0"), "the second start is fresh too");
     let info = image_json(&overlay);
     assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
-    let _ = before; // inode numbers may be reused; existence after the stop is the proof
+}
+
+#[test]
+fn a_managedsaved_disposable_clone_resumes_onto_its_overlay() {
+    let env = Env::new("dispmsave");
+    let (name, overlay, _master) = disposable_clone(&env);
+    virsh_ok(&["start", &name]);
+    let ino = inode(&overlay);
+    virsh_ok(&["managedsave", &name]);
+    assert_eq!(domstate(&name), "shut off");
+    assert!(Path::new(&overlay).exists(), "release end discarded the overlay of a saved guest");
+    assert_eq!(inode(&overlay), ino);
+    // The saved guest's disk state, which the resumed RAM relies on.
+    write_pattern(&overlay, "32M");
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(inode(&overlay), ino);
+    assert!(has_pattern(&overlay, "32M"), "the start that resumed the managed save got a blank disk");
+    // The next plain start is fresh again.
+    virsh_ok(&["destroy", &name]);
+    virsh_ok(&["start", &name]);
+    assert!(!has_pattern(&overlay, "32M"));
+}
+
+#[test]
+fn a_saved_disposable_clone_restores_onto_its_overlay() {
+    let env = Env::new("dispsave");
+    let (name, overlay, _master) = disposable_clone(&env);
+    virsh_ok(&["start", &name]);
+    let ino = inode(&overlay);
+    let image = env.path("vm.save");
+    virsh_ok(&["save", &name, &image]);
+    assert!(Path::new(&overlay).exists(), "release end discarded the overlay of a saved guest");
+    write_pattern(&overlay, "32M");
+    virsh_ok(&["restore", &image]);
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(inode(&overlay), ino);
+    assert!(has_pattern(&overlay, "32M"), "the restore got a blank disk");
 }
 
 #[test]
@@ -304,7 +359,9 @@ fn hook_direct_with(domain: &str, op: &str, sub: &str, xml: &str, conf: Option<&
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn hook");
-    child.stdin.take().expect("stdin").write_all(xml.as_bytes()).expect("write xml");
+    // The hook does not read stdin for operations it has nothing to do in (like libvirt, which
+    // ignores EPIPE there): a write error is fine.
+    let _ = child.stdin.take().expect("stdin").write_all(xml.as_bytes());
     child.wait_with_output().expect("hook output")
 }
 
@@ -320,15 +377,62 @@ fn migrate_and_restore_pass_the_xml_through_and_check_masters() {
         assert!(o.stdout.is_empty(), "{op} must print nothing on stdout (libvirt parses it as XML)");
         assert!(!Path::new(&env.path("o.qcow2")).exists(), "{op} makes no overlay");
     }
+    // No metadata of ours: a live XML shows the chain libvirt detected for ordinary snapshots,
+    // and that is none of our business, even when the backing file is not here.
     let missing = domain_xml(&name, &backed_disk(&env.path("o.qcow2"), &env.path("gone.qcow2"), "qcow2"), "");
-    let o = hook_direct(&name, "migrate", "begin", &missing);
-    assert!(!o.status.success(), "a migration whose master is missing here must be refused");
-    assert!(o.stdout.is_empty());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("gone.qcow2"));
+    for op in ["migrate", "restore"] {
+        let o = hook_direct(&name, op, "begin", &missing);
+        assert!(o.status.success(), "{op} of a domain without our metadata: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout.is_empty() && o.stderr.is_empty());
+    }
+    // One of our clones whose master is missing and cannot be fetched: refused, with the reason.
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{}'><vcc:master path='{}' format='qcow2' sha256='{}'/></vcc:disk></vcc:clone></vcc:cow>",
+        env.path("o.qcow2"),
+        env.path("gone.qcow2"),
+        "ab".repeat(32)
+    );
+    let ours = domain_xml(&name, &backed_disk(&env.path("o.qcow2"), &env.path("gone.qcow2"), "qcow2"), &md);
+    let conf = env.path("hook.conf");
+    std::fs::write(&conf, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 5\nconnect_timeout = 1\n")).expect("conf");
+    for op in ["migrate", "restore"] {
+        let o = hook_direct_with(&name, op, "begin", &ours, Some(&conf));
+        assert!(!o.status.success(), "{op}: a clone whose master is missing here must be refused");
+        assert!(o.stdout.is_empty());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("gone.qcow2") && err.contains("pool-helper serve"), "{op}: {err}");
+    }
     // reconnect never fails, whatever the XML.
     let o = hook_direct(&name, "reconnect", "begin", "<not xml");
     assert!(o.status.success());
     assert!(o.stdout.is_empty() && o.stderr.is_empty());
+}
+
+#[test]
+fn the_binary_never_fails_operations_that_cannot_be_refused() {
+    use std::io::Write;
+    let cases: [(&[&str], &[u8]); 6] = [
+        (&["vm", "reconnect"], b""),
+        (&["vm", "reconnect", "begin"], b"<not xml"),
+        (&["vm", "reconnect", "begin", "-", "surplus"], b"\xff\xfe"),
+        (&["vm", "release", "end"], b"\xff<domain><metadata xmlns='urn:virt-clone-cow:1'>"),
+        (&["vm", "stopped", "end", "-"], b""),
+        (&[], b""),
+    ];
+    for (args, stdin) in cases {
+        let mut child = Command::new(bin("virt-clone-cow-hook"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hook");
+        let _ = child.stdin.take().expect("stdin").write_all(stdin);
+        let o = child.wait_with_output().expect("hook output");
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout.is_empty(), "{args:?}");
+    }
 }
 
 #[test]
@@ -426,7 +530,7 @@ impl PoolHelper {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin("pool-helper"));
         c.arg("--state-dir").arg(&self.state);
-        c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd"]);
+        c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd", "--watch-interval", "0"]);
         c.args(args).stdin(Stdio::null());
         c
     }

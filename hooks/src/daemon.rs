@@ -118,17 +118,71 @@ pub fn request_path(
 }
 
 fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, DaemonError> {
-    // connect(2) on a Unix socket answers at once unless the listen backlog is full: retry briefly.
+    connect_bounded(socket, timeout).map_err(|source| DaemonError::Connect { socket: socket.display().to_string(), source })
+}
+
+/// `connect(2)` to a Unix stream socket that gives up after `timeout`. A blocking connect sleeps
+/// for as long as the listener's backlog is full (a daemon that stopped accepting), so the socket
+/// is non-blocking while connecting: Linux then answers `EAGAIN` at once, and we retry until the
+/// deadline. The connected socket is handed back in blocking mode.
+#[allow(unsafe_code)]
+pub fn connect_bounded(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let path = socket.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if path.is_empty() || path.len() >= addr.sun_path.len() || path.contains(&0) {
+        return Err(std::io::Error::new(ErrorKind::InvalidInput, "not a usable Unix socket path (empty, too long, or with a NUL byte)"));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    let len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + path.len() + 1) as libc::socklen_t;
+
+    // SAFETY: plain system call with constant arguments; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket we just opened and own; OwnedFd closes it exactly once.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let deadline = Instant::now() + timeout;
     loop {
-        match UnixStream::connect(socket) {
-            Ok(s) => return Ok(s),
-            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: `addr` is an initialised sockaddr_un that outlives the call and `len` does not
+        // exceed its size; `fd` is open.
+        let r = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast::<libc::sockaddr>(), len) };
+        if r == 0 {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        let now = Instant::now();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EISCONN) => break,
+            // Backlog full: the daemon is not accepting right now.
+            Some(libc::EAGAIN) if now < deadline => std::thread::sleep((deadline - now).min(Duration::from_millis(10))),
+            // Not what Linux does for Unix sockets, but allowed by POSIX: wait for writability.
+            Some(libc::EINPROGRESS | libc::EALREADY) if now < deadline => {
+                let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+                // SAFETY: one valid pollfd, count 1.
+                let _ = unsafe { libc::poll(&mut p, 1, ms) };
             }
-            Err(source) => return Err(DaemonError::Connect { socket: socket.display().to_string(), source }),
+            Some(libc::EAGAIN | libc::EINPROGRESS | libc::EALREADY) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("the daemon did not accept the connection within {} ms (its backlog is full)", timeout.as_millis()),
+                ))
+            }
+            _ => return Err(err),
         }
     }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 #[cfg(test)]
@@ -184,6 +238,59 @@ mod tests {
         let e = request_path(&sock, Duration::from_secs(1), Instant::now() + Duration::from_millis(600), &serde_json::json!({}), |_| {}).unwrap_err();
         assert!(matches!(e, DaemonError::Timeout { .. }), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+
+    /// Lowers a listening socket's backlog to 0 (std listens with a large one) and fills it.
+    #[allow(unsafe_code)]
+    fn full_listener() -> (tempfile::TempDir, PathBuf, UnixListener, Vec<UnixStream>) {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("full.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        // SAFETY: listen(2) on a socket we own; re-listening only changes the backlog.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let mut queued = Vec::new();
+        loop {
+            match connect_bounded(&sock, Duration::from_millis(50)) {
+                Ok(s) => queued.push(s),
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+                    break;
+                }
+            }
+            assert!(queued.len() < 64, "the backlog never filled");
+        }
+        (dir, sock, l, queued)
+    }
+
+    #[test]
+    fn a_daemon_that_stops_accepting_makes_the_connect_give_up_within_the_timeout() {
+        let (_d, sock, _l, _queued) = full_listener();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let r = request_path(&sock, Duration::from_millis(300), Instant::now() + Duration::from_secs(5), &serde_json::json!({}), |_| {});
+            let _ = tx.send((r.map(|_| ()).map_err(|e| error_text(&e)), t0.elapsed()));
+        });
+        let (r, took) = rx.recv_timeout(Duration::from_secs(10)).expect("connect never gave up");
+        let e = r.unwrap_err();
+        assert!(e.contains("not reachable") && e.contains("did not accept"), "{e}");
+        assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(3), "took {took:?}");
+    }
+
+    #[test]
+    fn a_listening_daemon_is_reached_and_talked_to_in_blocking_mode() {
+        let (_d, sock, h) = serve(&[r#"{"ok":true}"#], Duration::from_millis(50));
+        let s = connect_bounded(&sock, Duration::from_secs(1)).unwrap();
+        (&s).write_all(b"{}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), r#"{"ok":true}"#);
+        let _ = h.join();
+    }
+
+    fn error_text(e: &DaemonError) -> String {
+        virt_clone_cow::error::one_line(e)
     }
 
     #[test]

@@ -6,11 +6,12 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use virt_clone_cow::overlay::{create_file_overlay, image_info, BackingSpec, OverlayError, OverlayOptions};
+use virt_clone_cow::managed::ManagedDisk;
+use virt_clone_cow::overlay::{create_file_overlay, BackingSpec, OverlayError, OverlayOptions};
 
 use crate::config::Config;
 use crate::daemon::{request_path, DaemonError};
-use virt_clone_cow::managed::{LinkedDisks, ManagedDisk};
+use crate::image::{self, InfoError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -25,12 +26,14 @@ pub enum PrepareError {
     },
     #[error("pool-helper fetched the master of disk {target} to '{got}', but the domain expects '{master}'; fix the pool or the <backingStore> path")]
     WrongPlace { master: String, target: String, got: String },
+    #[error("master '{master}' of disk {target} is {what}, not a regular file; refusing to use it (point the <backingStore> at the image file itself)")]
+    NotRegular { master: String, target: String, what: &'static str },
     #[error("cannot read master '{master}' of disk {target}")]
     Master {
         master: String,
         target: String,
         #[source]
-        source: OverlayError,
+        source: InfoError,
     },
     #[error("cannot create the overlay for disk {target}")]
     Overlay {
@@ -40,17 +43,21 @@ pub enum PrepareError {
     },
 }
 
-/// Ensures masters (and, when `create_overlays`, overlays) for every managed disk.
-pub fn prepare(domain: &str, plan: &LinkedDisks, cfg: &Config, create_overlays: bool, log: &mut dyn Write) -> Result<(), PrepareError> {
+/// Ensures masters (and, when `create_overlays`, overlays) for `disks`. A master must be a regular
+/// file (a symlink to one is fine): qemu-img is never pointed at a FIFO, a device or a directory.
+pub fn prepare(domain: &str, disks: &[ManagedDisk], cfg: &Config, create_overlays: bool, log: &mut dyn Write) -> Result<(), PrepareError> {
     let deadline = Instant::now() + cfg.fetch_timeout;
-    for d in &plan.disks {
+    for d in disks {
         if !d.master_exists() {
             fetch_master(domain, d, cfg, deadline, log)?;
         }
+        if let Some(what) = d.master_not_regular() {
+            return Err(PrepareError::NotRegular { master: d.master.path.clone(), target: d.target.clone(), what });
+        }
     }
     if create_overlays {
-        for d in plan.disks.iter().filter(|d| !d.overlay_exists()) {
-            create_overlay(d)?;
+        for d in disks.iter().filter(|d| !d.overlay_exists()) {
+            create_overlay(domain, d, log)?;
             let _ = writeln!(log, "virt-clone-cow-hook: {domain}: created overlay {} over {}", d.overlay.display(), d.master.path);
         }
     }
@@ -104,15 +111,76 @@ fn fetch_master(domain: &str, d: &ManagedDisk, cfg: &Config, deadline: Instant, 
     Ok(())
 }
 
-fn create_overlay(d: &ManagedDisk) -> Result<(), PrepareError> {
+/// The overlay gets the master's size as qemu-img reads it now: a size recorded in the metadata
+/// is only a hint, and a wrong one would give the guest a disk of another size than its master.
+fn create_overlay(domain: &str, d: &ManagedDisk, log: &mut dyn Write) -> Result<(), PrepareError> {
     let m = &d.master;
-    let virtual_size = match m.virtual_size {
-        Some(v) => v,
-        None => image_info(&m.path, &m.format)
-            .map_err(|source| PrepareError::Master { master: m.path.clone(), target: d.target.clone(), source })?
-            .virtual_size,
-    };
+    let virtual_size = image::info(&m.path, &m.format, true)
+        .map_err(|source| PrepareError::Master { master: m.path.clone(), target: d.target.clone(), source })?
+        .virtual_size;
+    if let Some(recorded) = m.virtual_size.filter(|v| *v != virtual_size) {
+        let _ = writeln!(
+            log,
+            "virt-clone-cow-hook: {domain}: master {} is {virtual_size} bytes, not the {recorded} its metadata records; using {virtual_size}",
+            m.path
+        );
+    }
     let backing = BackingSpec { path: &m.path, format: &m.format, virtual_size };
     create_file_overlay(&d.overlay, &backing, OverlayOptions::preferred())
         .map_err(|source| PrepareError::Overlay { target: d.target.clone(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virt_clone_cow::metadata::MasterRef;
+
+    fn disk(dir: &Path, master: &Path, format: &str, recorded_size: Option<u64>) -> ManagedDisk {
+        ManagedDisk {
+            target: "vda".into(),
+            overlay: dir.join("o.qcow2"),
+            master: MasterRef {
+                path: master.to_string_lossy().into_owned(),
+                format: format.into(),
+                virtual_size: recorded_size,
+                ..Default::default()
+            },
+            recorded: true,
+        }
+    }
+
+    #[test]
+    fn the_overlay_has_the_masters_size_whatever_the_metadata_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = dir.path().join("m.raw");
+        std::fs::write(&master, vec![0u8; 1 << 20]).unwrap();
+        let d = disk(dir.path(), &master, "raw", Some(1 << 30));
+        let mut log = Vec::new();
+        prepare("vm", std::slice::from_ref(&d), &Config::default(), true, &mut log).unwrap();
+        let info = image::info(d.overlay.to_str().unwrap(), "qcow2", true).unwrap();
+        assert_eq!(info.virtual_size, 1 << 20);
+        assert_eq!(info.backing.as_deref(), Some(d.master.path.as_str()));
+        let log = String::from_utf8(log).unwrap();
+        assert!(log.contains("not the 1073741824 its metadata records"), "{log}");
+    }
+
+    #[test]
+    fn a_master_that_is_a_fifo_or_a_directory_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("m.fifo");
+        virt_clone_cow::process::run("mkfifo", &[fifo.to_str().unwrap()]).unwrap();
+        for (master, what) in [(fifo.as_path(), "a FIFO"), (dir.path(), "a directory")] {
+            let d = disk(dir.path(), master, "raw", None);
+            let t0 = Instant::now();
+            let e = prepare("vm", &[d], &Config::default(), true, &mut Vec::new()).unwrap_err();
+            assert!(matches!(e, PrepareError::NotRegular { .. }), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains(what) && msg.contains("not a regular file") && msg.contains(&master.display().to_string()), "{msg}");
+            assert!(t0.elapsed() < std::time::Duration::from_secs(2));
+            assert!(!dir.path().join("o.qcow2").exists());
+        }
+        // Also on migrate/restore, where no overlay is made.
+        let e = prepare("vm", &[disk(dir.path(), &fifo, "raw", None)], &Config::default(), false, &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, PrepareError::NotRegular { .. }), "{e}");
+    }
 }
