@@ -114,6 +114,8 @@ pub enum HookError {
     },
     #[error(transparent)]
     Prepare(#[from] prepare::PrepareError),
+    #[error("the hook hit a bug (the panic message is above); please report it")]
+    Bug,
 }
 
 /// The error and its causes on one line.
@@ -145,8 +147,8 @@ pub fn main_with(args: &[String], stdin: &mut dyn Read, load_cfg: &dyn Fn(&mut d
         return 0;
     }
     let outcome = read_xml(stdin).and_then(|xml| {
-        // Nothing in the hook should panic; if it does, only the operations that may fail do.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&inv, &xml, load_cfg, log))).unwrap_or(Ok(()))
+        // Nothing in the hook should panic; if it does, only an operation that may fail fails.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&inv, &xml, load_cfg, log))).unwrap_or(Err(HookError::Bug))
     });
     match outcome {
         Ok(()) => 0,
@@ -289,6 +291,18 @@ mod tests {
             md.extend_from_slice(b"\xff</c></metadata></domain>");
             assert_eq!(main_with(&a, &mut &md[..], &|_: &mut dyn Write| Config::default(), &mut Vec::new()), 0, "{a:?}");
         }
+    }
+
+    #[test]
+    fn a_panic_fails_only_operations_that_may_fail() {
+        let xml = "<domain><name>x</name><metadata><vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='yes'>\
+            <vcc:disk target='vda' overlay='/x/o.qcow2'><vcc:master path='/x/m.raw' format='raw'/></vcc:disk></vcc:clone></vcc:cow></metadata>\
+            <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/x/o.qcow2'/><target dev='vda'/></disk></devices></domain>";
+        let boom = |_: &mut dyn Write| -> Config { panic!("boom") };
+        let mut log = Vec::new();
+        assert_eq!(main_with(&args(&["x", "prepare", "begin", "-"]), &mut xml.as_bytes(), &boom, &mut log), 1);
+        assert!(String::from_utf8_lossy(&log).contains("bug"));
+        assert_eq!(main_with(&args(&["x", "release", "end", "destroyed"]), &mut xml.as_bytes(), &boom, &mut Vec::new()), 0);
     }
 
     #[test]
