@@ -133,6 +133,17 @@ pub fn may_concern_us(op: Op, xml: &str) -> bool {
     }
 }
 
+/// Whether the XML is a live one showing the backing chains libvirt detected: their
+/// `<backingStore>` elements carry an `index` attribute, which a user-written one in a domain
+/// definition never has (libvirt drops it from inactive XML).
+pub fn shows_detected_chains(xml: &str) -> bool {
+    xml.match_indices("<backingStore").any(|(i, _)| {
+        let tag = &xml[i..];
+        let end = tag.find('>').unwrap_or(tag.len());
+        tag[..end].contains(" index=")
+    })
+}
+
 /// The whole hook: arguments as libvirt passes them (program name excluded), stdin, a way to
 /// load the settings (called only for domains that concern us), stderr. Returns the exit status.
 /// The operation is decided from the arguments first: anything but `prepare`/`migrate`/
@@ -187,6 +198,11 @@ pub fn run(inv: &Invocation, xml: &str, load_cfg: &dyn Fn(&mut dyn Write) -> Con
         Op::Prepare => {
             if plan.template {
                 return Err(HookError::Template(facts.name.clone()));
+            }
+            if shows_detected_chains(xml) {
+                // A start that resumes a guest (restore, incoming migration) gets the live XML:
+                // its backing stores are what libvirt detected, not requests for overlays.
+                plan.disks.retain(|d| d.recorded);
             }
             if plan.disks.is_empty() {
                 return Ok(());
@@ -349,6 +365,20 @@ mod tests {
              <vcc:disk target='vdb' overlay='/x/o.qcow2'><vcc:master path='/x/m.raw' format='raw'/></vcc:disk></vcc:clone></vcc:cow></metadata><devices>",
         );
         assert_eq!(main_with(&args(&["s", "migrate", "begin", "-"]), &mut other.as_bytes(), &cfg, &mut Vec::new()), 0);
+    }
+
+    #[test]
+    fn prepare_for_a_resumed_guest_ignores_detected_chains_without_our_metadata() {
+        assert!(shows_detected_chains(SNAPSHOT_CHAIN));
+        assert!(!shows_detected_chains("<backingStore type='file'><format type='raw'/></backingStore><source index='1'/>"));
+        let mut log = Vec::new();
+        assert_eq!(main_with(&args(&["s", "prepare", "begin", "-"]), &mut SNAPSHOT_CHAIN.as_bytes(), &no_cfg, &mut log), 0);
+        assert!(log.is_empty(), "{}", String::from_utf8_lossy(&log));
+        // Written by the user (no index): a missing master is reported.
+        let user = SNAPSHOT_CHAIN.replace(" index='1'", "");
+        let mut log = Vec::new();
+        assert_eq!(main_with(&args(&["s", "prepare", "begin", "-"]), &mut user.as_bytes(), &|_: &mut dyn Write| Config::default(), &mut log), 1);
+        assert!(String::from_utf8_lossy(&log).contains("no pool-helper manifest"));
     }
 
     #[test]
