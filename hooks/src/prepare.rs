@@ -126,7 +126,7 @@ fn create_overlay(domain: &str, d: &ManagedDisk, log: &mut dyn Write) -> Result<
         );
     }
     let backing = BackingSpec { path: &m.path, format: &m.format, virtual_size };
-    create_file_overlay(&d.overlay, &backing, OverlayOptions::preferred())
+    create_file_overlay(&d.overlay, &backing, OverlayOptions::preferred().with_timeout(crate::image::QEMU_IMG_TIMEOUT))
         .map_err(|source| PrepareError::Overlay { target: d.target.clone(), source })
 }
 

@@ -258,7 +258,7 @@ fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> 
                 let mut made = tx.lv.create_volume(pool, &xml, name);
                 if opts.extended_l2 && made.as_ref().is_err_and(refuses_extended_l2) {
                     // QEMU older than 5.2 (or libvirt older than 8.0): the plain layout.
-                    let plain = overlay_volume_xml(name, &backing, OverlayOptions { extended_l2: false });
+                    let plain = overlay_volume_xml(name, &backing, opts.plain());
                     made = tx.lv.create_volume(pool, &plain, name);
                 }
                 made.map_err(|source| ApplyError::OverlayVolume {

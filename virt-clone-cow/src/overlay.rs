@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use quick_xml::escape::escape;
 
-use crate::process::{run, CommandError};
+use crate::process::{run, run_with_timeout, CommandError};
 
 /// Formats a master may have. Anything else cannot be a backing file we create overlays over.
 pub const MASTER_FORMATS: [&str; 2] = ["qcow2", "raw"];
@@ -53,6 +53,8 @@ pub enum OverlayError {
 pub struct OverlayOptions {
     /// `cluster_size=128k,extended_l2=on`.
     pub extended_l2: bool,
+    /// Wall-clock limit for one qemu-img run (the hook runs while libvirt holds the domain).
+    pub timeout: std::time::Duration,
 }
 
 impl OverlayOptions {
@@ -60,12 +62,22 @@ impl OverlayOptions {
     /// qemu-img does not know extended L2 entries, so no probe is needed (the hook saves a
     /// qemu-img run per overlay).
     pub fn preferred() -> Self {
-        OverlayOptions { extended_l2: true }
+        OverlayOptions { extended_l2: true, timeout: crate::process::DEFAULT_TIMEOUT }
     }
 
     /// The best layout the installed qemu-img supports (asks qemu-img once per process).
     pub fn detect() -> Self {
-        OverlayOptions { extended_l2: qemu_img_supports_extended_l2() }
+        OverlayOptions { extended_l2: qemu_img_supports_extended_l2(), timeout: crate::process::DEFAULT_TIMEOUT }
+    }
+
+    /// The same layout with another qemu-img time limit.
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        OverlayOptions { timeout, ..self }
+    }
+
+    /// The plain layout (64 KiB clusters, no subclusters).
+    pub fn plain(self) -> Self {
+        OverlayOptions { extended_l2: false, ..self }
     }
 
     fn create_opts(&self) -> String {
@@ -147,13 +159,13 @@ fn qemu_img_create(path: &Path, backing: &BackingSpec<'_>, opts: OverlayOptions)
         path.as_os_str(),
         size.as_ref(),
     ];
-    match run("qemu-img", &argv) {
+    match run_with_timeout("qemu-img", &argv, opts.timeout) {
         // An older QEMU (before 5.2) does not know extended L2 entries: the plain layout. Only
         // qemu-img's own complaint counts (our command line contains the word too).
         Err(e) if opts.extended_l2 && e.stderr().is_some_and(|s| s.contains("extended_l2")) => {
-            let plain = OverlayOptions { extended_l2: false }.create_opts();
+            let plain = opts.plain().create_opts();
             argv[5] = plain.as_ref();
-            run("qemu-img", &argv).map(|_| ())
+            run_with_timeout("qemu-img", &argv, opts.timeout).map(|_| ())
         }
         other => other.map(|_| ()),
     }
@@ -238,12 +250,12 @@ mod tests {
     #[test]
     fn volume_xml_states_backing_format_and_layout() {
         let b = BackingSpec { path: "/p/base & co.raw", format: "raw", virtual_size: 1 << 30 };
-        let x = overlay_volume_xml("c-vda.qcow2", &b, OverlayOptions { extended_l2: true });
+        let x = overlay_volume_xml("c-vda.qcow2", &b, OverlayOptions::preferred());
         assert!(x.contains("<path>/p/base &amp; co.raw</path><format type='raw'/>"), "{x}");
         assert!(x.contains("<compat>1.1</compat>"), "{x}");
         assert!(x.contains("<extended_l2/>"), "{x}");
         assert!(x.contains("<capacity unit='bytes'>1073741824</capacity>"), "{x}");
-        let plain = overlay_volume_xml("c", &b, OverlayOptions { extended_l2: false });
+        let plain = overlay_volume_xml("c", &b, OverlayOptions::preferred().plain());
         assert!(!plain.contains("extended_l2"), "{plain}");
     }
 
