@@ -101,20 +101,8 @@ pub fn libvirt(cfg: &Config) -> Result<virt_clone_cow::libvirt::Libvirt, FetchEr
         .map_err(|e| FetchError::Libvirt(error_chain(&e)))
 }
 
-/// "a: b: c" from an error and its sources.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s.replace('\n', "; ")
-}
+/// "a: b: c" from an error and its sources (the workspace's one formatter).
+pub use virt_clone_cow::error::one_line as error_chain;
 
 pub fn pool_dir(cfg: &Config, pool: &str) -> Result<PathBuf, FetchError> {
     let lv = libvirt(cfg)?;
