@@ -15,6 +15,7 @@
 //!   down, destroyed or crashed.
 //! * everything else, `reconnect` included: exit 0, without reading anything. Only the three
 //!   `begin` steps above can ever exit non-zero.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
 pub mod daemon;

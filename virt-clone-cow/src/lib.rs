@@ -32,6 +32,7 @@
 //! println!("{}", serde_json::to_string_pretty(&report)?);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod apply;
 pub mod cmd;
