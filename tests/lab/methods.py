@@ -33,7 +33,9 @@ class Waiter:
         def work():
             while time.time() < deadline:
                 if done_check():
-                    got = sha256(path) if os.path.exists(path) else "missing"
+                    if not os.path.exists(path):
+                        return  # never arrived: not done (and not corrupt either)
+                    got = sha256(path)
                     with self.lock:
                         if got == self.expected:
                             self.times[index] = time.time() - self.t0
@@ -105,29 +107,46 @@ def multicast(lab, master, expected_sha, work, timeout, rate_mbit):
             tmp = os.path.join(work, f"uftp-h{h.index}.tmp")
             os.makedirs(dest, exist_ok=True)
             os.makedirs(tmp, exist_ok=True)
-            clients.append(h.popen(["uftpd", "-d", "-I", "eth0", "-D", dest, "-T", tmp, "-x", "0"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            log = open(os.path.join(work, f"uftpd-h{h.index}.log"), "wb")
+            clients.append(h.popen(["uftpd", "-d", "-I", "eth0", "-D", dest, "-T", tmp, "-x", os.environ.get("VCCLAB_UFTP_X", "2")],
+                                   stdout=log, stderr=log))
         time.sleep(2.0)
         for c in clients:
             if c.poll() is not None:
                 raise RuntimeError("a uftpd client exited at start")
         t0 = time.time()
         waiter = Waiter(expected_sha, t0)
-        server = origin.popen(["uftp", "-I", "eth0", "-C", "tfmcc", "-R", str(int(rate_mbit * 1000)), "-a", "200",
-                               "-L", os.path.join(work, "uftp-server.log"), master],
+        server = origin.popen(["uftp", "-I", "eth0", "-C", "tfmcc", "-R", str(int(rate_mbit * 1000)),
+                               "-x", os.environ.get("VCCLAB_UFTP_X", "2"), "-L", os.path.join(work, "uftp-server.log"), master],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ended = []
+
+        def over(d):
+            # The file appears in the dest dir only once complete (uftpd receives into -T and moves
+            # it). Once the server has exited, give the clients 5 s to move it, then stop waiting.
+            if os.path.exists(d):
+                return True
+            if server.poll() is not None:
+                if not ended:
+                    ended.append(time.time())
+                return time.time() > ended[0] + 5
+            return False
+
         threads = []
         for h in lab.hosts[1:]:
             dest = os.path.join(work, f"uftp-h{h.index}", name)
-            threads.append(waiter.verify_when_present(h.index, dest, lambda d=dest: os.path.exists(d), t0 + timeout))
+            threads.append(waiter.verify_when_present(h.index, dest, lambda d=dest: over(d), t0 + timeout))
         for t in threads:
             t.join()
         if server.poll() is None:
             server.kill()
-        if len(waiter.times) < len(lab.hosts) - 1:
-            log = os.path.join(work, "uftp-server.log")
-            if os.path.exists(log):
-                shutil.copy(log, os.path.join(os.path.dirname(work), "last-uftp-server.log"))
+        if True:  # keep the logs of the last multicast run for a look afterwards
+            keep = os.path.join(os.path.dirname(work), "last-uftp")
+            shutil.rmtree(keep, ignore_errors=True)
+            os.makedirs(keep)
+            for f in os.listdir(work):
+                if f.endswith(".log"):
+                    shutil.copy(os.path.join(work, f), keep)
         return waiter
     finally:
         for c in clients:
