@@ -160,8 +160,9 @@ class PoolHelpers:
 
     PORT = 6881
 
-    def __init__(self, lab, work, binary, extra_args=()):
+    def __init__(self, lab, work, binary, extra_args=(), hosts=None):
         self.lab, self.work, self.bin, self.extra = lab, work, binary, list(extra_args)
+        self.hosts = list(hosts) if hosts is not None else list(lab.hosts)
         self.daemons = {}
 
     def state(self, h):
@@ -178,7 +179,7 @@ class PoolHelpers:
                 *self.extra]
 
     def __enter__(self):
-        for h in self.lab.hosts:
+        for h in self.hosts:
             os.makedirs(self.pool_dir(h), exist_ok=True)
             os.makedirs(self.state(h), exist_ok=True)
             subprocess.run(("virsh", "-q", "pool-destroy", self.pool(h)), capture_output=True)
@@ -208,7 +209,7 @@ class PoolHelpers:
     def __exit__(self, *exc):
         for i in list(self.daemons):
             self.kill(self.lab.hosts[i])
-        for h in self.lab.hosts:
+        for h in self.hosts:
             subprocess.run(("virsh", "-q", "pool-destroy", self.pool(h)), capture_output=True)
             subprocess.run(("virsh", "-q", "pool-undefine", self.pool(h)), capture_output=True)
 
