@@ -179,6 +179,14 @@ class PoolHelpers:
                 *self.extra]
 
     def __enter__(self):
+        try:
+            self._setup()
+        except BaseException:
+            self.__exit__(None, None, None)  # no daemon or libvirt pool left behind
+            raise
+        return self
+
+    def _setup(self):
         for h in self.hosts:
             os.makedirs(self.pool_dir(h), exist_ok=True)
             os.makedirs(self.state(h), exist_ok=True)
@@ -188,7 +196,6 @@ class PoolHelpers:
                            check=True, capture_output=True)
             subprocess.run(("virsh", "-q", "pool-start", self.pool(h)), check=True, capture_output=True)
             self.start(h)
-        return self
 
     def start(self, h):
         log = open(os.path.join(self.work, f"daemon-h{h.index}.log"), "ab")

@@ -1,5 +1,6 @@
 """Test hosts as network namespaces on this machine, joined by veth links to one bridge, each link
-shaped with tc (netem: rate, delay, loss). Traffic stays inside these namespaces."""
+shaped with tc (tbf for the rate; netem for delay where the kernel has it; iptables for loss).
+Traffic stays inside these namespaces."""
 import os
 import subprocess
 import time
