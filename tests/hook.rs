@@ -24,7 +24,11 @@ fn target_dir() -> PathBuf {
 
 fn bin(name: &str) -> PathBuf {
     let p = target_dir().join(name);
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test does)",
+        p.display()
+    );
     p
 }
 
@@ -33,7 +37,11 @@ fn repo() -> PathBuf {
 }
 
 fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
 fn virsh(args: &[&str]) -> Output {
@@ -102,7 +110,10 @@ impl Env {
     }
 
     fn define(&self, xml: &str) {
-        let f = self.dir.join(format!("def-{}.xml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()));
+        let f = self.dir.join(format!(
+            "def-{}.xml",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+        ));
         std::fs::write(&f, xml).expect("write xml");
         virsh_ok(&["define", f.to_str().expect("utf-8")]);
     }
@@ -218,9 +229,16 @@ fn a_missing_master_without_a_daemon_fails_within_the_bound_and_names_the_master
         "ab".repeat(32)
     );
     let conf = env.path("hook.conf");
-    std::fs::write(&conf, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 5\nconnect_timeout = 1\n")).expect("conf");
+    std::fs::write(&conf, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 5\nconnect_timeout = 1\n"))
+        .expect("conf");
     let t0 = Instant::now();
-    let o = hook_direct_with(&name, "prepare", "begin", &domain_xml(&name, &backed_disk(&overlay, &master, "qcow2"), &md), Some(&conf));
+    let o = hook_direct_with(
+        &name,
+        "prepare",
+        "begin",
+        &domain_xml(&name, &backed_disk(&overlay, &master, "qcow2"), &md),
+        Some(&conf),
+    );
     let took = t0.elapsed();
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -247,7 +265,12 @@ fn a_missing_master_with_no_manifest_says_so() {
 /// Writes a recognisable 64 KiB at `offset` of a qcow2 image nobody has open.
 fn write_pattern(path: &str, offset: &str) {
     let o = run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P 0xab {offset} 64k"), path]);
-    assert!(o.status.success(), "qemu-io write {path}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "qemu-io write {path}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Whether the pattern of [`write_pattern`] is there (read even while a QEMU has the image open).
@@ -261,7 +284,10 @@ fn disposable_clone(env: &Env) -> (String, String, String) {
     let name = env.name("vm");
     let tmpl = env.name("tmpl");
     env.define(&domain_xml(&tmpl, &format!("<driver name='qemu' type='qcow2'/><source file='{master}'/>"), ""));
-    let o = run(bin("virt-clone-cow").to_str().expect("utf-8"), &["-c", URI, "--original", &tmpl, "--name", &name, "--disposable"]);
+    let o = run(
+        bin("virt-clone-cow").to_str().expect("utf-8"),
+        &["-c", URI, "--original", &tmpl, "--name", &name, "--disposable"],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let overlay = env.path(&format!("{name}-vda.qcow2"));
     (name, overlay, master)
@@ -395,7 +421,8 @@ fn migrate_and_restore_pass_the_xml_through_and_check_masters() {
     );
     let ours = domain_xml(&name, &backed_disk(&env.path("o.qcow2"), &env.path("gone.qcow2"), "qcow2"), &md);
     let conf = env.path("hook.conf");
-    std::fs::write(&conf, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 5\nconnect_timeout = 1\n")).expect("conf");
+    std::fs::write(&conf, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 5\nconnect_timeout = 1\n"))
+        .expect("conf");
     for op in ["migrate", "restore"] {
         let o = hook_direct_with(&name, op, "begin", &ours, Some(&conf));
         assert!(!o.status.success(), "{op}: a clone whose master is missing here must be refused");
@@ -445,8 +472,25 @@ fn virt_install_with_backing_store_still_works() {
     let o = run(
         "virt-install",
         &[
-            "--connect", URI, "--name", &name, "--memory", "64", "--vcpus", "1", "--import", "--disk", &disk_arg,
-            "--network", "none", "--graphics", "none", "--osinfo", "detect=off,name=generic", "--noautoconsole", "--noreboot",
+            "--connect",
+            URI,
+            "--name",
+            &name,
+            "--memory",
+            "64",
+            "--vcpus",
+            "1",
+            "--import",
+            "--disk",
+            &disk_arg,
+            "--network",
+            "none",
+            "--graphics",
+            "none",
+            "--osinfo",
+            "detect=off,name=generic",
+            "--noautoconsole",
+            "--noreboot",
         ],
     );
     assert!(o.status.success(), "virt-install: {}", String::from_utf8_lossy(&o.stderr));
@@ -463,13 +507,29 @@ fn a_volume_made_with_vol_create_as_backing_vol_shows_in_the_tree() {
     virsh_ok(&["pool-start", &pool]);
     let master = env.master("m.qcow2", "qcow2");
     virsh_ok(&["pool-refresh", &pool]);
-    virsh_ok(&["vol-create-as", &pool, "child.qcow2", "64M", "--format", "qcow2", "--backing-vol", &master, "--backing-vol-format", "qcow2"]);
+    virsh_ok(&[
+        "vol-create-as",
+        &pool,
+        "child.qcow2",
+        "64M",
+        "--format",
+        "qcow2",
+        "--backing-vol",
+        &master,
+        "--backing-vol-format",
+        "qcow2",
+    ]);
     let o = run(bin("virt-clone-cow").to_str().expect("utf-8"), &["-c", URI, "tree", "--json"]);
     let _ = virsh(&["pool-destroy", &pool]);
     let _ = virsh(&["pool-undefine", &pool]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let tree: serde_json::Value = serde_json::from_slice(&o.stdout).expect("tree json");
-    let node = tree["masters"].as_array().expect("masters").iter().find(|m| m["path"] == master.as_str()).expect("the master is listed");
+    let node = tree["masters"]
+        .as_array()
+        .expect("masters")
+        .iter()
+        .find(|m| m["path"] == master.as_str())
+        .expect("the master is listed");
     let clones = node["clones"].as_array().expect("clones");
     assert_eq!(clones.len(), 1);
     assert_eq!(clones[0]["volume"], "child.qcow2");
@@ -530,7 +590,15 @@ impl PoolHelper {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin("pool-helper"));
         c.arg("--state-dir").arg(&self.state);
-        c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd", "--watch-interval", "0"]);
+        c.args([
+            "--listen-port",
+            &self.port.to_string(),
+            "--advertise",
+            "127.0.0.1",
+            "--no-lsd",
+            "--watch-interval",
+            "0",
+        ]);
         c.args(args).stdin(Stdio::null());
         c
     }
@@ -540,7 +608,11 @@ impl PoolHelper {
         self.daemon = Some(self.cmd(&["serve"]).stdout(Stdio::null()).stderr(log).spawn().expect("pool-helper serve"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(self.state.join("control.sock")).is_err() {
-            assert!(Instant::now() < deadline, "pool-helper did not start: {}", std::fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "pool-helper did not start: {}",
+                std::fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -618,7 +690,8 @@ fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
     seeder.serve();
     let manifest = seeder.publish(&seed_pool, "base.raw");
-    let published: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
     // This host: a daemon (the one the installed hook asks) and a pool without the master.
     let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
     local.serve();
@@ -671,7 +744,10 @@ fn with_no_peer_holding_the_master_the_start_fails_within_the_bound_naming_it() 
     assert!(err.contains(&master), "names the master: {err}");
     assert!(err.contains("still not here after"), "says why: {err}");
     assert!(err.contains("later start will succeed"), "says what happens next: {err}");
-    assert!(took >= Duration::from_secs(FETCH_TIMEOUT_S - 1) && took < Duration::from_secs(FETCH_TIMEOUT_S + 15), "took {took:?}");
+    assert!(
+        took >= Duration::from_secs(FETCH_TIMEOUT_S - 1) && took < Duration::from_secs(FETCH_TIMEOUT_S + 15),
+        "took {took:?}"
+    );
     assert!(!Path::new(&overlay).exists());
     assert!(!Path::new(&master).exists(), "nothing partial in the pool");
     assert_eq!(domstate(&name), "shut off");

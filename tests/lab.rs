@@ -12,7 +12,11 @@ fn the_small_lab_delivers_exact_copies_by_every_method_and_survives_the_faults()
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
     let exe = std::env::current_exe().expect("test binary path");
     let pool_helper = exe.parent().and_then(Path::parent).expect("target dir").join("pool-helper");
-    assert!(pool_helper.exists(), "{} is missing: run `cargo build --workspace --all-targets` first", pool_helper.display());
+    assert!(
+        pool_helper.exists(),
+        "{} is missing: run `cargo build --workspace --all-targets` first",
+        pool_helper.display()
+    );
     let out = Command::new(repo.join("tests/lab/lab"))
         .arg("ci")
         .arg("--pool-helper")

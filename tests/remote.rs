@@ -10,7 +10,11 @@ const SSH_DIR: &str = "/var/lib/vcc-tests-sshd";
 const SSH_PORT: u16 = 2222;
 
 fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
 fn ok(program: &str, args: &[&str]) -> String {
@@ -22,7 +26,11 @@ fn ok(program: &str, args: &[&str]) -> String {
 fn cli() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let p = exe.parent().and_then(Path::parent).expect("target dir").join("virt-clone-cow");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test does)",
+        p.display()
+    );
     p
 }
 
@@ -155,10 +163,15 @@ fn over_qemu_ssh_a_file_outside_any_pool_is_refused_with_what_to_do() {
     std::fs::write(&xml, template_xml(&tmpl, &disk)).expect("xml");
     ok("virsh", &["-q", "define", xml.to_str().expect("utf-8")]);
     let mine = || -> Vec<String> {
-        ok("virsh", &["-q", "list", "--all", "--name"]).lines().filter(|n| n.starts_with(&env.prefix)).map(String::from).collect()
+        ok("virsh", &["-q", "list", "--all", "--name"])
+            .lines()
+            .filter(|n| n.starts_with(&env.prefix))
+            .map(String::from)
+            .collect()
     };
     let before = mine();
-    let o = run(cli().to_str().expect("utf-8"), &["-c", uri, "--original", &tmpl, "--name", &format!("{}-c", env.prefix)]);
+    let o =
+        run(cli().to_str().expect("utf-8"), &["-c", uri, "--original", &tmpl, "--name", &format!("{}-c", env.prefix)]);
     let _ = std::fs::remove_file(&outside);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);

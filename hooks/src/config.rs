@@ -79,18 +79,24 @@ impl Config {
             let (k, v) = (k.trim(), v.trim().trim_matches('"'));
             let secs = || v.parse::<u64>().ok().map(Duration::from_secs);
             let ok = match k {
-                "control_socket" => !v.is_empty() && {
-                    c.control_socket = PathBuf::from(v);
-                    true
-                },
-                "managed_save_dir" => v.starts_with('/') && {
-                    c.managed_save_dir = PathBuf::from(v);
-                    true
-                },
-                "state_dir" => v.starts_with('/') && {
-                    c.state_dir = PathBuf::from(v);
-                    true
-                },
+                "control_socket" => {
+                    !v.is_empty() && {
+                        c.control_socket = PathBuf::from(v);
+                        true
+                    }
+                }
+                "managed_save_dir" => {
+                    v.starts_with('/') && {
+                        c.managed_save_dir = PathBuf::from(v);
+                        true
+                    }
+                }
+                "state_dir" => {
+                    v.starts_with('/') && {
+                        c.state_dir = PathBuf::from(v);
+                        true
+                    }
+                }
                 "fetch_timeout" => secs().map(|d| c.fetch_timeout = d).is_some(),
                 "connect_timeout" => secs().map(|d| c.connect_timeout = d).is_some(),
                 "progress_interval" => secs().map(|d| c.progress_interval = d).is_some(),
@@ -111,7 +117,11 @@ mod tests {
     #[test]
     fn config_file_sets_keys_and_ignores_garbage() {
         let mut warn = Vec::new();
-        let c = Config::parse("# x\ncontrol_socket = /tmp/s.sock\nfetch_timeout=7\nbogus = 1\nnoequals\n", Path::new("/x/h.conf"), &mut warn);
+        let c = Config::parse(
+            "# x\ncontrol_socket = /tmp/s.sock\nfetch_timeout=7\nbogus = 1\nnoequals\n",
+            Path::new("/x/h.conf"),
+            &mut warn,
+        );
         assert_eq!(c.control_socket, PathBuf::from("/tmp/s.sock"));
         assert_eq!(c.fetch_timeout, Duration::from_secs(7));
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
@@ -122,7 +132,11 @@ mod tests {
     #[test]
     fn a_hash_inside_a_value_is_part_of_it_and_only_leading_hashes_are_comments() {
         let mut warn = Vec::new();
-        let c = Config::parse("  # indented comment = 3\ncontrol_socket = /run/a#b/c.sock\n#fetch_timeout = 1\n", Path::new("/x/h.conf"), &mut warn);
+        let c = Config::parse(
+            "  # indented comment = 3\ncontrol_socket = /run/a#b/c.sock\n#fetch_timeout = 1\n",
+            Path::new("/x/h.conf"),
+            &mut warn,
+        );
         assert_eq!(c.control_socket, PathBuf::from("/run/a#b/c.sock"));
         assert_eq!(c.fetch_timeout, Duration::from_secs(600));
         assert!(warn.is_empty(), "{}", String::from_utf8_lossy(&warn));

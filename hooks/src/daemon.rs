@@ -98,11 +98,14 @@ pub fn request_path(
                 if !buf.ends_with('\n') {
                     continue; // partial line: read the rest
                 }
-                let parsed: Line = serde_json::from_str(buf.trim()).map_err(|e| DaemonError::Protocol(format!("{e}: {}", buf.trim())))?;
+                let parsed: Line = serde_json::from_str(buf.trim())
+                    .map_err(|e| DaemonError::Protocol(format!("{e}: {}", buf.trim())))?;
                 buf.clear();
                 match parsed.ok {
                     Some(true) => return Ok(parsed.path.map(PathBuf::from)),
-                    Some(false) => return Err(DaemonError::Refused(parsed.error.unwrap_or_else(|| "no reason given".into()))),
+                    Some(false) => {
+                        return Err(DaemonError::Refused(parsed.error.unwrap_or_else(|| "no reason given".into())))
+                    }
                     None => {
                         if parsed.event.as_deref() == Some("progress") {
                             last = parsed.progress;
@@ -118,7 +121,8 @@ pub fn request_path(
 }
 
 fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, DaemonError> {
-    connect_bounded(socket, timeout).map_err(|source| DaemonError::Connect { socket: socket.display().to_string(), source })
+    connect_bounded(socket, timeout)
+        .map_err(|source| DaemonError::Connect { socket: socket.display().to_string(), source })
 }
 
 /// `connect(2)` to a Unix stream socket that gives up after `timeout`. A blocking connect sleeps
@@ -134,7 +138,10 @@ pub fn connect_bounded(socket: &Path, timeout: Duration) -> std::io::Result<Unix
     // SAFETY: sockaddr_un is plain old data; all zeroes is a valid (empty) value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     if path.is_empty() || path.len() >= addr.sun_path.len() || path.contains(&0) {
-        return Err(std::io::Error::new(ErrorKind::InvalidInput, "not a usable Unix socket path (empty, too long, or with a NUL byte)"));
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "not a usable Unix socket path (empty, too long, or with a NUL byte)",
+        ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (d, s) in addr.sun_path.iter_mut().zip(path) {
@@ -174,7 +181,10 @@ pub fn connect_bounded(socket: &Path, timeout: Duration) -> std::io::Result<Unix
             Some(libc::EAGAIN | libc::EINPROGRESS | libc::EALREADY) => {
                 return Err(std::io::Error::new(
                     ErrorKind::TimedOut,
-                    format!("the daemon did not accept the connection within {} ms (its backlog is full)", timeout.as_millis()),
+                    format!(
+                        "the daemon did not accept the connection within {} ms (its backlog is full)",
+                        timeout.as_millis()
+                    ),
                 ))
             }
             _ => return Err(err),
@@ -190,7 +200,10 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
-    fn serve(lines: &'static [&'static str], delay: Duration) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<String>) {
+    fn serve(
+        lines: &'static [&'static str],
+        delay: Duration,
+    ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<String>) {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("c.sock");
         let l = UnixListener::bind(&sock).unwrap();
@@ -212,12 +225,18 @@ mod tests {
     #[test]
     fn progress_then_path_is_returned() {
         let (_d, sock, h) = serve(
-            &[r#"{"event":"progress","done_bytes":5,"total_bytes":10,"peers":2,"down_bps":1}"#, r#"{"ok":true,"state":"fetched","path":"/pool/m.qcow2"}"#],
+            &[
+                r#"{"event":"progress","done_bytes":5,"total_bytes":10,"peers":2,"down_bps":1}"#,
+                r#"{"ok":true,"state":"fetched","path":"/pool/m.qcow2"}"#,
+            ],
             Duration::ZERO,
         );
         let mut seen = Vec::new();
         let req = serde_json::json!({"op":"ensure","manifest_path":"/m.json"});
-        let p = request_path(&sock, Duration::from_secs(1), Instant::now() + Duration::from_secs(5), &req, |p| seen.push(p.clone())).unwrap();
+        let p = request_path(&sock, Duration::from_secs(1), Instant::now() + Duration::from_secs(5), &req, |p| {
+            seen.push(p.clone())
+        })
+        .unwrap();
         assert_eq!(p, Some(PathBuf::from("/pool/m.qcow2")));
         assert_eq!(seen.len(), 1);
         assert_eq!(seen[0].peers, 2);
@@ -227,15 +246,32 @@ mod tests {
     #[test]
     fn refusal_carries_the_reason() {
         let (_d, sock, _h) = serve(&[r#"{"ok":false,"error":"no peer has it"}"#], Duration::ZERO);
-        let e = request_path(&sock, Duration::from_secs(1), Instant::now() + Duration::from_secs(5), &serde_json::json!({}), |_| {}).unwrap_err();
+        let e = request_path(
+            &sock,
+            Duration::from_secs(1),
+            Instant::now() + Duration::from_secs(5),
+            &serde_json::json!({}),
+            |_| {},
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("no peer has it"), "{e}");
     }
 
     #[test]
     fn a_slow_daemon_hits_the_deadline() {
-        let (_d, sock, _h) = serve(&[r#"{"event":"progress","done_bytes":1,"total_bytes":4,"peers":0,"down_bps":0}"#, r#"{"ok":true}"#], Duration::from_millis(1500));
+        let (_d, sock, _h) = serve(
+            &[r#"{"event":"progress","done_bytes":1,"total_bytes":4,"peers":0,"down_bps":0}"#, r#"{"ok":true}"#],
+            Duration::from_millis(1500),
+        );
         let t0 = Instant::now();
-        let e = request_path(&sock, Duration::from_secs(1), Instant::now() + Duration::from_millis(600), &serde_json::json!({}), |_| {}).unwrap_err();
+        let e = request_path(
+            &sock,
+            Duration::from_secs(1),
+            Instant::now() + Duration::from_millis(600),
+            &serde_json::json!({}),
+            |_| {},
+        )
+        .unwrap_err();
         assert!(matches!(e, DaemonError::Timeout { .. }), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(2));
     }
@@ -269,7 +305,13 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let t0 = Instant::now();
-            let r = request_path(&sock, Duration::from_millis(300), Instant::now() + Duration::from_secs(5), &serde_json::json!({}), |_| {});
+            let r = request_path(
+                &sock,
+                Duration::from_millis(300),
+                Instant::now() + Duration::from_secs(5),
+                &serde_json::json!({}),
+                |_| {},
+            );
             let _ = tx.send((r.map(|_| ()).map_err(|e| error_text(&e)), t0.elapsed()));
         });
         let (r, took) = rx.recv_timeout(Duration::from_secs(10)).expect("connect never gave up");
@@ -295,7 +337,14 @@ mod tests {
 
     #[test]
     fn no_daemon_says_how_to_start_it() {
-        let e = request_path(Path::new("/nonexistent/c.sock"), Duration::from_millis(100), Instant::now() + Duration::from_secs(1), &serde_json::json!({}), |_| {}).unwrap_err();
+        let e = request_path(
+            Path::new("/nonexistent/c.sock"),
+            Duration::from_millis(100),
+            Instant::now() + Duration::from_secs(1),
+            &serde_json::json!({}),
+            |_| {},
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("pool-helper serve"), "{e}");
     }
 }

@@ -48,7 +48,9 @@ pub fn has_managed_save(cfg: &Config, name: &str) -> bool {
 /// The note's file: by UUID (the name can change on migration), else by the hex of the name.
 fn note_path(cfg: &Config, facts: &DomainFacts) -> PathBuf {
     let key = match &facts.uuid {
-        Some(u) if !u.is_empty() && u.len() <= 64 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-') => u.to_ascii_lowercase(),
+        Some(u) if !u.is_empty() && u.len() <= 64 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-') => {
+            u.to_ascii_lowercase()
+        }
         _ => format!("name-{}", facts.name.bytes().map(|b| format!("{b:02x}")).collect::<String>()),
     };
     cfg.state_dir.join(format!("incoming-{key}"))
@@ -68,7 +70,8 @@ pub fn note_incoming(cfg: &Config, facts: &DomainFacts) -> std::io::Result<()> {
 fn take_incoming(cfg: &Config, facts: &DomainFacts) -> bool {
     let p = note_path(cfg, facts);
     let Ok(m) = p.symlink_metadata() else { return false };
-    let fresh = m.is_file() && m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age < INCOMING_NOTE_VALID);
+    let fresh =
+        m.is_file() && m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age < INCOMING_NOTE_VALID);
     let _ = std::fs::remove_file(&p);
     fresh
 }
@@ -107,7 +110,8 @@ fn discard_all(name: &str, plan: &LinkedDisks, log: &mut dyn Write) {
     for d in &plan.disks {
         match discard(d) {
             Ok(true) => {
-                let _ = writeln!(log, "virt-clone-cow-hook: {name}: discarded disposable overlay {}", d.overlay.display());
+                let _ =
+                    writeln!(log, "virt-clone-cow-hook: {name}: discarded disposable overlay {}", d.overlay.display());
             }
             Ok(false) => {}
             Err(why) => {
@@ -133,10 +137,15 @@ pub fn discard(d: &ManagedDisk) -> Result<bool, String> {
     if !before.file_type().is_file() {
         return Err("not a regular file".into());
     }
-    let info = image::info(path, "qcow2", false)
-        .map_err(|e| format!("a QEMU has it open, or it is not a qcow2 image ({})", virt_clone_cow::error::one_line(&e)))?;
+    let info = image::info(path, "qcow2", false).map_err(|e| {
+        format!("a QEMU has it open, or it is not a qcow2 image ({})", virt_clone_cow::error::one_line(&e))
+    })?;
     if info.backing.as_deref() != Some(d.master.path.as_str()) {
-        return Err(format!("its backing file is {}, not the recorded master {}", info.backing.as_deref().unwrap_or("(none)"), d.master.path));
+        return Err(format!(
+            "its backing file is {}, not the recorded master {}",
+            info.backing.as_deref().unwrap_or("(none)"),
+            d.master.path
+        ));
     }
     if info.snapshots > 0 {
         return Err(format!("it holds {} internal snapshot(s)", info.snapshots));
@@ -184,7 +193,11 @@ mod tests {
         }
 
         fn cfg(&self) -> Config {
-            Config { managed_save_dir: self.dir.path().join("save"), state_dir: self.dir.path().join("state"), ..Config::default() }
+            Config {
+                managed_save_dir: self.dir.path().join("save"),
+                state_dir: self.dir.path().join("state"),
+                ..Config::default()
+            }
         }
     }
 
@@ -279,7 +292,10 @@ mod tests {
         assert!(Path::new(&o).exists());
         std::fs::remove_file(cfg.managed_save_dir.join("vm.save")).unwrap();
         fresh_start(&vm, &plan(&o), &cfg, &mut Vec::new());
-        assert!(!Path::new(&o).exists(), "a note left by a managed-save start kept the next plain start from being fresh");
+        assert!(
+            !Path::new(&o).exists(),
+            "a note left by a managed-save start kept the next plain start from being fresh"
+        );
         let o = f.overlay("o.qcow2", &f.master);
 
         // restore/migrate begin left a note: kept once, and the note is used up.

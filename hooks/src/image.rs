@@ -58,7 +58,8 @@ mod tests {
 
     #[test]
     fn reads_size_backing_and_snapshots() {
-        let i = parse("o", br#"{"virtual-size": 4096, "full-backing-filename": "/m.raw", "snapshots": [{"id": "1"}]}"#).unwrap();
+        let i = parse("o", br#"{"virtual-size": 4096, "full-backing-filename": "/m.raw", "snapshots": [{"id": "1"}]}"#)
+            .unwrap();
         assert_eq!(i, Info { virtual_size: 4096, backing: Some("/m.raw".into()), snapshots: 1 });
         assert!(parse("o", b"{}").is_err());
     }

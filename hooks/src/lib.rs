@@ -149,7 +149,12 @@ pub fn shows_detected_chains(xml: &str) -> bool {
 /// load the settings (called only for domains that concern us), stderr. Returns the exit status.
 /// The operation is decided from the arguments first: anything but `prepare`/`migrate`/
 /// `restore begin` exits 0 whatever happens, and only `release end` reads stdin among those.
-pub fn main_with(args: &[String], stdin: &mut dyn Read, load_cfg: &dyn Fn(&mut dyn Write) -> Config, log: &mut dyn Write) -> u8 {
+pub fn main_with(
+    args: &[String],
+    stdin: &mut dyn Read,
+    load_cfg: &dyn Fn(&mut dyn Write) -> Config,
+    log: &mut dyn Write,
+) -> u8 {
     let Some(inv) = Invocation::from_args(args) else {
         let _ = writeln!(log, "virt-clone-cow-hook: run by libvirt as `HOOK DOMAIN OPERATION SUB-OPERATION EXTRA`; install it with packaging/hook-install");
         return 0;
@@ -160,7 +165,8 @@ pub fn main_with(args: &[String], stdin: &mut dyn Read, load_cfg: &dyn Fn(&mut d
     }
     let outcome = read_xml(stdin).and_then(|xml| {
         // Nothing in the hook should panic; if it does, only an operation that may fail fails.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&inv, &xml, load_cfg, log))).unwrap_or(Err(HookError::Bug))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&inv, &xml, load_cfg, log)))
+            .unwrap_or(Err(HookError::Bug))
     });
     match outcome {
         Ok(()) => 0,
@@ -184,7 +190,12 @@ fn read_xml(stdin: &mut dyn Read) -> Result<String, HookError> {
 }
 
 /// Runs the hook on the XML. Progress goes to `log` (stderr); stdout is never written.
-pub fn run(inv: &Invocation, xml: &str, load_cfg: &dyn Fn(&mut dyn Write) -> Config, log: &mut dyn Write) -> Result<(), HookError> {
+pub fn run(
+    inv: &Invocation,
+    xml: &str,
+    load_cfg: &dyn Fn(&mut dyn Write) -> Config,
+    log: &mut dyn Write,
+) -> Result<(), HookError> {
     let op = inv.op();
     if !may_concern_us(op, xml) {
         return Ok(());
@@ -266,7 +277,8 @@ mod tests {
         panic!("the config was loaded")
     }
 
-    const UNMANAGED: &str = "<domain type='kvm'><name>x</name><devices><disk type='file'><source file='/nope'/></disk></devices></domain>";
+    const UNMANAGED: &str =
+        "<domain type='kvm'><name>x</name><devices><disk type='file'><source file='/nope'/></disk></devices></domain>";
 
     /// A domain WITHOUT our metadata whose live XML shows the chain libvirt detected (ordinary
     /// external snapshots); the backing file is absent here.
@@ -280,7 +292,10 @@ mod tests {
         let a = args(&["d e", "prepare", "begin", "-"]);
         assert_eq!(Invocation::from_args(&a).unwrap().domain, "d e");
         assert_eq!(Invocation::from_args(&a[..3]).unwrap().extra, "-");
-        assert_eq!(Invocation::from_args(&args(&["d", "release", "end", "destroyed", "more"])).unwrap().extra, "destroyed");
+        assert_eq!(
+            Invocation::from_args(&args(&["d", "release", "end", "destroyed", "more"])).unwrap().extra,
+            "destroyed"
+        );
         assert!(Invocation::from_args(&a[..2]).is_none());
     }
 
@@ -301,12 +316,20 @@ mod tests {
             let mut log = Vec::new();
             assert_eq!(main_with(&a, &mut Untouchable, &no_cfg, &mut log), 0, "{a:?}");
         }
-        for a in [args(&["vm", "release", "end", "-"]), args(&["vm", "release", "end"]), args(&["vm", "release", "end", "destroyed", "x"])] {
+        for a in [
+            args(&["vm", "release", "end", "-"]),
+            args(&["vm", "release", "end"]),
+            args(&["vm", "release", "end", "destroyed", "x"]),
+        ] {
             assert_eq!(main_with(&a, &mut Broken, &no_cfg, &mut Vec::new()), 0, "{a:?}: unreadable stdin");
             assert_eq!(main_with(&a, &mut &b"\xff\xfe<not xml"[..], &no_cfg, &mut Vec::new()), 0, "{a:?}: garbage");
             let mut md = format!("<domain><name>x</name><metadata><c xmlns='{NAMESPACE}'>").into_bytes();
             md.extend_from_slice(b"\xff</c></metadata></domain>");
-            assert_eq!(main_with(&a, &mut &md[..], &|_: &mut dyn Write| Config::default(), &mut Vec::new()), 0, "{a:?}");
+            assert_eq!(
+                main_with(&a, &mut &md[..], &|_: &mut dyn Write| Config::default(), &mut Vec::new()),
+                0,
+                "{a:?}"
+            );
         }
     }
 
@@ -319,7 +342,10 @@ mod tests {
         let mut log = Vec::new();
         assert_eq!(main_with(&args(&["x", "prepare", "begin", "-"]), &mut xml.as_bytes(), &boom, &mut log), 1);
         assert!(String::from_utf8_lossy(&log).contains("bug"));
-        assert_eq!(main_with(&args(&["x", "release", "end", "destroyed"]), &mut xml.as_bytes(), &boom, &mut Vec::new()), 0);
+        assert_eq!(
+            main_with(&args(&["x", "release", "end", "destroyed"]), &mut xml.as_bytes(), &boom, &mut Vec::new()),
+            0
+        );
     }
 
     #[test]
@@ -331,7 +357,12 @@ mod tests {
             assert!(log.contains("cannot read the domain XML on stdin") && log.contains("stdin is broken"), "{log}");
         }
         // Invalid UTF-8 is converted, not refused: an unmanaged domain passes.
-        let bytes = UNMANAGED.replace("<name>x", "<name>x\u{1}").into_bytes().into_iter().map(|b| if b == 1 { 0xff } else { b }).collect::<Vec<u8>>();
+        let bytes = UNMANAGED
+            .replace("<name>x", "<name>x\u{1}")
+            .into_bytes()
+            .into_iter()
+            .map(|b| if b == 1 { 0xff } else { b })
+            .collect::<Vec<u8>>();
         assert_eq!(main_with(&args(&["x", "prepare", "begin", "-"]), &mut &bytes[..], &no_cfg, &mut Vec::new()), 0);
     }
 
@@ -355,7 +386,11 @@ mod tests {
         };
         for op in ["migrate", "restore"] {
             let mut log = Vec::new();
-            assert_eq!(main_with(&args(&["s", op, "begin", "-"]), &mut SNAPSHOT_CHAIN.as_bytes(), &cfg, &mut log), 0, "{op}");
+            assert_eq!(
+                main_with(&args(&["s", op, "begin", "-"]), &mut SNAPSHOT_CHAIN.as_bytes(), &cfg, &mut log),
+                0,
+                "{op}"
+            );
             assert!(log.is_empty(), "{op}: {}", String::from_utf8_lossy(&log));
         }
         assert!(!loaded.get(), "the config was read for a domain that is not ours");
@@ -371,14 +406,27 @@ mod tests {
     #[test]
     fn prepare_for_a_resumed_guest_ignores_detected_chains_without_our_metadata() {
         assert!(shows_detected_chains(SNAPSHOT_CHAIN));
-        assert!(!shows_detected_chains("<backingStore type='file'><format type='raw'/></backingStore><source index='1'/>"));
+        assert!(!shows_detected_chains(
+            "<backingStore type='file'><format type='raw'/></backingStore><source index='1'/>"
+        ));
         let mut log = Vec::new();
-        assert_eq!(main_with(&args(&["s", "prepare", "begin", "-"]), &mut SNAPSHOT_CHAIN.as_bytes(), &no_cfg, &mut log), 0);
+        assert_eq!(
+            main_with(&args(&["s", "prepare", "begin", "-"]), &mut SNAPSHOT_CHAIN.as_bytes(), &no_cfg, &mut log),
+            0
+        );
         assert!(log.is_empty(), "{}", String::from_utf8_lossy(&log));
         // Written by the user (no index): a missing master is reported.
         let user = SNAPSHOT_CHAIN.replace(" index='1'", "");
         let mut log = Vec::new();
-        assert_eq!(main_with(&args(&["s", "prepare", "begin", "-"]), &mut user.as_bytes(), &|_: &mut dyn Write| Config::default(), &mut log), 1);
+        assert_eq!(
+            main_with(
+                &args(&["s", "prepare", "begin", "-"]),
+                &mut user.as_bytes(),
+                &|_: &mut dyn Write| Config::default(),
+                &mut log
+            ),
+            1
+        );
         assert!(String::from_utf8_lossy(&log).contains("no pool-helper manifest"));
     }
 
@@ -390,7 +438,15 @@ mod tests {
              <vcc:disk target='vda' overlay='/nonexistent/s.snap1'><vcc:master path='/nonexistent/s.qcow2' format='qcow2'/></vcc:disk></vcc:clone></vcc:cow></metadata><devices>",
         );
         let mut log = Vec::new();
-        assert_eq!(main_with(&args(&["s", "migrate", "begin", "-"]), &mut xml.as_bytes(), &|_: &mut dyn Write| Config::default(), &mut log), 1);
+        assert_eq!(
+            main_with(
+                &args(&["s", "migrate", "begin", "-"]),
+                &mut xml.as_bytes(),
+                &|_: &mut dyn Write| Config::default(),
+                &mut log
+            ),
+            1
+        );
         let log = String::from_utf8(log).unwrap();
         assert!(log.contains("/nonexistent/s.qcow2") && log.contains("no pool-helper manifest"), "{log}");
     }

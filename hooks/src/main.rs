@@ -10,6 +10,11 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // Arguments converted lossily: a domain name that is not UTF-8 must not make us panic.
     let args: Vec<String> = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
-    let code = vcc_hook::main_with(&args, &mut std::io::stdin().lock(), &vcc_hook::config::Config::load_default, &mut std::io::stderr());
+    let code = vcc_hook::main_with(
+        &args,
+        &mut std::io::stdin().lock(),
+        &vcc_hook::config::Config::load_default,
+        &mut std::io::stderr(),
+    );
     ExitCode::from(code)
 }

@@ -45,7 +45,13 @@ pub enum PrepareError {
 
 /// Ensures masters (and, when `create_overlays`, overlays) for `disks`. A master must be a regular
 /// file (a symlink to one is fine): qemu-img is never pointed at a FIFO, a device or a directory.
-pub fn prepare(domain: &str, disks: &[ManagedDisk], cfg: &Config, create_overlays: bool, log: &mut dyn Write) -> Result<(), PrepareError> {
+pub fn prepare(
+    domain: &str,
+    disks: &[ManagedDisk],
+    cfg: &Config,
+    create_overlays: bool,
+    log: &mut dyn Write,
+) -> Result<(), PrepareError> {
     let deadline = Instant::now() + cfg.fetch_timeout;
     for d in disks {
         if !d.master_exists() {
@@ -58,13 +64,24 @@ pub fn prepare(domain: &str, disks: &[ManagedDisk], cfg: &Config, create_overlay
     if create_overlays {
         for d in disks.iter().filter(|d| !d.overlay_exists()) {
             create_overlay(domain, d, log)?;
-            let _ = writeln!(log, "virt-clone-cow-hook: {domain}: created overlay {} over {}", d.overlay.display(), d.master.path);
+            let _ = writeln!(
+                log,
+                "virt-clone-cow-hook: {domain}: created overlay {} over {}",
+                d.overlay.display(),
+                d.master.path
+            );
         }
     }
     Ok(())
 }
 
-fn fetch_master(domain: &str, d: &ManagedDisk, cfg: &Config, deadline: Instant, log: &mut dyn Write) -> Result<(), PrepareError> {
+fn fetch_master(
+    domain: &str,
+    d: &ManagedDisk,
+    cfg: &Config,
+    deadline: Instant,
+    log: &mut dyn Write,
+) -> Result<(), PrepareError> {
     let m = &d.master;
     let mut req = serde_json::json!({ "op": "ensure" });
     if let Some(pool) = &m.pool {
@@ -98,7 +115,11 @@ fn fetch_master(domain: &str, d: &ManagedDisk, cfg: &Config, deadline: Instant, 
     .map_err(|source| PrepareError::Fetch { master: m.path.clone(), target: d.target.clone(), source })?;
     if let Some(got) = got {
         if got != Path::new(&m.path) {
-            return Err(PrepareError::WrongPlace { master: m.path.clone(), target: d.target.clone(), got: got.display().to_string() });
+            return Err(PrepareError::WrongPlace {
+                master: m.path.clone(),
+                target: d.target.clone(),
+                got: got.display().to_string(),
+            });
         }
     }
     if !d.master_exists() {
@@ -175,12 +196,16 @@ mod tests {
             let e = prepare("vm", &[d], &Config::default(), true, &mut Vec::new()).unwrap_err();
             assert!(matches!(e, PrepareError::NotRegular { .. }), "{e}");
             let msg = e.to_string();
-            assert!(msg.contains(what) && msg.contains("not a regular file") && msg.contains(&master.display().to_string()), "{msg}");
+            assert!(
+                msg.contains(what) && msg.contains("not a regular file") && msg.contains(&master.display().to_string()),
+                "{msg}"
+            );
             assert!(t0.elapsed() < std::time::Duration::from_secs(2));
             assert!(!dir.path().join("o.qcow2").exists());
         }
         // Also on migrate/restore, where no overlay is made.
-        let e = prepare("vm", &[disk(dir.path(), &fifo, "raw", None)], &Config::default(), false, &mut Vec::new()).unwrap_err();
+        let e = prepare("vm", &[disk(dir.path(), &fifo, "raw", None)], &Config::default(), false, &mut Vec::new())
+            .unwrap_err();
         assert!(matches!(e, PrepareError::NotRegular { .. }), "{e}");
     }
 }

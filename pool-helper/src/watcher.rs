@@ -48,7 +48,12 @@ fn prefetch(daemon: &Arc<Daemon>, s: &Scan) {
         let manifest = match Manifest::load(std::path::Path::new(path)) {
             Ok(man) => man,
             Err(e) => {
-                tracing::warn!("master {} needed by {:?}: {}", m.master.path, m.domains, virt_clone_cow::error::one_line(&e));
+                tracing::warn!(
+                    "master {} needed by {:?}: {}",
+                    m.master.path,
+                    m.domains,
+                    virt_clone_cow::error::one_line(&e)
+                );
                 continue;
             }
         };

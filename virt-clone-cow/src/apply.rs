@@ -78,14 +78,24 @@ enum Undo {
     File(PathBuf),
     /// A file that starting the clone may create (serial log, UEFI vars): removed if it was.
     StartedFile(PathBuf),
-    Volume { pool: String, name: String },
+    Volume {
+        pool: String,
+        name: String,
+    },
     Domain(String),
     Running(String),
-    Mode { path: String, mode: u32 },
+    Mode {
+        path: String,
+        mode: u32,
+    },
     Autostart(String),
     /// `saved_xml`: the persistent XML before the change. With no previous metadata it is
     /// defined again, because removing the element leaves an empty `<metadata/>` behind.
-    Metadata { domain: String, previous: Option<CowMetadata>, saved_xml: String },
+    Metadata {
+        domain: String,
+        previous: Option<CowMetadata>,
+        saved_xml: String,
+    },
 }
 
 /// An undo log over one libvirt connection.
@@ -243,7 +253,8 @@ fn ms(d: Duration) -> f64 {
 
 fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> Result<(), ApplyError> {
     for o in &c.overlays {
-        let backing = BackingSpec { path: &o.master.path, format: &o.master.format, virtual_size: o.master.virtual_size };
+        let backing =
+            BackingSpec { path: &o.master.path, format: &o.master.format, virtual_size: o.master.virtual_size };
         match &o.location {
             OverlayLocation::File { path } => {
                 create_file_overlay(Path::new(path), &backing, opts).map_err(|source| ApplyError::Overlay {
@@ -279,10 +290,13 @@ fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> 
 fn copy_nvram(tx: &mut Transaction<'_>, nv: &NvramPlan) -> Result<(), ApplyError> {
     if let Some(pool) = &nv.pool {
         let name = Path::new(&nv.to).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        let xml = format!("<volume><name>{}</name><capacity>0</capacity></volume>", quick_xml::escape::escape(name.as_str()));
-        tx.lv
-            .copy_volume(pool, &xml, &name, &nv.from)
-            .map_err(|source| ApplyError::NvramVolume { from: nv.from.clone(), to: nv.to.clone(), source })?;
+        let xml =
+            format!("<volume><name>{}</name><capacity>0</capacity></volume>", quick_xml::escape::escape(name.as_str()));
+        tx.lv.copy_volume(pool, &xml, &name, &nv.from).map_err(|source| ApplyError::NvramVolume {
+            from: nv.from.clone(),
+            to: nv.to.clone(),
+            source,
+        })?;
         tx.undo.push(Undo::Volume { pool: pool.clone(), name });
         return Ok(());
     }
@@ -322,7 +336,8 @@ fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), Apply
     }
     if tx.lv.is_local() {
         for m in &plan.masters {
-            let meta = std::fs::metadata(&m.path).map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
+            let meta =
+                std::fs::metadata(&m.path).map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
             let mode = meta.permissions().mode() & 0o7777;
             if mode & 0o222 != 0 {
                 std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(mode & !0o222))

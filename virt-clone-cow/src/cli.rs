@@ -88,10 +88,8 @@ impl CloneArgs {
 
     /// Turns the flags into a request, or says which flags are wrong.
     pub fn to_request(&self) -> Result<CloneRequest, String> {
-        let original = self
-            .original
-            .clone()
-            .ok_or("--original NAME is required (or a subcommand such as `tree`); see --help")?;
+        let original =
+            self.original.clone().ok_or("--original NAME is required (or a subcommand such as `tree`); see --help")?;
         let count = self.count.map(|c| c as usize);
         let names = match (self.auto_clone, self.names.len(), count) {
             (true, _, c) => NameRequest::Auto { count: c.unwrap_or(1) },
@@ -118,10 +116,18 @@ mod tests {
 
     #[test]
     fn names_count_and_auto_clone_become_requests() {
-        assert_eq!(parse(&["-o", "b", "--name", "x", "--name", "y"]).unwrap().names, NameRequest::Names(vec!["x".into(), "y".into()]));
-        assert_eq!(parse(&["-o", "b", "--name", "w", "--count", "3"]).unwrap().names, NameRequest::Numbered { base: "w".into(), count: 3 });
+        assert_eq!(
+            parse(&["-o", "b", "--name", "x", "--name", "y"]).unwrap().names,
+            NameRequest::Names(vec!["x".into(), "y".into()])
+        );
+        assert_eq!(
+            parse(&["-o", "b", "--name", "w", "--count", "3"]).unwrap().names,
+            NameRequest::Numbered { base: "w".into(), count: 3 }
+        );
         assert_eq!(parse(&["-o", "b", "--auto-clone", "--count", "2"]).unwrap().names, NameRequest::Auto { count: 2 });
-        assert!(parse(&["-o", "b", "--name", "x", "--name", "y", "--count", "3"]).unwrap_err().contains("does not match"));
+        assert!(parse(&["-o", "b", "--name", "x", "--name", "y", "--count", "3"])
+            .unwrap_err()
+            .contains("does not match"));
         assert!(parse(&["-o", "b"]).unwrap_err().contains("--auto-clone"));
         assert!(parse(&["--name", "x"]).unwrap_err().contains("--original"));
         assert!(parse(&["-o", "b", "--name", "x", "--auto-clone"]).is_err());

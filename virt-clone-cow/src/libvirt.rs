@@ -227,10 +227,8 @@ impl Libvirt {
     }
 
     fn volume_of(&self, vol: &StorageVol, what: &str) -> Result<Volume> {
-        let pool = vol
-            .lookup_storage_pool()
-            .and_then(|p| p.name())
-            .map_err(call(format!("finding the pool of {what}")))?;
+        let pool =
+            vol.lookup_storage_pool().and_then(|p| p.name()).map_err(call(format!("finding the pool of {what}")))?;
         let xml = vol.xml_desc(0).map_err(call(format!("reading the XML of {what}")))?;
         let facts = VolumeFacts::parse(&xml).map_err(|source| LibvirtError::Xml { what: what.into(), source })?;
         Ok(Volume { pool, facts })
@@ -283,13 +281,15 @@ impl Libvirt {
         let p = self.pool(pool)?;
         let what = format!("volume '{name}' in pool '{pool}'");
         let src = self.conn.lookup_storage_vol_by_path(from_path).map_err(call(format!("looking up '{from_path}'")))?;
-        let v = StorageVol::create_xml_from(&p, xml, &src, 0).map_err(call(format!("copying '{from_path}' to {what}")))?;
+        let v =
+            StorageVol::create_xml_from(&p, xml, &src, 0).map_err(call(format!("copying '{from_path}' to {what}")))?;
         self.volume_of(&v, &what)
     }
 
     pub fn delete_volume(&self, pool: &str, name: &str) -> Result<()> {
         let p = self.pool(pool)?;
-        let v = p.lookup_storage_vol_by_name(name).map_err(call(format!("looking up volume '{name}' in pool '{pool}'")))?;
+        let v =
+            p.lookup_storage_vol_by_name(name).map_err(call(format!("looking up volume '{name}' in pool '{pool}'")))?;
         v.delete(0).map_err(call(format!("deleting volume '{name}' in pool '{pool}'")))
     }
 

@@ -44,9 +44,13 @@ impl OriginalLock {
         loop {
             match file.try_lock() {
                 Ok(()) => return Ok(OriginalLock { _file: file }),
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 Err(TryLockError::WouldBlock) => return Err(LockError::Busy(original.to_string(), wait.as_secs())),
-                Err(TryLockError::Error(source)) => return Err(LockError::Io { path: path.display().to_string(), source }),
+                Err(TryLockError::Error(source)) => {
+                    return Err(LockError::Io { path: path.display().to_string(), source })
+                }
             }
         }
     }

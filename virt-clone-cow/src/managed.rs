@@ -176,7 +176,9 @@ mod tests {
         let mark = "<metadata><vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:template>\
                     <vcc:master target='vda' path='/p/u.qcow2' format='qcow2'/></vcc:template></vcc:cow></metadata><devices>";
         assert!(needs(&facts(&USER_DEFINED.replace("<devices>", mark))).template);
-        let copy = USER_DEFINED.replace("<devices>", mark).replace("<source file='/p/u.qcow2'/>", "<source file='/p/copy.qcow2'/>");
+        let copy = USER_DEFINED
+            .replace("<devices>", mark)
+            .replace("<source file='/p/u.qcow2'/>", "<source file='/p/copy.qcow2'/>");
         assert!(!needs(&facts(&copy)).template, "a copy with its own disks must start");
     }
 
@@ -197,7 +199,8 @@ mod tests {
         assert!(needs(&facts(&xml)).disks.is_empty());
     }
 
-    const RECORDED: &str = "<metadata><vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='yes'>\
+    const RECORDED: &str =
+        "<metadata><vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='yes'>\
         <vcc:disk target='vda' overlay='/p/u.qcow2'><vcc:master path='/p/m.raw' format='raw' sha256='ab'/></vcc:disk>\
         </vcc:clone></vcc:cow></metadata><devices>";
 
@@ -218,13 +221,17 @@ mod tests {
         let p = needs(&facts(&USER_DEFINED.replace("<devices>", RECORDED)));
         assert!(p.disks[0].recorded);
         // The disk now uses another file: the metadata no longer describes it.
-        let moved = USER_DEFINED.replace("<devices>", RECORDED).replace("<source file='/p/u.qcow2'/>", "<source file='/p/mine.qcow2'/>");
+        let moved = USER_DEFINED
+            .replace("<devices>", RECORDED)
+            .replace("<source file='/p/u.qcow2'/>", "<source file='/p/mine.qcow2'/>");
         let p = needs(&facts(&moved));
         assert_eq!(p.disks[0].overlay, PathBuf::from("/p/mine.qcow2"));
         assert!(!p.disks[0].recorded);
         assert_eq!(p.disks[0].master.sha256.as_deref(), Some("ab"), "the same master keeps its fetch information");
         // Another master in the XML: QEMU opens that one, and it is not the recorded one.
-        let other = USER_DEFINED.replace("<devices>", RECORDED).replace("/p/m.raw'/></backingStore>", "/p/other.raw'/></backingStore>");
+        let other = USER_DEFINED
+            .replace("<devices>", RECORDED)
+            .replace("/p/m.raw'/></backingStore>", "/p/other.raw'/></backingStore>");
         let p = needs(&facts(&other));
         assert_eq!(p.disks[0].master.path, "/p/other.raw");
         assert!(!p.disks[0].recorded);

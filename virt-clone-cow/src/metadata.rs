@@ -280,7 +280,11 @@ mod tests {
             via_link.display()
         );
         let facts = crate::xml::DomainFacts::parse(&xml).unwrap();
-        let m = MasterRef { path: real.join("base.qcow2").to_string_lossy().into_owned(), format: "qcow2".into(), ..Default::default() };
+        let m = MasterRef {
+            path: real.join("base.qcow2").to_string_lossy().into_owned(),
+            format: "qcow2".into(),
+            ..Default::default()
+        };
         assert!(m.used_by(&facts));
         let other = MasterRef { path: real.join("other.qcow2").to_string_lossy().into_owned(), ..m };
         assert!(!other.used_by(&facts));

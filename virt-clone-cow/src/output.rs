@@ -23,7 +23,11 @@ pub fn print<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce() -> 
 pub fn render_clone_report(r: &CloneReport) -> String {
     let mut s = String::new();
     if r.dry_run {
-        s.push_str(&format!("Dry run: would make {} linked clone(s) of '{}' (nothing changed):\n", r.clones.len(), r.original));
+        s.push_str(&format!(
+            "Dry run: would make {} linked clone(s) of '{}' (nothing changed):\n",
+            r.clones.len(),
+            r.original
+        ));
     } else {
         s.push_str(&format!(
             "Made {} linked clone(s) of '{}' in {:.0} ms; '{}' is now a template (masters read-only).\n",
@@ -35,7 +39,12 @@ pub fn render_clone_report(r: &CloneReport) -> String {
     }
     for c in &r.clones {
         let state = if c.started { "  started" } else { "" };
-        s.push_str(&format!("  {}{}{}\n", c.name, c.uuid.as_ref().map(|u| format!("  uuid {u}")).unwrap_or_default(), state));
+        s.push_str(&format!(
+            "  {}{}{}\n",
+            c.name,
+            c.uuid.as_ref().map(|u| format!("  uuid {u}")).unwrap_or_default(),
+            state
+        ));
         for d in &c.disks {
             s.push_str(&format!("    {}  {}  -> {} ({})\n", d.target, d.overlay, d.backing, d.backing_format));
         }

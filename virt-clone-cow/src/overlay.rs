@@ -115,24 +115,35 @@ pub struct BackingSpec<'a> {
 ///   hard-linked to the overlay's name (this fails if the name exists) and removed, so the name
 ///   appears only when the overlay is complete, and a crash leaves no half-made overlay under it;
 /// * the master must be a regular file (a FIFO or a device would block or mislead qemu-img).
-pub fn create_file_overlay(overlay: &Path, backing: &BackingSpec<'_>, opts: OverlayOptions) -> Result<(), OverlayError> {
+pub fn create_file_overlay(
+    overlay: &Path,
+    backing: &BackingSpec<'_>,
+    opts: OverlayOptions,
+) -> Result<(), OverlayError> {
     let shown = overlay.display().to_string();
     let (dir, file) = match (overlay.parent(), overlay.file_name()) {
         (Some(d), Some(f)) if overlay.is_absolute() => (d, f.to_string_lossy().into_owned()),
-        _ => return Err(OverlayError::Create { path: shown, source: std::io::Error::other("not an absolute file path") }),
+        _ => {
+            return Err(OverlayError::Create {
+                path: shown,
+                source: std::io::Error::other("not an absolute file path"),
+            })
+        }
     };
     check_private_dir(dir)?;
     ensure_regular(backing.path)?;
     if overlay.symlink_metadata().is_ok() {
         return Err(OverlayError::Exists(shown));
     }
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let tmp = dir.join(format!(".{file}.vcc-{}-{nanos}.tmp", std::process::id()));
     match OpenOptions::new().write(true).create_new(true).open(&tmp) {
         Ok(_) => {}
         Err(source) => return Err(OverlayError::Create { path: tmp.display().to_string(), source }),
     }
-    let result = qemu_img_create(&tmp, backing, opts).map_err(|source| OverlayError::QemuImg { path: shown.clone(), source });
+    let result =
+        qemu_img_create(&tmp, backing, opts).map_err(|source| OverlayError::QemuImg { path: shown.clone(), source });
     let linked = result.and_then(|()| match std::fs::hard_link(&tmp, overlay) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(OverlayError::Exists(shown.clone())),

@@ -169,7 +169,9 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
             let dir = Path::new(&m.path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
             let path = format!("{dir}/{file_name}");
             let location = match &m.pool {
-                Some(pool) => OverlayLocation::Volume { pool: pool.clone(), name: file_name.clone(), path: path.clone() },
+                Some(pool) => {
+                    OverlayLocation::Volume { pool: pool.clone(), name: file_name.clone(), path: path.clone() }
+                }
                 None => OverlayLocation::File { path: path.clone() },
             };
             let source_attr = if m.volume_disk { ("volume", file_name) } else { ("file", path) };
@@ -177,7 +179,11 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
                 m.disk_index,
                 DiskEdit {
                     source_attr,
-                    backing: BackingEdit { path: m.path.clone(), format: m.format.clone(), self_contained: m.self_contained },
+                    backing: BackingEdit {
+                        path: m.path.clone(),
+                        format: m.format.clone(),
+                        self_contained: m.self_contained,
+                    },
                 },
             );
             overlays.push(OverlayPlan { target: m.target.clone(), location, master: m.clone() });
@@ -228,12 +234,7 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
     };
     md.template = Some(TemplateInfo { masters: input.masters.iter().map(|m| m.to_ref(true)).collect() });
 
-    Ok(ClonePlan {
-        original: original.clone(),
-        masters: input.masters.to_vec(),
-        clones,
-        template_metadata: md,
-    })
+    Ok(ClonePlan { original: original.clone(), masters: input.masters.to_vec(), clones, template_metadata: md })
 }
 
 /// A locally administered unicast MAC in QEMU's range (52:54:00), unused on the host.
@@ -345,10 +346,16 @@ mod tests {
 
     #[test]
     fn rename_path_replaces_the_name_or_appends_it() {
-        assert_eq!(rename_path("/var/log/libvirt/qemu/tmpl-serial.log", "tmpl", "web 1"), "/var/log/libvirt/qemu/web 1-serial.log");
+        assert_eq!(
+            rename_path("/var/log/libvirt/qemu/tmpl-serial.log", "tmpl", "web 1"),
+            "/var/log/libvirt/qemu/web 1-serial.log"
+        );
         assert_eq!(rename_path("/var/log/console.log", "tmpl", "c1"), "/var/log/console-c1.log");
         assert_eq!(rename_path("/run/sock", "tmpl", "c1"), "/run/sock-c1");
-        assert_eq!(rename_path("/var/lib/libvirt/qemu/nvram/tmpl_VARS.fd", "tmpl", "c1"), "/var/lib/libvirt/qemu/nvram/c1_VARS.fd");
+        assert_eq!(
+            rename_path("/var/lib/libvirt/qemu/nvram/tmpl_VARS.fd", "tmpl", "c1"),
+            "/var/lib/libvirt/qemu/nvram/c1_VARS.fd"
+        );
         // A short original name inside a longer word is not the name.
         assert_eq!(rename_path("/var/log/tmpl-serial.log", "e", "web"), "/var/log/tmpl-serial-web.log");
         assert_eq!(rename_path("/var/log/e-serial.log", "e", "web"), "/var/log/web-serial.log");

@@ -16,11 +16,7 @@ pub enum CommandError {
         source: std::io::Error,
     },
     #[error("`{cmdline}` failed ({status}): {stderr}")]
-    Failed {
-        cmdline: String,
-        status: String,
-        stderr: String,
-    },
+    Failed { cmdline: String, status: String, stderr: String },
     #[error("`{cmdline}` did not finish within {seconds} s and was killed")]
     TimedOut { cmdline: String, seconds: u64 },
 }

@@ -755,6 +755,16 @@ fn only_per_domain_char_paths_are_renamed_host_devices_and_connect_sockets_stay(
     };
     let p = plan(&input, || [1, 2, 3]).unwrap();
     let out = &p.clones[0].xml;
-    assert!(out.contains("path='/dev/ttyS0'") && out.contains("path='/run/agent/ext.sock'") && out.contains("path='/tmp/tmpl-pipe'"), "{out}");
-    assert!(out.contains("/var/log/c1-serial.log") && out.contains("/run/tmpl/own-c1.sock") && out.contains("/var/log/c1-console.log"), "{out}");
+    assert!(
+        out.contains("path='/dev/ttyS0'")
+            && out.contains("path='/run/agent/ext.sock'")
+            && out.contains("path='/tmp/tmpl-pipe'"),
+        "{out}"
+    );
+    assert!(
+        out.contains("/var/log/c1-serial.log")
+            && out.contains("/run/tmpl/own-c1.sock")
+            && out.contains("/var/log/c1-console.log"),
+        "{out}"
+    );
 }

@@ -231,7 +231,8 @@ fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, Clo
                 return Err(CloneError::RelativeMaster { domain: domain.clone(), target, path: path.clone() });
             }
         }
-        let format = d.format.clone().ok_or_else(|| CloneError::NoFormat { domain: domain.clone(), target: target.clone() })?;
+        let format =
+            d.format.clone().ok_or_else(|| CloneError::NoFormat { domain: domain.clone(), target: target.clone() })?;
         if !MASTER_FORMATS.contains(&format.as_str()) {
             return Err(CloneError::UnsupportedFormat { domain: domain.clone(), target, format });
         }
@@ -375,7 +376,8 @@ fn random3() -> [u8; 3] {
     let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
     if ok.is_err() {
         // Fall back to the clock; uniqueness is still enforced against taken MACs.
-        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let n =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         b = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
     }
     b

@@ -156,9 +156,7 @@ impl<'e> State<'e> {
             && super::attr(&e, "name")?.as_deref() == Some("uuid");
         let drop = at(&self.stack, &["domain", "uuid"])
             || smbios_uuid
-            || (depth == 3
-                && at(&self.stack[..2], &["domain", "metadata"])
-                && declares_namespace(&e, NAMESPACE))
+            || (depth == 3 && at(&self.stack[..2], &["domain", "metadata"]) && declares_namespace(&e, NAMESPACE))
             || (self.disk.is_some()
                 && depth == 4
                 && self.stack[3] == "backingStore"
@@ -336,8 +334,7 @@ impl<'e> State<'e> {
         if at(s, &["domain", "devices", "graphics"]) {
             let autoport = super::attr(e, "autoport")?;
             let port = super::attr(e, "port")?;
-            let fixed = autoport.as_deref() != Some("yes")
-                && port.as_deref().is_some_and(|p| p != "-1" && p != "0");
+            let fixed = autoport.as_deref() != Some("yes") && port.as_deref().is_some_and(|p| p != "-1" && p != "0");
             let ws_fixed = super::attr(e, "websocket")?.is_some_and(|p| p != "-1");
             let socket = super::attr(e, "socket")?.and_then(|old| self.edits.char_paths.get(&old));
             if !fixed && !ws_fixed && socket.is_none() {
@@ -367,10 +364,7 @@ impl<'e> State<'e> {
             }
             return Ok(None);
         }
-        if depth == 4
-            && s[1] == "devices"
-            && ["serial", "console", "parallel", "channel"].contains(&s[2].as_str())
-        {
+        if depth == 4 && s[1] == "devices" && ["serial", "console", "parallel", "channel"].contains(&s[2].as_str()) {
             let key = match s[3].as_str() {
                 "source" => "path",
                 "log" => "file",

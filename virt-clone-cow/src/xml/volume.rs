@@ -94,7 +94,11 @@ fn scaled(t: &str, unit: &str) -> Result<u64, XmlError> {
         "GB" => 1_000_000_000,
         _ => return Err(XmlError::BadValue { element: "capacity", value: unit.into(), expected: "a known unit" }),
     };
-    n.checked_mul(mult).ok_or(XmlError::BadValue { element: "capacity", value: t.into(), expected: "a size that fits 64 bits" })
+    n.checked_mul(mult).ok_or(XmlError::BadValue {
+        element: "capacity",
+        value: t.into(),
+        expected: "a size that fits 64 bits",
+    })
 }
 
 /// `<pool><target><path>` of a storage pool's XML.
