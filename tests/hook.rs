@@ -7,7 +7,11 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-const URI: &str = "qemu:///system";
+use vcc_tests::{
+    bios_domain_type, cli_path, domstate, qemu_img_info, repo_root, run, sha256, target_bin, virsh, virsh_ok,
+    PoolHelper, URI,
+};
+
 const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.conf";
 /// The installed hook asks the pool-helper daemon the tests start here (state dir of that daemon).
 const HOOK_DAEMON_STATE: &str = "/run/vcc-tests-hookd";
@@ -15,50 +19,6 @@ const HOOK_DAEMON_STATE: &str = "/run/vcc-tests-hookd";
 const FETCH_TIMEOUT_S: u64 = 10;
 /// No daemon listens here: fetches fail at once with a reason.
 const NO_DAEMON_SOCKET: &str = "/run/vcc-tests-no-daemon.sock";
-
-fn target_dir() -> PathBuf {
-    // target/debug/deps/hook-HASH -> target/debug
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = target_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test does)",
-        p.display()
-    );
-    p
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
-fn virsh(args: &[&str]) -> Output {
-    let mut v = vec!["-q", "-c", URI];
-    v.extend_from_slice(args);
-    run("virsh", &v)
-}
-
-fn virsh_ok(args: &[&str]) -> String {
-    let o = virsh(args);
-    assert!(o.status.success(), "virsh {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn domstate(name: &str) -> String {
-    virsh_ok(&["domstate", name]).trim().to_string()
-}
 
 /// Installs the freshly built hook once per test run, with a config pointing at no daemon and a
 /// short fetch bound.
@@ -71,8 +31,8 @@ fn install_hook() {
             format!("control_socket = {HOOK_DAEMON_STATE}/control.sock\nfetch_timeout = {FETCH_TIMEOUT_S}\nconnect_timeout = 1\nprogress_interval = 2\n"),
         )
         .expect("hook config");
-        let hook = bin("virt-clone-cow-hook");
-        let script = repo().join("packaging/hook-install");
+        let hook = target_bin("virt-clone-cow-hook");
+        let script = repo_root().join("packaging/hook-install");
         let o = run(script.to_str().expect("utf-8 path"), &["install", hook.to_str().expect("utf-8 path")]);
         assert!(o.status.success(), "hook-install failed: {}", String::from_utf8_lossy(&o.stderr));
     });
@@ -137,14 +97,6 @@ impl Drop for Env {
     }
 }
 
-fn domain_type() -> &'static str {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
-        "kvm"
-    } else {
-        "qemu"
-    }
-}
-
 /// A BIOS guest with one disk: `disk` is the inside of `<disk>`; `metadata` goes in `<metadata>`.
 fn domain_xml(name: &str, disk: &str, metadata: &str) -> String {
     let esc = name.replace('&', "&amp;").replace('<', "&lt;");
@@ -154,7 +106,7 @@ fn domain_xml(name: &str, disk: &str, metadata: &str) -> String {
          <os><type arch='x86_64'>hvm</type></os><devices>\
          <disk type='file' device='disk'>{disk}<target dev='vda' bus='virtio'/></disk>\
          <graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices></domain>",
-        domain_type()
+        bios_domain_type()
     )
 }
 
@@ -165,10 +117,8 @@ fn backed_disk(overlay: &str, master: &str, master_format: &str) -> String {
     )
 }
 
-fn image_json(path: &str) -> serde_json::Value {
-    let o = run("qemu-img", &["info", "-f", "qcow2", "--output=json", "--force-share", path]);
-    assert!(o.status.success(), "qemu-img info {path}: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).expect("qemu-img json")
+fn qemu_img_info_qcow2(path: &str) -> serde_json::Value {
+    qemu_img_info(path, "qcow2")
 }
 
 fn inode(path: &str) -> u64 {
@@ -187,7 +137,7 @@ fn start_creates_the_overlay_named_by_a_user_written_backing_store() {
 
     virsh_ok(&["start", &name]);
     assert_eq!(domstate(&name), "running");
-    let info = image_json(&overlay);
+    let info = qemu_img_info_qcow2(&overlay);
     assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
     assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
     assert_eq!(info["format-specific"]["data"]["compat"].as_str(), Some("1.1"));
@@ -284,10 +234,8 @@ fn disposable_clone(env: &Env) -> (String, String, String) {
     let name = env.name("vm");
     let tmpl = env.name("tmpl");
     env.define(&domain_xml(&tmpl, &format!("<driver name='qemu' type='qcow2'/><source file='{master}'/>"), ""));
-    let o = run(
-        bin("virt-clone-cow").to_str().expect("utf-8"),
-        &["-c", URI, "--original", &tmpl, "--name", &name, "--disposable"],
-    );
+    let o =
+        run(cli_path().to_str().expect("utf-8"), &["-c", URI, "--original", &tmpl, "--name", &name, "--disposable"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let overlay = env.path(&format!("{name}-vda.qcow2"));
     (name, overlay, master)
@@ -308,7 +256,7 @@ fn a_disposable_clone_starts_fresh_each_time() {
     virsh_ok(&["start", &name]);
     assert_eq!(domstate(&name), "running");
     assert!(!has_pattern(&overlay, "0"), "the second start is fresh too");
-    let info = image_json(&overlay);
+    let info = qemu_img_info_qcow2(&overlay);
     assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
 }
 
@@ -374,7 +322,7 @@ fn hook_direct(domain: &str, op: &str, sub: &str, xml: &str) -> Output {
 
 fn hook_direct_with(domain: &str, op: &str, sub: &str, xml: &str, conf: Option<&str>) -> Output {
     use std::io::Write;
-    let mut cmd = Command::new(bin("virt-clone-cow-hook"));
+    let mut cmd = Command::new(target_bin("virt-clone-cow-hook"));
     if let Some(c) = conf {
         cmd.env("VIRT_CLONE_COW_HOOK_CONF", c);
     }
@@ -448,7 +396,7 @@ fn the_binary_never_fails_operations_that_cannot_be_refused() {
         (&[], b""),
     ];
     for (args, stdin) in cases {
-        let mut child = Command::new(bin("virt-clone-cow-hook"))
+        let mut child = Command::new(target_bin("virt-clone-cow-hook"))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -496,7 +444,7 @@ fn virt_install_with_backing_store_still_works() {
     assert!(o.status.success(), "virt-install: {}", String::from_utf8_lossy(&o.stderr));
     virsh_ok(&["start", &name]);
     assert_eq!(domstate(&name), "running");
-    assert_eq!(image_json(&disk)["full-backing-filename"].as_str(), Some(master.as_str()));
+    assert_eq!(qemu_img_info_qcow2(&disk)["full-backing-filename"].as_str(), Some(master.as_str()));
 }
 
 #[test]
@@ -519,7 +467,7 @@ fn a_volume_made_with_vol_create_as_backing_vol_shows_in_the_tree() {
         "--backing-vol-format",
         "qcow2",
     ]);
-    let o = run(bin("virt-clone-cow").to_str().expect("utf-8"), &["-c", URI, "tree", "--json"]);
+    let o = run(cli_path().to_str().expect("utf-8"), &["-c", URI, "tree", "--json"]);
     let _ = virsh(&["pool-destroy", &pool]);
     let _ = virsh(&["pool-undefine", &pool]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -572,67 +520,6 @@ fn the_daemon_scan_finds_missing_masters_and_overlays_their_pool_does_not_list()
     assert!(scan.pools_to_refresh.contains(&pool), "{:?}", scan.pools_to_refresh);
 }
 
-/// A pool-helper instance: its own state dir, port and control socket, on 127.0.0.1.
-struct PoolHelper {
-    state: PathBuf,
-    port: u16,
-    daemon: Option<std::process::Child>,
-}
-
-impl PoolHelper {
-    fn new(state: &Path) -> PoolHelper {
-        let _ = std::fs::remove_dir_all(state);
-        std::fs::create_dir_all(state).expect("state dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-        PoolHelper { state: state.to_path_buf(), port, daemon: None }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("pool-helper"));
-        c.arg("--state-dir").arg(&self.state);
-        c.args([
-            "--listen-port",
-            &self.port.to_string(),
-            "--advertise",
-            "127.0.0.1",
-            "--no-lsd",
-            "--watch-interval",
-            "0",
-        ]);
-        c.args(args).stdin(Stdio::null());
-        c
-    }
-
-    fn serve(&mut self) {
-        let log = std::fs::File::create(self.state.join("daemon.log")).expect("log");
-        self.daemon = Some(self.cmd(&["serve"]).stdout(Stdio::null()).stderr(log).spawn().expect("pool-helper serve"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(self.state.join("control.sock")).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pool-helper did not start: {}",
-                std::fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn publish(&self, pool: &str, volume: &str) -> String {
-        let o = self.cmd(&["publish", "--pool", pool, volume]).output().expect("publish");
-        assert!(o.status.success(), "publish: {}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    }
-}
-
-impl Drop for PoolHelper {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Tests that use the daemon the installed hook talks to take turns.
 static HOOK_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -674,11 +561,6 @@ fn write_random(path: &Path, len: usize) {
     std::fs::write(path, v).expect("write master");
 }
 
-fn sha256(path: &str) -> String {
-    let o = run("sha256sum", &[path]);
-    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_string()
-}
-
 #[test]
 fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
@@ -710,7 +592,7 @@ fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     assert!(o.status.success(), "virsh start: {}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(domstate(&name), "running");
     assert_eq!(sha256(&master), published["sha256"].as_str().expect("sha256"), "the master matches the manifest");
-    let info = image_json(&overlay);
+    let info = qemu_img_info_qcow2(&overlay);
     assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
     assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
 }

@@ -3,36 +3,12 @@
 //! through a private sshd on 127.0.0.1, so the code takes exactly the remote paths.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+
+use vcc_tests::{cli_path, run, run_ok};
 
 const SSH_DIR: &str = "/var/lib/vcc-tests-sshd";
 const SSH_PORT: u16 = 2222;
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let o = run(program, args);
-    assert!(o.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn cli() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let p = exe.parent().and_then(Path::parent).expect("target dir").join("virt-clone-cow");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test does)",
-        p.display()
-    );
-    p
-}
 
 /// Starts (once) an sshd on 127.0.0.1 that lets root in with a key made for the tests, and
 /// returns the remote URI.
@@ -45,7 +21,7 @@ fn remote_uri() -> &'static str {
         for key in ["host_ed25519", "id"] {
             let k = d.join(key);
             if !k.exists() {
-                ok("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", k.to_str().expect("utf-8")]);
+                run_ok("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", k.to_str().expect("utf-8")]);
             }
         }
         std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).expect("authorized_keys");
@@ -62,7 +38,7 @@ fn remote_uri() -> &'static str {
         let uri = format!("qemu+ssh://root@127.0.0.1:{SSH_PORT}/system?keyfile={SSH_DIR}/id&no_verify=1&no_tty=1");
         // Reuse a running test sshd; otherwise start one (it daemonizes).
         if !run("virsh", &["-q", "-c", &uri, "version"]).status.success() {
-            ok("/usr/sbin/sshd", &["-f", conf.to_str().expect("utf-8")]);
+            run_ok("/usr/sbin/sshd", &["-f", conf.to_str().expect("utf-8")]);
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !run("virsh", &["-q", "-c", &uri, "version"]).status.success() {
@@ -85,8 +61,8 @@ impl Env {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let env = Env { prefix, dir };
-        ok("virsh", &["-q", "pool-define-as", &env.prefix, "dir", "--target", env.dir.to_str().expect("utf-8")]);
-        ok("virsh", &["-q", "pool-start", &env.prefix]);
+        run_ok("virsh", &["-q", "pool-define-as", &env.prefix, "dir", "--target", env.dir.to_str().expect("utf-8")]);
+        run_ok("virsh", &["-q", "pool-start", &env.prefix]);
         env
     }
 }
@@ -117,8 +93,8 @@ fn over_qemu_ssh_pool_disks_are_cloned_through_the_storage_api() {
     let uri = remote_uri();
     let env = Env::new("pool");
     let master = env.dir.join("base.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", master.to_str().expect("utf-8"), "32M"]);
-    ok("virsh", &["-q", "pool-refresh", &env.prefix]);
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", master.to_str().expect("utf-8"), "32M"]);
+    run_ok("virsh", &["-q", "pool-refresh", &env.prefix]);
     let tmpl = format!("{}-tmpl", env.prefix);
     let disk = format!(
         "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='{}' volume='base.qcow2'/><target dev='vda' bus='virtio'/></disk>",
@@ -126,25 +102,26 @@ fn over_qemu_ssh_pool_disks_are_cloned_through_the_storage_api() {
     );
     let xml = env.dir.join("t.xml");
     std::fs::write(&xml, template_xml(&tmpl, &disk)).expect("xml");
-    ok("virsh", &["-q", "define", xml.to_str().expect("utf-8")]);
+    run_ok("virsh", &["-q", "define", xml.to_str().expect("utf-8")]);
 
     let clone = format!("{}-c1", env.prefix);
-    let out = ok(cli().to_str().expect("utf-8"), &["-c", uri, "--original", &tmpl, "--name", &clone, "--json"]);
+    let out =
+        run_ok(cli_path().to_str().expect("utf-8"), &["-c", uri, "--original", &tmpl, "--name", &clone, "--json"]);
     let report: serde_json::Value = serde_json::from_str(&out).expect("json");
     let d = &report["clones"][0]["disks"][0];
     assert_eq!(d["pool"], env.prefix.as_str());
     assert_eq!(d["volume"], format!("{clone}-vda.qcow2").as_str());
 
     // The pool knows the overlay (it was made by libvirt), and it is backed by the master.
-    let vols = ok("virsh", &["-q", "vol-list", &env.prefix]);
+    let vols = run_ok("virsh", &["-q", "vol-list", &env.prefix]);
     assert!(vols.contains(&format!("{clone}-vda.qcow2")), "{vols}");
-    let vol_xml = ok("virsh", &["-q", "vol-dumpxml", "--pool", &env.prefix, &format!("{clone}-vda.qcow2")]);
+    let vol_xml = run_ok("virsh", &["-q", "vol-dumpxml", "--pool", &env.prefix, &format!("{clone}-vda.qcow2")]);
     assert!(vol_xml.contains(&format!("<path>{}</path>", master.display())), "{vol_xml}");
     assert!(vol_xml.contains("<compat>1.1</compat>"), "{vol_xml}");
-    let clone_xml = ok("virsh", &["-q", "dumpxml", "--inactive", &clone]);
+    let clone_xml = run_ok("virsh", &["-q", "dumpxml", "--inactive", &clone]);
     assert!(clone_xml.contains(&format!("volume='{clone}-vda.qcow2'")), "{clone_xml}");
     // The template mark is set through the API.
-    let md = ok("virsh", &["-q", "metadata", &tmpl, "urn:virt-clone-cow:1"]);
+    let md = run_ok("virsh", &["-q", "metadata", &tmpl, "urn:virt-clone-cow:1"]);
     assert!(md.contains("template"), "{md}");
 }
 
@@ -153,7 +130,7 @@ fn over_qemu_ssh_a_file_outside_any_pool_is_refused_with_what_to_do() {
     let uri = remote_uri();
     let env = Env::new("nopool");
     let outside = PathBuf::from("/var/lib/vcc-tests").join(format!("{}-outside.raw", env.prefix));
-    ok("qemu-img", &["create", "-q", "-f", "raw", outside.to_str().expect("utf-8"), "8M"]);
+    run_ok("qemu-img", &["create", "-q", "-f", "raw", outside.to_str().expect("utf-8"), "8M"]);
     let tmpl = format!("{}-tmpl", env.prefix);
     let disk = format!(
         "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
@@ -161,17 +138,19 @@ fn over_qemu_ssh_a_file_outside_any_pool_is_refused_with_what_to_do() {
     );
     let xml = env.dir.join("t.xml");
     std::fs::write(&xml, template_xml(&tmpl, &disk)).expect("xml");
-    ok("virsh", &["-q", "define", xml.to_str().expect("utf-8")]);
+    run_ok("virsh", &["-q", "define", xml.to_str().expect("utf-8")]);
     let mine = || -> Vec<String> {
-        ok("virsh", &["-q", "list", "--all", "--name"])
+        run_ok("virsh", &["-q", "list", "--all", "--name"])
             .lines()
             .filter(|n| n.starts_with(&env.prefix))
             .map(String::from)
             .collect()
     };
     let before = mine();
-    let o =
-        run(cli().to_str().expect("utf-8"), &["-c", uri, "--original", &tmpl, "--name", &format!("{}-c", env.prefix)]);
+    let o = run(
+        cli_path().to_str().expect("utf-8"),
+        &["-c", uri, "--original", &tmpl, "--name", &format!("{}-c", env.prefix)],
+    );
     let _ = std::fs::remove_file(&outside);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);

@@ -415,17 +415,91 @@ pub fn define_xml(xml: &str) {
 // ---------------------------------------------------------------------------------------------
 // The CLI
 
-/// The built `virt-clone-cow` binary: `target/debug/virt-clone-cow` next to this test's `deps/`.
-pub fn cli_path() -> PathBuf {
+/// A binary of this workspace's build (`target/debug/NAME`, next to this test's `deps/`).
+pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap_or_else(|| Path::new("."));
-    let bin = dir.join("virt-clone-cow");
+    let bin = dir.join(name);
     assert!(
         bin.is_file(),
         "{} is missing: build it first with `cargo build --workspace --all-targets` (scripts/test does)",
         bin.display()
     );
     bin
+}
+
+/// The built `virt-clone-cow` binary.
+pub fn cli_path() -> PathBuf {
+    target_bin("virt-clone-cow")
+}
+
+/// The repository's top directory.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+// ---------------------------------------------------------------------------------------------
+// pool-helper
+
+/// A pool-helper instance on 127.0.0.1: its own state dir (fresh), port and control socket
+/// (`<state>/control.sock`); its daemon is killed on drop.
+#[derive(Debug)]
+pub struct PoolHelper {
+    pub state: PathBuf,
+    pub port: u16,
+    /// `--watch-interval`: "0" unless a test wants the daemon to look at libvirt (other tests'
+    /// domains are not this instance's business).
+    pub watch_interval: &'static str,
+    daemon: Option<std::process::Child>,
+}
+
+impl PoolHelper {
+    pub fn new(state: &Path) -> PoolHelper {
+        let _ = std::fs::remove_dir_all(state);
+        std::fs::create_dir_all(state).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        PoolHelper { state: state.to_path_buf(), port, watch_interval: "0", daemon: None }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(target_bin("pool-helper"));
+        c.arg("--state-dir").arg(&self.state);
+        c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd"]);
+        c.args(["--watch-interval", self.watch_interval]);
+        c.args(args).stdin(Stdio::null());
+        c
+    }
+
+    /// Starts `serve` and waits until its control socket answers.
+    pub fn serve(&mut self) {
+        let log = std::fs::File::create(self.state.join("daemon.log")).unwrap();
+        self.daemon = Some(self.cmd(&["-v", "serve"]).stdout(Stdio::null()).stderr(log).spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(self.state.join("control.sock")).is_err() {
+            assert!(Instant::now() < deadline, "pool-helper did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `publish --pool POOL VOLUME`; returns the manifest's path.
+    pub fn publish(&self, pool: &str, volume: &str) -> String {
+        let o = self.cmd(&["publish", "--pool", pool, volume]).output().unwrap();
+        assert!(o.status.success(), "publish: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PoolHelper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// What a CLI run did.
