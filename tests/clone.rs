@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -796,16 +797,16 @@ fn clones_of_a_never_started_uefi_template_get_fresh_vars_at_first_start() {
     assert!(!std::path::Path::new(tmpl_vars.as_deref().unwrap()).exists(), "the template still has no vars file");
 }
 
-#[test]
-fn failure_starting_the_second_clone_stops_and_removes_the_first() {
-    let env = TestEnv::new("start2");
+/// A template with a serial log file, and two clone names where a directory sits at the second
+/// clone's serial log path: only that clone cannot start. Returns (template, master, log dir, names).
+fn template_whose_second_clone_cannot_start(env: &TestEnv, uefi: bool) -> (String, String, PathBuf, [String; 2]) {
     let tmpl = env.name("-tmpl");
     let master = env.in_pool("base.qcow2");
     make_qcow2(&master, 16);
     env.refresh_pool();
     let logs = env.work_dir.join("logs");
     std::fs::create_dir(&logs).unwrap();
-    let mut spec = DomainSpec::new(&tmpl, false).disk(DiskSpec::File {
+    let mut spec = DomainSpec::new(&tmpl, uefi).disk(DiskSpec::File {
         path: master.clone(),
         format: "qcow2".into(),
         target: "vda".into(),
@@ -813,8 +814,14 @@ fn failure_starting_the_second_clone_stops_and_removes_the_first() {
     spec.serial_file = Some(logs.join(format!("{tmpl}-serial.log")).to_string_lossy().into_owned());
     define_xml(&spec.xml());
     let names = [env.name("-a"), env.name("-b")];
-    // A directory where the second clone's serial log goes: only that clone cannot start.
     std::fs::create_dir(logs.join(format!("{}-serial.log", names[1]))).unwrap();
+    (tmpl, master, logs, names)
+}
+
+#[test]
+fn failure_starting_the_second_clone_stops_and_removes_the_first() {
+    let env = TestEnv::new("start2");
+    let (tmpl, master, logs, names) = template_whose_second_clone_cannot_start(&env, false);
     let logs_before = list_dir(&logs);
     let before = Snapshot::take(&env, &tmpl, &[&master]);
     let run = cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1], "--start"]);
@@ -940,22 +947,8 @@ fn interrupting_a_run_with_sigint_or_sigterm_leaves_nothing_behind() {
 #[test]
 fn failure_starting_the_second_uefi_clone_leaves_no_vars_file_libvirt_made_for_the_first() {
     let env = TestEnv::new("start2uefi");
-    let tmpl = env.name("-tmpl");
-    let master = env.in_pool("base.qcow2");
-    make_qcow2(&master, 16);
-    env.refresh_pool();
-    let logs = env.work_dir.join("logs");
-    std::fs::create_dir(&logs).unwrap();
-    let mut spec = DomainSpec::new(&tmpl, true).disk(DiskSpec::File {
-        path: master.clone(),
-        format: "qcow2".into(),
-        target: "vda".into(),
-    });
-    spec.serial_file = Some(logs.join(format!("{tmpl}-serial.log")).to_string_lossy().into_owned());
-    define_xml(&spec.xml());
     // Never started: there are no vars to copy, libvirt makes each clone's at its first start.
-    let names = [env.name("-a"), env.name("-b")];
-    std::fs::create_dir(logs.join(format!("{}-serial.log", names[1]))).unwrap();
+    let (tmpl, master, _logs, names) = template_whose_second_clone_cannot_start(&env, true);
     let before = Snapshot::take(&env, &tmpl, &[&master]);
     let run = cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1], "--start"]);
     run.assert_error(1, &[&format!("starting domain '{}'", names[1])]);
