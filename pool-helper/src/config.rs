@@ -26,6 +26,7 @@ pub struct FileConfig {
     pub download_limit: Option<u32>,
     pub dht: Option<bool>,
     pub lsd: Option<bool>,
+    pub super_seed: Option<bool>,
     pub libvirt_uri: Option<String>,
     pub max_virtual_size: Option<u64>,
     pub qemu_img_check: Option<bool>,
@@ -49,6 +50,7 @@ pub struct Overrides {
     pub download_limit: Option<u32>,
     pub dht: bool,
     pub no_lsd: bool,
+    pub no_super_seed: bool,
     pub libvirt_uri: Option<String>,
     pub watch_interval: Option<u64>,
 }
@@ -66,6 +68,8 @@ pub struct Config {
     pub download_limit: Option<u32>,
     pub dht: bool,
     pub lsd: bool,
+    /// Seed in super-seeding mode (BEP 16).
+    pub super_seed: bool,
     pub libvirt_uri: Option<String>,
     pub max_virtual_size: u64,
     pub qemu_img_check: bool,
@@ -138,6 +142,7 @@ impl Config {
             download_limit: o.download_limit.or(f.download_limit).filter(|&v| v > 0),
             dht: o.dht || f.dht.unwrap_or(false),
             lsd: !o.no_lsd && f.lsd.unwrap_or(true),
+            super_seed: !o.no_super_seed && f.super_seed.unwrap_or(true),
             libvirt_uri: o.libvirt_uri.clone().or(f.libvirt_uri),
             max_virtual_size: f.max_virtual_size.unwrap_or(DEFAULT_MAX_VIRTUAL_SIZE),
             qemu_img_check: f.qemu_img_check.unwrap_or(true),

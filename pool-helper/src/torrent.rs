@@ -175,6 +175,8 @@ impl Handle {
 pub struct Torrents {
     session: Arc<Session>,
     trackers: Vec<String>,
+    /// Seed complete masters in super-seeding mode (BEP 16; the vendored librqbit's patch).
+    super_seed: bool,
 }
 
 impl std::fmt::Debug for Torrents {
@@ -211,7 +213,7 @@ impl Torrents {
         if session.listen_addr().is_none() {
             return Err(err("no listener".into()));
         }
-        Ok(Torrents { session, trackers: cfg.trackers.clone() })
+        Ok(Torrents { session, trackers: cfg.trackers.clone(), super_seed: cfg.super_seed })
     }
 
     fn options(&self, path: &Path, writable: bool, peers: Vec<SocketAddr>, trackers: &[String]) -> AddTorrentOptions {
@@ -248,7 +250,8 @@ impl Torrents {
         peers: Vec<SocketAddr>,
         trackers: &[String],
     ) -> Result<Handle, TorrentError> {
-        self.add(torrent, self.options(path, false, peers, trackers)).await
+        let opts = AddTorrentOptions { super_seed: self.super_seed, ..self.options(path, false, peers, trackers) };
+        self.add(torrent, opts).await
     }
 
     /// Downloads into an existing staging file (pieces already there are re-hashed and kept).

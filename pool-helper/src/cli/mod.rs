@@ -60,6 +60,10 @@ pub struct GlobalArgs {
     /// Disable local service discovery (BEP 14).
     #[arg(long, global = true)]
     pub no_lsd: bool,
+    /// Seed every master advertising all pieces at once, instead of super-seeding (BEP 16:
+    /// a few pieces offered to each peer at a time, the least spread first).
+    #[arg(long, global = true)]
+    pub no_super_seed: bool,
     /// Seconds between the daemon's looks at libvirt for masters that defined domains need
     /// (prefetched before their first start) and pools holding overlays the hook made (refreshed);
     /// 0 turns it off [default: 10].
@@ -127,6 +131,7 @@ impl GlobalArgs {
             download_limit: self.download_limit,
             dht: self.dht,
             no_lsd: self.no_lsd,
+            no_super_seed: self.no_super_seed,
             libvirt_uri: self.connect.clone(),
             watch_interval: self.watch_interval,
         };

@@ -45,6 +45,12 @@ pub trait PeerConnectionHandler {
     async fn on_received_message(&self, msg: Message<'_>) -> anyhow::Result<()>;
     fn should_transmit_have(&self, id: ValidPieceIndex) -> bool;
     fn on_uploaded_bytes(&self, bytes: u32);
+    /// pool-helper patch: a chunk was written to the peer.
+    fn on_uploaded_chunk(&self, _chunk: &ChunkInfo) {}
+    /// pool-helper patch: false when the peer cancelled this request.
+    fn should_upload(&self, _chunk: &ChunkInfo) -> bool {
+        true
+    }
     fn read_chunk(&self, chunk: &ChunkInfo, buf: &mut [u8]) -> anyhow::Result<()>;
     fn update_my_extended_handshake(
         &self,
@@ -380,7 +386,15 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
 
                 tokio::task::yield_now().await;
 
+                if let WriterRequest::ReadChunkRequest(chunk) = &req
+                    && !self.handler.should_upload(chunk)
+                {
+                    trace!("not sending {:?}: the peer cancelled it", chunk);
+                    continue;
+                }
+
                 let mut uploaded_add = None;
+                let mut uploaded_chunk = None;
 
                 trace!("about to send: {:?}", &req);
                 let ext_msg_ids = &|| {
@@ -447,6 +461,7 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
                         }
 
                         uploaded_add = Some(chunk.size);
+                        uploaded_chunk = Some(chunk);
                         full_len
                     }
                     WriterRequest::Disconnect(res) => {
@@ -467,6 +482,9 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
 
                 if let Some(uploaded_add) = uploaded_add {
                     self.handler.on_uploaded_bytes(uploaded_add)
+                }
+                if let Some(chunk) = &uploaded_chunk {
+                    self.handler.on_uploaded_chunk(chunk)
                 }
             }
 

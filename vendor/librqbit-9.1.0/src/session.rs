@@ -298,6 +298,11 @@ pub struct AddTorrentOptions {
 
     // Custom trackers
     pub trackers: Option<Vec<String>>,
+
+    /// pool-helper patch: when the torrent starts complete, seed it in super-seeding mode
+    /// (BEP 16): no bitfield, a few pieces offered to each peer at a time, least-spread first.
+    #[serde(default)]
+    pub super_seed: bool,
 }
 
 pub struct ListOnlyResponse {
@@ -1369,6 +1374,7 @@ impl Session {
                     ratelimits: opts.ratelimits,
                     initial_peers: opts.initial_peers.clone().unwrap_or_default(),
                     peer_limit: opts.peer_limit.or(self.peer_limit),
+                    super_seed: opts.super_seed,
                     #[cfg(feature = "disable-upload")]
                     _disable_upload: self._disable_upload,
                 },

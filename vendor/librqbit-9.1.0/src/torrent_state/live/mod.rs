@@ -42,6 +42,7 @@
 pub mod peer;
 pub mod peers;
 pub mod stats;
+mod super_seed;
 
 use std::{
     borrow::Cow,
@@ -91,6 +92,8 @@ use crate::{
     peer_connection::{
         PeerConnection, PeerConnectionHandler, PeerConnectionOptions, WriterRequest,
     },
+    piece_availability::PieceAvailability,
+    torrent_state::live::super_seed::{PeerOffers, SuperSeed},
     piece_tracker::{AcquireRequest, AcquireResult, PieceTracker},
     session::CheckedIncomingConnection,
     session_stats::SessionStats,
@@ -208,6 +211,8 @@ pub struct TorrentStateLive {
 
     pub(crate) streams: Arc<TorrentStreams>,
     have_broadcast_tx: tokio::sync::broadcast::Sender<ValidPieceIndex>,
+    // pool-helper patch: Some when seeding in super-seeding mode.
+    super_seed: Option<SuperSeed>,
 
     ratelimit_upload_tx: tokio::sync::mpsc::UnboundedSender<(
         tokio::sync::mpsc::UnboundedSender<WriterRequest>,
@@ -265,6 +270,13 @@ impl TorrentStateLive {
         )>();
         let ratelimits = Limits::new(paused.shared.options.ratelimits);
 
+        let availability = Arc::new(PieceAvailability::new(lengths.total_pieces() as usize));
+        let mut piece_tracker = PieceTracker::new(paused.chunk_tracker);
+        piece_tracker.set_availability(availability.clone());
+
+        let super_seed = (paused.shared.options.super_seed && have_bytes == lengths.total_length())
+            .then(|| SuperSeed::new(lengths.total_pieces() as usize, lengths.default_piece_length()));
+
         let state = Arc::new(TorrentStateLive {
             shared: paused.shared.clone(),
             metadata: paused.metadata.clone(),
@@ -273,9 +285,10 @@ impl TorrentStateLive {
                 stats: Default::default(),
                 states: Default::default(),
                 live_outgoing_peers: Default::default(),
+                availability,
             },
             _locked: RwLock::new(TorrentStateLocked {
-                pieces: Some(PieceTracker::new(paused.chunk_tracker)),
+                pieces: Some(piece_tracker),
                 file_priorities,
                 fatal_errors_tx: Some(fatal_errors_tx),
                 unflushed_bitv_bytes: 0,
@@ -296,6 +309,7 @@ impl TorrentStateLive {
             up_speed_estimator,
             cancellation_token,
             have_broadcast_tx,
+            super_seed,
             session_stats,
             streams: paused.streams,
             per_piece_locks: (0..lengths.total_pieces())
@@ -483,6 +497,8 @@ impl TorrentStateLive {
             addr: checked_peer.addr,
             incoming: true,
             on_bitfield_notify: Default::default(),
+            offers: Default::default(),
+            upload_queue: Default::default(),
             flow_control: Mutex::new(PeerFlowControl::new(self.max_request_window())),
             state: self.clone(),
             tx,
@@ -547,6 +563,8 @@ impl TorrentStateLive {
             addr,
             incoming: false,
             on_bitfield_notify: Default::default(),
+            offers: Default::default(),
+            upload_queue: Default::default(),
             flow_control: Mutex::new(PeerFlowControl::new(state.max_request_window())),
             state: state.clone(),
             tx,
@@ -1036,6 +1054,12 @@ struct PeerHandler {
     // is received.
     on_bitfield_notify: Notify,
 
+    // pool-helper patch: what a super-seeding seed offered this peer.
+    offers: PeerOffers,
+    // pool-helper patch: (piece, offset) of the peer's requests not yet sent; a cancel removes
+    // its request from here, and the writer sends only what is still here.
+    upload_queue: Mutex<HashSet<(u32, u32)>>,
+
     addr: SocketAddr,
     incoming: bool,
     tx: PeerTx,
@@ -1089,8 +1113,12 @@ impl PeerConnectionHandler for &'_ PeerHandler {
             Message::NotInterested => {
                 trace!("received \"not interested\", but we don't process it yet")
             }
-            Message::Cancel(_) => {
-                trace!("received \"cancel\", but we don't process it yet")
+            Message::Cancel(req) => {
+                // pool-helper patch: drop the chunk if it was not sent yet (a peer that got the
+                // piece elsewhere), instead of uploading it anyway.
+                if self.upload_queue.lock().remove(&(req.index, req.begin)) {
+                    self.offers.close(req.index);
+                }
             }
             Message::Extended(ExtendedMessage::UtMetadata(UtMetadata::Request(
                 metadata_piece_id,
@@ -1143,6 +1171,19 @@ impl PeerConnectionHandler for &'_ PeerHandler {
     fn on_handshake(&self, handshake: Handshake, ckind: ConnectionKind) -> anyhow::Result<()> {
         self.state.set_peer_live(self.addr, handshake, ckind);
         Ok(())
+    }
+
+    fn should_upload(&self, chunk: &ChunkInfo) -> bool {
+        self.upload_queue.lock().remove(&(chunk.piece_index.get(), chunk.offset))
+    }
+
+    fn on_uploaded_chunk(&self, chunk: &ChunkInfo) {
+        // A super-seed's offer is done once the piece's last chunk went out.
+        if self.state.super_seed.is_some()
+            && chunk.offset + chunk.size >= self.state.lengths.piece_length(chunk.piece_index)
+        {
+            self.offers.close(chunk.piece_index.get());
+        }
     }
 
     fn on_uploaded_bytes(&self, bytes: u32) {
@@ -1225,6 +1266,9 @@ impl PeerConnectionHandler for &'_ PeerHandler {
         if self.state.torrent().options.disable_upload() {
             return false;
         }
+        if self.state.super_seed.is_some() {
+            return false; // pieces are offered one by one (task_super_seed)
+        }
 
         self.state.get_approx_have_bytes() > 0
     }
@@ -1236,8 +1280,12 @@ impl PeerConnectionHandler for &'_ PeerHandler {
         let have = self
             .state
             .peers
+            // pool-helper patch: a peer that sent no bitfield (it had nothing when it connected)
+            // has an empty one here. Stock librqbit read that as "has every piece" and never
+            // sent it a HAVE, so two leechers that met empty never traded and timed out after
+            // 10 s, leaving everything to the origin.
             .with_live(self.addr, |l| {
-                l.bitfield.get(id.get_usize()).map(|p| *p).unwrap_or(true)
+                l.bitfield.get(id.get_usize()).map(|p| *p).unwrap_or(false)
             })
             .unwrap_or(true);
         !have
@@ -1526,6 +1574,9 @@ impl PeerHandler {
             );
         }
 
+        self.upload_queue
+            .lock()
+            .insert((chunk_info.piece_index.get(), chunk_info.offset));
         self.state
             .ratelimit_upload_tx
             .send((self.tx.clone(), chunk_info))?;
@@ -1542,7 +1593,13 @@ impl PeerHandler {
                     live.bitfield = make_piece_bitfield(&self.state.lengths);
                 }
                 match live.bitfield.get_mut(have as usize) {
-                    Some(mut v) => *v = true,
+                    Some(mut v) => {
+                        if !*v {
+                            self.state.peers.availability.inc(have as usize);
+                        }
+                        *v = true;
+                        self.offers.close(have);
+                    }
                     None => {
                         warn!(
                             id = self.state.shared.id,
@@ -1625,6 +1682,9 @@ impl PeerHandler {
     // The job of this is to request chunks and also to keep peer alive.
     // The moment this ends, the peer is disconnected.
     async fn task_peer_chunk_requester(&self) -> crate::Result<()> {
+        if let Some(ss) = &self.state.super_seed {
+            return self.task_super_seed(ss).await;
+        }
         let handle = self.addr;
         self.wait_for_bitfield().await;
 
@@ -1679,19 +1739,21 @@ impl PeerHandler {
 
             // Acquire a piece using the strategy: try steal (10x) → reserve → steal (3x).
             let new_piece_notify = self.state.new_pieces_notify.notified();
+            // pool-helper patch: also wake up when this peer announces pieces (HAVE/bitfield).
+            // Stock librqbit only re-checked after 5 s, so a leecher connected to another
+            // leecher that had nothing yet ignored it for 5 s and fetched from the origin.
+            let peer_has_more = self.on_bitfield_notify.notified();
             let next = match self.acquire_next_piece()? {
                 Some(next) => next,
                 None => {
                     debug!("no pieces to request");
-                    match aframe!(tokio::time::timeout(
-                        // Half of default rw timeout not to race with it.
-                        Duration::from_secs(5),
-                        new_piece_notify
-                    ))
-                    .await
-                    {
-                        Ok(()) => debug!("woken up, new pieces might be available"),
-                        Err(_) => debug!("woken up by sleep timer"),
+                    tokio::select! {
+                        _ = new_piece_notify => debug!("woken up, new pieces might be available"),
+                        _ = peer_has_more => trace!("woken up, the peer has new pieces"),
+                        // Stock librqbit slept 5 s here (half the default rw timeout). In the end
+                        // game nothing wakes a requester when an in-flight piece becomes old enough
+                        // to steal, so the last pieces waited up to 5 s each time; look again soon.
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => trace!("woken up by sleep timer"),
                     }
                     continue;
                 }
@@ -1754,6 +1816,50 @@ impl PeerHandler {
                 {
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    // pool-helper patch: a super-seed offers this peer pieces with HAVE messages, keeping
+    // `ss.slots()` offers open, and never asks it for anything. Runs as long as the peer.
+    async fn task_super_seed(&self, ss: &SuperSeed) -> crate::Result<()> {
+        let total = self.state.lengths.total_pieces() as usize;
+        while self.state.peers.with_live(self.addr, |_| ()).is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        loop {
+            let changed = self.offers.changed.notified();
+            if self.state.peers.is_peer_not_interested_and_has_full_torrent(self.addr, total) {
+                debug!("super-seed: the peer is a seed too, disconnecting");
+                self.tx.send(WriterRequest::Disconnect(Ok(()))).ok().ok_or(Error::PeerTaskDead)?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Ok(());
+            }
+            let mut extra = self.offers.open_count() >= ss.slots()
+                && self.offers.stalled_for(Duration::from_secs(5));
+            while self.offers.open_count() < ss.slots() || std::mem::take(&mut extra) {
+                let pick = self
+                    .state
+                    .peers
+                    .with_live(self.addr, |l| {
+                        ss.pick(
+                            &self.offers,
+                            |i| l.bitfield.get(i).map(|b| *b).unwrap_or(false),
+                            &self.state.peers.availability,
+                        )
+                    })
+                    .flatten();
+                let Some(piece) = pick else { break };
+                ss.mark_offered(&self.offers, piece);
+                trace!("super-seed: offering piece {piece}");
+                self.tx
+                    .send(WriterRequest::Message(Message::Have(piece)))
+                    .ok()
+                    .ok_or(Error::PeerTaskDead)?;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
     }

@@ -146,6 +146,9 @@ impl Peer {
         for counter in [&counters.session_stats, &counters.stats] {
             counter.dec(&self.state);
         }
+        if let PeerState::Live(l) = &self.state {
+            counters.availability.remove(&l.bitfield);
+        }
         if let (Some(addr), PeerState::Live(..)) = (self.outgoing_address, &self.state) {
             counters.live_outgoing_peers.write().remove(&addr);
         }
@@ -154,6 +157,13 @@ impl Peer {
     pub fn set_state(&mut self, new: PeerState, counters: &PeerStates) -> PeerState {
         for counter in [&counters.session_stats, &counters.stats] {
             counter.incdec(&self.state, &new);
+        }
+        // pool-helper patch: a peer's pieces count towards availability only while it is live.
+        if let PeerState::Live(l) = &self.state {
+            counters.availability.remove(&l.bitfield);
+        }
+        if let PeerState::Live(l) = &new {
+            counters.availability.add(&l.bitfield);
         }
         if let Some(addr) = self.outgoing_address {
             if matches!(&self.state, PeerState::Live(..)) {

@@ -11,6 +11,7 @@ use crate::{
 };
 
 use self::stats::{AggregatePeerStats, AggregatePeerStatsAtomic};
+use crate::piece_availability::PieceAvailability;
 
 use super::peer::{LivePeerState, Peer, PeerRx, PeerState, PeerTx};
 
@@ -23,6 +24,8 @@ pub(crate) struct PeerStates {
     pub live_outgoing_peers: RwLock<HashSet<PeerHandle>>,
     pub stats: AggregatePeerStatsAtomic,
     pub states: DashMap<PeerHandle, Peer>,
+    // pool-helper patch: per-piece count of live peers having it (rarest-first).
+    pub availability: Arc<PieceAvailability>,
 }
 
 impl Drop for PeerStates {
@@ -118,6 +121,8 @@ impl PeerStates {
         total_pieces: usize,
     ) -> Option<()> {
         self.with_live_mut(handle, "update_bitfield", |live| {
+            self.availability.remove(&live.bitfield);
+            self.availability.add(&bitfield);
             live.bitfield = bitfield;
             self.update_seeder_flag(live, total_pieces);
         })
@@ -203,6 +208,7 @@ mod tests {
             live_outgoing_peers: Default::default(),
             stats: Default::default(),
             states: Default::default(),
+            availability: Default::default(),
         }
     }
 
