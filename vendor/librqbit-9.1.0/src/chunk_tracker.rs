@@ -248,6 +248,15 @@ impl ChunkTracker {
             .filter_map(|id| self.lengths.validate_piece_index(id))
     }
 
+    /// pool-helper patch: the queued pieces in index order, walked word by word.
+    pub(crate) fn iter_queued_unordered(&self) -> impl Iterator<Item = ValidPieceIndex> + '_ {
+        self.queue_pieces
+            .iter_ones()
+            .filter(|&id| !self.have.as_slice().get(id).map(|b| *b).unwrap_or(true))
+            .filter_map(|id| id.try_into().ok())
+            .filter_map(|id| self.lengths.validate_piece_index(id))
+    }
+
     pub(crate) fn is_piece_have(&self, id: ValidPieceIndex) -> bool {
         self.have.as_slice()[id.get() as usize]
     }

@@ -153,25 +153,23 @@ impl PieceTracker {
             }
         }
 
-        // Then check queued pieces.
-        // Note: iter_queued_pieces only returns pieces in queue_pieces (not in-flight)
-        let queued: Vec<_> = self
-            .chunks
-            .iter_queued_pieces(req.file_priorities, req.file_infos)
-            .collect();
-
         // pool-helper patch: rarest first, ties at random. With the natural order every leecher
         // of a swarm wants the same next piece, so they have nothing to trade and the origin
         // uploads one copy per leecher (measured with pool-helper's tests/bench/swarm-bench and
         // tests/lab). Rarest-first asks the origin for what no other peer has yet; random ties
-        // keep leechers that see the same counts apart. Without counts (unit tests), a random
-        // start.
+        // keep leechers that see the same counts apart. File priorities only ordered pieces, so
+        // they do not apply here; the queue holds only selected pieces either way. The queue is
+        // walked as a bitfield, not through iter_queued_pieces, which tests every piece of every
+        // file one by one (a sixth of all CPU time with 16 peers).
         use rand::RngExt;
         let mut rng = rand::rng();
+        let any_queued;
         if let Some(av) = &self.availability {
             let mut best: Option<(u32, ValidPieceIndex)> = None;
             let mut ties = 0u32;
-            for &piece in &queued {
+            let mut queued_seen = false;
+            for piece in self.chunks.iter_queued_unordered() {
+                queued_seen = true;
                 if !(req.peer_has_piece)(piece) {
                     continue;
                 }
@@ -193,20 +191,28 @@ impl PieceTracker {
             if let Some((_, piece)) = best {
                 return self.reserve_piece(piece, req.peer);
             }
+            any_queued = queued_seen;
         } else {
+            // Then check queued pieces.
+            // Note: iter_queued_pieces only returns pieces in queue_pieces (not in-flight)
+            let queued: Vec<_> = self
+                .chunks
+                .iter_queued_pieces(req.file_priorities, req.file_infos)
+                .collect();
             let start = if queued.is_empty() { 0 } else { rng.random_range(0..queued.len()) };
             for &piece in queued[start..].iter().chain(queued[..start].iter()) {
                 if (req.peer_has_piece)(piece) {
                     return self.reserve_piece(piece, req.peer);
                 }
             }
+            any_queued = !queued.is_empty();
         }
 
         // 3. Try steal with 3x threshold (moderately slow peer)
         // pool-helper patch: only in the end game, when every piece left is in flight. Before
         // that a steal re-fetches a piece whose first copy is already on its way (the uploader
         // has it queued or in its socket), which cost the lab 40% of all bytes received.
-        if queued.is_empty()
+        if !any_queued
             && let Some(result) = self.try_steal(&req, 3.0)
         {
             return result;

@@ -1619,7 +1619,18 @@ impl PeerHandler {
                     debug!("peer has full torrent");
                 }
             });
-        self.on_bitfield_notify.notify_waiters();
+        // pool-helper patch: wake the requester only for a piece we still lack; with 16 peers
+        // most HAVEs are for pieces we have, and each wake-up walks the queue.
+        let lack = self
+            .state
+            .lock_read("on_have")
+            .get_chunks()
+            .ok()
+            .and_then(|c| self.state.lengths.validate_piece_index(have).map(|i| !c.is_piece_have(i)))
+            .unwrap_or(true);
+        if lack {
+            self.on_bitfield_notify.notify_waiters();
+        }
     }
 
     fn on_bitfield(&self, bitfield: ByteBufOwned) -> anyhow::Result<()> {
