@@ -222,32 +222,52 @@ impl Ctx {
         )?;
 
         let h = self.torrents.download(&torrent, &staged, self.peers_for(m), &self.trackers_for(m)).await?;
-        let r = self.wait(m, &h, on_event).await;
-        self.torrents.remove(&h).await;
-        if let Err(e) = r {
+        if let Err(e) = self.wait(m, &h, on_event).await {
+            self.torrents.remove(&h).await;
             if matches!(e, FetchError::DiskFull { .. }) {
                 let _ = std::fs::remove_file(&staged);
                 records::remove(&self.cfg, pool, &m.name);
             }
             return Err(e);
         }
-        on_event(Event::Verifying);
-        let (cfg, m2, st) = (self.cfg.clone(), m.clone(), staged.clone());
-        if let Err(source) = blocking(move || verify::verify_image(&st, &expect(&cfg, &m2, true))).await? {
-            let _ = std::fs::remove_file(&staged);
-            records::remove(&self.cfg, pool, &m.name);
-            return Err(FetchError::Image { name: m.name.clone(), source });
-        }
-        let (st, pd, name) = (staged.clone(), pool_dir.clone(), m.name.clone());
-        let path = blocking(move || staging::publish(&st, &pd, &name)).await??;
-        let (cfg, p) = (self.cfg.clone(), pool.to_string());
-        blocking(move || refresh_pool(&cfg, &p)).await??;
+        // The finished download keeps seeding (every piece passed its SHA-1, as any piece it
+        // uploaded while downloading did) until the read-only seed replaces it: hosts that finish
+        // together would otherwise all leave the swarm for the verification, just when the last
+        // ones need them. librqbit holds the file open, so the rename below does not disturb it;
+        // it writes nothing once complete.
+        let published = self.verify_and_publish(pool, m, &staged, &pool_dir, on_event).await;
+        self.torrents.remove(&h).await;
+        let path = published?;
         records::save(
             &self.cfg,
             &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "fetched".into() },
         )?;
         let h = self.torrents.seed(&torrent, &path, self.peers_for(m), &self.trackers_for(m)).await?;
         Ok((Outcome::Fetched(path), Some(h)))
+    }
+
+    /// Whole-file checks, then the master goes into the pool and libvirt learns of it. On a
+    /// failed check the staged file and the record go.
+    async fn verify_and_publish(
+        &self,
+        pool: &str,
+        m: &Manifest,
+        staged: &Path,
+        pool_dir: &Path,
+        on_event: &(dyn Fn(Event) + Send + Sync),
+    ) -> Result<PathBuf, FetchError> {
+        on_event(Event::Verifying);
+        let (cfg, m2, st) = (self.cfg.clone(), m.clone(), staged.to_path_buf());
+        if let Err(source) = blocking(move || verify::verify_image(&st, &expect(&cfg, &m2, true))).await? {
+            let _ = std::fs::remove_file(staged);
+            records::remove(&self.cfg, pool, &m.name);
+            return Err(FetchError::Image { name: m.name.clone(), source });
+        }
+        let (st, pd, name) = (staged.to_path_buf(), pool_dir.to_path_buf(), m.name.clone());
+        let path = blocking(move || staging::publish(&st, &pd, &name)).await??;
+        let (cfg, p) = (self.cfg.clone(), pool.to_string());
+        blocking(move || refresh_pool(&cfg, &p)).await??;
+        Ok(path)
     }
 
     async fn wait(&self, m: &Manifest, h: &Handle, on_event: &(dyn Fn(Event) + Send + Sync)) -> Result<(), FetchError> {
@@ -281,7 +301,10 @@ impl Ctx {
             } else if last_change.elapsed() > stall {
                 return Err(FetchError::Stalled { name, secs: stall.as_secs(), peers: p.peers });
             }
-            tokio::time::sleep(Duration::from_millis(if started { 1000 } else { 200 })).await;
+            // Wake at completion rather than at the next tick: up to a second sooner, during which
+            // this host would otherwise keep its finished copy out of the pool.
+            let tick = Duration::from_millis(if started { 1000 } else { 200 });
+            let _ = tokio::time::timeout(tick, h.completed()).await;
         }
     }
 }

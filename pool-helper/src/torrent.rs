@@ -169,6 +169,13 @@ impl Handle {
             error: s.error,
         }
     }
+
+    /// Resolves when librqbit reports the download complete. It can miss the moment or never
+    /// resolve if the torrent fails (librqbit trap 6), so callers bound it and check
+    /// [`Handle::progress`] themselves.
+    pub async fn completed(&self) {
+        let _ = self.inner.wait_until_completed().await;
+    }
 }
 
 /// The process's BitTorrent session.
