@@ -184,6 +184,8 @@ pub struct Torrents {
     trackers: Vec<String>,
     /// Seed complete masters in super-seeding mode (BEP 16; the vendored librqbit's patch).
     super_seed: bool,
+    /// Chunk requests (16 KiB) kept outstanding per peer.
+    request_window: usize,
 }
 
 impl std::fmt::Debug for Torrents {
@@ -220,7 +222,12 @@ impl Torrents {
         if session.listen_addr().is_none() {
             return Err(err("no listener".into()));
         }
-        Ok(Torrents { session, trackers: cfg.trackers.clone(), super_seed: cfg.super_seed })
+        Ok(Torrents {
+            session,
+            trackers: cfg.trackers.clone(),
+            super_seed: cfg.super_seed,
+            request_window: cfg.request_window,
+        })
     }
 
     fn options(&self, path: &Path, writable: bool, peers: Vec<SocketAddr>, trackers: &[String]) -> AddTorrentOptions {
@@ -232,6 +239,10 @@ impl Torrents {
             initial_peers: Some(peers),
             trackers: Some(all),
             storage_factory: Some(SingleFileStorageFactory { path: path.to_path_buf(), writable }.boxed()),
+            peer_opts: Some(librqbit::PeerConnectionOptions {
+                max_request_window: Some(self.request_window),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

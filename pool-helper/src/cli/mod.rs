@@ -64,6 +64,11 @@ pub struct GlobalArgs {
     /// a few pieces offered to each peer at a time, the least spread first).
     #[arg(long, global = true)]
     pub no_super_seed: bool,
+    /// 16 KiB chunk requests kept outstanding per peer [default: 16]. Every peer's requests
+    /// queue at the uploader, so a deep window delays fresh pieces behind old ones; more helps
+    /// only a transfer between few peers over a long round trip (window / RTT per peer).
+    #[arg(long, global = true, value_name = "CHUNKS")]
+    pub request_window: Option<usize>,
     /// Seconds between the daemon's looks at libvirt for masters that defined domains need
     /// (prefetched before their first start) and pools holding overlays the hook made (refreshed);
     /// 0 turns it off [default: 10].
@@ -132,6 +137,7 @@ impl GlobalArgs {
             dht: self.dht,
             no_lsd: self.no_lsd,
             no_super_seed: self.no_super_seed,
+            request_window: self.request_window,
             libvirt_uri: self.connect.clone(),
             watch_interval: self.watch_interval,
         };
