@@ -28,26 +28,7 @@ fn corrupt_pieces_from_a_peer_are_detected_and_the_master_completes_from_honest_
     }
     std::fs::write(d.path().join("honest.raw"), &bad).unwrap();
     let liar = free_port();
-    let _aria = Bg(Command::new("aria2c")
-        .args([
-            "--enable-dht=false",
-            "--bt-enable-lpd=false",
-            "--bt-seed-unverified=true",
-            "--seed-ratio=0.0",
-            "--disable-ipv6=true",
-        ])
-        .args([
-            "--listen-port",
-            &liar.to_string(),
-            "-d",
-            d.path().to_str().unwrap(),
-            man.with_extension("torrent").to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    let _aria = aria2c_seed_unverified(liar, d.path(), &man.with_extension("torrent"));
     std::thread::sleep(Duration::from_secs(2));
     let pb = Pool::new("b");
     let b = Instance::new(&["--peer", &format!("127.0.0.1:{liar}")]);
@@ -194,26 +175,7 @@ fn hostile_seed(dir: &std::path::Path, file: &str, format: &str, virtual_size: u
     });
     let man = dir.join("m.json");
     std::fs::write(&man, m.to_string()).unwrap();
-    let seed = Bg(Command::new("aria2c")
-        .args([
-            "--enable-dht=false",
-            "--bt-enable-lpd=false",
-            "--bt-seed-unverified=true",
-            "--seed-ratio=0.0",
-            "--disable-ipv6=true",
-        ])
-        .args([
-            "--listen-port",
-            &port.to_string(),
-            "-d",
-            dir.to_str().unwrap(),
-            dir.join("t.torrent").to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    let seed = aria2c_seed_unverified(port, dir, &dir.join("t.torrent"));
     std::thread::sleep(Duration::from_secs(2));
     (man, seed)
 }

@@ -13,21 +13,6 @@ use support::*;
 
 const LT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/lt.py");
 
-fn aria2c(args: &[&str]) -> Command {
-    let mut c = Command::new("aria2c");
-    c.args([
-        "--enable-dht=false",
-        "--enable-dht6=false",
-        "--bt-enable-lpd=false",
-        "--enable-peer-exchange=false",
-        "--summary-interval=0",
-        "--console-log-level=warn",
-        "--disable-ipv6=true",
-    ]);
-    c.args(args).stdin(Stdio::null());
-    c
-}
-
 /// opentracker on 127.0.0.1:port serving only `info_hash` (it refuses to run as root: -u nobody).
 fn opentracker(port: u16, info_hash: &str, dir: &Path) -> Bg {
     std::fs::write(dir.join("wl"), format!("{info_hash}\n")).unwrap();

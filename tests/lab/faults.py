@@ -214,11 +214,16 @@ def _common(c, sw, receivers_expected):
             + (f" ({'; '.join(fails)})" if fails else ""))
 
 
-def origin_killed(args, n, kill_at, name):
-    c = Checks(name)
+def _begin(args, name):
+    """A scenario's checks and its work directory, emptied."""
     work = os.path.join(args.work, name)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
+    return Checks(name), work
+
+
+def origin_killed(args, n, kill_at, name):
+    c, work = _begin(args, name)
     with netlab.Lab(n, args.rate_mbit) as lab:
         with Swarm(lab, work, args.pool_helper, args.master, args.sha, lab.hosts[1:]) as sw:
             sw.start(args.timeout)
@@ -269,10 +274,7 @@ def origin_killed(args, n, kill_at, name):
 
 
 def link_down(args, n, name="link"):
-    c = Checks(name)
-    work = os.path.join(args.work, name)
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    c, work = _begin(args, name)
     with netlab.Lab(n, args.rate_mbit) as lab:
         victim = lab.hosts[-1]
         with Swarm(lab, work, args.pool_helper, args.master, args.sha, lab.hosts[1:]) as sw:
@@ -299,10 +301,7 @@ def link_down(args, n, name="link"):
 
 
 def corrupt_peer(args, n, name="corrupt"):
-    c = Checks(name)
-    work = os.path.join(args.work, name)
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    c, work = _begin(args, name)
     with netlab.Lab(n + 1, args.rate_mbit) as lab:
         liar = lab.hosts[-1]
         receivers = lab.hosts[1:-1]

@@ -13,6 +13,40 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pool-helper");
 
+/// aria2c on loopback only: no DHT, LSD or PEX, quiet.
+pub fn aria2c(args: &[&str]) -> Command {
+    let mut c = Command::new("aria2c");
+    c.args([
+        "--enable-dht=false",
+        "--enable-dht6=false",
+        "--bt-enable-lpd=false",
+        "--enable-peer-exchange=false",
+        "--summary-interval=0",
+        "--console-log-level=warn",
+        "--disable-ipv6=true",
+    ]);
+    c.args(args).stdin(Stdio::null());
+    c
+}
+
+/// aria2c seeding `torrent` from the data in `dir` on `port`, trusting that data as it is
+/// (`--bt-seed-unverified`: how a peer serving a corrupt copy is made), until killed.
+pub fn aria2c_seed_unverified(port: u16, dir: &Path, torrent: &Path) -> Bg {
+    Bg(aria2c(&[
+        "--bt-seed-unverified=true",
+        "--seed-ratio=0.0",
+        "--listen-port",
+        &port.to_string(),
+        "-d",
+        dir.to_str().unwrap(),
+        torrent.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap())
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short id for names in this test run.
