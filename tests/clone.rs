@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
+use vcc_core::xml::DiskSource;
 use vcc_tests::*;
-use virt_clone_cow::xml::DiskSource;
 
 /// A BIOS template `<prefix><suffix>` with one qcow2 master `base.qcow2` in the env's pool as vda.
 fn bios_template(env: &TestEnv, suffix: &str) -> (String, String) {
@@ -538,10 +538,10 @@ fn failure_starting_the_clones_rolls_back_definitions_template_mark_and_master_m
 
 #[test]
 fn vars_file_appearing_after_planning_fails_the_second_clone_and_rolls_back_the_first() {
+    use vcc_core::overlay::OverlayOptions;
+    use vcc_libvirt::Libvirt;
     use virt_clone_cow::apply::{apply, ApplyError, ApplyOptions};
     use virt_clone_cow::cmd::clone::{make_plan, CloneRequest, NameRequest};
-    use virt_clone_cow::libvirt::Libvirt;
-    use virt_clone_cow::overlay::OverlayOptions;
 
     let env = TestEnv::new("race");
     let tmpl = env.name("-tmpl");
@@ -895,7 +895,7 @@ fn writable_block_and_network_disks_are_refused_and_shared_ones_are_kept_as_they
     let f = facts(&name);
     let t = facts(&tmpl);
     for target in ["vdb", "vdc"] {
-        let d = |f: &virt_clone_cow::xml::DomainFacts| {
+        let d = |f: &vcc_core::xml::DomainFacts| {
             f.disks.iter().find(|d| d.target.as_deref() == Some(target)).cloned().unwrap()
         };
         let (c, o) = (d(&f), d(&t));

@@ -509,8 +509,8 @@ fn the_daemon_scan_finds_missing_masters_and_overlays_their_pool_does_not_list()
     assert!(o.status.success());
     env.define(&domain_xml(&env.name("hooked"), &backed_disk(&made, &master, "qcow2"), ""));
 
-    let lv = virt_clone_cow::libvirt::Libvirt::open(Some(URI)).expect("connect");
-    let scan = virt_clone_cow::watch::scan(&lv).expect("scan");
+    let lv = vcc_libvirt::Libvirt::open(Some(URI)).expect("connect");
+    let scan = vcc_libvirt::watch::scan(&lv).expect("scan");
     let _ = virsh(&["pool-destroy", &pool]);
     let _ = virsh(&["pool-undefine", &pool]);
     let m = scan.missing.iter().find(|m| m.master.path == absent).expect("the missing master is found");

@@ -26,9 +26,9 @@ impl Progress {
         let pct = if self.total_bytes > 0 { self.done_bytes as f64 * 100.0 / self.total_bytes as f64 } else { 0.0 };
         format!(
             "{pct:.0}% of {}, {} peer(s), {}/s",
-            virt_clone_cow::units::human_bytes(self.total_bytes),
+            vcc_core::units::human_bytes(self.total_bytes),
             self.peers,
-            virt_clone_cow::units::human_bytes(self.down_bps)
+            vcc_core::units::human_bytes(self.down_bps)
         )
     }
 }
@@ -332,7 +332,7 @@ mod tests {
     }
 
     fn error_text(e: &DaemonError) -> String {
-        virt_clone_cow::error::one_line(e)
+        vcc_core::error::one_line(e)
     }
 
     #[test]

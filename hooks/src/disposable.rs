@@ -21,8 +21,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use virt_clone_cow::managed::{LinkedDisks, ManagedDisk};
-use virt_clone_cow::xml::DomainFacts;
+use vcc_core::managed::{LinkedDisks, ManagedDisk};
+use vcc_core::xml::DomainFacts;
 
 use crate::config::Config;
 use crate::image;
@@ -137,9 +137,8 @@ pub fn discard(d: &ManagedDisk) -> Result<bool, String> {
     if !before.file_type().is_file() {
         return Err("not a regular file".into());
     }
-    let info = image::info(path, "qcow2", false).map_err(|e| {
-        format!("a QEMU has it open, or it is not a qcow2 image ({})", virt_clone_cow::error::one_line(&e))
-    })?;
+    let info = image::info(path, "qcow2", false)
+        .map_err(|e| format!("a QEMU has it open, or it is not a qcow2 image ({})", vcc_core::error::one_line(&e)))?;
     if info.backing.as_deref() != Some(d.master.path.as_str()) {
         return Err(format!(
             "its backing file is {}, not the recorded master {}",
@@ -161,8 +160,8 @@ pub fn discard(d: &ManagedDisk) -> Result<bool, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virt_clone_cow::metadata::MasterRef;
-    use virt_clone_cow::process::run;
+    use vcc_core::metadata::MasterRef;
+    use vcc_core::process::run;
 
     struct Fixture {
         dir: tempfile::TempDir,

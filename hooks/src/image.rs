@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use virt_clone_cow::process::{run_with_timeout, CommandError};
+use vcc_core::process::{run_with_timeout, CommandError};
 
 /// How long one qemu-img run may take in the hook; other calls on the domain fail after ~30 s
 /// while it waits.

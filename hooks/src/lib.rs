@@ -26,7 +26,7 @@ pub mod prepare;
 use std::io::{Read, Write};
 
 use config::Config;
-use virt_clone_cow::metadata::NAMESPACE;
+use vcc_core::metadata::NAMESPACE;
 
 /// Largest domain XML we read from stdin.
 pub const MAX_XML_BYTES: u64 = 16 << 20;
@@ -100,7 +100,7 @@ pub enum HookError {
     Xml {
         domain: String,
         #[source]
-        source: virt_clone_cow::xml::XmlError,
+        source: vcc_core::xml::XmlError,
     },
     #[error("cannot read the domain XML on stdin")]
     Stdin(#[source] std::io::Error),
@@ -120,7 +120,7 @@ pub enum HookError {
 }
 
 /// The error and its causes on one line.
-pub use virt_clone_cow::error::one_line as error_line;
+pub use vcc_core::error::one_line as error_line;
 
 /// Whether the XML can concern us at all for `op`, without parsing it. `prepare` acts on our
 /// metadata and on user-written `<backingStore>`s; `migrate`, `restore` and `release` only on
@@ -200,12 +200,12 @@ pub fn run(
     if !may_concern_us(op, xml) {
         return Ok(());
     }
-    let facts = match virt_clone_cow::xml::DomainFacts::parse(xml) {
+    let facts = match vcc_core::xml::DomainFacts::parse(xml) {
         Ok(f) => f,
         Err(_) if !op.may_fail() => return Ok(()),
         Err(source) => return Err(HookError::Xml { domain: inv.domain.clone(), source }),
     };
-    let mut plan = virt_clone_cow::managed::needs(&facts);
+    let mut plan = vcc_core::managed::needs(&facts);
     match op {
         Op::Prepare => {
             if plan.template {

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use virt_clone_cow::managed::ManagedDisk;
-use virt_clone_cow::overlay::{create_file_overlay, BackingSpec, OverlayError, OverlayOptions};
+use vcc_core::managed::ManagedDisk;
+use vcc_core::overlay::{create_file_overlay, BackingSpec, OverlayError, OverlayOptions};
 
 use crate::config::Config;
 use crate::daemon::{request_path, DaemonError};
@@ -154,7 +154,7 @@ fn create_overlay(domain: &str, d: &ManagedDisk, log: &mut dyn Write) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virt_clone_cow::metadata::MasterRef;
+    use vcc_core::metadata::MasterRef;
 
     fn disk(dir: &Path, master: &Path, format: &str, recorded_size: Option<u64>) -> ManagedDisk {
         ManagedDisk {
@@ -189,7 +189,7 @@ mod tests {
     fn a_master_that_is_a_fifo_or_a_directory_is_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("m.fifo");
-        virt_clone_cow::process::run("mkfifo", &[fifo.to_str().unwrap()]).unwrap();
+        vcc_core::process::run("mkfifo", &[fifo.to_str().unwrap()]).unwrap();
         for (master, what) in [(fifo.as_path(), "a FIFO"), (dir.path(), "a directory")] {
             let d = disk(dir.path(), master, "raw", None);
             let t0 = Instant::now();

@@ -11,11 +11,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::control::proto::{self, Final, MasterListEntry, MasterRequest, MasterStatus, ProgressEvent, Request};
 use crate::fetch::{error_chain, Ctx, Event, Outcome};
 use crate::manifest::Manifest;
 use crate::records;
 use crate::torrent::{Handle, Progress};
+use vcc_core::control::proto::{self, Final, MasterListEntry, MasterRequest, MasterStatus, ProgressEvent, Request};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

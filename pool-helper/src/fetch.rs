@@ -96,13 +96,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.map_err(|e| FetchError::Internal(e.to_string()))
 }
 
-pub fn libvirt(cfg: &Config) -> Result<virt_clone_cow::libvirt::Libvirt, FetchError> {
-    virt_clone_cow::libvirt::Libvirt::open(Some(cfg.libvirt_uri.as_deref().unwrap_or("qemu:///system")))
+pub fn libvirt(cfg: &Config) -> Result<vcc_libvirt::Libvirt, FetchError> {
+    vcc_libvirt::Libvirt::open(Some(cfg.libvirt_uri.as_deref().unwrap_or("qemu:///system")))
         .map_err(|e| FetchError::Libvirt(error_chain(&e)))
 }
 
 /// "a: b: c" from an error and its sources (the workspace's one formatter).
-pub use virt_clone_cow::error::one_line as error_chain;
+pub use vcc_core::error::one_line as error_chain;
 
 pub fn pool_dir(cfg: &Config, pool: &str) -> Result<PathBuf, FetchError> {
     let lv = libvirt(cfg)?;

@@ -5,10 +5,9 @@
 //! Modules, one concern each: [`config`], [`manifest`], [`metainfo`] (bencode read/validate/write),
 //! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`torrent`]
 //! (the only user of librqbit), [`fetch`] (the pipeline), [`publish`], [`records`], [`daemon`]
-//! and [`control`] (the socket protocol), [`cli`].
+//! (the control socket's server; the protocol is `vcc_core::control`), [`cli`].
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod daemon;
 pub mod fetch;
 pub mod manifest;

@@ -462,7 +462,7 @@ mod tests {
     fn qemu_img_agrees_with_a_real_image_and_refuses_a_wrong_size() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.qcow2");
-        virt_clone_cow::process::run("qemu-img", &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"]).unwrap();
+        vcc_core::process::run("qemu-img", &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"]).unwrap();
         let size = std::fs::metadata(&p).unwrap().len();
         let sha = sha256_file(&p).unwrap();
         let e = Expect {

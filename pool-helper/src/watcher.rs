@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use virt_clone_cow::libvirt::Libvirt;
-use virt_clone_cow::watch::{scan, Scan};
+use vcc_libvirt::watch::{scan, Scan};
+use vcc_libvirt::Libvirt;
 
 use crate::daemon::Daemon;
 use crate::manifest::Manifest;
@@ -17,12 +17,12 @@ pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
         loop {
             let u = uri.clone();
             let looked = tokio::task::spawn_blocking(move || -> Result<Scan, String> {
-                let lv = Libvirt::open(u.as_deref()).map_err(|e| virt_clone_cow::error::one_line(&e))?;
-                let s = scan(&lv).map_err(|e| virt_clone_cow::error::one_line(&e))?;
+                let lv = Libvirt::open(u.as_deref()).map_err(|e| vcc_core::error::one_line(&e))?;
+                let s = scan(&lv).map_err(|e| vcc_core::error::one_line(&e))?;
                 for pool in &s.pools_to_refresh {
                     match lv.refresh_pool(pool) {
                         Ok(()) => tracing::info!("refreshed pool '{pool}': it holds overlays made by the hook"),
-                        Err(e) => tracing::warn!("{}", virt_clone_cow::error::one_line(&e)),
+                        Err(e) => tracing::warn!("{}", vcc_core::error::one_line(&e)),
                     }
                 }
                 Ok(s)
@@ -48,12 +48,7 @@ fn prefetch(daemon: &Arc<Daemon>, s: &Scan) {
         let manifest = match Manifest::load(std::path::Path::new(path)) {
             Ok(man) => man,
             Err(e) => {
-                tracing::warn!(
-                    "master {} needed by {:?}: {}",
-                    m.master.path,
-                    m.domains,
-                    virt_clone_cow::error::one_line(&e)
-                );
+                tracing::warn!("master {} needed by {:?}: {}", m.master.path, m.domains, vcc_core::error::one_line(&e));
                 continue;
             }
         };

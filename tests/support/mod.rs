@@ -125,19 +125,19 @@ pub fn domuuid(name: &str) -> String {
 }
 
 /// Our metadata element of a domain's persistent config, parsed; None when it has none.
-pub fn cow_metadata(name: &str) -> Option<virt_clone_cow::metadata::CowMetadata> {
-    let out = virsh(&["metadata", name, "--uri", virt_clone_cow::metadata::NAMESPACE, "--config"]);
+pub fn cow_metadata(name: &str) -> Option<vcc_core::metadata::CowMetadata> {
+    let out = virsh(&["metadata", name, "--uri", vcc_core::metadata::NAMESPACE, "--config"]);
     if !out.status.success() {
         return None;
     }
     let xml = String::from_utf8_lossy(&out.stdout);
-    Some(virt_clone_cow::metadata::CowMetadata::parse(&xml).unwrap())
+    Some(vcc_core::metadata::CowMetadata::parse(&xml).unwrap())
 }
 
 /// Facts of a domain's persistent XML, read with the library's reader (which the hermetic tests
 /// check against real captures).
-pub fn facts(name: &str) -> virt_clone_cow::xml::DomainFacts {
-    virt_clone_cow::xml::DomainFacts::parse(&inactive_xml(name)).unwrap()
+pub fn facts(name: &str) -> vcc_core::xml::DomainFacts {
+    vcc_core::xml::DomainFacts::parse(&inactive_xml(name)).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::libvirt::{Libvirt, LibvirtError};
-use crate::metadata::CowMetadata;
-use crate::overlay::{create_file_overlay, overlay_volume_xml, BackingSpec, OverlayError, OverlayOptions};
 use crate::plan::{ClonePlan, CloneSpec, NvramPlan, OverlayLocation};
+use vcc_core::metadata::CowMetadata;
+use vcc_core::overlay::{create_file_overlay, overlay_volume_xml, BackingSpec, OverlayError, OverlayOptions};
+use vcc_libvirt::{Libvirt, LibvirtError};
 
 /// A step of a clone run that failed (everything done before it has been undone).
 #[derive(Debug, thiserror::Error)]
@@ -221,7 +221,7 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
                 if lv.is_local() {
                     // Files made at start (serial logs; UEFI vars libvirt makes from the firmware
                     // template when none were copied) go if the run is undone.
-                    let paths = crate::xml::DomainFacts::parse(&c.xml)
+                    let paths = vcc_core::xml::DomainFacts::parse(&c.xml)
                         .map(|f| f.char_paths.into_iter().chain(f.nvram.and_then(|n| n.path)).collect::<Vec<_>>())
                         .unwrap_or_default();
                     for p in paths.into_iter().filter(|p| !Path::new(p).exists()) {
@@ -322,7 +322,7 @@ fn copy_nvram(tx: &mut Transaction<'_>, nv: &NvramPlan) -> Result<(), ApplyError
 /// Whether libvirt or the qemu-img it ran refused extended L2 entries (and only that: libvirt's
 /// message quotes the qemu-img command line, which names the option in every failure).
 fn refuses_extended_l2(e: &LibvirtError) -> bool {
-    let m = crate::error::one_line(e);
+    let m = vcc_core::error::one_line(e);
     m.contains("Invalid parameter 'extended_l2'") || (m.contains("extended_l2") && !m.contains("Child process"))
 }
 

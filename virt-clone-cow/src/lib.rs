@@ -6,20 +6,17 @@
 //! read-only and it is marked in its libvirt metadata so that it is never started again (a
 //! started template would change every clone's disk under it).
 //!
-//! The crate is split so that the libvirt hook and pool-helper can reuse the pieces:
+//! The shared pieces (domain XML, metadata, overlays, processes) are in `vcc-core`, every libvirt
+//! call in `vcc-libvirt`; this crate holds what only the CLI does:
 //!
-//! * [`xml`]: reading facts out of domain XML and the streaming rewrite that makes a clone's XML.
-//! * [`metadata`]: the `urn:virt-clone-cow:1` metadata recorded on templates and clones.
 //! * [`plan`]: the pure clone plan (names, MACs, overlay paths, the clone XML).
-//! * [`overlay`]: creating qcow2 overlays with qemu-img (argument vectors only) or as pool volumes.
-//! * [`libvirt`]: the one adapter through which every libvirt call goes.
 //! * [`apply`]: carrying out a plan so that a failure leaves nothing behind.
-//! * [`managed`]: which disks of a domain are overlays over which masters (for the hook and the
-//!   pool-helper daemon).
-//! * [`cmd::tree`]: which masters have which clones, and what each clone costs.
+//! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
+//! * [`lock`]: one run per original at a time.
 //!
 //! ```no_run
-//! use virt_clone_cow::{libvirt::Libvirt, cmd::clone::{CloneRequest, NameRequest, clone_domain}};
+//! use vcc_libvirt::Libvirt;
+//! use virt_clone_cow::cmd::clone::{CloneRequest, NameRequest, clone_domain};
 //! let lv = Libvirt::open(Some("qemu:///system"))?;
 //! let req = CloneRequest {
 //!     original: "base".into(),
@@ -36,14 +33,5 @@
 
 pub mod apply;
 pub mod cmd;
-pub mod error;
-pub mod libvirt;
 pub mod lock;
-pub mod managed;
-pub mod metadata;
-pub mod overlay;
 pub mod plan;
-pub mod process;
-pub mod units;
-pub mod watch;
-pub mod xml;

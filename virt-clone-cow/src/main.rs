@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use cli::{Cli, Command};
+use vcc_libvirt::Libvirt;
 use virt_clone_cow::cmd::{clone::clone_domain, tree::build_tree};
-use virt_clone_cow::libvirt::Libvirt;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -23,7 +23,7 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Error(e)) => {
-            eprintln!("virt-clone-cow: error: {}", virt_clone_cow::error::one_line(e.as_ref()));
+            eprintln!("virt-clone-cow: error: {}", vcc_core::error::one_line(e.as_ref()));
             ExitCode::from(1)
         }
     }

@@ -2,15 +2,15 @@
 //!
 //! Planning is pure (no libvirt, no files): it takes the original's XML and facts, the resolved
 //! masters and the names and MACs already taken, and returns the clones' XML, overlay locations
-//! and metadata. `--dry-run` prints it; [`crate::apply`] carries it out.
+//! and metadata. `--dry-run` prints it; `apply` carries it out.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, TemplateInfo};
-use crate::xml::{rewrite_domain, BackingEdit, DiskEdit, DomainEdits, DomainFacts, XmlError};
+use vcc_core::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, TemplateInfo};
+use vcc_core::xml::{rewrite_domain, BackingEdit, DiskEdit, DomainEdits, DomainFacts, XmlError};
 
 /// A master image behind one of the original's private disks, as resolved on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -10,9 +10,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use virt_clone_cow::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef};
+use vcc_core::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef};
+use vcc_core::xml::{rewrite_domain, BackingDecl, BackingEdit, DiskEdit, DiskSource, DomainEdits, DomainFacts};
 use virt_clone_cow::plan::{plan, Master, OverlayLocation, PlanInput};
-use virt_clone_cow::xml::{rewrite_domain, BackingDecl, BackingEdit, DiskEdit, DiskSource, DomainEdits, DomainFacts};
 
 const EVERY_KIND: &str = include_str!("data/every-disk-kind-uefi.xml");
 const SOURCE_FORM: &str = include_str!("data/nvram-source-form-backing-chain.xml");

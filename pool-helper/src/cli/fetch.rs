@@ -7,10 +7,10 @@ use clap::Args;
 
 use super::{runtime, CliError};
 use crate::config::Config;
-use crate::control::{client, proto};
 use crate::fetch::{error_chain, Ctx, Event, Outcome};
 use crate::manifest::Manifest;
 use crate::torrent::Torrents;
+use vcc_core::control::{client, proto};
 
 #[derive(Debug, Args)]
 pub struct FetchArgs {

@@ -111,7 +111,7 @@ pub enum CliError {
     #[error(transparent)]
     Manifest(#[from] crate::manifest::ManifestError),
     #[error(transparent)]
-    Client(#[from] crate::control::client::ClientError),
+    Client(#[from] vcc_core::control::client::ClientError),
     #[error(transparent)]
     Daemon(#[from] crate::daemon::DaemonError),
     #[error(transparent)]

@@ -4,7 +4,7 @@ use clap::Args;
 
 use super::CliError;
 use crate::config::Config;
-use crate::control::{client, proto};
+use vcc_core::control::{client, proto};
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {

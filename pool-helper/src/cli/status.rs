@@ -2,8 +2,8 @@
 
 use super::CliError;
 use crate::config::Config;
-use crate::control::{client, proto};
 use crate::records;
+use vcc_core::control::{client, proto};
 
 pub fn run(cfg: &Config, json: bool, list: bool) -> Result<(), CliError> {
     let Some(s) = client::connect(&cfg.control_socket)? else {

@@ -7,10 +7,10 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::apply::{apply, ApplyError, ApplyOptions, CloneOutcome};
-use crate::libvirt::{Libvirt, LibvirtError};
-use crate::overlay::{image_info, OverlayError, OverlayOptions, MASTER_FORMATS};
 use crate::plan::{auto_names, numbered_names, plan, ClonePlan, Master, OverlayLocation, PlanError, PlanInput};
-use crate::xml::{DiskSource, DomainFacts, XmlError};
+use vcc_core::overlay::{image_info, OverlayError, OverlayOptions, MASTER_FORMATS};
+use vcc_core::xml::{DiskSource, DomainFacts, XmlError};
+use vcc_libvirt::{Libvirt, LibvirtError};
 
 /// Which names the clones get.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -313,7 +313,8 @@ fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, Clo
     for m in &out {
         for d in &facts.disks {
             let writable_shared = d.shareable && !d.readonly && matches!(d.device.as_str(), "disk" | "lun");
-            if writable_shared && matches!(&d.source, DiskSource::File(p) if crate::metadata::same_file(p, &m.path)) {
+            if writable_shared && matches!(&d.source, DiskSource::File(p) if vcc_core::metadata::same_file(p, &m.path))
+            {
                 return Err(CloneError::MasterShared {
                     domain: domain.clone(),
                     path: m.path.clone(),

@@ -6,11 +6,11 @@ use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
 
-use crate::libvirt::{Libvirt, LibvirtError, Volume};
-use crate::metadata::CowMetadata;
-use crate::overlay::image_info;
-use crate::units::human_bytes;
-use crate::xml::{BackingDecl, DiskSource, DomainFacts};
+use vcc_core::metadata::CowMetadata;
+use vcc_core::overlay::image_info;
+use vcc_core::units::human_bytes;
+use vcc_core::xml::{BackingDecl, DiskSource, DomainFacts};
+use vcc_libvirt::{Libvirt, LibvirtError, Volume};
 
 /// An overlay that depends on a master.
 #[derive(Debug, Clone, Serialize)]

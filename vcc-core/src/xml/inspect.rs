@@ -3,8 +3,8 @@
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Writer;
 
+use super::COW_NAMESPACE as NAMESPACE;
 use super::{at, attr, declares_namespace, reader, syntax, XmlError};
-use crate::metadata::NAMESPACE;
 
 /// Where a disk's data comes from, as `<source>` says.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,8 +12,8 @@ use quick_xml::escape::escape;
 use quick_xml::events::{BytesStart, BytesText, Event};
 use quick_xml::Writer;
 
+use super::COW_NAMESPACE as NAMESPACE;
 use super::{at, declares_namespace, elem_name, reader, syntax, XmlError};
-use crate::metadata::NAMESPACE;
 
 /// The master a disk's overlay is backed by, as the clone's XML states it.
 #[derive(Debug, Clone, PartialEq, Eq)]

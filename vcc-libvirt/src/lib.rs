@@ -1,7 +1,10 @@
-//! The one adapter through which virt-clone-cow talks to libvirt (crate `virt`).
+//! The one adapter through which virt-clone-cow and pool-helper talk to libvirt (crate `virt`).
 //!
-//! Everything else in the crate works on XML strings and plain data, so it can be tested without a
-//! daemon. Errors are classified by libvirt error code, never by message text.
+//! Everything else works on XML strings and plain data (`vcc-core`), so it can be tested without a
+//! daemon. Errors are classified by libvirt error code, never by message text. The hook does not
+//! depend on this crate: it never calls libvirt.
+
+pub mod watch;
 
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -10,8 +13,8 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt::sys;
 
-use crate::metadata::{CowMetadata, NAMESPACE, PREFIX};
-use crate::xml::{VolumeFacts, XmlError};
+use vcc_core::metadata::{CowMetadata, NAMESPACE, PREFIX};
+use vcc_core::xml::{VolumeFacts, XmlError};
 
 /// libvirt's own message for a failed call (its code is kept for matching, not shown).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -324,7 +327,7 @@ impl Libvirt {
             .iter()
             .filter_map(|p| {
                 let name = p.name().ok()?;
-                let target = crate::xml::volume::pool_target_path(&p.xml_desc(0).ok()?)?;
+                let target = vcc_core::xml::volume::pool_target_path(&p.xml_desc(0).ok()?)?;
                 Some((name, target))
             })
             .collect())
@@ -333,7 +336,7 @@ impl Libvirt {
     /// The target directory of a pool (`<target><path>`), if it has one (dir, fs, netfs pools).
     pub fn pool_dir(&self, pool: &str) -> Result<Option<String>> {
         let xml = self.pool(pool)?.xml_desc(0).map_err(call(format!("reading the XML of storage pool '{pool}'")))?;
-        Ok(crate::xml::volume::pool_target_path(&xml))
+        Ok(vcc_core::xml::volume::pool_target_path(&xml))
     }
 
     /// Refreshes a pool so it lists what changed in its directory.

@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use crate::xml::XmlError;
 
-/// Our metadata namespace URI.
-pub const NAMESPACE: &str = "urn:virt-clone-cow:1";
+/// Our metadata namespace URI (defined beside the XML reader, which finds our element by it).
+pub use crate::xml::COW_NAMESPACE as NAMESPACE;
 /// The prefix we write (readers must not depend on it).
 pub const PREFIX: &str = "vcc";
 /// Version of the schema written by this build.

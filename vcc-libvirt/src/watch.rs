@@ -6,10 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
-use crate::libvirt::{Libvirt, LibvirtError};
-use crate::managed::needs;
-use crate::metadata::MasterRef;
-use crate::xml::DomainFacts;
+use crate::{Libvirt, LibvirtError};
+use vcc_core::managed::needs;
+use vcc_core::metadata::MasterRef;
+use vcc_core::xml::DomainFacts;
 
 /// A master some defined domain needs and this host does not have.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,21 @@
+//! vcc-core: what virt-clone-cow, its libvirt hook and pool-helper share. No libvirt and no tokio
+//! in here: the hook links this crate and nothing that could call libvirt (a test reads
+//! `cargo tree` to keep it so), and everything here is plain data, files and child processes.
+//!
+//! * [`xml`]: facts out of domain and volume XML, and the streaming rewrite that makes a clone's XML.
+//! * [`metadata`]: the `urn:virt-clone-cow:1` metadata recorded on templates and clones.
+//! * [`managed`]: which disks of a domain are overlays over which masters.
+//! * [`overlay`]: creating qcow2 overlays (as files, or the volume XML for the storage API).
+//! * [`control`]: the protocol between the hook, the CLI and the pool-helper daemon.
+//! * [`process`]: running external programs from argument vectors, pipes drained while they run.
+//! * [`error`], [`units`]: reporting errors on one line; human-readable sizes.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod control;
+pub mod error;
+pub mod managed;
+pub mod metadata;
+pub mod overlay;
+pub mod process;
+pub mod units;
+pub mod xml;
