@@ -95,11 +95,30 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file '{path}': {msg}")]
-    Parse { path: String, msg: String },
+    #[error("config file '{path}'")]
+    Parse {
+        path: String,
+        #[source]
+        source: TomlError,
+    },
+    #[error(transparent)]
+    Peer(#[from] crate::manifest::PeerError),
     #[error("{0}")]
     Invalid(String),
 }
+
+/// A TOML parse error shown as its one-line message (its own `Display` adds a multi-line excerpt
+/// of the file).
+#[derive(Debug)]
+pub struct TomlError(pub toml::de::Error);
+
+impl std::fmt::Display for TomlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.message())
+    }
+}
+
+impl std::error::Error for TomlError {}
 
 impl Config {
     pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
@@ -108,7 +127,7 @@ impl Config {
                 let text = std::fs::read_to_string(p)
                     .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
                 toml::from_str::<FileConfig>(&text)
-                    .map_err(|e| ConfigError::Parse { path: p.display().to_string(), msg: e.message().to_string() })?
+                    .map_err(|e| ConfigError::Parse { path: p.display().to_string(), source: TomlError(e) })?
             }
             None => FileConfig::default(),
         };
@@ -129,7 +148,7 @@ impl Config {
         let mut trackers = f.trackers;
         trackers.extend(o.trackers.iter().cloned());
         for p in &peers {
-            crate::manifest::parse_peer(p).map_err(ConfigError::Invalid)?;
+            crate::manifest::parse_peer(p)?;
         }
         for t in &trackers {
             if !(t.starts_with("http://") || t.starts_with("https://") || t.starts_with("udp://")) {

@@ -11,11 +11,12 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::fetch::{error_chain, Ctx, Event, Outcome};
-use crate::manifest::Manifest;
+use crate::fetch::{Ctx, Event, FetchError, Outcome};
+use crate::manifest::{Manifest, ManifestError};
 use crate::records;
 use crate::torrent::{Handle, Progress};
 use vcc_core::control::proto::{self, Final, MasterListEntry, MasterRequest, MasterStatus, ProgressEvent, Request};
+use vcc_core::error::one_line;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -27,6 +28,21 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why the daemon refuses a request for a master.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("bad request")]
+    Bad(#[source] serde_json::Error),
+    #[error("manifest_path '{0}' is not absolute")]
+    RelativeManifestPath(String),
+    #[error("give exactly one of 'manifest' and 'manifest_path'")]
+    ManifestChoice,
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("pool '{pool}' already has a master named '{name}' with another SHA-256 ({sha256})")]
+    OtherMaster { pool: String, name: String, sha256: String },
 }
 
 type Key = (String, String); // (pool, name)
@@ -114,7 +130,7 @@ impl Daemon {
             tokio::spawn(async move {
                 let res = match me.ctx.check_present(&r.manifest, &r.path).await {
                     Ok(Some(p)) => me.ctx.seed(&r.manifest, &p).await,
-                    Ok(None) => Err(crate::fetch::FetchError::Internal(format!("{} is gone", r.path.display()))),
+                    Ok(None) => Err(FetchError::Gone { path: r.path.display().to_string() }),
                     Err(e) => Err(e),
                 };
                 let mut g = me.lock();
@@ -125,9 +141,9 @@ impl Daemon {
                             e.handle = Some(h);
                         }
                         Err(err) => {
-                            tracing::warn!("not seeding {}: {}", r.manifest.name, error_chain(&err));
+                            tracing::warn!("not seeding {}: {}", r.manifest.name, one_line(&err));
                             e.state = "failed".into();
-                            e.error = Some(error_chain(&err));
+                            e.error = Some(one_line(&err));
                         }
                     }
                 }
@@ -147,21 +163,18 @@ impl Daemon {
         match self.start_fetch(key, pool.to_string(), m) {
             Ok(_) => true,
             Err(e) => {
-                tracing::warn!("prefetch into pool '{pool}': {e}");
+                tracing::warn!("prefetch into pool '{pool}': {}", one_line(&e));
                 false
             }
         }
     }
 
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
-    fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, String> {
+    fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, RequestError> {
         let mut g = self.lock();
         if let Some(e) = g.get(&key) {
             if e.manifest.sha256 != m.sha256 {
-                return Err(format!(
-                    "pool '{}' already has a master named '{}' with another SHA-256 ({})",
-                    pool, m.name, e.manifest.sha256
-                ));
+                return Err(RequestError::OtherMaster { pool, name: m.name, sha256: e.manifest.sha256.clone() });
             }
             match e.state.as_str() {
                 "seeding" if e.path.as_ref().is_some_and(|p| p.exists()) => {
@@ -228,7 +241,7 @@ impl Daemon {
             };
             let res = me.ctx.fetch(&pool, &m, &on_event).await;
             let seeded = match &res {
-                Ok((outcome, None)) => me.ctx.seed(&m, outcome.path()).await.map(Some).map_err(|e| error_chain(&e)),
+                Ok((outcome, None)) => me.ctx.seed(&m, outcome.path()).await.map(Some),
                 Ok((_, Some(h))) => Ok(Some(h.clone())),
                 Err(_) => Ok(None),
             };
@@ -258,13 +271,13 @@ impl Daemon {
                         if let Some(e) = e {
                             e.state = "failed".into();
                             e.path = Some(outcome.path().to_path_buf());
-                            e.error = Some(format!("seeding: {err}"));
+                            e.error = Some(format!("seeding: {}", one_line(&err)));
                         }
                         let state = if matches!(outcome, Outcome::Present(_)) { "present" } else { "fetched" };
                         Final::done(state, &outcome.path().display().to_string())
                     }
                     (Err(err), _) => {
-                        let msg = error_chain(&err);
+                        let msg = one_line(&err);
                         tracing::warn!("fetch failed: {msg}");
                         if let Some(e) = e {
                             e.state = "failed".into();
@@ -307,16 +320,16 @@ impl Daemon {
         v
     }
 
-    fn manifest_of(r: &MasterRequest) -> Result<Manifest, String> {
+    fn manifest_of(r: &MasterRequest) -> Result<Manifest, RequestError> {
         match (&r.manifest, &r.manifest_path) {
-            (Some(v), None) => Manifest::from_value(v.clone()).map_err(|e| error_chain(&e)),
+            (Some(v), None) => Ok(Manifest::from_value(v.clone())?),
             (None, Some(p)) => {
                 if !p.starts_with('/') {
-                    return Err(format!("manifest_path '{p}' is not absolute"));
+                    return Err(RequestError::RelativeManifestPath(p.clone()));
                 }
-                Manifest::load(std::path::Path::new(p)).map_err(|e| error_chain(&e))
+                Ok(Manifest::load(std::path::Path::new(p))?)
             }
-            _ => Err("give exactly one of 'manifest' and 'manifest_path'".into()),
+            _ => Err(RequestError::ManifestChoice),
         }
     }
 
@@ -347,7 +360,7 @@ impl Daemon {
         r.read_line(&mut line).await?;
         let req: Request = match serde_json::from_str(line.trim()) {
             Ok(q) => q,
-            Err(e) => return write_final(&mut w, &Final::error(format!("bad request: {e}"))).await,
+            Err(e) => return write_final(&mut w, &Final::error(one_line(&RequestError::Bad(e)))).await,
         };
         match req {
             Request::Status => {
@@ -366,7 +379,7 @@ impl Daemon {
             Request::Seed(mr) => {
                 let m = match Self::manifest_of(&mr) {
                     Ok(m) => m,
-                    Err(e) => return write_final(&mut w, &Final::error(e)).await,
+                    Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
                 };
                 let key = (mr.pool.clone(), m.name.clone());
                 let rec = records::load_all(&self.ctx.cfg)
@@ -381,7 +394,7 @@ impl Daemon {
                 };
                 let res = match self.ctx.check_present(&m, &rec.path).await {
                     Ok(Some(p)) => self.ctx.seed(&m, &p).await.map(|h| (h, p)),
-                    Ok(None) => Err(crate::fetch::FetchError::Internal(format!("{} is gone", rec.path.display()))),
+                    Ok(None) => Err(FetchError::Gone { path: rec.path.display().to_string() }),
                     Err(e) => Err(e),
                 };
                 match res {
@@ -405,7 +418,7 @@ impl Daemon {
                         );
                         write_final(&mut w, &Final::done("seeding", &p.display().to_string())).await
                     }
-                    Err(e) => write_final(&mut w, &Final::error(error_chain(&e))).await,
+                    Err(e) => write_final(&mut w, &Final::error(one_line(&e))).await,
                 }
             }
             Request::Ensure(mr) => self.ensure(w, mr, false).await,
@@ -423,12 +436,12 @@ impl Daemon {
             {
                 let m = match Self::manifest_of(&mr) {
                     Ok(m) => m,
-                    Err(e) => return write_final(&mut w, &Final::error(e)).await,
+                    Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
                 };
                 let key = (mr.pool.clone(), m.name.clone());
                 let (mut prx, mut drx) = match self.start_fetch(key, mr.pool.clone(), m.clone()) {
                     Ok(x) => x,
-                    Err(e) => return write_final(&mut w, &Final::error(e)).await,
+                    Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
                 };
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,9 +1,9 @@
 //! Getting a master into a pool: the pipeline shared by the daemon and in-process `fetch`.
 //!
-//! manifest → pool directory (libvirt) → already there and verified? → staging file (0700 dir,
+//! manifest → pool directory ([`Pools`]: libvirt, or plain directories in tests) → already there and verified? → staging file (0700 dir,
 //! preallocated) → validated metainfo → download (librqbit, peers from config + manifest hints)
 //! → SHA-256 + own header checks + qemu-img → fsync, 0444, renameat2(NOREPLACE), fsync dir →
-//! pool refresh (libvirt) → record → seed read-only.
+//! pool refresh ([`Pools`]) → record → seed read-only.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,49 +11,66 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::manifest::{parse_peer, Manifest};
+use crate::manifest::{parse_peer, Manifest, ManifestError};
 use crate::metainfo::{self, MetainfoError};
+use crate::pools::{LibvirtPools, PoolError, Pools};
 use crate::records::{self, Record};
 use crate::staging::{self, StagingError};
-use crate::torrent::{Handle, Progress, TorrentError, Torrents};
+use crate::torrent::{Failure, Handle, Progress, Stopped, TorrentError, Torrents};
 use crate::verify::{self, ImageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("libvirt: {0}")]
-    Libvirt(String),
-    #[error("pool '{0}' has no target directory (only directory-based pools are supported)")]
-    NoPoolDir(String),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     #[error(transparent)]
     Staging(#[from] StagingError),
     #[error(transparent)]
     Torrent(#[from] TorrentError),
-    #[error("metainfo for '{name}' refused: {source}")]
+    #[error("metainfo for '{name}' refused")]
     Metainfo {
         name: String,
         #[source]
         source: MetainfoError,
     },
-    #[error("'{name}' failed verification: {source} (nothing was put in the pool)")]
+    #[error("'{name}' failed verification (nothing was put in the pool)")]
     Image {
         name: String,
         #[source]
         source: ImageError,
     },
-    #[error("'{path}' is already in the pool but differs from the manifest: {source}")]
+    #[error("'{path}' is already in the pool but differs from the manifest")]
     Conflict {
         path: String,
         #[source]
         source: ImageError,
     },
-    #[error("download of '{name}' failed: {msg}")]
-    Download { name: String, msg: String },
-    #[error("disk full while downloading '{name}' (staging file removed, nothing in the pool): {msg}")]
-    DiskFull { name: String, msg: String },
+    #[error("cannot stat '{path}'")]
+    Stat {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("'{path}' is gone")]
+    Gone { path: String },
+    #[error("download of '{name}' failed")]
+    Download {
+        name: String,
+        #[source]
+        source: Stopped,
+    },
+    #[error("disk full while downloading '{name}' (staging file removed, nothing in the pool)")]
+    DiskFull {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("download of '{name}' stalled: no progress for {secs} s ({peers} peers connected)")]
     Stalled { name: String, secs: u64, peers: u32 },
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("a blocking task of the fetch died")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// What a process needs to fetch and seed.
@@ -61,6 +78,8 @@ pub enum FetchError {
 pub struct Ctx {
     pub cfg: Config,
     pub torrents: Torrents,
+    /// Where pools are (libvirt, or plain directories in tests).
+    pub pools: Arc<dyn Pools>,
 }
 
 /// How a fetch ended.
@@ -93,27 +112,7 @@ pub enum Event {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, FetchError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| FetchError::Internal(e.to_string()))
-}
-
-pub fn libvirt(cfg: &Config) -> Result<vcc_libvirt::Libvirt, FetchError> {
-    vcc_libvirt::Libvirt::open(Some(cfg.libvirt_uri.as_deref().unwrap_or("qemu:///system")))
-        .map_err(|e| FetchError::Libvirt(error_chain(&e)))
-}
-
-/// "a: b: c" from an error and its sources (the workspace's one formatter).
-pub use vcc_core::error::one_line as error_chain;
-
-pub fn pool_dir(cfg: &Config, pool: &str) -> Result<PathBuf, FetchError> {
-    let lv = libvirt(cfg)?;
-    lv.pool_dir(pool)
-        .map_err(|e| FetchError::Libvirt(error_chain(&e)))?
-        .map(PathBuf::from)
-        .ok_or_else(|| FetchError::NoPoolDir(pool.into()))
-}
-
-pub fn refresh_pool(cfg: &Config, pool: &str) -> Result<(), FetchError> {
-    libvirt(cfg)?.refresh_pool(pool).map_err(|e| FetchError::Libvirt(error_chain(&e)))
+    tokio::task::spawn_blocking(f).await.map_err(FetchError::Task)
 }
 
 pub fn expect<'a>(cfg: &Config, m: &'a Manifest, qemu_img: bool) -> verify::Expect<'a> {
@@ -128,6 +127,12 @@ pub fn expect<'a>(cfg: &Config, m: &'a Manifest, qemu_img: bool) -> verify::Expe
 }
 
 impl Ctx {
+    /// A context whose pools are libvirt's (the daemon and the CLI).
+    pub fn new(cfg: Config, torrents: Torrents) -> Self {
+        let pools = Arc::new(LibvirtPools::new(&cfg));
+        Ctx { cfg, torrents, pools }
+    }
+
     /// Peers to try: config list plus manifest hints, minus ourselves.
     pub fn peers_for(&self, m: &Manifest) -> Vec<SocketAddr> {
         let own = self.torrents.listen_addr().map(|a| a.port()).unwrap_or(self.cfg.listen_port);
@@ -178,7 +183,7 @@ impl Ctx {
     pub async fn check_present(&self, m: &Manifest, dest: &Path) -> Result<Option<PathBuf>, FetchError> {
         match std::fs::symlink_metadata(dest) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(FetchError::Internal(format!("cannot stat {}: {e}", dest.display()))),
+            Err(source) => Err(FetchError::Stat { path: dest.display().to_string(), source }),
             Ok(_) => {
                 let (cfg, m2, d) = (self.cfg.clone(), m.clone(), dest.to_path_buf());
                 blocking(move || verify::verify_image(&d, &expect(&cfg, &m2, true)))
@@ -202,10 +207,9 @@ impl Ctx {
         m: &Manifest,
         on_event: &(dyn Fn(Event) + Send + Sync),
     ) -> Result<(Outcome, Option<Handle>), FetchError> {
-        m.validate().map_err(|e| FetchError::Internal(error_chain(&e)))?;
-        let cfg = self.cfg.clone();
-        let p = pool.to_string();
-        let pool_dir = blocking(move || pool_dir(&cfg, &p)).await??;
+        m.validate()?;
+        let (pools, p) = (self.pools.clone(), pool.to_string());
+        let pool_dir = blocking(move || pools.dir(&p)).await??;
         let dest = pool_dir.join(&m.name);
         if let Some(path) = self.check_present(m, &dest).await? {
             return Ok((Outcome::Present(path), None));
@@ -265,8 +269,8 @@ impl Ctx {
         }
         let (st, pd, name) = (staged.to_path_buf(), pool_dir.to_path_buf(), m.name.clone());
         let path = blocking(move || staging::publish(&st, &pd, &name)).await??;
-        let (cfg, p) = (self.cfg.clone(), pool.to_string());
-        blocking(move || refresh_pool(&cfg, &p)).await??;
+        let (pools, p) = (self.pools.clone(), pool.to_string());
+        blocking(move || pools.refresh(&p)).await??;
         Ok(path)
     }
 
@@ -279,11 +283,10 @@ impl Ctx {
         loop {
             let p = h.progress();
             if p.state == "error" {
-                let msg = p.error.unwrap_or_else(|| "unknown error".into()).replace('\n', "; ");
-                if msg.contains("No space left") || msg.contains("os error 28") {
-                    return Err(FetchError::DiskFull { name, msg });
-                }
-                return Err(FetchError::Download { name, msg });
+                return Err(match h.failure() {
+                    Failure::DiskFull(source) => FetchError::DiskFull { name, source },
+                    Failure::Stopped(source) => FetchError::Download { name, source },
+                });
             }
             if p.state == "live" && !started {
                 started = true;

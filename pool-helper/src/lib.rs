@@ -4,7 +4,8 @@
 //!
 //! Modules, one concern each: [`config`], [`manifest`], [`metainfo`] (bencode read/validate/write),
 //! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`torrent`]
-//! (the only user of librqbit), [`fetch`] (the pipeline), [`publish`], [`records`], [`daemon`]
+//! (the only user of librqbit), [`pools`] (where pools are: libvirt, or plain directories),
+//! [`fetch`] (the pipeline), [`publish`], [`records`], [`daemon`]
 //! (the control socket's server; the protocol is `vcc_core::control`), [`cli`].
 pub mod cli;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod daemon;
 pub mod fetch;
 pub mod manifest;
 pub mod metainfo;
+pub mod pools;
 pub mod publish;
 pub mod records;
 pub mod staging;

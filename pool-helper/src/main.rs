@@ -15,7 +15,7 @@ fn main() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Err(e) = run(cli) {
-        eprintln!("pool-helper: {}", pool_helper::fetch::error_chain(&e));
+        eprintln!("pool-helper: {}", vcc_core::error::one_line(&e));
         std::process::exit(1);
     }
 }

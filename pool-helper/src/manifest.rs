@@ -50,30 +50,86 @@ pub enum ManifestError {
     },
     #[error("manifest '{path}' is larger than {MAX_MANIFEST_BYTES} bytes")]
     TooLarge { path: String },
-    #[error("manifest is not valid JSON: {0}")]
-    Json(String),
-    #[error("manifest: {0}")]
-    Invalid(String),
+    #[error("manifest is not valid JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("manifest field '{field}' is refused")]
+    Invalid {
+        field: &'static str,
+        #[source]
+        source: InvalidField,
+    },
     #[error("manifest's torrent_hex")]
     Torrent(#[source] metainfo::MetainfoError),
 }
 
+/// Why a manifest field is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidField {
+    #[error("version {0} is not supported (want {MANIFEST_VERSION})")]
+    Version(u32),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("format '{0}' is not accepted (qcow2 or raw)")]
+    Format(String),
+    #[error("size is 0")]
+    ZeroSize,
+    #[error("a raw image has virtual_size {virtual_size} != size {size}")]
+    RawSizes { virtual_size: u64, size: u64 },
+    #[error("not {0} lower-case hex digits")]
+    NotHex(usize),
+    #[error("piece_length {0} is not a power of two in [16 KiB, 64 MiB]")]
+    PieceLength(u64),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("torrent_hex is not hex")]
+    TorrentHex,
+    #[error("the torrent's piece length {torrent} != piece_length {manifest}")]
+    TorrentPieceLength { torrent: u64, manifest: u64 },
+}
+
+/// Why a name cannot be a file name in a pool.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("name is empty")]
+    Empty,
+    #[error("name is longer than {MAX_NAME_LEN} bytes")]
+    TooLong,
+    #[error("name '{name}' starts with '{first}'")]
+    Leading { name: String, first: char },
+    #[error("name '{name}' contains {found:?} (allowed: letters, digits, ._-+@,=~)")]
+    Char { name: String, found: char },
+}
+
+/// Why a peer `HOST:PORT` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer '{0}' is not HOST:PORT")]
+    NotHostPort(String),
+    #[error("peer '{0}' has a bad port")]
+    Port(String),
+    #[error("peer '{0}' has a bad host name")]
+    Host(String),
+    #[error("cannot resolve peer '{peer}'")]
+    Resolve {
+        peer: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Checks a name used as a file name in a pool.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("name is empty".into());
+        return Err(NameError::Empty);
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("name is longer than {MAX_NAME_LEN} bytes"));
+        return Err(NameError::TooLong);
     }
-    if name.starts_with('.') {
-        return Err(format!("name '{name}' starts with '.'"));
+    if let Some(first) = name.chars().next().filter(|c| *c == '.' || *c == '-') {
+        return Err(NameError::Leading { name: name.escape_debug().to_string(), first });
     }
-    if name.starts_with('-') {
-        return Err(format!("name '{name}' starts with '-'"));
-    }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "._-+@,=~".contains(*c))) {
-        return Err(format!("name '{}' contains {:?} (allowed: letters, digits, ._-+@,=~)", name.escape_debug(), c));
+    if let Some(found) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "._-+@,=~".contains(*c))) {
+        return Err(NameError::Char { name: name.escape_debug().to_string(), found });
     }
     Ok(())
 }
@@ -85,13 +141,13 @@ fn is_hex(s: &str, len: usize) -> bool {
 impl Manifest {
     /// Parses and validates a manifest from JSON text.
     pub fn from_json(text: &str) -> Result<Self, ManifestError> {
-        let m: Manifest = serde_json::from_str(text).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let m: Manifest = serde_json::from_str(text).map_err(ManifestError::Json)?;
         m.validate()?;
         Ok(m)
     }
 
     pub fn from_value(v: serde_json::Value) -> Result<Self, ManifestError> {
-        let m: Manifest = serde_json::from_value(v).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let m: Manifest = serde_json::from_value(v).map_err(ManifestError::Json)?;
         m.validate()?;
         Ok(m)
     }
@@ -107,34 +163,38 @@ impl Manifest {
     }
 
     pub fn validate(&self) -> Result<(), ManifestError> {
-        let bad = |s: String| Err(ManifestError::Invalid(s));
+        let bad = |field: &'static str, source: InvalidField| Err(ManifestError::Invalid { field, source });
         if self.version != MANIFEST_VERSION {
-            return bad(format!("version {} is not supported (want {MANIFEST_VERSION})", self.version));
+            return bad("version", InvalidField::Version(self.version));
         }
-        validate_name(&self.name).map_err(ManifestError::Invalid)?;
+        if let Err(e) = validate_name(&self.name) {
+            return bad("name", e.into());
+        }
         if self.format != "qcow2" && self.format != "raw" {
-            return bad(format!("format '{}' is not accepted (qcow2 or raw)", self.format));
+            return bad("format", InvalidField::Format(self.format.clone()));
         }
         if self.size == 0 {
-            return bad("size is 0".into());
+            return bad("size", InvalidField::ZeroSize);
         }
         if self.format == "raw" && self.virtual_size != self.size {
-            return bad(format!("raw image with virtual_size {} != size {}", self.virtual_size, self.size));
+            return bad("virtual_size", InvalidField::RawSizes { virtual_size: self.virtual_size, size: self.size });
         }
         if !is_hex(&self.sha256, 64) {
-            return bad("sha256 is not 64 lower-case hex digits".into());
+            return bad("sha256", InvalidField::NotHex(64));
         }
         if !is_hex(&self.info_hash, 40) {
-            return bad("info_hash is not 40 lower-case hex digits".into());
+            return bad("info_hash", InvalidField::NotHex(40));
         }
         if !metainfo::piece_length_ok(self.piece_length) {
-            return bad(format!("piece_length {} is not a power of two in [16 KiB, 64 MiB]", self.piece_length));
+            return bad("piece_length", InvalidField::PieceLength(self.piece_length));
         }
         for p in &self.peers {
-            parse_peer(p).map_err(ManifestError::Invalid)?;
+            if let Err(e) = parse_peer(p) {
+                return bad("peers", e.into());
+            }
         }
         if let Some(t) = &self.torrent_hex {
-            let bytes = hex::decode(t).map_err(|_| ManifestError::Invalid("torrent_hex is not hex".into()))?;
+            let Ok(bytes) = hex::decode(t) else { return bad("torrent_hex", InvalidField::TorrentHex) };
             let mi = metainfo::validate(&bytes, Some(self.size)).map_err(ManifestError::Torrent)?;
             if mi.info_hash != self.info_hash {
                 return Err(ManifestError::Torrent(metainfo::MetainfoError::InfoHash {
@@ -143,7 +203,8 @@ impl Manifest {
                 }));
             }
             if mi.piece_length != self.piece_length {
-                return bad(format!("torrent piece length {} != piece_length {}", mi.piece_length, self.piece_length));
+                let source = InvalidField::TorrentPieceLength { torrent: mi.piece_length, manifest: self.piece_length };
+                return bad("torrent_hex", source);
             }
         }
         Ok(())
@@ -215,17 +276,17 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// Parses `host:port` (IPv4, `[v6]:port`, or a host name) into socket addresses.
-pub fn parse_peer(s: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+pub fn parse_peer(s: &str) -> Result<Vec<std::net::SocketAddr>, PeerError> {
     use std::net::ToSocketAddrs;
     if let Ok(a) = s.parse::<std::net::SocketAddr>() {
         return Ok(vec![a]);
     }
-    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("peer '{s}' is not HOST:PORT"))?;
-    let port: u16 = port.parse().map_err(|_| format!("peer '{s}' has a bad port"))?;
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| PeerError::NotHostPort(s.into()))?;
+    let port: u16 = port.parse().map_err(|_| PeerError::Port(s.into()))?;
     if host.is_empty() || host.len() > 253 || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b)) {
-        return Err(format!("peer '{s}' has a bad host name"));
+        return Err(PeerError::Host(s.into()));
     }
-    (host, port).to_socket_addrs().map(|i| i.collect()).map_err(|e| format!("peer '{s}': {e}"))
+    (host, port).to_socket_addrs().map(|i| i.collect()).map_err(|source| PeerError::Resolve { peer: s.into(), source })
 }
 
 #[cfg(test)]
@@ -283,6 +344,14 @@ mod tests {
         let e = Manifest::from_json("{\"version\":1,").unwrap_err().to_string();
         assert!(e.starts_with("manifest is not valid JSON"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn a_refused_field_is_named_with_its_reason_once() {
+        let e = Manifest { sha256: "A".repeat(64), ..good() }.validate().unwrap_err();
+        assert_eq!(vcc_core::error::one_line(&e), "manifest field 'sha256' is refused: not 64 lower-case hex digits");
+        let e = Manifest { peers: vec!["nope".into()], ..good() }.validate().unwrap_err();
+        assert_eq!(vcc_core::error::one_line(&e), "manifest field 'peers' is refused: peer 'nope' is not HOST:PORT");
     }
 
     #[test]

@@ -323,9 +323,8 @@ pub fn create(path: &Path, name: &str, piece_length: u64, trackers: &[String]) -
         }
     }
     let torrent = encode_torrent(name, size, piece_length, pieces, trackers);
-    let info_hash = validate(&torrent, Some(size))
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?
-        .info_hash;
+    let info_hash =
+        validate(&torrent, Some(size)).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?.info_hash;
     Ok(Hashed { torrent, info_hash, sha256: hex::encode(whole.finalize()), size, piece_length })
 }
 

@@ -3,21 +3,33 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::fetch::{error_chain, libvirt};
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, Manifest, NameError};
 use crate::metainfo;
+use crate::pools::{LibvirtPools, PoolError, Pools};
 use crate::records::{self, Record};
 use crate::staging;
-use crate::verify;
+use crate::verify::{self, ImageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("libvirt: {0}")]
-    Libvirt(String),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     #[error("volume '{volume}' not found in pool '{pool}' (see `virsh vol-list {pool}`)")]
     NoVolume { pool: String, volume: String },
-    #[error("volume '{0}' cannot be a master: {1}")]
-    BadVolume(String, String),
+    #[error("volume '{volume}' cannot be a master")]
+    BadName {
+        volume: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("volume '{volume}' cannot be a master: {why}")]
+    Unfit { volume: String, why: Unfit },
+    #[error("volume '{volume}' cannot be a master: its virtual size cannot be read")]
+    VirtualSize {
+        volume: String,
+        #[source]
+        source: ImageError,
+    },
     #[error("cannot hash '{path}'")]
     Hash {
         path: String,
@@ -26,6 +38,19 @@ pub enum PublishError {
     },
     #[error(transparent)]
     Staging(#[from] staging::StagingError),
+}
+
+/// Why a volume cannot be a master.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unfit {
+    #[error("it has a backing file")]
+    Backing,
+    #[error("format '{0}' (qcow2 or raw only)")]
+    Format(String),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("it changed while being hashed")]
+    Changed,
 }
 
 /// What `publish` made.
@@ -51,36 +76,41 @@ pub fn advertised_peer(cfg: &Config) -> String {
     }
 }
 
+/// Publishes VOLUME of a libvirt POOL (`pool-helper publish`).
 pub fn publish(cfg: &Config, pool: &str, volume: &str) -> Result<Published, PublishError> {
-    manifest::validate_name(volume).map_err(|e| PublishError::BadVolume(volume.into(), e))?;
-    let lv = libvirt(cfg).map_err(|e| PublishError::Libvirt(error_chain(&e)))?;
-    let vol = lv
-        .volume(pool, volume)
-        .map_err(|e| PublishError::Libvirt(error_chain(&e)))?
+    publish_in(cfg, &LibvirtPools::new(cfg), pool, volume)
+}
+
+/// Publishes VOLUME of POOL as `pools` resolve it.
+pub fn publish_in(cfg: &Config, pools: &dyn Pools, pool: &str, volume: &str) -> Result<Published, PublishError> {
+    let unfit = |why| PublishError::Unfit { volume: volume.into(), why };
+    manifest::validate_name(volume).map_err(|source| PublishError::BadName { volume: volume.into(), source })?;
+    let vol = pools
+        .volume(pool, volume)?
         .ok_or_else(|| PublishError::NoVolume { pool: pool.into(), volume: volume.into() })?;
-    let path = PathBuf::from(&vol.facts.path);
-    if vol.facts.backing.is_some() {
-        return Err(PublishError::BadVolume(volume.into(), "it has a backing file".into()));
+    let path = vol.path;
+    if vol.has_backing {
+        return Err(unfit(Unfit::Backing));
     }
-    let format = vol.facts.format.clone().unwrap_or_else(|| "raw".into());
+    let format = vol.format.unwrap_or_else(|| "raw".into());
     if format != "qcow2" && format != "raw" {
-        return Err(PublishError::BadVolume(volume.into(), format!("format '{format}' (qcow2 or raw only)")));
+        return Err(unfit(Unfit::Format(format)));
     }
     let meta = std::fs::symlink_metadata(&path)
         .map_err(|source| PublishError::Hash { path: path.display().to_string(), source })?;
     if !meta.file_type().is_file() {
-        return Err(PublishError::BadVolume(volume.into(), "not a regular file".into()));
+        return Err(unfit(Unfit::NotAFile));
     }
     // Immutable from now on: overlays will reference this path.
     staging::make_read_only(&path)?;
     let size = meta.len();
     let virtual_size = verify::local_virtual_size(&path, &format, size)
-        .map_err(|e| PublishError::BadVolume(volume.into(), e.to_string()))?;
+        .map_err(|source| PublishError::VirtualSize { volume: volume.into(), source })?;
     let pl = metainfo::choose_piece_length(size);
     let hashed = metainfo::create(&path, volume, pl, &cfg.trackers)
         .map_err(|source| PublishError::Hash { path: path.display().to_string(), source })?;
     if hashed.size != size {
-        return Err(PublishError::BadVolume(volume.into(), "it changed while being hashed".into()));
+        return Err(unfit(Unfit::Changed));
     }
     let mut peers = vec![advertised_peer(cfg)];
     peers.extend(cfg.peers.iter().filter(|p| !peers.contains(p)).cloned().collect::<Vec<_>>());

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ManifestError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
@@ -41,16 +41,40 @@ pub fn load_all(cfg: &Config) -> Vec<Record> {
         }
         match read(&p) {
             Ok(r) => out.push(r),
-            Err(e) => tracing::warn!("skipping record {}: {e}", p.display()),
+            Err(e) => tracing::warn!("skipping a record: {}", vcc_core::error::one_line(&e)),
         }
     }
     out.sort_by(|a, b| (&a.pool, &a.manifest.name).cmp(&(&b.pool, &b.manifest.name)));
     out
 }
 
-fn read(p: &Path) -> Result<Record, String> {
-    let text = std::fs::read_to_string(p).map_err(|e| e.to_string())?;
-    let r: Record = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    r.manifest.validate().map_err(|e| e.to_string())?;
+/// Why a record was skipped.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot read record '{path}'")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("record '{path}' is not valid JSON")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("record '{path}' holds a bad manifest")]
+    Manifest {
+        path: String,
+        #[source]
+        source: ManifestError,
+    },
+}
+
+fn read(p: &Path) -> Result<Record, RecordError> {
+    let path = || p.display().to_string();
+    let text = std::fs::read_to_string(p).map_err(|source| RecordError::Read { path: path(), source })?;
+    let r: Record = serde_json::from_str(&text).map_err(|source| RecordError::Json { path: path(), source })?;
+    r.manifest.validate().map_err(|source| RecordError::Manifest { path: path(), source })?;
     Ok(r)
 }

@@ -27,12 +27,94 @@ use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TorrentError {
-    #[error("cannot start the BitTorrent session on port {port}: {msg}")]
-    Session { port: u16, msg: String },
-    #[error("librqbit refused the torrent: {0}")]
-    Add(String),
-    #[error("resolving metadata for {info_hash} from peers failed: {msg}")]
-    Magnet { info_hash: String, msg: String },
+    #[error("cannot create the BitTorrent work directory '{path}'")]
+    WorkDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the BitTorrent session on port {port}")]
+    Session {
+        port: u16,
+        #[source]
+        source: LibrqbitError,
+    },
+    #[error("the BitTorrent session on port {port} has no listener")]
+    NoListener { port: u16 },
+    #[error("librqbit refused the torrent")]
+    Add(#[source] LibrqbitError),
+    #[error("librqbit refused the torrent: this master is already seeded from another pool on this host; copy it from there")]
+    AlreadySeeded,
+    #[error("librqbit gave an unexpected answer to {0}")]
+    Unexpected(&'static str),
+    #[error("resolving metadata for {info_hash} from peers failed")]
+    Magnet {
+        info_hash: String,
+        #[source]
+        source: LibrqbitError,
+    },
+    #[error("resolving metadata for {info_hash} from peers failed: no peer sent it within {secs} s")]
+    MagnetTimeout { info_hash: String, secs: u64 },
+}
+
+/// An error from librqbit (an `anyhow::Error`): its outermost message, its causes as `source()`.
+#[derive(Debug)]
+pub struct LibrqbitError(pub anyhow::Error);
+
+impl std::fmt::Display for LibrqbitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for LibrqbitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// Why librqbit stopped a torrent, as its statistics report it (only the message is kept there).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Stopped(pub String);
+
+/// Why a torrent stopped ([`Handle::failure`]).
+#[derive(Debug)]
+pub enum Failure {
+    /// A write or an allocation found the disk full.
+    DiskFull(std::io::Error),
+    /// Anything else librqbit stopped on.
+    Stopped(Stopped),
+}
+
+/// Whether an I/O error is a full disk.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+/// Where a torrent's storage notes that the disk filled up: librqbit keeps only the message of a
+/// failed write, so the storage, which sees the `io::Error` itself, records it here.
+#[derive(Debug, Default)]
+pub struct DiskFull(std::sync::Mutex<Option<std::io::Error>>);
+
+impl DiskFull {
+    /// Records `e` if it is a full disk (the first one is kept).
+    pub fn note(&self, e: &std::io::Error) {
+        if is_disk_full(e) {
+            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if g.is_none() {
+                *g = Some(match e.raw_os_error() {
+                    Some(code) => std::io::Error::from_raw_os_error(code),
+                    None => std::io::Error::from(e.kind()),
+                });
+            }
+        }
+    }
+
+    /// The full-disk error recorded, if any.
+    pub fn take(&self) -> Option<std::io::Error> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// Storage for a single-file torrent at a path we choose.
@@ -40,6 +122,7 @@ pub enum TorrentError {
 pub struct SingleFileStorageFactory {
     pub path: PathBuf,
     pub writable: bool,
+    pub disk_full: Arc<DiskFull>,
 }
 
 impl StorageFactory for SingleFileStorageFactory {
@@ -47,7 +130,12 @@ impl StorageFactory for SingleFileStorageFactory {
 
     fn create(&self, _shared: &ManagedTorrentShared, metadata: &TorrentMetadata) -> anyhow::Result<SingleFileStorage> {
         anyhow::ensure!(metadata.file_infos.len() == 1, "only single-file torrents are stored");
-        Ok(SingleFileStorage { path: self.path.clone(), writable: self.writable, file: None })
+        Ok(SingleFileStorage {
+            path: self.path.clone(),
+            writable: self.writable,
+            file: None,
+            disk_full: self.disk_full.clone(),
+        })
     }
 
     fn clone_box(&self) -> BoxStorageFactory {
@@ -61,6 +149,7 @@ pub struct SingleFileStorage {
     path: PathBuf,
     writable: bool,
     file: Option<Arc<File>>,
+    disk_full: Arc<DiskFull>,
 }
 
 impl SingleFileStorage {
@@ -89,7 +178,8 @@ impl TorrentStorage for SingleFileStorage {
 
     fn pwrite_all(&self, file_id: usize, offset: u64, buf: &[u8]) -> anyhow::Result<()> {
         anyhow::ensure!(self.writable, "{} is a read-only master", self.path.display());
-        Ok(self.file(file_id)?.write_all_at(buf, offset)?)
+        self.file(file_id)?.write_all_at(buf, offset).inspect_err(|e| self.disk_full.note(e))?;
+        Ok(())
     }
 
     fn remove_file(&self, _file_id: usize, _filename: &Path) -> anyhow::Result<()> {
@@ -106,11 +196,17 @@ impl TorrentStorage for SingleFileStorage {
             return Ok(());
         }
         anyhow::ensure!(self.writable, "{} has the wrong length and is read-only", self.path.display());
-        Ok(crate::staging::allocate(f, length)?)
+        crate::staging::allocate(f, length).inspect_err(|e| self.disk_full.note(e))?;
+        Ok(())
     }
 
     fn take(&self) -> anyhow::Result<Box<dyn TorrentStorage>> {
-        Ok(Box::new(SingleFileStorage { path: self.path.clone(), writable: self.writable, file: self.file.clone() }))
+        Ok(Box::new(SingleFileStorage {
+            path: self.path.clone(),
+            writable: self.writable,
+            file: self.file.clone(),
+            disk_full: self.disk_full.clone(),
+        }))
     }
 }
 
@@ -132,6 +228,7 @@ pub struct Progress {
 #[derive(Clone)]
 pub struct Handle {
     inner: Arc<librqbit::ManagedTorrent>,
+    disk_full: Arc<DiskFull>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -176,6 +273,15 @@ impl Handle {
     pub async fn completed(&self) {
         let _ = self.inner.wait_until_completed().await;
     }
+
+    /// Why the torrent stopped, once its state is `error`: a full disk (recognised by its
+    /// `io::ErrorKind` where the storage saw it), or librqbit's message.
+    pub fn failure(&self) -> Failure {
+        match self.disk_full.take() {
+            Some(e) => Failure::DiskFull(e),
+            None => Failure::Stopped(Stopped(self.progress().error.unwrap_or_else(|| "unknown error".into()))),
+        }
+    }
 }
 
 /// The process's BitTorrent session.
@@ -201,9 +307,9 @@ fn nz(v: Option<u32>) -> Option<NonZeroU32> {
 impl Torrents {
     pub async fn start(cfg: &Config) -> Result<Self, TorrentError> {
         let port = cfg.listen_port;
-        let err = |msg: String| TorrentError::Session { port, msg };
         let work = cfg.state_dir.join("librqbit");
-        std::fs::create_dir_all(&work).map_err(|e| err(format!("creating {}: {e}", work.display())))?;
+        std::fs::create_dir_all(&work)
+            .map_err(|source| TorrentError::WorkDir { path: work.display().to_string(), source })?;
         let opts = SessionOptions {
             dht: if cfg.dht { Some(Default::default()) } else { None },
             fastresume: false,
@@ -218,9 +324,11 @@ impl Torrents {
             disable_local_service_discovery: !cfg.lsd,
             ..Default::default()
         };
-        let session = Session::new_with_opts(work, opts).await.map_err(|e| err(format!("{e:#}")))?;
+        let session = Session::new_with_opts(work, opts)
+            .await
+            .map_err(|e| TorrentError::Session { port, source: LibrqbitError(e) })?;
         if session.listen_addr().is_none() {
-            return Err(err("no listener".into()));
+            return Err(TorrentError::NoListener { port });
         }
         Ok(Torrents {
             session,
@@ -230,7 +338,14 @@ impl Torrents {
         })
     }
 
-    fn options(&self, path: &Path, writable: bool, peers: Vec<SocketAddr>, trackers: &[String]) -> AddTorrentOptions {
+    fn options(
+        &self,
+        path: &Path,
+        writable: bool,
+        disk_full: &Arc<DiskFull>,
+        peers: Vec<SocketAddr>,
+        trackers: &[String],
+    ) -> AddTorrentOptions {
         let mut all = self.trackers.clone();
         all.extend(trackers.iter().filter(|t| !self.trackers.contains(t)).cloned());
         AddTorrentOptions {
@@ -238,7 +353,9 @@ impl Torrents {
             output_folder: path.parent().map(|p| p.display().to_string()),
             initial_peers: Some(peers),
             trackers: Some(all),
-            storage_factory: Some(SingleFileStorageFactory { path: path.to_path_buf(), writable }.boxed()),
+            storage_factory: Some(
+                SingleFileStorageFactory { path: path.to_path_buf(), writable, disk_full: disk_full.clone() }.boxed(),
+            ),
             peer_opts: Some(librqbit::PeerConnectionOptions {
                 max_request_window: Some(self.request_window),
                 ..Default::default()
@@ -247,15 +364,22 @@ impl Torrents {
         }
     }
 
-    async fn add(&self, torrent: &[u8], opts: AddTorrentOptions) -> Result<Handle, TorrentError> {
+    async fn add(
+        &self,
+        torrent: &[u8],
+        opts: AddTorrentOptions,
+        disk_full: Arc<DiskFull>,
+    ) -> Result<Handle, TorrentError> {
         let resp = self
             .session
             .add_torrent(AddTorrent::from_bytes(torrent.to_vec()), Some(opts))
             .await
-            .map_err(|e| TorrentError::Add(format!("{e:#}")))?;
+            .map_err(|e| TorrentError::Add(LibrqbitError(e)))?;
         match resp {
-            AddTorrentResponse::Added(_, h) | AddTorrentResponse::AlreadyManaged(_, h) => Ok(Handle { inner: h }),
-            AddTorrentResponse::ListOnly(_) => Err(TorrentError::Add("unexpected list-only answer".into())),
+            AddTorrentResponse::Added(_, h) | AddTorrentResponse::AlreadyManaged(_, h) => {
+                Ok(Handle { inner: h, disk_full })
+            }
+            AddTorrentResponse::ListOnly(_) => Err(TorrentError::Unexpected("adding a torrent (list only)")),
         }
     }
 
@@ -268,8 +392,10 @@ impl Torrents {
         peers: Vec<SocketAddr>,
         trackers: &[String],
     ) -> Result<Handle, TorrentError> {
-        let opts = AddTorrentOptions { super_seed: self.super_seed, ..self.options(path, false, peers, trackers) };
-        self.add(torrent, opts).await
+        let disk_full = Arc::default();
+        let opts =
+            AddTorrentOptions { super_seed: self.super_seed, ..self.options(path, false, &disk_full, peers, trackers) };
+        self.add(torrent, opts, disk_full).await
     }
 
     /// Downloads into an existing staging file (pieces already there are re-hashed and kept).
@@ -281,18 +407,18 @@ impl Torrents {
         peers: Vec<SocketAddr>,
         trackers: &[String],
     ) -> Result<Handle, TorrentError> {
+        let disk_full = Arc::default();
+        let opts = self.options(staged, true, &disk_full, peers, trackers);
         let resp = self
             .session
-            .add_torrent(AddTorrent::from_bytes(torrent.to_vec()), Some(self.options(staged, true, peers, trackers)))
+            .add_torrent(AddTorrent::from_bytes(torrent.to_vec()), Some(opts))
             .await
-            .map_err(|e| TorrentError::Add(format!("{e:#}")))?;
+            .map_err(|e| TorrentError::Add(LibrqbitError(e)))?;
         match resp {
-            AddTorrentResponse::Added(_, h) => Ok(Handle { inner: h }),
+            AddTorrentResponse::Added(_, h) => Ok(Handle { inner: h, disk_full }),
             // The same torrent is already seeded here (from another pool): it is not ours to take.
-            AddTorrentResponse::AlreadyManaged(..) => Err(TorrentError::Add(
-                "this master is already seeded from another pool on this host; copy it from there".into(),
-            )),
-            AddTorrentResponse::ListOnly(_) => Err(TorrentError::Add("unexpected list-only answer".into())),
+            AddTorrentResponse::AlreadyManaged(..) => Err(TorrentError::AlreadySeeded),
+            AddTorrentResponse::ListOnly(_) => Err(TorrentError::Unexpected("adding a download (list only)")),
         }
     }
 
@@ -311,17 +437,17 @@ impl Torrents {
             trackers: Some(trackers.to_vec()),
             ..Default::default()
         };
-        let err = |msg: String| TorrentError::Magnet { info_hash: info_hash.into(), msg };
+        const SECS: u64 = 120;
         let resp = tokio::time::timeout(
-            std::time::Duration::from_secs(120),
+            std::time::Duration::from_secs(SECS),
             self.session.add_torrent(AddTorrent::from_url(magnet.to_string()), Some(opts)),
         )
         .await
-        .map_err(|_| err("no peer sent it within 120 s".into()))?
-        .map_err(|e| err(format!("{e:#}")))?;
+        .map_err(|_| TorrentError::MagnetTimeout { info_hash: info_hash.into(), secs: SECS })?
+        .map_err(|e| TorrentError::Magnet { info_hash: info_hash.into(), source: LibrqbitError(e) })?;
         match resp {
             AddTorrentResponse::ListOnly(l) => Ok(l.torrent_bytes.to_vec()),
-            _ => Err(err("unexpected answer".into())),
+            _ => Err(TorrentError::Unexpected("a metadata request")),
         }
     }
 
@@ -338,5 +464,46 @@ impl Torrents {
 
     pub async fn stop(&self) {
         self.session.stop().await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_full_disk_is_noted_as_one() {
+        let d = DiskFull::default();
+        d.note(&std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        d.note(&std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(d.take().is_none());
+        d.note(&std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(d.take().unwrap().kind(), std::io::ErrorKind::StorageFull);
+        d.note(&std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert_eq!(d.take().unwrap().kind(), std::io::ErrorKind::StorageFull);
+        assert!(d.take().is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_write_to_a_full_disk_is_recorded_by_the_storage() {
+        // /dev/full answers every write with ENOSPC.
+        let f = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let disk_full = Arc::new(DiskFull::default());
+        let s = SingleFileStorage {
+            path: "/dev/full".into(),
+            writable: true,
+            file: Some(Arc::new(f)),
+            disk_full: disk_full.clone(),
+        };
+        assert!(s.pwrite_all(0, 0, &[0u8; 512]).is_err());
+        assert_eq!(disk_full.take().unwrap().kind(), std::io::ErrorKind::StorageFull);
+    }
+
+    #[test]
+    fn librqbit_errors_show_their_context_and_keep_the_cause_as_source() {
+        let e = LibrqbitError(anyhow::Error::new(std::io::Error::other("refused")).context("adding torrent"));
+        assert_eq!(e.to_string(), "adding torrent");
+        assert_eq!(vcc_core::error::one_line(&e), "adding torrent: refused");
     }
 }

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use vcc_core::error::one_line;
 use vcc_libvirt::watch::{scan, Scan};
-use vcc_libvirt::Libvirt;
+use vcc_libvirt::{Libvirt, LibvirtError};
 
 use crate::daemon::Daemon;
 use crate::manifest::Manifest;
@@ -16,13 +17,13 @@ pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
     tokio::spawn(async move {
         loop {
             let u = uri.clone();
-            let looked = tokio::task::spawn_blocking(move || -> Result<Scan, String> {
-                let lv = Libvirt::open(u.as_deref()).map_err(|e| vcc_core::error::one_line(&e))?;
-                let s = scan(&lv).map_err(|e| vcc_core::error::one_line(&e))?;
+            let looked = tokio::task::spawn_blocking(move || -> Result<Scan, LibvirtError> {
+                let lv = Libvirt::open(u.as_deref())?;
+                let s = scan(&lv)?;
                 for pool in &s.pools_to_refresh {
                     match lv.refresh_pool(pool) {
                         Ok(()) => tracing::info!("refreshed pool '{pool}': it holds overlays made by the hook"),
-                        Err(e) => tracing::warn!("{}", vcc_core::error::one_line(&e)),
+                        Err(e) => tracing::warn!("{}", one_line(&e)),
                     }
                 }
                 Ok(s)
@@ -30,8 +31,8 @@ pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
             .await;
             match looked {
                 Ok(Ok(s)) => prefetch(&daemon, &s),
-                Ok(Err(e)) => tracing::warn!("looking at libvirt for masters to prefetch: {e}"),
-                Err(e) => tracing::warn!("looking at libvirt for masters to prefetch: {e}"),
+                Ok(Err(e)) => tracing::warn!("looking at libvirt for masters to prefetch: {}", one_line(&e)),
+                Err(e) => tracing::warn!("looking at libvirt for masters to prefetch: {}", one_line(&e)),
             }
             tokio::time::sleep(interval).await;
         }
@@ -48,7 +49,7 @@ fn prefetch(daemon: &Arc<Daemon>, s: &Scan) {
         let manifest = match Manifest::load(std::path::Path::new(path)) {
             Ok(man) => man,
             Err(e) => {
-                tracing::warn!("master {} needed by {:?}: {}", m.master.path, m.domains, vcc_core::error::one_line(&e));
+                tracing::warn!("master {} needed by {:?}: {}", m.master.path, m.domains, one_line(&e));
                 continue;
             }
         };

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::{runtime, CliError};
 use crate::config::Config;
-use crate::fetch::{error_chain, Ctx, Event, Outcome};
+use crate::fetch::{Ctx, Event, Outcome};
 use crate::manifest::Manifest;
 use crate::torrent::Torrents;
 use vcc_core::control::{client, proto};
@@ -93,7 +93,7 @@ pub fn run(cfg: &Config, a: &FetchArgs, json: bool) -> Result<(), CliError> {
     }
     runtime()?.block_on(async {
         let torrents = Torrents::start(cfg).await?;
-        let ctx = Ctx { cfg: cfg.clone(), torrents };
+        let ctx = Ctx::new(cfg.clone(), torrents);
         let on_event = |ev: Event| match ev {
             Event::Started { have_bytes, total_bytes } => {
                 rep.event(serde_json::json!({"event":"started","have_bytes":have_bytes,"total_bytes":total_bytes}))
@@ -113,7 +113,7 @@ pub fn run(cfg: &Config, a: &FetchArgs, json: bool) -> Result<(), CliError> {
                 if rep.tty && !json {
                     eprintln!();
                 }
-                Err(CliError::Failed(error_chain(&e)))
+                Err(CliError::Fetch(e))
             }
         }
     })
