@@ -119,9 +119,6 @@ pub enum HookError {
     Bug,
 }
 
-/// The error and its causes on one line.
-pub use vcc_core::error::one_line as error_line;
-
 /// Whether the XML can concern us at all for `op`, without parsing it. `prepare` acts on our
 /// metadata and on user-written `<backingStore>`s; `migrate`, `restore` and `release` only on
 /// domains with our metadata (a live XML shows the `<backingStore>` chain libvirt detected for
@@ -171,7 +168,7 @@ pub fn main_with(
     match outcome {
         Ok(()) => 0,
         Err(e) if op.may_fail() => {
-            let _ = writeln!(log, "virt-clone-cow-hook: {}", error_line(&e));
+            let _ = writeln!(log, "virt-clone-cow-hook: {}", vcc_core::error::one_line(&e));
             1
         }
         Err(_) => 0,

@@ -121,33 +121,33 @@ impl<'a> Transaction<'a> {
     pub fn rollback(&mut self) {
         self.done = true;
         while let Some(u) = self.undo.pop() {
-            let r: Result<(), String> = match &u {
-                Undo::Running(n) => self.lv.destroy(n).map_err(|e| e.to_string()),
-                Undo::Domain(n) => self.lv.undefine(n).map_err(|e| e.to_string()),
-                Undo::Volume { pool, name } => self.lv.delete_volume(pool, name).map_err(|e| e.to_string()),
+            let r: Result<(), Box<dyn std::error::Error>> = match &u {
+                Undo::Running(n) => self.lv.destroy(n).map_err(Into::into),
+                Undo::Domain(n) => self.lv.undefine(n).map_err(Into::into),
+                Undo::Volume { pool, name } => self.lv.delete_volume(pool, name).map_err(Into::into),
                 // Already gone (the hook discards a disposable clone's overlay when it stops): fine.
                 Undo::File(p) => match std::fs::remove_file(p) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
                     _ => Ok(()),
                 },
                 Undo::StartedFile(p) => match std::fs::remove_file(p) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
                     _ => Ok(()),
                 },
-                Undo::Autostart(n) => self.lv.set_autostart(n, true).map_err(|e| e.to_string()),
+                Undo::Autostart(n) => self.lv.set_autostart(n, true).map_err(Into::into),
                 Undo::Mode { path, mode } => {
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| e.to_string())
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(Into::into)
                 }
                 Undo::Metadata { domain, previous: None, saved_xml } => {
-                    self.lv.define(saved_xml, domain).map(|_| ()).map_err(|e| e.to_string())
+                    self.lv.define(saved_xml, domain).map(|_| ()).map_err(Into::into)
                 }
                 Undo::Metadata { domain, previous, .. } => {
-                    self.lv.set_cow_metadata(domain, previous.as_ref()).map_err(|e| e.to_string())
+                    self.lv.set_cow_metadata(domain, previous.as_ref()).map_err(Into::into)
                 }
             };
             match r {
                 Ok(()) => tracing::debug!("undone: {u:?}"),
-                Err(e) => tracing::warn!("could not undo {u:?}: {e}"),
+                Err(e) => tracing::warn!("could not undo {u:?}: {}", vcc_core::error::one_line(&*e)),
             }
         }
     }

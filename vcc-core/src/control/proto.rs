@@ -87,15 +87,15 @@ pub struct Final {
 
 impl Final {
     pub fn error(msg: impl Into<String>) -> Self {
-        Final { ok: false, error: Some(one_line(&msg.into())), ..Default::default() }
+        Final { ok: false, error: Some(newlines_to_semicolons(&msg.into())), ..Default::default() }
     }
     pub fn done(state: &str, path: &str) -> Self {
         Final { ok: true, state: Some(state.into()), path: Some(path.into()), ..Default::default() }
     }
 }
 
-/// Errors travel as one line.
-pub fn one_line(s: &str) -> String {
+/// Errors travel as one line: each line break becomes "; ".
+pub fn newlines_to_semicolons(s: &str) -> String {
     s.replace(['\n', '\r'], "; ")
 }
 
