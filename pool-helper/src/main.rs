@@ -5,15 +5,16 @@ use pool_helper::cli::{run, Cli};
 
 fn main() {
     let cli = Cli::parse();
-    let level = match cli.global.verbose {
-        0 => "warn",
-        1 => "info,librqbit=warn",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    vcc_core::log::init(
+        cli.global.verbose,
+        &vcc_core::log::Setup {
+            program: "pool-helper",
+            levels: &["warn", "info,librqbit=warn", "debug", "trace"],
+            // Until the release after next: RUST_LOG was pool-helper's variable.
+            deprecated_env: Some("RUST_LOG"),
+            targets: true,
+        },
+    );
     if let Err(e) = run(cli) {
         eprintln!("pool-helper: {}", vcc_core::error::one_line(&e));
         std::process::exit(1);

@@ -9,10 +9,12 @@
 //! * [`control`]: the protocol between the hook, the CLI and the pool-helper daemon.
 //! * [`process`]: running external programs from argument vectors, pipes drained while they run.
 //! * [`error`], [`units`]: reporting errors on one line; human-readable sizes.
+//! * [`log`]: logging set up once per program, filtered by `VIRT_CLONE_COW_LOG`.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod control;
 pub mod error;
+pub mod log;
 pub mod managed;
 pub mod metadata;
 pub mod overlay;

@@ -15,7 +15,15 @@ use virt_clone_cow::cmd::{clone::clone_domain, tree::build_tree};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    vcc_core::log::init(
+        cli.verbose,
+        &vcc_core::log::Setup {
+            program: "virt-clone-cow",
+            levels: &["warn", "info", "debug"],
+            deprecated_env: None,
+            targets: false,
+        },
+    );
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => {
@@ -59,15 +67,4 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             output::print(cli.json, &report, || output::render_clone_report(&report))
         }
     }
-}
-
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VIRT_CLONE_COW_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }

@@ -80,7 +80,8 @@ pub struct GlobalArgs {
     /// Machine-readable output (JSON, or JSON Lines for streams).
     #[arg(long, global = true)]
     pub json: bool,
-    /// More logging (repeatable); also RUST_LOG.
+    /// More logging on stderr (-v info, -vv debug, -vvv trace); VIRT_CLONE_COW_LOG overrides
+    /// (RUST_LOG still works when it is unset, deprecated).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
