@@ -314,3 +314,25 @@ impl Ctx {
 
 /// Shared context.
 pub type SharedCtx = Arc<Ctx>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_reads_as_one_line_with_its_cause_once() {
+        let e = FetchError::DiskFull { name: "m.raw".into(), source: std::io::Error::from_raw_os_error(libc::ENOSPC) };
+        let line = vcc_core::error::one_line(&e);
+        assert_eq!(
+            line,
+            "disk full while downloading 'm.raw' (staging file removed, nothing in the pool): \
+             No space left on device (os error 28)"
+        );
+    }
+
+    #[test]
+    fn a_missing_pool_names_the_pool() {
+        let e = FetchError::from(PoolError::Unknown("nope".into()));
+        assert_eq!(vcc_core::error::one_line(&e), "pool 'nope' is not known here");
+    }
+}
