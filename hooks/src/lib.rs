@@ -18,7 +18,6 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
-pub mod daemon;
 pub mod disposable;
 pub mod image;
 pub mod prepare;

@@ -9,8 +9,10 @@ use std::time::Instant;
 use vcc_core::managed::ManagedDisk;
 use vcc_core::overlay::{create_file_overlay, BackingSpec, OverlayError, OverlayOptions};
 
+use vcc_core::control::client::{request_path, ClientError};
+use vcc_core::control::proto::{InlineManifest, MasterRequest, Request};
+
 use crate::config::Config;
-use crate::daemon::{request_path, DaemonError};
 use crate::image::{self, InfoError};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +24,10 @@ pub enum PrepareError {
         master: String,
         target: String,
         #[source]
-        source: DaemonError,
+        source: ClientError,
     },
+    #[error("master '{master}' of disk {target} is missing on this host and could not be fetched: pool-helper reported success but the master is not there")]
+    NotThere { master: String, target: String },
     #[error("pool-helper fetched the master of disk {target} to '{got}', but the domain expects '{master}'; fix the pool or the <backingStore> path")]
     WrongPlace { master: String, target: String, got: String },
     #[error("master '{master}' of disk {target} is {what}, not a regular file; refusing to use it (point the <backingStore> at the image file itself)")]
@@ -83,32 +87,30 @@ fn fetch_master(
     log: &mut dyn Write,
 ) -> Result<(), PrepareError> {
     let m = &d.master;
-    let mut req = serde_json::json!({ "op": "ensure" });
-    if let Some(pool) = &m.pool {
-        req["pool"] = pool.clone().into();
-    }
-    match (&m.manifest, &m.sha256) {
-        (Some(path), _) => req["manifest_path"] = path.clone().into(),
+    let pool = m.pool.clone();
+    let wanted = match (&m.manifest, &m.sha256) {
+        (Some(path), _) => MasterRequest::by_path(pool, path.clone()),
         (None, Some(sha)) => {
             // An inline manifest from what the domain's metadata records (trusted: the domain XML
             // is the administrator's).
             let name = Path::new(&m.path).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            let mut man = serde_json::json!({ "name": name, "format": m.format, "sha256": sha });
-            if let Some(ih) = &m.info_hash {
-                man["info_hash"] = ih.clone().into();
-            }
-            if let Some(vs) = m.virtual_size {
-                man["virtual_size"] = vs.into();
-            }
-            req["manifest"] = man;
+            let man = InlineManifest {
+                name,
+                format: m.format.clone(),
+                sha256: sha.clone(),
+                info_hash: m.info_hash.clone(),
+                virtual_size: m.virtual_size,
+            };
+            MasterRequest::inline(pool, man)
         }
         (None, None) => return Err(PrepareError::NoManifest { master: m.path.clone(), target: d.target.clone() }),
-    }
+    };
+    let req = Request::Ensure(wanted);
     let _ = writeln!(log, "virt-clone-cow-hook: {domain}: master {} is missing; asking pool-helper for it", m.path);
     let mut last_print = Instant::now();
     let got = request_path(&cfg.control_socket, cfg.connect_timeout, deadline, &req, |p| {
         if last_print.elapsed() >= cfg.progress_interval {
-            let _ = writeln!(log, "virt-clone-cow-hook: {domain}: fetching {}: {}", m.path, p.describe());
+            let _ = writeln!(log, "virt-clone-cow-hook: {domain}: fetching {}: {p}", m.path);
             last_print = Instant::now();
         }
     })
@@ -123,11 +125,7 @@ fn fetch_master(
         }
     }
     if !d.master_exists() {
-        return Err(PrepareError::Fetch {
-            master: m.path.clone(),
-            target: d.target.clone(),
-            source: DaemonError::Protocol("pool-helper reported success but the master is not there".into()),
-        });
+        return Err(PrepareError::NotThere { master: m.path.clone(), target: d.target.clone() });
     }
     Ok(())
 }

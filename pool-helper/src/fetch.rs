@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::manifest::{parse_peer, Manifest};
 use crate::metainfo::{self, MetainfoError};
-use crate::records::{self, Record};
+use crate::records::{self, Record, RecordState};
 use crate::staging::{self, StagingError};
-use crate::torrent::{Handle, Progress, TorrentError, Torrents};
+use crate::torrent::{Handle, Progress, TorrentError, TorrentState, Torrents};
 use crate::verify::{self, ImageError};
+use vcc_core::control::proto::FinalState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -76,6 +77,14 @@ impl Outcome {
     pub fn path(&self) -> &Path {
         match self {
             Outcome::Present(p) | Outcome::Fetched(p) => p,
+        }
+    }
+
+    /// The `state` a final answer reports for it.
+    pub fn state(&self) -> FinalState {
+        match self {
+            Outcome::Present(_) => FinalState::Present,
+            Outcome::Fetched(_) => FinalState::Fetched,
         }
     }
 }
@@ -218,7 +227,7 @@ impl Ctx {
         let staged = blocking(move || staging::prepare_file(&sd, &name, size)).await??;
         records::save(
             &self.cfg,
-            &Record { pool: pool.into(), manifest: m.clone(), path: dest.clone(), state: "pending".into() },
+            &Record { pool: pool.into(), manifest: m.clone(), path: dest.clone(), state: RecordState::Pending },
         )?;
 
         let h = self.torrents.download(&torrent, &staged, self.peers_for(m), &self.trackers_for(m)).await?;
@@ -240,7 +249,7 @@ impl Ctx {
         let path = published?;
         records::save(
             &self.cfg,
-            &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "fetched".into() },
+            &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: RecordState::Fetched },
         )?;
         let h = self.torrents.seed(&torrent, &path, self.peers_for(m), &self.trackers_for(m)).await?;
         Ok((Outcome::Fetched(path), Some(h)))
@@ -278,24 +287,24 @@ impl Ctx {
         let mut started = false;
         loop {
             let p = h.progress();
-            if p.state == "error" {
+            if p.state == TorrentState::Error {
                 let msg = p.error.unwrap_or_else(|| "unknown error".into()).replace('\n', "; ");
                 if msg.contains("No space left") || msg.contains("os error 28") {
                     return Err(FetchError::DiskFull { name, msg });
                 }
                 return Err(FetchError::Download { name, msg });
             }
-            if p.state == "live" && !started {
+            if p.state == TorrentState::Live && !started {
                 started = true;
                 on_event(Event::Started { have_bytes: p.done_bytes, total_bytes: p.total_bytes });
             }
-            if p.state == "live" {
+            if p.state == TorrentState::Live {
                 on_event(Event::Progress(p.clone()));
             }
-            if p.finished && p.state == "live" {
+            if p.finished && p.state == TorrentState::Live {
                 return Ok(());
             }
-            if p.done_bytes != last_done || p.state == "initializing" {
+            if p.done_bytes != last_done || p.state == TorrentState::Initializing {
                 last_done = p.done_bytes;
                 last_change = Instant::now();
             } else if last_change.elapsed() > stall {

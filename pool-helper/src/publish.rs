@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::fetch::{error_chain, libvirt};
 use crate::manifest::{self, Manifest};
 use crate::metainfo;
-use crate::records::{self, Record};
+use crate::records::{self, Record, RecordState};
 use crate::staging;
 use crate::verify;
 
@@ -107,7 +107,7 @@ pub fn publish(cfg: &Config, pool: &str, volume: &str) -> Result<Published, Publ
     staging::write_atomic(&manifest_path, &json)?;
     records::save(
         cfg,
-        &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "published".into() },
+        &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: RecordState::Published },
     )?;
     Ok(Published { manifest: m, manifest_path: abs(&manifest_path), torrent_path: abs(&torrent_path), path })
 }

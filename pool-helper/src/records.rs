@@ -7,14 +7,36 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::manifest::Manifest;
 
+/// Where a recorded master stands. Stored as today's strings (`published`, `fetched`,
+/// `pending`), so records written by older versions load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordState {
+    /// Published from a volume of this host.
+    Published,
+    /// Fetched, verified and in the pool.
+    Fetched,
+    /// A fetch that has not finished: resumed when the daemon starts.
+    Pending,
+}
+
+impl std::fmt::Display for RecordState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            RecordState::Published => "published",
+            RecordState::Fetched => "fetched",
+            RecordState::Pending => "pending",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     pub pool: String,
     pub manifest: Manifest,
     /// Final path in the pool.
     pub path: PathBuf,
-    /// `published`, `fetched`, or `pending` (a fetch that has not finished: resumed at start).
-    pub state: String,
+    pub state: RecordState,
 }
 
 fn file_for(cfg: &Config, pool: &str, name: &str) -> PathBuf {
@@ -41,16 +63,84 @@ pub fn load_all(cfg: &Config) -> Vec<Record> {
         }
         match read(&p) {
             Ok(r) => out.push(r),
-            Err(e) => tracing::warn!("skipping record {}: {e}", p.display()),
+            Err(e) => tracing::warn!("skipping record {}: {}", p.display(), vcc_core::error::one_line(&e)),
         }
     }
     out.sort_by(|a, b| (&a.pool, &a.manifest.name).cmp(&(&b.pool, &b.manifest.name)));
     out
 }
 
-fn read(p: &Path) -> Result<Record, String> {
-    let text = std::fs::read_to_string(p).map_err(|e| e.to_string())?;
-    let r: Record = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    r.manifest.validate().map_err(|e| e.to_string())?;
+/// Why a record file was skipped.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    #[error("not a record")]
+    Parse(#[source] serde_json::Error),
+    #[error("its manifest is invalid")]
+    Manifest(#[source] crate::manifest::ManifestError),
+}
+
+fn read(p: &Path) -> Result<Record, ReadError> {
+    let text = std::fs::read_to_string(p).map_err(ReadError::Read)?;
+    let r: Record = serde_json::from_str(&text).map_err(ReadError::Parse)?;
+    r.manifest.validate().map_err(ReadError::Manifest)?;
     Ok(r)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A record as `serde_json::to_vec_pretty` wrote it before the state was typed.
+    fn old_record(state: &str) -> String {
+        format!(
+            r#"{{
+  "pool": "default",
+  "manifest": {{
+    "version": 1,
+    "name": "base.raw",
+    "format": "raw",
+    "size": 1048576,
+    "virtual_size": 1048576,
+    "sha256": "{sha}",
+    "info_hash": "{ih}",
+    "piece_length": 262144,
+    "magnet": "magnet:?xt=urn:btih:{ih}",
+    "peers": [],
+    "trackers": []
+  }},
+  "path": "/var/lib/libvirt/images/base.raw",
+  "state": "{state}"
+}}"#,
+            sha = "a".repeat(64),
+            ih = "b".repeat(40)
+        )
+    }
+
+    #[test]
+    fn records_written_by_older_versions_load_and_are_written_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, state) in [
+            ("published", RecordState::Published),
+            ("fetched", RecordState::Fetched),
+            ("pending", RecordState::Pending),
+        ] {
+            let p = dir.path().join(format!("{text}.json"));
+            std::fs::write(&p, old_record(text)).unwrap();
+            let r = read(&p).unwrap();
+            assert_eq!(r.state, state);
+            assert_eq!(state.to_string(), text);
+            assert_eq!(String::from_utf8(serde_json::to_vec_pretty(&r).unwrap()).unwrap(), old_record(text));
+        }
+    }
+
+    #[test]
+    fn a_record_with_an_unknown_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        std::fs::write(&p, old_record("seeding")).unwrap();
+        assert!(matches!(read(&p), Err(ReadError::Parse(_))));
+    }
 }
