@@ -136,9 +136,22 @@ pub fn expect<'a>(cfg: &Config, m: &'a Manifest, qemu_img: bool) -> verify::Expe
     }
 }
 
+/// Where a master's swarm is: the peers and trackers to try. Computed once per fetch or seed and
+/// handed to each step (metainfo, download, seed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swarm {
+    pub peers: Vec<SocketAddr>,
+    pub trackers: Vec<String>,
+}
+
 impl Ctx {
+    /// The swarm of `m`: see [`Ctx::peers_for`] and [`Ctx::trackers_for`].
+    pub fn swarm_for(&self, m: &Manifest) -> Swarm {
+        Swarm { peers: self.peers_for(m), trackers: self.trackers_for(m) }
+    }
+
     /// Peers to try: config list plus manifest hints, minus ourselves.
-    pub fn peers_for(&self, m: &Manifest) -> Vec<SocketAddr> {
+    fn peers_for(&self, m: &Manifest) -> Vec<SocketAddr> {
         let own = self.torrents.listen_addr().map(|a| a.port()).unwrap_or(self.cfg.listen_port);
         let mut out = Vec::new();
         let mut hints = self.cfg.peers.clone();
@@ -158,19 +171,18 @@ impl Ctx {
         out
     }
 
-    pub fn trackers_for(&self, m: &Manifest) -> Vec<String> {
+    /// Trackers: the config's, then the manifest's others.
+    fn trackers_for(&self, m: &Manifest) -> Vec<String> {
         let mut t = self.cfg.trackers.clone();
         t.extend(m.trackers.iter().filter(|x| !self.cfg.trackers.contains(x)).cloned());
         t
     }
 
     /// The validated metainfo: from the manifest, or from peers via the magnet.
-    pub async fn metainfo(&self, m: &Manifest) -> Result<Vec<u8>, FetchError> {
+    pub async fn metainfo(&self, m: &Manifest, swarm: &Swarm) -> Result<Vec<u8>, FetchError> {
         let bytes = match m.torrent_bytes() {
             Some(b) => b,
-            None => {
-                self.torrents.resolve_magnet(&m.magnet, &m.info_hash, self.peers_for(m), &self.trackers_for(m)).await?
-            }
+            None => self.torrents.resolve_magnet(&m.magnet, &m.info_hash, swarm.peers.clone(), &swarm.trackers).await?,
         };
         let err = |source| FetchError::Metainfo { name: m.name.clone(), source };
         let mi = metainfo::validate(&bytes, Some(m.size)).map_err(err)?;
@@ -200,8 +212,9 @@ impl Ctx {
 
     /// Seeds a verified master in the pool (read-only).
     pub async fn seed(&self, m: &Manifest, path: &Path) -> Result<Handle, FetchError> {
-        let torrent = self.metainfo(m).await?;
-        Ok(self.torrents.seed(&torrent, path, self.peers_for(m), &self.trackers_for(m)).await?)
+        let swarm = self.swarm_for(m);
+        let torrent = self.metainfo(m, &swarm).await?;
+        Ok(self.torrents.seed(&torrent, path, swarm.peers, &swarm.trackers).await?)
     }
 
     /// The whole pipeline. `on_event` is called about once a second while downloading.
@@ -219,7 +232,8 @@ impl Ctx {
         if let Some(path) = self.check_present(m, &dest).await? {
             return Ok((Outcome::Present(path), None));
         }
-        let torrent = self.metainfo(m).await?;
+        let swarm = self.swarm_for(m);
+        let torrent = self.metainfo(m, &swarm).await?;
         // Keep the validated metainfo with the record, so seeding later needs no peer for it.
         let m = &Manifest { torrent_hex: Some(hex::encode(&torrent)), ..m.clone() };
         let sdir = staging::staging_dir(&pool_dir, &self.cfg.state_dir, pool)?;
@@ -230,7 +244,7 @@ impl Ctx {
             &Record { pool: pool.into(), manifest: m.clone(), path: dest.clone(), state: RecordState::Pending },
         )?;
 
-        let h = self.torrents.download(&torrent, &staged, self.peers_for(m), &self.trackers_for(m)).await?;
+        let h = self.torrents.download(&torrent, &staged, swarm.peers.clone(), &swarm.trackers).await?;
         if let Err(e) = self.wait(m, &h, on_event).await {
             self.torrents.remove(&h).await;
             if matches!(e, FetchError::DiskFull { .. }) {
@@ -251,7 +265,7 @@ impl Ctx {
             &self.cfg,
             &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: RecordState::Fetched },
         )?;
-        let h = self.torrents.seed(&torrent, &path, self.peers_for(m), &self.trackers_for(m)).await?;
+        let h = self.torrents.seed(&torrent, &path, swarm.peers, &swarm.trackers).await?;
         Ok((Outcome::Fetched(path), Some(h)))
     }
 
