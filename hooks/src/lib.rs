@@ -20,7 +20,6 @@
 pub mod config;
 pub mod daemon;
 pub mod disposable;
-pub mod image;
 pub mod prepare;
 
 use std::io::{Read, Write};
