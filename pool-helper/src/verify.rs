@@ -161,7 +161,8 @@ pub fn check_qcow2_header(head: &[u8], file_size: u64) -> Result<Qcow2Info, Imag
     if be32(head, 60) != 0 {
         return bad(P::Snapshots);
     }
-    let inside = |off: u64, len: u64| off % cluster == 0 && off.checked_add(len).is_some_and(|e| e <= file_size);
+    let inside =
+        |off: u64, len: u64| off.is_multiple_of(cluster) && off.checked_add(len).is_some_and(|e| e <= file_size);
     if !inside(l1_off, l1_size.saturating_mul(8)) {
         return bad(P::L1Outside);
     }
@@ -184,7 +185,7 @@ pub fn check_qcow2_header(head: &[u8], file_size: u64) -> Result<Qcow2Info, Imag
             return bad(P::UnknownIncompatibleFeatures(unknown));
         }
         header_len = be32(head, 100) as usize;
-        if header_len < 104 || header_len % 8 != 0 || header_len as u64 > cluster {
+        if header_len < 104 || !header_len.is_multiple_of(8) || header_len as u64 > cluster {
             return bad(P::HeaderLength(header_len));
         }
     }

@@ -32,14 +32,14 @@ use crate::process::{capture, run_limited, CommandError, Limits};
 pub const MAX_OUTPUT: usize = 4 << 20;
 
 /// Why qemu-img gave no usable answer. The [`CommandError`] cause shows the command line and what
-/// qemu-img printed on stderr.
+/// qemu-img printed on stderr (boxed: errors stay small on the `Ok` path).
 #[derive(Debug, thiserror::Error)]
 pub enum QemuImgError {
     #[error("qemu-img could not read '{path}'")]
     Info {
         path: String,
         #[source]
-        source: CommandError,
+        source: Box<CommandError>,
     },
     #[error("qemu-img printed information about '{path}' that we cannot read")]
     InfoOutput {
@@ -51,13 +51,13 @@ pub enum QemuImgError {
     Create {
         path: String,
         #[source]
-        source: CommandError,
+        source: Box<CommandError>,
     },
     #[error("qemu-img could not check '{path}'")]
     Check {
         path: String,
         #[source]
-        source: CommandError,
+        source: Box<CommandError>,
     },
     #[error("qemu-img printed a check report about '{path}' that we cannot read")]
     CheckOutput {
@@ -70,7 +70,7 @@ pub enum QemuImgError {
         path: String,
         name: String,
         #[source]
-        source: CommandError,
+        source: Box<CommandError>,
     },
 }
 
@@ -206,7 +206,7 @@ impl QemuImg {
             args.push("--force-share".as_ref());
         }
         args.push(path.as_os_str());
-        let out = self.run(&args).map_err(|source| QemuImgError::Info { path: shown(), source })?;
+        let out = self.run(&args).map_err(|source| QemuImgError::Info { path: shown(), source: Box::new(source) })?;
         parse_info(&out.stdout).map_err(|source| QemuImgError::InfoOutput { path: shown(), source })
     }
 
@@ -215,7 +215,9 @@ impl QemuImg {
         let size = size.to_string();
         let args: [&OsStr; 6] =
             ["create".as_ref(), "-q".as_ref(), "-f".as_ref(), format.as_ref(), path.as_os_str(), size.as_ref()];
-        self.run(&args).map(drop).map_err(|source| QemuImgError::Create { path: path.display().to_string(), source })
+        self.run(&args)
+            .map(drop)
+            .map_err(|source| QemuImgError::Create { path: path.display().to_string(), source: Box::new(source) })
     }
 
     /// Creates the qcow2 overlay `path` over `backing`: the backing format always stated (`-F`),
@@ -251,7 +253,9 @@ impl QemuImg {
             }
             other => other,
         };
-        result.map(drop).map_err(|source| QemuImgError::Create { path: path.display().to_string(), source })
+        result
+            .map(drop)
+            .map_err(|source| QemuImgError::Create { path: path.display().to_string(), source: Box::new(source) })
     }
 
     /// Whether `qemu-img create -f qcow2` knows `extended_l2` (QEMU 5.2 and later).
@@ -271,10 +275,10 @@ impl QemuImg {
         }
         args.push(path.as_os_str());
         let out = capture(&self.program, &args, &self.limits)
-            .map_err(|source| QemuImgError::Check { path: shown(), source })?;
+            .map_err(|source| QemuImgError::Check { path: shown(), source: Box::new(source) })?;
         if !matches!(out.status.code(), Some(0 | 2 | 3)) {
             let cmdline = crate::process::display_cmdline(&self.program.to_string_lossy(), &args);
-            return Err(QemuImgError::Check { path: shown(), source: CommandError::failed(cmdline, &out) });
+            return Err(QemuImgError::Check { path: shown(), source: Box::new(CommandError::failed(cmdline, &out)) });
         }
         parse_check(&out.stdout).map_err(|source| QemuImgError::CheckOutput { path: shown(), source })
     }
@@ -285,7 +289,7 @@ impl QemuImg {
         self.run(&args).map(drop).map_err(|source| QemuImgError::Snapshot {
             path: path.display().to_string(),
             name: name.to_string(),
-            source,
+            source: Box::new(source),
         })
     }
 }
@@ -406,7 +410,7 @@ mod tests {
             .info(Path::new("/m.qcow2"), "qcow2")
             .unwrap_err();
         assert!(
-            matches!(err, QemuImgError::Info { source: CommandError::OutputTooLarge { limit: 262144, .. }, .. }),
+            matches!(&err, QemuImgError::Info { source, .. } if matches!(**source, CommandError::OutputTooLarge { limit: 262144, .. })),
             "{err}"
         );
         assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
