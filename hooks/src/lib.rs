@@ -19,7 +19,6 @@
 
 pub mod config;
 pub mod disposable;
-pub mod image;
 pub mod prepare;
 
 use std::io::{Read, Write};

@@ -4,16 +4,16 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vcc_core::managed::ManagedDisk;
 use vcc_core::overlay::{create_file_overlay, BackingSpec, OverlayError, OverlayOptions};
+use vcc_core::qemu_img::{QemuImg, QemuImgError};
 
 use vcc_core::control::client::{request_path, ClientError};
 use vcc_core::control::proto::{InlineManifest, MasterRequest, Request};
 
 use crate::config::Config;
-use crate::image::{self, InfoError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -37,7 +37,7 @@ pub enum PrepareError {
         master: String,
         target: String,
         #[source]
-        source: InfoError,
+        source: QemuImgError,
     },
     #[error("cannot create the overlay for disk {target}")]
     Overlay {
@@ -130,11 +130,22 @@ fn fetch_master(
     Ok(())
 }
 
+/// How long one qemu-img run may take in the hook: libvirt waits for the hook with no limit while
+/// holding the domain's lock, and other calls on the domain fail after ~30 s while it waits.
+pub const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// qemu-img the way the hook runs it: bounded by [`QEMU_IMG_TIMEOUT`].
+pub fn qemu_img() -> QemuImg {
+    QemuImg::new().timeout(QEMU_IMG_TIMEOUT)
+}
+
 /// The overlay gets the master's size as qemu-img reads it now: a size recorded in the metadata
 /// is only a hint, and a wrong one would give the guest a disk of another size than its master.
 fn create_overlay(domain: &str, d: &ManagedDisk, log: &mut dyn Write) -> Result<(), PrepareError> {
     let m = &d.master;
-    let virtual_size = image::info(&m.path, &m.format, true)
+    let virtual_size = qemu_img()
+        .force_share(true)
+        .info(Path::new(&m.path), &m.format)
         .map_err(|source| PrepareError::Master { master: m.path.clone(), target: d.target.clone(), source })?
         .virtual_size;
     if let Some(recorded) = m.virtual_size.filter(|v| *v != virtual_size) {
@@ -145,7 +156,7 @@ fn create_overlay(domain: &str, d: &ManagedDisk, log: &mut dyn Write) -> Result<
         );
     }
     let backing = BackingSpec { path: &m.path, format: &m.format, virtual_size };
-    create_file_overlay(&d.overlay, &backing, OverlayOptions::preferred().with_timeout(crate::image::QEMU_IMG_TIMEOUT))
+    create_file_overlay(&d.overlay, &backing, OverlayOptions::preferred().with_timeout(QEMU_IMG_TIMEOUT))
         .map_err(|source| PrepareError::Overlay { target: d.target.clone(), source })
 }
 
@@ -169,6 +180,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn the_overlay_has_the_masters_size_whatever_the_metadata_says() {
         let dir = tempfile::tempdir().unwrap();
         let master = dir.path().join("m.raw");
@@ -176,7 +188,7 @@ mod tests {
         let d = disk(dir.path(), &master, "raw", Some(1 << 30));
         let mut log = Vec::new();
         prepare("vm", std::slice::from_ref(&d), &Config::default(), true, &mut log).unwrap();
-        let info = image::info(d.overlay.to_str().unwrap(), "qcow2", true).unwrap();
+        let info = qemu_img().force_share(true).info(&d.overlay, "qcow2").unwrap();
         assert_eq!(info.virtual_size, 1 << 20);
         assert_eq!(info.backing.as_deref(), Some(d.master.path.as_str()));
         let log = String::from_utf8(log).unwrap();
