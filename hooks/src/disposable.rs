@@ -25,7 +25,7 @@ use vcc_core::managed::{LinkedDisks, ManagedDisk};
 use vcc_core::xml::DomainFacts;
 
 use crate::config::Config;
-use crate::image;
+use crate::prepare::qemu_img;
 
 /// How long a note from `migrate`/`restore begin` counts for the `prepare` that follows it.
 pub const INCOMING_NOTE_VALID: Duration = Duration::from_secs(300);
@@ -137,7 +137,8 @@ pub fn discard(d: &ManagedDisk) -> Result<bool, String> {
     if !before.file_type().is_file() {
         return Err("not a regular file".into());
     }
-    let info = image::info(path, "qcow2", false)
+    let info = qemu_img()
+        .info(Path::new(path), "qcow2")
         .map_err(|e| format!("a QEMU has it open, or it is not a qcow2 image ({})", vcc_core::error::one_line(&e)))?;
     if info.backing.as_deref() != Some(d.master.path.as_str()) {
         return Err(format!(
@@ -161,7 +162,7 @@ pub fn discard(d: &ManagedDisk) -> Result<bool, String> {
 mod tests {
     use super::*;
     use vcc_core::metadata::MasterRef;
-    use vcc_core::process::run;
+    use vcc_core::qemu_img::{BackingSpec, QemuImg};
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -178,7 +179,9 @@ mod tests {
 
         fn overlay(&self, name: &str, backing: &str) -> String {
             let p = self.dir.path().join(name).to_string_lossy().into_owned();
-            run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, &p]).unwrap();
+            let virtual_size = std::fs::metadata(backing).unwrap().len();
+            let b = BackingSpec { path: backing, format: "raw", virtual_size };
+            QemuImg::new().create_overlay(Path::new(&p), &b, false).unwrap();
             p
         }
 
@@ -205,6 +208,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn an_overlay_of_the_recorded_master_is_discarded() {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
@@ -214,6 +218,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn anything_that_is_not_provably_our_overlay_is_kept() {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
@@ -234,7 +239,7 @@ mod tests {
         assert!(discard(&f.disk(&raw, true)).is_err());
         // Holding an internal snapshot.
         let o3 = f.overlay("o3.qcow2", &f.master);
-        run("qemu-img", &["snapshot", "-c", "s1", &o3]).unwrap();
+        QemuImg::new().snapshot_create(Path::new(&o3), "s1").unwrap();
         assert!(discard(&f.disk(&o3, true)).unwrap_err().contains("internal snapshot"));
         for p in [&o, &link, &o2, &raw, &o3] {
             assert!(Path::new(p).symlink_metadata().is_ok(), "{p} was deleted");
@@ -242,6 +247,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img and qemu-io")]
     fn an_overlay_a_qemu_holds_open_is_kept() {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
@@ -268,6 +274,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn a_managed_save_image_or_a_note_from_restore_keeps_the_overlay_at_prepare() {
         let f = Fixture::new();
         let cfg = f.cfg();
@@ -318,6 +325,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn release_discards_only_after_a_shutdown_destroy_or_crash() {
         let f = Fixture::new();
         let cfg = f.cfg();

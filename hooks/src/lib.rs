@@ -18,9 +18,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
-pub mod daemon;
 pub mod disposable;
-pub mod image;
 pub mod prepare;
 
 use std::io::{Read, Write};

@@ -4,14 +4,16 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vcc_core::managed::ManagedDisk;
 use vcc_core::overlay::{create_file_overlay, BackingSpec, OverlayError, OverlayOptions};
+use vcc_core::qemu_img::{QemuImg, QemuImgError};
+
+use vcc_core::control::client::{request_path, ClientError};
+use vcc_core::control::proto::{InlineManifest, MasterRequest, Request};
 
 use crate::config::Config;
-use crate::daemon::{request_path, DaemonError};
-use crate::image::{self, InfoError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -22,8 +24,10 @@ pub enum PrepareError {
         master: String,
         target: String,
         #[source]
-        source: DaemonError,
+        source: ClientError,
     },
+    #[error("master '{master}' of disk {target} is missing on this host and could not be fetched: pool-helper reported success but the master is not there")]
+    NotThere { master: String, target: String },
     #[error("pool-helper fetched the master of disk {target} to '{got}', but the domain expects '{master}'; fix the pool or the <backingStore> path")]
     WrongPlace { master: String, target: String, got: String },
     #[error("master '{master}' of disk {target} is {what}, not a regular file; refusing to use it (point the <backingStore> at the image file itself)")]
@@ -33,7 +37,7 @@ pub enum PrepareError {
         master: String,
         target: String,
         #[source]
-        source: InfoError,
+        source: QemuImgError,
     },
     #[error("cannot create the overlay for disk {target}")]
     Overlay {
@@ -83,32 +87,30 @@ fn fetch_master(
     log: &mut dyn Write,
 ) -> Result<(), PrepareError> {
     let m = &d.master;
-    let mut req = serde_json::json!({ "op": "ensure" });
-    if let Some(pool) = &m.pool {
-        req["pool"] = pool.clone().into();
-    }
-    match (&m.manifest, &m.sha256) {
-        (Some(path), _) => req["manifest_path"] = path.clone().into(),
+    let pool = m.pool.clone();
+    let wanted = match (&m.manifest, &m.sha256) {
+        (Some(path), _) => MasterRequest::by_path(pool, path.clone()),
         (None, Some(sha)) => {
             // An inline manifest from what the domain's metadata records (trusted: the domain XML
             // is the administrator's).
             let name = Path::new(&m.path).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            let mut man = serde_json::json!({ "name": name, "format": m.format, "sha256": sha });
-            if let Some(ih) = &m.info_hash {
-                man["info_hash"] = ih.clone().into();
-            }
-            if let Some(vs) = m.virtual_size {
-                man["virtual_size"] = vs.into();
-            }
-            req["manifest"] = man;
+            let man = InlineManifest {
+                name,
+                format: m.format.clone(),
+                sha256: sha.clone(),
+                info_hash: m.info_hash.clone(),
+                virtual_size: m.virtual_size,
+            };
+            MasterRequest::inline(pool, man)
         }
         (None, None) => return Err(PrepareError::NoManifest { master: m.path.clone(), target: d.target.clone() }),
-    }
+    };
+    let req = Request::Ensure(wanted);
     let _ = writeln!(log, "virt-clone-cow-hook: {domain}: master {} is missing; asking pool-helper for it", m.path);
     let mut last_print = Instant::now();
     let got = request_path(&cfg.control_socket, cfg.connect_timeout, deadline, &req, |p| {
         if last_print.elapsed() >= cfg.progress_interval {
-            let _ = writeln!(log, "virt-clone-cow-hook: {domain}: fetching {}: {}", m.path, p.describe());
+            let _ = writeln!(log, "virt-clone-cow-hook: {domain}: fetching {}: {p}", m.path);
             last_print = Instant::now();
         }
     })
@@ -123,20 +125,27 @@ fn fetch_master(
         }
     }
     if !d.master_exists() {
-        return Err(PrepareError::Fetch {
-            master: m.path.clone(),
-            target: d.target.clone(),
-            source: DaemonError::Protocol("pool-helper reported success but the master is not there".into()),
-        });
+        return Err(PrepareError::NotThere { master: m.path.clone(), target: d.target.clone() });
     }
     Ok(())
+}
+
+/// How long one qemu-img run may take in the hook: libvirt waits for the hook with no limit while
+/// holding the domain's lock, and other calls on the domain fail after ~30 s while it waits.
+pub const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// qemu-img the way the hook runs it: bounded by [`QEMU_IMG_TIMEOUT`].
+pub fn qemu_img() -> QemuImg {
+    QemuImg::new().timeout(QEMU_IMG_TIMEOUT)
 }
 
 /// The overlay gets the master's size as qemu-img reads it now: a size recorded in the metadata
 /// is only a hint, and a wrong one would give the guest a disk of another size than its master.
 fn create_overlay(domain: &str, d: &ManagedDisk, log: &mut dyn Write) -> Result<(), PrepareError> {
     let m = &d.master;
-    let virtual_size = image::info(&m.path, &m.format, true)
+    let virtual_size = qemu_img()
+        .force_share(true)
+        .info(Path::new(&m.path), &m.format)
         .map_err(|source| PrepareError::Master { master: m.path.clone(), target: d.target.clone(), source })?
         .virtual_size;
     if let Some(recorded) = m.virtual_size.filter(|v| *v != virtual_size) {
@@ -147,7 +156,7 @@ fn create_overlay(domain: &str, d: &ManagedDisk, log: &mut dyn Write) -> Result<
         );
     }
     let backing = BackingSpec { path: &m.path, format: &m.format, virtual_size };
-    create_file_overlay(&d.overlay, &backing, OverlayOptions::preferred().with_timeout(crate::image::QEMU_IMG_TIMEOUT))
+    create_file_overlay(&d.overlay, &backing, OverlayOptions::preferred().with_timeout(QEMU_IMG_TIMEOUT))
         .map_err(|source| PrepareError::Overlay { target: d.target.clone(), source })
 }
 
@@ -171,6 +180,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn the_overlay_has_the_masters_size_whatever_the_metadata_says() {
         let dir = tempfile::tempdir().unwrap();
         let master = dir.path().join("m.raw");
@@ -178,7 +188,7 @@ mod tests {
         let d = disk(dir.path(), &master, "raw", Some(1 << 30));
         let mut log = Vec::new();
         prepare("vm", std::slice::from_ref(&d), &Config::default(), true, &mut log).unwrap();
-        let info = image::info(d.overlay.to_str().unwrap(), "qcow2", true).unwrap();
+        let info = qemu_img().force_share(true).info(&d.overlay, "qcow2").unwrap();
         assert_eq!(info.virtual_size, 1 << 20);
         assert_eq!(info.backing.as_deref(), Some(d.master.path.as_str()));
         let log = String::from_utf8(log).unwrap();

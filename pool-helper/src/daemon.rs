@@ -11,11 +11,13 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::fetch::{Ctx, Event, FetchError, Outcome};
+use crate::fetch::{self, Ctx};
 use crate::manifest::{Manifest, ManifestError};
-use crate::records;
-use crate::torrent::{Handle, Progress};
-use vcc_core::control::proto::{self, Final, MasterListEntry, MasterRequest, MasterStatus, ProgressEvent, Request};
+use crate::records::{self, RecordState};
+use crate::torrent::{Handle, Progress, TorrentState};
+use vcc_core::control::proto::{
+    self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, Request,
+};
 use vcc_core::error::one_line;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,19 +32,27 @@ pub enum DaemonError {
     },
 }
 
-/// Why the daemon refuses a request for a master.
+/// Why a request for a master gets `"ok":false` (the final line's error is its chain).
 #[derive(Debug, thiserror::Error)]
-pub enum RequestError {
+enum Refusal {
     #[error("bad request")]
     Bad(#[source] serde_json::Error),
-    #[error("manifest_path '{0}' is not absolute")]
-    RelativeManifestPath(String),
+    #[error("bad request: missing field `pool`")]
+    NoPool,
     #[error("give exactly one of 'manifest' and 'manifest_path'")]
     ManifestChoice,
+    #[error("manifest_path '{0}' is not absolute")]
+    RelativeManifestPath(String),
+    #[error("bad request: the manifest is not a JSON object")]
+    ManifestObject(#[source] serde_json::Error),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error("pool '{pool}' already has a master named '{name}' with another SHA-256 ({sha256})")]
-    OtherMaster { pool: String, name: String, sha256: String },
+    OtherSha256 { pool: String, name: String, sha256: String },
+    #[error("no published master '{name}' in pool '{pool}' on this host")]
+    NotPublished { pool: String, name: String },
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
 }
 
 type Key = (String, String); // (pool, name)
@@ -52,7 +62,7 @@ type Watches = (watch::Receiver<Option<Progress>>, watch::Receiver<Option<Final>
 struct Entry {
     manifest: Manifest,
     pool: String,
-    state: String,
+    state: MasterState,
     path: Option<PathBuf>,
     handle: Option<Handle>,
     error: Option<String>,
@@ -61,6 +71,24 @@ struct Entry {
     uploaded_base: u64,
     progress: watch::Sender<Option<Progress>>,
     done: watch::Sender<Option<Final>>,
+}
+
+impl Entry {
+    /// A master in `state`, with no path, torrent or error yet, and fresh watches.
+    fn new(manifest: Manifest, pool: String, state: MasterState) -> Entry {
+        Entry {
+            manifest,
+            pool,
+            state,
+            path: None,
+            handle: None,
+            error: None,
+            fetches: 0,
+            uploaded_base: 0,
+            progress: watch::channel(None).0,
+            done: watch::channel(None).0,
+        }
+    }
 }
 
 /// The daemon's shared state.
@@ -104,45 +132,33 @@ impl Daemon {
     pub fn start_recorded(self: &Arc<Self>) {
         for r in records::load_all(&self.ctx.cfg) {
             let key = (r.pool.clone(), r.manifest.name.clone());
-            if r.state == "pending" {
+            if r.state == RecordState::Pending {
                 tracing::info!(name = %r.manifest.name, "resuming an interrupted fetch");
                 let _ = self.start_fetch(key, r.pool.clone(), r.manifest.clone());
                 continue;
             }
-            let (ptx, _) = watch::channel(None);
-            let (dtx, _) = watch::channel(None);
-            self.lock().insert(
-                key.clone(),
-                Entry {
-                    manifest: r.manifest.clone(),
-                    pool: r.pool.clone(),
-                    state: "verifying".into(),
-                    path: Some(r.path.clone()),
-                    handle: None,
-                    error: None,
-                    fetches: 0,
-                    uploaded_base: 0,
-                    progress: ptx,
-                    done: dtx,
-                },
-            );
+            let e = Entry {
+                path: Some(r.path.clone()),
+                ..Entry::new(r.manifest.clone(), r.pool.clone(), MasterState::Verifying)
+            };
+            self.lock().insert(key.clone(), e);
             let me = self.clone();
             tokio::spawn(async move {
                 let res = match me.ctx.check_present(&r.manifest, &r.path).await {
                     Ok(Some(p)) => me.ctx.seed(&r.manifest, &p).await,
-                    Ok(None) => Err(FetchError::Gone { path: r.path.display().to_string() }),
+                    Ok(None) => Err(fetch::FetchError::Gone { path: r.path.display().to_string() }),
                     Err(e) => Err(e),
                 };
                 let mut g = me.lock();
                 if let Some(e) = g.get_mut(&key) {
                     match res {
                         Ok(h) => {
-                            e.state = "seeding".into();
+                            e.state = MasterState::Seeding;
                             e.handle = Some(h);
                         }
                         Err(err) => {
                             tracing::warn!("not seeding {}: {}", r.manifest.name, one_line(&err));
-                            e.state = "failed".into();
+                            e.state = MasterState::Failed;
                             e.error = Some(one_line(&err));
                         }
                     }
@@ -156,7 +172,7 @@ impl Daemon {
     pub fn prefetch(self: &Arc<Self>, pool: &str, m: Manifest) -> bool {
         let key = (pool.to_string(), m.name.clone());
         if let Some(e) = self.lock().get(&key) {
-            if e.state != "failed" {
+            if e.state != MasterState::Failed {
                 return false;
             }
         }
@@ -170,44 +186,34 @@ impl Daemon {
     }
 
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
-    fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, RequestError> {
+    fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, Refusal> {
         let mut g = self.lock();
         if let Some(e) = g.get(&key) {
             if e.manifest.sha256 != m.sha256 {
-                return Err(RequestError::OtherMaster { pool, name: m.name, sha256: e.manifest.sha256.clone() });
+                return Err(Refusal::OtherSha256 { pool, name: m.name, sha256: e.manifest.sha256.clone() });
             }
-            match e.state.as_str() {
-                "seeding" if e.path.as_ref().is_some_and(|p| p.exists()) => {
+            match e.state {
+                MasterState::Seeding if e.path.as_ref().is_some_and(|p| p.exists()) => {
                     let (_, d) = watch::channel(Some(Final::done(
-                        "present",
+                        FinalState::Present,
                         &e.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                     )));
                     return Ok((e.progress.subscribe(), d));
                 }
-                "fetching" | "verifying" => return Ok((e.progress.subscribe(), e.done.subscribe())),
-                _ => {} // failed: try again
+                MasterState::Fetching | MasterState::Verifying => {
+                    return Ok((e.progress.subscribe(), e.done.subscribe()))
+                }
+                // Failed, or seeding a file that vanished from the pool: try again.
+                MasterState::Seeding | MasterState::Failed => {}
             }
         }
         let fetches = g.get(&key).map(|e| e.fetches).unwrap_or(0) + 1;
         // A seed whose file vanished from the pool: drop it before fetching again.
         let stale = g.get_mut(&key).and_then(|e| e.handle.take());
-        let (ptx, prx) = watch::channel(None);
-        let (dtx, drx) = watch::channel(None);
-        g.insert(
-            key.clone(),
-            Entry {
-                manifest: m.clone(),
-                pool: pool.clone(),
-                state: "fetching".into(),
-                path: None,
-                handle: None,
-                error: None,
-                fetches,
-                uploaded_base: 0,
-                progress: ptx.clone(),
-                done: dtx.clone(),
-            },
-        );
+        let e = Entry { fetches, ..Entry::new(m.clone(), pool.clone(), MasterState::Fetching) };
+        let (ptx, dtx) = (e.progress.clone(), e.done.clone());
+        let (prx, drx) = (ptx.subscribe(), dtx.subscribe());
+        g.insert(key.clone(), e);
         drop(g);
         let me = self.clone();
         let last = ptx.subscribe();
@@ -216,22 +222,23 @@ impl Daemon {
                 me.ctx.torrents.remove(&h).await;
             }
             let total = m.size;
-            let on_event = move |ev: Event| match ev {
-                Event::Progress(p) => {
+            let on_event = move |ev: fetch::Event| match ev {
+                fetch::Event::Progress(p) => {
                     let _ = ptx.send(Some(p));
                 }
-                Event::Started { have_bytes, total_bytes } => {
+                fetch::Event::Started { have_bytes, total_bytes } => {
                     let _ = ptx.send(Some(Progress {
-                        state: "live".into(),
+                        state: TorrentState::Live,
                         done_bytes: have_bytes,
                         total_bytes,
                         ..Default::default()
                     }));
                 }
-                Event::Verifying => {
+                fetch::Event::Verifying => {
                     let up = ptx.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
+                    // The finished download still seeds while the whole file is checked.
                     let _ = ptx.send(Some(Progress {
-                        state: "verifying".into(),
+                        state: TorrentState::Live,
                         done_bytes: total,
                         total_bytes: total,
                         uploaded_bytes: up,
@@ -254,33 +261,28 @@ impl Daemon {
                 }
                 match (res, seeded) {
                     (Ok((outcome, _)), Ok(h)) => {
-                        let (state, path) = match &outcome {
-                            Outcome::Present(p) => ("present", p.clone()),
-                            Outcome::Fetched(p) => ("fetched", p.clone()),
-                        };
                         if let Some(e) = e {
-                            e.state = "seeding".into();
-                            e.path = Some(path.clone());
+                            e.state = MasterState::Seeding;
+                            e.path = Some(outcome.path().to_path_buf());
                             e.handle = h;
                             e.error = None;
                         }
-                        Final::done(state, &path.display().to_string())
+                        Final::done(outcome.state(), &outcome.path().display().to_string())
                     }
                     (Ok((outcome, _)), Err(err)) => {
                         // In the pool and verified, but seeding failed: still a success for the caller.
                         if let Some(e) = e {
-                            e.state = "failed".into();
+                            e.state = MasterState::Failed;
                             e.path = Some(outcome.path().to_path_buf());
                             e.error = Some(format!("seeding: {}", one_line(&err)));
                         }
-                        let state = if matches!(outcome, Outcome::Present(_)) { "present" } else { "fetched" };
-                        Final::done(state, &outcome.path().display().to_string())
+                        Final::done(outcome.state(), &outcome.path().display().to_string())
                     }
                     (Err(err), _) => {
                         let msg = one_line(&err);
                         tracing::warn!("fetch failed: {msg}");
                         if let Some(e) = e {
-                            e.state = "failed".into();
+                            e.state = MasterState::Failed;
                             e.error = Some(msg.clone());
                         }
                         Final::error(msg)
@@ -303,7 +305,7 @@ impl Daemon {
                     name: e.manifest.name.clone(),
                     pool: e.pool.clone(),
                     sha256: e.manifest.sha256.clone(),
-                    state: e.state.clone(),
+                    state: e.state,
                     path: e.path.as_ref().map(|p| p.display().to_string()),
                     done_bytes: p.done_bytes,
                     total_bytes: if p.total_bytes == 0 { e.manifest.size } else { p.total_bytes },
@@ -320,17 +322,20 @@ impl Daemon {
         v
     }
 
-    fn manifest_of(r: &MasterRequest) -> Result<Manifest, RequestError> {
-        match (&r.manifest, &r.manifest_path) {
-            (Some(v), None) => Ok(Manifest::from_value(v.clone())?),
+    /// The request's pool and its validated manifest.
+    fn master_of(r: &MasterRequest) -> Result<(String, Manifest), Refusal> {
+        let pool = r.pool.clone().ok_or(Refusal::NoPool)?;
+        let m = match (&r.manifest, &r.manifest_path) {
+            (Some(obj), None) => Manifest::from_value(obj.to_value().map_err(Refusal::ManifestObject)?)?,
             (None, Some(p)) => {
                 if !p.starts_with('/') {
-                    return Err(RequestError::RelativeManifestPath(p.clone()));
+                    return Err(Refusal::RelativeManifestPath(p.clone()));
                 }
-                Ok(Manifest::load(std::path::Path::new(p))?)
+                Manifest::load(std::path::Path::new(p))?
             }
-            _ => Err(RequestError::ManifestChoice),
-        }
+            _ => return Err(Refusal::ManifestChoice),
+        };
+        Ok((pool, m))
     }
 
     /// Serves connections until the process ends.
@@ -360,70 +365,46 @@ impl Daemon {
         r.read_line(&mut line).await?;
         let req: Request = match serde_json::from_str(line.trim()) {
             Ok(q) => q,
-            Err(e) => return write_final(&mut w, &Final::error(one_line(&RequestError::Bad(e)))).await,
+            Err(e) => return write_final(&mut w, &Final::error(one_line(&Refusal::Bad(e)))).await,
         };
         match req {
-            Request::Status => {
-                let masters = serde_json::to_value(self.status()).unwrap_or_default();
-                write_final(&mut w, &Final { ok: true, masters: Some(masters), ..Default::default() }).await
-            }
+            Request::Status => write_final(&mut w, &Final::masters(Masters::Status(self.status()))).await,
             Request::List => {
-                let l: Vec<MasterListEntry> = self
+                let l = self
                     .status()
                     .into_iter()
                     .map(|s| MasterListEntry { name: s.name, pool: s.pool, path: s.path, state: s.state })
                     .collect();
-                let masters = serde_json::to_value(l).unwrap_or_default();
-                write_final(&mut w, &Final { ok: true, masters: Some(masters), ..Default::default() }).await
+                write_final(&mut w, &Final::masters(Masters::List(l))).await
             }
             Request::Seed(mr) => {
-                let m = match Self::manifest_of(&mr) {
-                    Ok(m) => m,
-                    Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
+                let f = match self.seed_published(&mr).await {
+                    Ok(f) => f,
+                    Err(e) => Final::error(one_line(&e)),
                 };
-                let key = (mr.pool.clone(), m.name.clone());
-                let rec = records::load_all(&self.ctx.cfg)
-                    .into_iter()
-                    .find(|r| r.pool == mr.pool && r.manifest.name == m.name && r.manifest.sha256 == m.sha256);
-                let Some(rec) = rec else {
-                    return write_final(
-                        &mut w,
-                        &Final::error(format!("no published master '{}' in pool '{}' on this host", m.name, mr.pool)),
-                    )
-                    .await;
-                };
-                let res = match self.ctx.check_present(&m, &rec.path).await {
-                    Ok(Some(p)) => self.ctx.seed(&m, &p).await.map(|h| (h, p)),
-                    Ok(None) => Err(FetchError::Gone { path: rec.path.display().to_string() }),
-                    Err(e) => Err(e),
-                };
-                match res {
-                    Ok((h, p)) => {
-                        let (ptx, _) = watch::channel(None);
-                        let (dtx, _) = watch::channel(None);
-                        self.lock().insert(
-                            key,
-                            Entry {
-                                manifest: m,
-                                pool: mr.pool,
-                                state: "seeding".into(),
-                                path: Some(p.clone()),
-                                handle: Some(h),
-                                error: None,
-                                fetches: 0,
-                                uploaded_base: 0,
-                                progress: ptx,
-                                done: dtx,
-                            },
-                        );
-                        write_final(&mut w, &Final::done("seeding", &p.display().to_string())).await
-                    }
-                    Err(e) => write_final(&mut w, &Final::error(one_line(&e))).await,
-                }
+                write_final(&mut w, &f).await
             }
             Request::Ensure(mr) => self.ensure(w, mr, false).await,
             Request::Fetch(mr) => self.ensure(w, mr, true).await,
         }
+    }
+
+    /// `seed`: re-verifies a master this host published and seeds it.
+    async fn seed_published(&self, mr: &MasterRequest) -> Result<Final, Refusal> {
+        let (pool, m) = Self::master_of(mr)?;
+        let rec = records::load_all(&self.ctx.cfg)
+            .into_iter()
+            .find(|r| r.pool == pool && r.manifest.name == m.name && r.manifest.sha256 == m.sha256)
+            .ok_or_else(|| Refusal::NotPublished { pool: pool.clone(), name: m.name.clone() })?;
+        let p = match self.ctx.check_present(&m, &rec.path).await? {
+            Some(p) => p,
+            None => return Err(fetch::FetchError::Gone { path: rec.path.display().to_string() }.into()),
+        };
+        let h = self.ctx.seed(&m, &p).await?;
+        let key = (pool.clone(), m.name.clone());
+        let e = Entry { path: Some(p.clone()), handle: Some(h), ..Entry::new(m, pool, MasterState::Seeding) };
+        self.lock().insert(key, e);
+        Ok(Final::done(FinalState::Seeding, &p.display().to_string()))
     }
 
     async fn ensure(
@@ -432,46 +413,37 @@ impl Daemon {
         mr: MasterRequest,
         always: bool,
     ) -> std::io::Result<()> {
-        {
-            {
-                let m = match Self::manifest_of(&mr) {
-                    Ok(m) => m,
-                    Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
-                };
-                let key = (mr.pool.clone(), m.name.clone());
-                let (mut prx, mut drx) = match self.start_fetch(key, mr.pool.clone(), m.clone()) {
-                    Ok(x) => x,
-                    Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
-                };
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut sent_any = false;
-                loop {
-                    let fin = drx.borrow_and_update().clone();
-                    if let Some(f) = fin {
-                        if always && !sent_any {
-                            let ev = ProgressEvent {
-                                event: "progress".into(),
-                                done_bytes: m.size,
-                                total_bytes: m.size,
-                                peers: 0,
-                                down_bps: 0,
-                            };
-                            write_line(&mut w, &ev).await?;
-                        }
-                        return write_final(&mut w, &f).await;
-                    }
-                    tokio::select! {
-                        _ = drx.changed() => {}
-                        _ = tick.tick() => {
-                            let p = prx.borrow_and_update().clone();
-                            if let Some(p) = p {
-                                let ev = ProgressEvent { event: "progress".into(), done_bytes: p.done_bytes, total_bytes: p.total_bytes, peers: p.peers, down_bps: p.down_bps };
-                                // A client that went away does not stop the download.
-                                write_line(&mut w, &ev).await?;
-                                sent_any = true;
-                            }
-                        }
+        let started = Self::master_of(&mr).and_then(|(pool, m)| {
+            let key = (pool.clone(), m.name.clone());
+            let size = m.size;
+            self.start_fetch(key, pool, m).map(|w| (w, size))
+        });
+        let ((mut prx, mut drx), size) = match started {
+            Ok(x) => x,
+            Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent_any = false;
+        loop {
+            let fin = drx.borrow_and_update().clone();
+            if let Some(f) = fin {
+                if always && !sent_any {
+                    let ev =
+                        Event::Progress(proto::Progress { done_bytes: size, total_bytes: size, peers: 0, down_bps: 0 });
+                    write_line(&mut w, &ev).await?;
+                }
+                return write_final(&mut w, &f).await;
+            }
+            tokio::select! {
+                _ = drx.changed() => {}
+                _ = tick.tick() => {
+                    let p = prx.borrow_and_update().clone();
+                    if let Some(p) = p {
+                        let ev = Event::Progress(p.event());
+                        // A client that went away does not stop the download.
+                        write_line(&mut w, &ev).await?;
+                        sent_any = true;
                     }
                 }
             }

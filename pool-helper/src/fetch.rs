@@ -14,10 +14,11 @@ use crate::config::Config;
 use crate::manifest::{parse_peer, Manifest, ManifestError};
 use crate::metainfo::{self, MetainfoError};
 use crate::pools::{LibvirtPools, PoolError, Pools};
-use crate::records::{self, Record};
+use crate::records::{self, Record, RecordState};
 use crate::staging::{self, StagingError};
-use crate::torrent::{Failure, Handle, Progress, Stopped, TorrentError, Torrents};
+use crate::torrent::{Failure, Handle, Progress, Stopped, TorrentError, TorrentState, Torrents};
 use crate::verify::{self, ImageError};
+use vcc_core::control::proto::FinalState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -97,6 +98,14 @@ impl Outcome {
             Outcome::Present(p) | Outcome::Fetched(p) => p,
         }
     }
+
+    /// The `state` a final answer reports for it.
+    pub fn state(&self) -> FinalState {
+        match self {
+            Outcome::Present(_) => FinalState::Present,
+            Outcome::Fetched(_) => FinalState::Fetched,
+        }
+    }
 }
 
 /// Events during a fetch.
@@ -126,6 +135,14 @@ pub fn expect<'a>(cfg: &Config, m: &'a Manifest, qemu_img: bool) -> verify::Expe
     }
 }
 
+/// Where a master's swarm is: the peers and trackers to try. Computed once per fetch or seed and
+/// handed to each step (metainfo, download, seed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swarm {
+    pub peers: Vec<SocketAddr>,
+    pub trackers: Vec<String>,
+}
+
 impl Ctx {
     /// A context whose pools are libvirt's (the daemon and the CLI).
     pub fn new(cfg: Config, torrents: Torrents) -> Self {
@@ -133,8 +150,13 @@ impl Ctx {
         Ctx { cfg, torrents, pools }
     }
 
+    /// The swarm of `m`: see [`Ctx::peers_for`] and [`Ctx::trackers_for`].
+    pub fn swarm_for(&self, m: &Manifest) -> Swarm {
+        Swarm { peers: self.peers_for(m), trackers: self.trackers_for(m) }
+    }
+
     /// Peers to try: config list plus manifest hints, minus ourselves.
-    pub fn peers_for(&self, m: &Manifest) -> Vec<SocketAddr> {
+    fn peers_for(&self, m: &Manifest) -> Vec<SocketAddr> {
         let own = self.torrents.listen_addr().map(|a| a.port()).unwrap_or(self.cfg.listen_port);
         let mut out = Vec::new();
         let mut hints = self.cfg.peers.clone();
@@ -154,19 +176,18 @@ impl Ctx {
         out
     }
 
-    pub fn trackers_for(&self, m: &Manifest) -> Vec<String> {
+    /// Trackers: the config's, then the manifest's others.
+    fn trackers_for(&self, m: &Manifest) -> Vec<String> {
         let mut t = self.cfg.trackers.clone();
         t.extend(m.trackers.iter().filter(|x| !self.cfg.trackers.contains(x)).cloned());
         t
     }
 
     /// The validated metainfo: from the manifest, or from peers via the magnet.
-    pub async fn metainfo(&self, m: &Manifest) -> Result<Vec<u8>, FetchError> {
+    pub async fn metainfo(&self, m: &Manifest, swarm: &Swarm) -> Result<Vec<u8>, FetchError> {
         let bytes = match m.torrent_bytes() {
             Some(b) => b,
-            None => {
-                self.torrents.resolve_magnet(&m.magnet, &m.info_hash, self.peers_for(m), &self.trackers_for(m)).await?
-            }
+            None => self.torrents.resolve_magnet(&m.magnet, &m.info_hash, swarm.peers.clone(), &swarm.trackers).await?,
         };
         let err = |source| FetchError::Metainfo { name: m.name.clone(), source };
         let mi = metainfo::validate(&bytes, Some(m.size)).map_err(err)?;
@@ -196,8 +217,9 @@ impl Ctx {
 
     /// Seeds a verified master in the pool (read-only).
     pub async fn seed(&self, m: &Manifest, path: &Path) -> Result<Handle, FetchError> {
-        let torrent = self.metainfo(m).await?;
-        Ok(self.torrents.seed(&torrent, path, self.peers_for(m), &self.trackers_for(m)).await?)
+        let swarm = self.swarm_for(m);
+        let torrent = self.metainfo(m, &swarm).await?;
+        Ok(self.torrents.seed(&torrent, path, swarm.peers, &swarm.trackers).await?)
     }
 
     /// The whole pipeline. `on_event` is called about once a second while downloading.
@@ -214,7 +236,8 @@ impl Ctx {
         if let Some(path) = self.check_present(m, &dest).await? {
             return Ok((Outcome::Present(path), None));
         }
-        let torrent = self.metainfo(m).await?;
+        let swarm = self.swarm_for(m);
+        let torrent = self.metainfo(m, &swarm).await?;
         // Keep the validated metainfo with the record, so seeding later needs no peer for it.
         let m = &Manifest { torrent_hex: Some(hex::encode(&torrent)), ..m.clone() };
         let sdir = staging::staging_dir(&pool_dir, &self.cfg.state_dir, pool)?;
@@ -222,10 +245,10 @@ impl Ctx {
         let staged = blocking(move || staging::prepare_file(&sd, &name, size)).await??;
         records::save(
             &self.cfg,
-            &Record { pool: pool.into(), manifest: m.clone(), path: dest.clone(), state: "pending".into() },
+            &Record { pool: pool.into(), manifest: m.clone(), path: dest.clone(), state: RecordState::Pending },
         )?;
 
-        let h = self.torrents.download(&torrent, &staged, self.peers_for(m), &self.trackers_for(m)).await?;
+        let h = self.torrents.download(&torrent, &staged, swarm.peers.clone(), &swarm.trackers).await?;
         if let Err(e) = self.wait(m, &h, on_event).await {
             self.torrents.remove(&h).await;
             if matches!(e, FetchError::DiskFull { .. }) {
@@ -244,9 +267,9 @@ impl Ctx {
         let path = published?;
         records::save(
             &self.cfg,
-            &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "fetched".into() },
+            &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: RecordState::Fetched },
         )?;
-        let h = self.torrents.seed(&torrent, &path, self.peers_for(m), &self.trackers_for(m)).await?;
+        let h = self.torrents.seed(&torrent, &path, swarm.peers, &swarm.trackers).await?;
         Ok((Outcome::Fetched(path), Some(h)))
     }
 
@@ -282,23 +305,23 @@ impl Ctx {
         let mut started = false;
         loop {
             let p = h.progress();
-            if p.state == "error" {
+            if p.state == TorrentState::Error {
                 return Err(match h.failure() {
                     Failure::DiskFull(source) => FetchError::DiskFull { name, source },
                     Failure::Stopped(source) => FetchError::Download { name, source },
                 });
             }
-            if p.state == "live" && !started {
+            if p.state == TorrentState::Live && !started {
                 started = true;
                 on_event(Event::Started { have_bytes: p.done_bytes, total_bytes: p.total_bytes });
             }
-            if p.state == "live" {
+            if p.state == TorrentState::Live {
                 on_event(Event::Progress(p.clone()));
             }
-            if p.finished && p.state == "live" {
+            if p.finished && p.state == TorrentState::Live {
                 return Ok(());
             }
-            if p.done_bytes != last_done || p.state == "initializing" {
+            if p.done_bytes != last_done || p.state == TorrentState::Initializing {
                 last_done = p.done_bytes;
                 last_change = Instant::now();
             } else if last_change.elapsed() > stall {

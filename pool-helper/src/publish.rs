@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::manifest::{self, Manifest, NameError};
 use crate::metainfo;
 use crate::pools::{LibvirtPools, PoolError, Pools};
-use crate::records::{self, Record};
+use crate::records::{self, Record, RecordState};
 use crate::staging;
 use crate::verify::{self, ImageError};
 
@@ -137,7 +137,7 @@ pub fn publish_in(cfg: &Config, pools: &dyn Pools, pool: &str, volume: &str) -> 
     staging::write_atomic(&manifest_path, &json)?;
     records::save(
         cfg,
-        &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: "published".into() },
+        &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: RecordState::Published },
     )?;
     Ok(Published { manifest: m, manifest_path: abs(&manifest_path), torrent_path: abs(&torrent_path), path })
 }

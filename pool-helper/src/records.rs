@@ -7,14 +7,36 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::manifest::{Manifest, ManifestError};
 
+/// Where a recorded master stands. Stored as today's strings (`published`, `fetched`,
+/// `pending`), so records written by older versions load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordState {
+    /// Published from a volume of this host.
+    Published,
+    /// Fetched, verified and in the pool.
+    Fetched,
+    /// A fetch that has not finished: resumed when the daemon starts.
+    Pending,
+}
+
+impl std::fmt::Display for RecordState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            RecordState::Published => "published",
+            RecordState::Fetched => "fetched",
+            RecordState::Pending => "pending",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     pub pool: String,
     pub manifest: Manifest,
     /// Final path in the pool.
     pub path: PathBuf,
-    /// `published`, `fetched`, or `pending` (a fetch that has not finished: resumed at start).
-    pub state: String,
+    pub state: RecordState,
 }
 
 fn file_for(cfg: &Config, pool: &str, name: &str) -> PathBuf {
@@ -77,4 +99,61 @@ fn read(p: &Path) -> Result<Record, RecordError> {
     let r: Record = serde_json::from_str(&text).map_err(|source| RecordError::Json { path: path(), source })?;
     r.manifest.validate().map_err(|source| RecordError::Manifest { path: path(), source })?;
     Ok(r)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A record as `serde_json::to_vec_pretty` wrote it before the state was typed.
+    fn old_record(state: &str) -> String {
+        format!(
+            r#"{{
+  "pool": "default",
+  "manifest": {{
+    "version": 1,
+    "name": "base.raw",
+    "format": "raw",
+    "size": 1048576,
+    "virtual_size": 1048576,
+    "sha256": "{sha}",
+    "info_hash": "{ih}",
+    "piece_length": 262144,
+    "magnet": "magnet:?xt=urn:btih:{ih}",
+    "peers": [],
+    "trackers": []
+  }},
+  "path": "/var/lib/libvirt/images/base.raw",
+  "state": "{state}"
+}}"#,
+            sha = "a".repeat(64),
+            ih = "b".repeat(40)
+        )
+    }
+
+    #[test]
+    fn records_written_by_older_versions_load_and_are_written_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, state) in [
+            ("published", RecordState::Published),
+            ("fetched", RecordState::Fetched),
+            ("pending", RecordState::Pending),
+        ] {
+            let p = dir.path().join(format!("{text}.json"));
+            std::fs::write(&p, old_record(text)).unwrap();
+            let r = read(&p).unwrap();
+            assert_eq!(r.state, state);
+            assert_eq!(state.to_string(), text);
+            assert_eq!(String::from_utf8(serde_json::to_vec_pretty(&r).unwrap()).unwrap(), old_record(text));
+        }
+    }
+
+    #[test]
+    fn a_record_with_an_unknown_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        std::fs::write(&p, old_record("seeding")).unwrap();
+        assert!(matches!(read(&p), Err(RecordError::Json { .. })));
+    }
 }

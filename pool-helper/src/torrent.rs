@@ -210,10 +210,23 @@ impl TorrentStorage for SingleFileStorage {
     }
 }
 
+/// Where librqbit is with a torrent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TorrentState {
+    /// Checking the pieces already on disk.
+    #[default]
+    Initializing,
+    Live,
+    Paused,
+    /// See [`Progress::error`].
+    Error,
+}
+
 /// A torrent as we report it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Progress {
-    pub state: String,
+    pub state: TorrentState,
     pub done_bytes: u64,
     pub total_bytes: u64,
     pub peers: u32,
@@ -222,6 +235,18 @@ pub struct Progress {
     pub uploaded_bytes: u64,
     pub finished: bool,
     pub error: Option<String>,
+}
+
+impl Progress {
+    /// The part a `progress` event carries.
+    pub fn event(&self) -> vcc_core::control::proto::Progress {
+        vcc_core::control::proto::Progress {
+            done_bytes: self.done_bytes,
+            total_bytes: self.total_bytes,
+            peers: self.peers,
+            down_bps: self.down_bps,
+        }
+    }
 }
 
 /// A torrent in the session.
@@ -241,10 +266,10 @@ impl Handle {
     pub fn progress(&self) -> Progress {
         let s = self.inner.stats();
         let state = match s.state {
-            TorrentStatsState::Initializing { .. } => "initializing",
-            TorrentStatsState::Live => "live",
-            TorrentStatsState::Paused => "paused",
-            TorrentStatsState::Error => "error",
+            TorrentStatsState::Initializing { .. } => TorrentState::Initializing,
+            TorrentStatsState::Live => TorrentState::Live,
+            TorrentStatsState::Paused => TorrentState::Paused,
+            TorrentStatsState::Error => TorrentState::Error,
         };
         let (peers, up, down) = match &s.live {
             Some(l) => (
@@ -255,7 +280,7 @@ impl Handle {
             None => (0, 0, 0),
         };
         Progress {
-            state: state.into(),
+            state,
             done_bytes: s.progress_bytes,
             total_bytes: s.total_bytes,
             peers,

@@ -1,12 +1,14 @@
 //! Image checks for untrusted masters: our own qcow2 header parser, raw-image sniffing, whole-file
-//! SHA-256, and `qemu-img info` as a second opinion (argv, timeout, resource limits).
+//! SHA-256, and `qemu-img info` as a second opinion (through [`vcc_core::qemu_img`], with a
+//! timeout and resource limits).
 
+use std::fmt;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
+use vcc_core::qemu_img::{ImageInfo, QemuImg, QemuImgError};
 
 pub const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 const EXT_END: u32 = 0;
@@ -18,16 +20,26 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// Incompatible feature bits we accept: compression type (3), extended L2 (4).
 const INCOMPAT_OK: u64 = (1 << 3) | (1 << 4);
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// qemu-img's second opinion on an untrusted image runs within these: CPU seconds,
+pub const QEMU_IMG_CPU_SECONDS: u64 = 30;
+/// address space (bytes),
+pub const QEMU_IMG_ADDRESS_SPACE: u64 = 2 << 30;
+/// and wall-clock time.
+pub const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why an image failed verification.
+#[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("cannot read the image: {0}")]
-    Io(String),
+    #[error("cannot read the image")]
+    Io(#[source] std::io::Error),
+    #[error("cannot read the image: not a regular file")]
+    NotRegular,
     #[error("SHA-256 {got} differs from the manifest's {want}")]
     Sha256 { got: String, want: String },
     #[error("file size {got} differs from the manifest's {want}")]
     Size { got: u64, want: u64 },
     #[error("qcow2 header: {0}")]
-    Qcow2(String),
+    Qcow2(Qcow2Problem),
     #[error("declared raw, but the content starts like a {0} image")]
     RawLooksLike(&'static str),
     #[error("virtual size {got} differs from the manifest's {want}")]
@@ -36,8 +48,68 @@ pub enum ImageError {
     TooBig { got: u64, max: u64 },
     #[error("format '{0}' is not accepted")]
     Format(String),
-    #[error("qemu-img second opinion: {0}")]
-    QemuImg(String),
+    #[error("qemu-img second opinion failed")]
+    QemuImg(#[source] QemuImgError),
+    #[error("qemu-img second opinion: format is {0}")]
+    QemuImgFormat(String),
+    #[error("qemu-img second opinion: image has a backing file")]
+    QemuImgBacking,
+    #[error("qemu-img second opinion: image has an external data file")]
+    QemuImgDataFile,
+    #[error("qemu-img second opinion: image is marked corrupt")]
+    QemuImgCorrupt,
+    #[error("qemu-img second opinion: image is encrypted")]
+    QemuImgEncrypted,
+    #[error("qemu-img second opinion: virtual size {got} != {want}")]
+    QemuImgVirtualSize { got: u64, want: u64 },
+}
+
+/// What is wrong with a qcow2 header (a description, not a cause: nothing failed to run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qcow2Problem {
+    TooShort,
+    BadMagic,
+    Version(u32),
+    BackingFile,
+    ClusterBits(u32),
+    Encrypted,
+    Snapshots,
+    L1Outside,
+    RefcountOutside,
+    TooShortForV3,
+    IncompatibleFeature { bit: u32, what: &'static str },
+    UnknownIncompatibleFeatures(u64),
+    HeaderLength(usize),
+    ExtensionsPastCluster,
+    ExtensionPastCluster(u32),
+    DataFileExtension,
+    CryptoExtension,
+    BackingFormatExtension,
+}
+
+impl fmt::Display for Qcow2Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Qcow2Problem::TooShort => write!(f, "file too short for a qcow2 header"),
+            Qcow2Problem::BadMagic => write!(f, "bad magic (not a qcow2 file)"),
+            Qcow2Problem::Version(v) => write!(f, "version {v} (want 2 or 3)"),
+            Qcow2Problem::BackingFile => write!(f, "it names a backing file"),
+            Qcow2Problem::ClusterBits(b) => write!(f, "cluster_bits {b} outside [9, 21]"),
+            Qcow2Problem::Encrypted => write!(f, "it is encrypted"),
+            Qcow2Problem::Snapshots => write!(f, "it has internal snapshots"),
+            Qcow2Problem::L1Outside => write!(f, "L1 table lies outside the file"),
+            Qcow2Problem::RefcountOutside => write!(f, "refcount table lies outside the file"),
+            Qcow2Problem::TooShortForV3 => write!(f, "file too short for a version 3 header"),
+            Qcow2Problem::IncompatibleFeature { bit, what } => write!(f, "incompatible feature bit {bit} set ({what})"),
+            Qcow2Problem::UnknownIncompatibleFeatures(bits) => write!(f, "unknown incompatible feature bits {bits:#x}"),
+            Qcow2Problem::HeaderLength(n) => write!(f, "header length {n} is invalid"),
+            Qcow2Problem::ExtensionsPastCluster => write!(f, "header extensions run past the first cluster"),
+            Qcow2Problem::ExtensionPastCluster(t) => write!(f, "header extension {t:#x} runs past the first cluster"),
+            Qcow2Problem::DataFileExtension => write!(f, "header names an external data file"),
+            Qcow2Problem::CryptoExtension => write!(f, "header carries an encryption header"),
+            Qcow2Problem::BackingFormatExtension => write!(f, "header names a backing file format"),
+        }
+    }
 }
 
 /// What the qcow2 header says.
@@ -58,61 +130,63 @@ fn be64(b: &[u8], o: usize) -> u64 {
 /// Parses and checks a qcow2 header. `head` is the start of the file (at least the first cluster
 /// or the whole file if smaller); `file_size` is the file's length.
 pub fn check_qcow2_header(head: &[u8], file_size: u64) -> Result<Qcow2Info, ImageError> {
-    let bad = |s: String| Err(ImageError::Qcow2(s));
+    use Qcow2Problem as P;
+    let bad = |p: Qcow2Problem| Err(ImageError::Qcow2(p));
     if head.len() < 72 {
-        return bad("file too short for a qcow2 header".into());
+        return bad(P::TooShort);
     }
     if &head[0..4] != QCOW2_MAGIC {
-        return bad("bad magic (not a qcow2 file)".into());
+        return bad(P::BadMagic);
     }
     let version = be32(head, 4);
     if version != 2 && version != 3 {
-        return bad(format!("version {version} (want 2 or 3)"));
+        return bad(P::Version(version));
     }
     if be64(head, 8) != 0 || be32(head, 16) != 0 {
-        return bad("it names a backing file".into());
+        return bad(P::BackingFile);
     }
     let cluster_bits = be32(head, 20);
     if !(9..=21).contains(&cluster_bits) {
-        return bad(format!("cluster_bits {cluster_bits} outside [9, 21]"));
+        return bad(P::ClusterBits(cluster_bits));
     }
     let cluster = 1u64 << cluster_bits;
     let virtual_size = be64(head, 24);
     if be32(head, 32) != 0 {
-        return bad("it is encrypted".into());
+        return bad(P::Encrypted);
     }
     let l1_size = u64::from(be32(head, 36));
     let l1_off = be64(head, 40);
     let rt_off = be64(head, 48);
     let rt_clusters = u64::from(be32(head, 56));
     if be32(head, 60) != 0 {
-        return bad("it has internal snapshots".into());
+        return bad(P::Snapshots);
     }
-    let inside = |off: u64, len: u64| off % cluster == 0 && off.checked_add(len).is_some_and(|e| e <= file_size);
+    let inside =
+        |off: u64, len: u64| off.is_multiple_of(cluster) && off.checked_add(len).is_some_and(|e| e <= file_size);
     if !inside(l1_off, l1_size.saturating_mul(8)) {
-        return bad("L1 table lies outside the file".into());
+        return bad(P::L1Outside);
     }
     if rt_off == 0 || !inside(rt_off, rt_clusters.saturating_mul(cluster)) {
-        return bad("refcount table lies outside the file".into());
+        return bad(P::RefcountOutside);
     }
     let mut header_len = 72usize;
     if version == 3 {
         if head.len() < 104 {
-            return bad("file too short for a version 3 header".into());
+            return bad(P::TooShortForV3);
         }
         let incompat = be64(head, 72);
         for (bit, what) in [(0, "dirty"), (1, "corrupt"), (2, "an external data file")] {
             if incompat & (1 << bit) != 0 {
-                return bad(format!("incompatible feature bit {bit} set ({what})"));
+                return bad(P::IncompatibleFeature { bit, what });
             }
         }
         let unknown = incompat & !INCOMPAT_OK & !0b111;
         if unknown != 0 {
-            return bad(format!("unknown incompatible feature bits {unknown:#x}"));
+            return bad(P::UnknownIncompatibleFeatures(unknown));
         }
         header_len = be32(head, 100) as usize;
-        if header_len < 104 || header_len % 8 != 0 || header_len as u64 > cluster {
-            return bad(format!("header length {header_len} is invalid"));
+        if header_len < 104 || !header_len.is_multiple_of(8) || header_len as u64 > cluster {
+            return bad(P::HeaderLength(header_len));
         }
     }
     // Header extensions, up to the end of the first cluster.
@@ -120,19 +194,19 @@ pub fn check_qcow2_header(head: &[u8], file_size: u64) -> Result<Qcow2Info, Imag
     let mut off = header_len;
     loop {
         if off + 8 > limit {
-            return bad("header extensions run past the first cluster".into());
+            return bad(P::ExtensionsPastCluster);
         }
         let typ = be32(head, off);
         let len = be32(head, off + 4) as usize;
         let data_end = (off + 8).checked_add(len).filter(|&e| e <= limit);
         let Some(data_end) = data_end else {
-            return bad(format!("header extension {typ:#x} runs past the first cluster"));
+            return bad(P::ExtensionPastCluster(typ));
         };
         match typ {
             EXT_END => break,
-            EXT_DATA_FILE => return bad("header names an external data file".into()),
-            EXT_CRYPTO => return bad("header carries an encryption header".into()),
-            EXT_BACKING_FORMAT => return bad("header names a backing file format".into()),
+            EXT_DATA_FILE => return bad(P::DataFileExtension),
+            EXT_CRYPTO => return bad(P::CryptoExtension),
+            EXT_BACKING_FORMAT => return bad(P::BackingFormatExtension),
             EXT_FEATURE_TABLE | EXT_BITMAPS => {}
             _ => {} // unknown compatible extensions are ignored, as qemu does
         }
@@ -196,15 +270,14 @@ pub struct Expect<'a> {
 
 /// The full check, in order: size, SHA-256, own header parse, then qemu-img.
 pub fn verify_image(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
-    let io = |err: std::io::Error| ImageError::Io(err.to_string());
-    let meta = std::fs::symlink_metadata(path).map_err(io)?;
+    let meta = std::fs::symlink_metadata(path).map_err(ImageError::Io)?;
     if !meta.file_type().is_file() {
-        return Err(ImageError::Io("not a regular file".into()));
+        return Err(ImageError::NotRegular);
     }
     if meta.len() != e.size {
         return Err(ImageError::Size { got: meta.len(), want: e.size });
     }
-    let got = sha256_file(path).map_err(io)?;
+    let got = sha256_file(path).map_err(ImageError::Io)?;
     if got != e.sha256 {
         return Err(ImageError::Sha256 { got, want: e.sha256.to_string() });
     }
@@ -217,9 +290,8 @@ pub fn verify_image(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
 
 /// Our own header checks (no external program).
 pub fn check_header(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
-    let io = |err: std::io::Error| ImageError::Io(err.to_string());
     let mut head = Vec::with_capacity(2 << 20);
-    std::fs::File::open(path).map_err(io)?.take(2 << 20).read_to_end(&mut head).map_err(io)?;
+    std::fs::File::open(path).map_err(ImageError::Io)?.take(2 << 20).read_to_end(&mut head).map_err(ImageError::Io)?;
     let vsize = match e.format {
         "qcow2" => check_qcow2_header(&head, e.size)?.virtual_size,
         "raw" => {
@@ -237,80 +309,47 @@ pub fn check_header(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// `qemu-img info -f FMT --output=json --force-share FILE` under `prlimit` (30 s CPU, 2 GiB
-/// address space) with a 60 s wall-clock timeout.
+/// `qemu-img info -f FMT --output=json --force-share FILE` within [`QEMU_IMG_CPU_SECONDS`],
+/// [`QEMU_IMG_ADDRESS_SPACE`] and [`QEMU_IMG_TIMEOUT`], then [`second_opinion`] on its answer.
 pub fn qemu_img_second_opinion(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
-    let q = |s: String| ImageError::QemuImg(s);
-    let mut cmd = Command::new("prlimit");
-    cmd.args([
-        "--cpu=30",
-        "--as=2147483648",
-        "--",
-        "qemu-img",
-        "info",
-        "-f",
-        e.format,
-        "--output=json",
-        "--force-share",
-    ])
-    .arg(path)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|err| q(format!("cannot run prlimit/qemu-img: {err}")))?;
-    let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if start.elapsed() > Duration::from_secs(60) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(q("timed out after 60 s".into()));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(err) => return Err(q(err.to_string())),
-        }
-    };
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut o) = child.stdout.take() {
-        let _ = o.read_to_string(&mut out);
+    let info = QemuImg::new()
+        .force_share(true)
+        .timeout(QEMU_IMG_TIMEOUT)
+        .cpu_limit(QEMU_IMG_CPU_SECONDS)
+        .address_space_limit(QEMU_IMG_ADDRESS_SPACE)
+        .info(path, e.format)
+        .map_err(ImageError::QemuImg)?;
+    second_opinion(&info, e)
+}
+
+/// Whether what qemu-img says about an image agrees with what it must be: the stated format, no
+/// backing file, no external data file, not corrupt, not encrypted, the manifest's virtual size.
+pub fn second_opinion(info: &ImageInfo, e: &Expect<'_>) -> Result<(), ImageError> {
+    if info.format != e.format {
+        return Err(ImageError::QemuImgFormat(info.format.clone()));
     }
-    if let Some(mut o) = child.stderr.take() {
-        let _ = o.read_to_string(&mut err);
+    if info.backing.is_some() {
+        return Err(ImageError::QemuImgBacking);
     }
-    if !status.success() {
-        return Err(q(format!("exited with {status}: {}", err.trim().replace('\n', "; "))));
+    if info.data_file.is_some() {
+        return Err(ImageError::QemuImgDataFile);
     }
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|x| q(format!("unreadable output: {x}")))?;
-    if v.get("format").and_then(|f| f.as_str()) != Some(e.format) {
-        return Err(q(format!("format is {}", v.get("format").unwrap_or(&serde_json::Value::Null))));
+    if info.corrupt {
+        return Err(ImageError::QemuImgCorrupt);
     }
-    if v.get("backing-filename").is_some() || v.get("full-backing-filename").is_some() {
-        return Err(q("image has a backing file".into()));
+    if info.encrypted {
+        return Err(ImageError::QemuImgEncrypted);
     }
-    let data = v.pointer("/format-specific/data");
-    if data.and_then(|d| d.get("data-file")).is_some() {
-        return Err(q("image has an external data file".into()));
-    }
-    if data.and_then(|d| d.get("corrupt")).and_then(|c| c.as_bool()) == Some(true) {
-        return Err(q("image is marked corrupt".into()));
-    }
-    if data.and_then(|d| d.get("encrypt")).is_some() || v.get("encrypted").and_then(|c| c.as_bool()) == Some(true) {
-        return Err(q("image is encrypted".into()));
-    }
-    let vs = v.get("virtual-size").and_then(|s| s.as_u64()).unwrap_or(0);
-    if vs != e.virtual_size {
-        return Err(q(format!("virtual size {vs} != {}", e.virtual_size)));
+    if info.virtual_size != e.virtual_size {
+        return Err(ImageError::QemuImgVirtualSize { got: info.virtual_size, want: e.virtual_size });
     }
     Ok(())
 }
 
 /// Reads the virtual size of a local image we are about to publish (trusted: our own pool).
 pub fn local_virtual_size(path: &Path, format: &str, size: u64) -> Result<u64, ImageError> {
-    let io = |err: std::io::Error| ImageError::Io(err.to_string());
     let mut head = Vec::new();
-    std::fs::File::open(path).map_err(io)?.take(2 << 20).read_to_end(&mut head).map_err(io)?;
+    std::fs::File::open(path).map_err(ImageError::Io)?.take(2 << 20).read_to_end(&mut head).map_err(ImageError::Io)?;
     match format {
         "qcow2" => Ok(check_qcow2_header(&head, size)?.virtual_size),
         "raw" => {
@@ -450,19 +489,104 @@ mod tests {
 
     #[test]
     fn raw_that_looks_like_another_format_is_refused() {
-        assert_eq!(sniff_raw(&qcow2()), Err(ImageError::RawLooksLike("qcow2")));
-        assert_eq!(sniff_raw(b"KDMV\x01\0\0\0"), Err(ImageError::RawLooksLike("vmdk")));
-        assert_eq!(sniff_raw(b"vhdxfile...."), Err(ImageError::RawLooksLike("vhdx")));
-        assert_eq!(sniff_raw(b"QED\0...."), Err(ImageError::RawLooksLike("qed")));
-        assert_eq!(sniff_raw(b"LUKS\xba\xbe\0\x01"), Err(ImageError::RawLooksLike("luks")));
-        assert_eq!(sniff_raw(&[0u8; 4096]), Ok(()));
+        let looks_like = |head: &[u8]| match sniff_raw(head) {
+            Err(ImageError::RawLooksLike(k)) => Some(k),
+            _ => None,
+        };
+        assert_eq!(looks_like(&qcow2()), Some("qcow2"));
+        assert_eq!(looks_like(b"KDMV\x01\0\0\0"), Some("vmdk"));
+        assert_eq!(looks_like(b"vhdxfile...."), Some("vhdx"));
+        assert_eq!(looks_like(b"QED\0...."), Some("qed"));
+        assert_eq!(looks_like(b"LUKS\xba\xbe\0\x01"), Some("luks"));
+        assert!(sniff_raw(&[0u8; 4096]).is_ok());
+    }
+
+    fn problem(b: &[u8]) -> Option<Qcow2Problem> {
+        match check(b) {
+            Err(ImageError::Qcow2(p)) => Some(p),
+            _ => None,
+        }
     }
 
     #[test]
+    fn header_problems_are_told_apart() {
+        let mut b = qcow2();
+        b[4..8].copy_from_slice(&4u32.to_be_bytes());
+        assert_eq!(problem(&b), Some(Qcow2Problem::Version(4)));
+        let mut b = qcow2();
+        b[72..80].copy_from_slice(&1u64.to_be_bytes());
+        assert_eq!(problem(&b), Some(Qcow2Problem::IncompatibleFeature { bit: 0, what: "dirty" }));
+        let mut b = qcow2();
+        b[100..104].copy_from_slice(&100u32.to_be_bytes());
+        assert_eq!(problem(&b), Some(Qcow2Problem::HeaderLength(100)));
+    }
+
+    fn sound_qcow2_info() -> ImageInfo {
+        ImageInfo {
+            format: "qcow2".into(),
+            virtual_size: 64 << 20,
+            actual_size: Some(200704),
+            backing: None,
+            backing_format: None,
+            snapshots: 0,
+            dirty: false,
+            encrypted: false,
+            corrupt: false,
+            data_file: None,
+        }
+    }
+
+    fn expect_qcow2() -> Expect<'static> {
+        Expect {
+            format: "qcow2",
+            size: 1,
+            virtual_size: 64 << 20,
+            sha256: "",
+            max_virtual_size: 1 << 40,
+            qemu_img: true,
+        }
+    }
+
+    #[test]
+    fn second_opinion_accepts_a_sound_image() {
+        assert!(second_opinion(&sound_qcow2_info(), &expect_qcow2()).is_ok());
+    }
+
+    #[test]
+    fn second_opinion_refuses_what_the_image_must_not_be() {
+        let e = expect_qcow2();
+        let sound = sound_qcow2_info();
+        let refusal = |i: ImageInfo| second_opinion(&i, &e).unwrap_err();
+        assert!(
+            matches!(refusal(ImageInfo { format: "raw".into(), ..sound.clone() }), ImageError::QemuImgFormat(f) if f == "raw")
+        );
+        assert!(matches!(
+            refusal(ImageInfo { backing: Some("/etc/hostname".into()), ..sound.clone() }),
+            ImageError::QemuImgBacking
+        ));
+        assert!(matches!(
+            refusal(ImageInfo { data_file: Some("/dev/sda".into()), ..sound.clone() }),
+            ImageError::QemuImgDataFile
+        ));
+        assert!(matches!(refusal(ImageInfo { corrupt: true, ..sound.clone() }), ImageError::QemuImgCorrupt));
+        assert!(matches!(refusal(ImageInfo { encrypted: true, ..sound.clone() }), ImageError::QemuImgEncrypted));
+        let small = refusal(ImageInfo { virtual_size: 1 << 20, ..sound });
+        assert!(matches!(small, ImageError::QemuImgVirtualSize { got: 1048576, want: 67108864 }), "{small}");
+    }
+
+    #[test]
+    fn a_missing_file_is_an_io_error_with_its_cause() {
+        let e = verify_image(Path::new("/nonexistent/m.qcow2"), &expect_qcow2()).unwrap_err();
+        assert!(matches!(&e, ImageError::Io(io) if io.kind() == std::io::ErrorKind::NotFound), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn qemu_img_agrees_with_a_real_image_and_refuses_a_wrong_size() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.qcow2");
-        vcc_core::process::run("qemu-img", &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"]).unwrap();
+        QemuImg::new().create(&p, "qcow2", 64 << 20).unwrap();
         let size = std::fs::metadata(&p).unwrap().len();
         let sha = sha256_file(&p).unwrap();
         let e = Expect {
@@ -478,7 +602,13 @@ mod tests {
         assert!(matches!(verify_image(&p, &wrong), Err(ImageError::VirtualSize { .. })));
         let small = Expect { max_virtual_size: 1 << 20, ..e.clone() };
         assert!(matches!(verify_image(&p, &small), Err(ImageError::TooBig { .. })));
-        let bad_sha = Expect { sha256: &"0".repeat(64), ..e };
+        let bad_sha = Expect { sha256: &"0".repeat(64), ..e.clone() };
         assert!(matches!(verify_image(&p, &bad_sha), Err(ImageError::Sha256 { .. })));
+        // qemu-img alone, past our own header checks: it reads the size the header states.
+        let wrong_qemu = Expect { virtual_size: 32 << 20, ..e };
+        assert!(matches!(
+            qemu_img_second_opinion(&p, &wrong_qemu),
+            Err(ImageError::QemuImgVirtualSize { got: 67108864, want: 33554432 })
+        ));
     }
 }

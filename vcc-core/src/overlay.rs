@@ -1,4 +1,4 @@
-//! Creating qcow2 overlays over masters, and reading image facts with qemu-img.
+//! Creating qcow2 overlays over masters, and reading image facts (through [`crate::qemu_img`]).
 //!
 //! Overlays are always created with the master's format stated (`-F`), compat 1.1, and, where
 //! QEMU supports it, 128 KiB clusters with extended L2 entries (subcluster allocation: first
@@ -13,7 +13,8 @@ use std::sync::OnceLock;
 
 use quick_xml::escape::escape;
 
-use crate::process::{run, run_with_timeout, CommandError};
+pub use crate::qemu_img::{BackingSpec, ImageInfo};
+use crate::qemu_img::{QemuImg, QemuImgError};
 
 /// Formats a master may have. Anything else cannot be a backing file we create overlays over.
 pub const MASTER_FORMATS: [&str; 2] = ["qcow2", "raw"];
@@ -29,24 +30,19 @@ pub enum OverlayError {
         #[source]
         source: std::io::Error,
     },
-    #[error("qemu-img could not create the overlay '{path}'")]
+    #[error("cannot create the overlay '{path}'")]
     QemuImg {
         path: String,
         #[source]
-        source: CommandError,
+        source: QemuImgError,
     },
-    #[error("qemu-img could not read '{path}'")]
-    Info {
-        path: String,
-        #[source]
-        source: CommandError,
-    },
+    /// qemu-img could not read an image (the cause names it).
+    #[error(transparent)]
+    Info(QemuImgError),
     #[error("'{0}' can be written by other users (group/other-writable, not sticky, or not owned by root); refusing to create overlays there")]
     UnsafeDir(String),
     #[error("'{0}' is not a regular file; a master must be one")]
     NotRegular(String),
-    #[error("qemu-img printed information about '{path}' that we cannot read: {why}")]
-    InfoFormat { path: String, why: String },
 }
 
 /// How overlays are laid out.
@@ -80,32 +76,12 @@ impl OverlayOptions {
     pub fn plain(self) -> Self {
         OverlayOptions { extended_l2: false, ..self }
     }
-
-    fn create_opts(&self) -> String {
-        if self.extended_l2 {
-            "compat=1.1,cluster_size=128k,extended_l2=on".to_string()
-        } else {
-            "compat=1.1".to_string()
-        }
-    }
 }
 
 /// Whether `qemu-img create -f qcow2` knows `extended_l2` (QEMU 5.2 and later). Asked once.
 pub fn qemu_img_supports_extended_l2() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        run("qemu-img", &["create", "-f", "qcow2", "-o", "help"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("extended_l2"))
-            .unwrap_or(false)
-    })
-}
-
-/// What a master overlay is built over.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackingSpec<'a> {
-    pub path: &'a str,
-    pub format: &'a str,
-    pub virtual_size: u64,
+    *SUPPORTED.get_or_init(|| QemuImg::new().supports_extended_l2())
 }
 
 /// Creates the overlay file `overlay` over `backing` with qemu-img, never overwriting anything:
@@ -143,8 +119,10 @@ pub fn create_file_overlay(
         Ok(_) => {}
         Err(source) => return Err(OverlayError::Create { path: tmp.display().to_string(), source }),
     }
-    let result =
-        qemu_img_create(&tmp, backing, opts).map_err(|source| OverlayError::QemuImg { path: shown.clone(), source });
+    let result = QemuImg::new()
+        .timeout(opts.timeout)
+        .create_overlay(&tmp, backing, opts.extended_l2)
+        .map_err(|source| OverlayError::QemuImg { path: shown.clone(), source });
     let linked = result.and_then(|()| match std::fs::hard_link(&tmp, overlay) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(OverlayError::Exists(shown.clone())),
@@ -152,35 +130,6 @@ pub fn create_file_overlay(
     });
     let _ = std::fs::remove_file(&tmp);
     linked
-}
-
-fn qemu_img_create(path: &Path, backing: &BackingSpec<'_>, opts: OverlayOptions) -> Result<(), CommandError> {
-    let size = backing.virtual_size.to_string();
-    let create_opts = opts.create_opts();
-    let mut argv: Vec<&std::ffi::OsStr> = vec![
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-o".as_ref(),
-        create_opts.as_str().as_ref(),
-        "-b".as_ref(),
-        backing.path.as_ref(),
-        "-F".as_ref(),
-        backing.format.as_ref(),
-        path.as_os_str(),
-        size.as_ref(),
-    ];
-    match run_with_timeout("qemu-img", &argv, opts.timeout) {
-        // An older QEMU (before 5.2) does not know extended L2 entries: the plain layout. Only
-        // qemu-img's own complaint counts (our command line contains the word too).
-        Err(e) if opts.extended_l2 && e.stderr().is_some_and(|s| s.contains("extended_l2")) => {
-            let plain = opts.plain().create_opts();
-            argv[5] = plain.as_ref();
-            run_with_timeout("qemu-img", &argv, opts.timeout).map(|_| ())
-        }
-        other => other.map(|_| ()),
-    }
 }
 
 /// Refuses directories someone other than root (or us) could write to without the sticky bit.
@@ -225,34 +174,11 @@ pub fn overlay_volume_xml(name: &str, backing: &BackingSpec<'_>, opts: OverlayOp
     )
 }
 
-/// What qemu-img says about an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageInfo {
-    pub virtual_size: u64,
-    /// Bytes the file takes on disk.
-    pub actual_size: Option<u64>,
-    pub backing: Option<String>,
-    pub backing_format: Option<String>,
-}
-
-/// `qemu-img info -f FORMAT --output=json --force-share PATH`: the format is always stated, so a
-/// raw image is never probed as something else.
+/// `qemu-img info -f FORMAT --output=json --force-share PATH` of a regular file: the format is
+/// always stated, so a raw image is never probed as something else.
 pub fn image_info(path: &str, format: &str) -> Result<ImageInfo, OverlayError> {
     ensure_regular(path)?;
-    let out = run("qemu-img", &["info", "-f", format, "--output=json", "--force-share", path])
-        .map_err(|source| OverlayError::Info { path: path.into(), source })?;
-    parse_image_info(path, &out.stdout)
-}
-
-fn parse_image_info(path: &str, json: &[u8]) -> Result<ImageInfo, OverlayError> {
-    let bad = |why: &str| OverlayError::InfoFormat { path: path.into(), why: why.into() };
-    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| bad(&e.to_string()))?;
-    Ok(ImageInfo {
-        virtual_size: v["virtual-size"].as_u64().ok_or_else(|| bad("no virtual-size"))?,
-        actual_size: v["actual-size"].as_u64(),
-        backing: v["full-backing-filename"].as_str().or(v["backing-filename"].as_str()).map(String::from),
-        backing_format: v["backing-filename-format"].as_str().map(String::from),
-    })
+    QemuImg::new().force_share(true).info(Path::new(path), format).map_err(OverlayError::Info)
 }
 
 #[cfg(test)]
@@ -272,18 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn image_info_reads_qemu_img_json() {
-        let j = br#"{"virtual-size": 67108864, "filename": "o.qcow2", "format": "qcow2",
-            "actual-size": 200704, "backing-filename": "/m.raw", "full-backing-filename": "/m.raw",
-            "backing-filename-format": "raw"}"#;
-        let i = parse_image_info("o.qcow2", j).unwrap();
-        assert_eq!(i.virtual_size, 64 << 20);
-        assert_eq!(i.backing.as_deref(), Some("/m.raw"));
-        assert_eq!(i.backing_format.as_deref(), Some("raw"));
-        assert!(parse_image_info("x", b"{}").is_err());
-    }
-
-    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn file_overlay_over_raw_master_has_stated_format_and_never_overwrites() {
         let dir = tempfile::tempdir().unwrap();
         let master = dir.path().join("m.raw");
@@ -301,6 +216,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn failed_qemu_img_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let master = dir.path().join("m.raw");
@@ -327,19 +243,36 @@ mod tests {
         let b = BackingSpec { path: master.to_str().unwrap(), format: "raw", virtual_size: 4096 };
         let err = create_file_overlay(&open.join("o.qcow2"), &b, OverlayOptions::preferred()).unwrap_err();
         assert!(matches!(err, OverlayError::UnsafeDir(_)), "{err}");
-        // Sticky, like /tmp: nobody can swap our files there.
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        create_file_overlay(&open.join("o.qcow2"), &b, OverlayOptions::preferred()).unwrap();
+        assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "nothing made there");
     }
 
     #[test]
-    fn a_fifo_is_not_a_master() {
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    fn overlays_are_made_in_sticky_directories_like_tmp() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("f");
-        crate::process::run("mkfifo", &[fifo.to_str().unwrap()]).unwrap();
-        let b = BackingSpec { path: fifo.to_str().unwrap(), format: "raw", virtual_size: 4096 };
+        let master = dir.path().join("m.raw");
+        std::fs::write(&master, vec![0u8; 4096]).unwrap();
+        let sticky = dir.path().join("sticky");
+        std::fs::create_dir(&sticky).unwrap();
+        // Sticky, like /tmp: nobody can swap our files there.
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let b = BackingSpec { path: master.to_str().unwrap(), format: "raw", virtual_size: 4096 };
+        create_file_overlay(&sticky.join("o.qcow2"), &b, OverlayOptions::preferred()).unwrap();
+        assert!(sticky.join("o.qcow2").is_file());
+    }
+
+    #[test]
+    fn a_special_file_is_not_a_master() {
+        // A Unix socket stands in for a FIFO or a device (made without an external program):
+        // qemu-img would block on a FIFO, so it is never run on anything but a regular file.
+        let dir = tempfile::tempdir().unwrap();
+        let special = dir.path().join("s");
+        let _listener = std::os::unix::net::UnixListener::bind(&special).unwrap();
+        let b = BackingSpec { path: special.to_str().unwrap(), format: "raw", virtual_size: 4096 };
         let err = create_file_overlay(&dir.path().join("o.qcow2"), &b, OverlayOptions::preferred()).unwrap_err();
         assert!(matches!(err, OverlayError::NotRegular(_)), "{err}");
-        assert!(matches!(image_info(fifo.to_str().unwrap(), "raw").unwrap_err(), OverlayError::NotRegular(_)));
+        assert!(matches!(image_info(special.to_str().unwrap(), "raw").unwrap_err(), OverlayError::NotRegular(_)));
+        assert!(!dir.path().join("o.qcow2").exists());
     }
 }

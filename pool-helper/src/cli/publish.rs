@@ -17,14 +17,13 @@ pub struct PublishArgs {
 
 pub fn run(cfg: &Config, a: &PublishArgs, json: bool) -> Result<(), CliError> {
     let p = crate::publish::publish(cfg, &a.pool, &a.volume)?;
-    match client::connect(&cfg.control_socket)? {
-        Some(s) => {
-            let req = proto::Request::Seed(proto::MasterRequest {
-                pool: a.pool.clone(),
-                manifest: None,
-                manifest_path: Some(p.manifest_path.display().to_string()),
-            });
-            let f = client::call(s, &req, |_| {})?;
+    match client::try_connect(&cfg.control_socket, None)? {
+        Some(c) => {
+            let req = proto::Request::Seed(proto::MasterRequest::by_path(
+                Some(a.pool.clone()),
+                p.manifest_path.display().to_string(),
+            ));
+            let f = c.call(&req, None, |_| {})?;
             if !f.ok {
                 return Err(CliError::Failed(format!(
                     "published, but the daemon does not seed it: {}",

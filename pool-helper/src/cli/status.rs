@@ -1,68 +1,94 @@
 //! `pool-helper status` and `pool-helper list`
 
+use serde::Serialize;
+
 use super::CliError;
 use crate::config::Config;
 use crate::records;
-use vcc_core::control::{client, proto};
+use vcc_core::control::client;
+use vcc_core::control::proto::{MasterListEntry, MasterStatus, Masters, Request};
+
+/// `--json` output: `{"masters":[…]}`.
+#[derive(Serialize)]
+struct Output<'a, T: Serialize> {
+    masters: &'a T,
+}
+
+/// A master this host recorded, as `list` shows it without a daemon. Fields in alphabetical
+/// order, as the untyped object had them.
+#[derive(Serialize)]
+struct Recorded {
+    name: String,
+    path: Option<String>,
+    pool: String,
+    /// `published (daemon not running)`, …
+    state: String,
+}
 
 pub fn run(cfg: &Config, json: bool, list: bool) -> Result<(), CliError> {
-    let Some(s) = client::connect(&cfg.control_socket)? else {
+    let Some(c) = client::try_connect(&cfg.control_socket, None)? else {
         if list {
             // Without a daemon, list what this host has recorded.
-            let v: Vec<proto::MasterListEntry> = records::load_all(cfg)
+            let v: Vec<Recorded> = records::load_all(cfg)
                 .into_iter()
-                .map(|r| proto::MasterListEntry {
+                .map(|r| Recorded {
                     name: r.manifest.name,
                     pool: r.pool,
                     path: Some(r.path.display().to_string()),
                     state: format!("{} (daemon not running)", r.state),
                 })
                 .collect();
-            return print(json, serde_json::to_value(v).unwrap_or_default(), list);
+            if json {
+                return print_json(&v);
+            }
+            for r in &v {
+                print_list_line(&r.state, &r.pool, &r.name, r.path.as_deref());
+            }
+            return Ok(());
         }
         return Err(CliError::Failed(format!(
             "no daemon answers on {} (start `pool-helper serve`)",
             cfg.control_socket.display()
         )));
     };
-    let f = client::call(s, if list { &proto::Request::List } else { &proto::Request::Status }, |_| {})?;
+    let f = c.call(if list { &Request::List } else { &Request::Status }, None, |_| {})?;
     if !f.ok {
         return Err(CliError::Failed(f.error.unwrap_or_default()));
     }
-    print(json, f.masters.unwrap_or_default(), list)
-}
-
-fn print(json: bool, masters: serde_json::Value, list: bool) -> Result<(), CliError> {
+    let masters = f.masters.unwrap_or(Masters::List(Vec::new()));
     if json {
-        println!("{}", serde_json::json!({ "masters": masters }));
-        return Ok(());
+        return print_json(&masters);
     }
-    let empty = vec![];
-    for m in masters.as_array().unwrap_or(&empty) {
-        let g = |k: &str| {
-            m.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default()
-        };
-        let n = |k: &str| m.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        if list {
-            println!("{:<10} {}/{}  {}", g("state"), g("pool"), g("name"), g("path"));
-        } else {
-            let pct = if n("total_bytes") > 0 { n("done_bytes") * 100 / n("total_bytes") } else { 0 };
-            print!(
-                "{:<10} {}/{}  {}%  peers {}  down {} B/s  up {} B/s  uploaded {} B",
-                g("state"),
-                g("pool"),
-                g("name"),
-                pct,
-                n("peers"),
-                n("down_bps"),
-                n("up_bps"),
-                n("uploaded_bytes")
-            );
-            match m.get("error").and_then(|e| e.as_str()) {
-                Some(e) => println!("  error: {e}"),
-                None => println!(),
-            }
-        }
+    match &masters {
+        Masters::List(l) => l.iter().for_each(|m: &MasterListEntry| {
+            print_list_line(&m.state, &m.pool, &m.name, m.path.as_deref());
+        }),
+        Masters::Status(s) if list => s.iter().for_each(|m| {
+            print_list_line(&m.state, &m.pool, &m.name, m.path.as_deref());
+        }),
+        Masters::Status(s) => s.iter().for_each(print_status_line),
     }
     Ok(())
+}
+
+fn print_json<T: Serialize>(masters: &T) -> Result<(), CliError> {
+    println!("{}", serde_json::to_string(&Output { masters }).unwrap_or_default());
+    Ok(())
+}
+
+/// A missing path prints as `null`, as it always did.
+fn print_list_line(state: &dyn std::fmt::Display, pool: &str, name: &str, path: Option<&str>) {
+    println!("{:<10} {pool}/{name}  {}", state.to_string(), path.unwrap_or("null"));
+}
+
+fn print_status_line(m: &MasterStatus) {
+    let pct = m.done_bytes.saturating_mul(100).checked_div(m.total_bytes).unwrap_or(0);
+    print!(
+        "{:<10} {}/{}  {}%  peers {}  down {} B/s  up {} B/s  uploaded {} B",
+        m.state, m.pool, m.name, pct, m.peers, m.down_bps, m.up_bps, m.uploaded_bytes
+    );
+    match &m.error {
+        Some(e) => println!("  error: {e}"),
+        None => println!(),
+    }
 }

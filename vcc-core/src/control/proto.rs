@@ -1,15 +1,25 @@
-//! Control socket protocol (documented in `docs/control-protocol.md`).
+//! Control socket protocol (documented in `docs/control-protocol.md`): the one definition of every
+//! line on the socket, typed both ways.
 //!
-//! Unix stream socket, newline-delimited JSON. The client writes ONE request line; the server
-//! writes zero or more event lines, then exactly one final line carrying `"ok"`, then closes.
+//! Unix stream socket, newline-delimited JSON. The client writes ONE request line ([`Request`]);
+//! the server writes zero or more event lines ([`Event`], tagged by `event`), then exactly one final
+//! line carrying `"ok"` ([`Final`]), then closes.
+//!
+//! The JSON is byte for byte what the untyped code wrote before these types: the strings of the
+//! state enums are today's, and structs whose lines used to go through a `serde_json::Value` (which
+//! sorts keys) declare their fields in alphabetical order so that the keys come out in the same
+//! order.
 
 use serde::{Deserialize, Serialize};
 
 /// Longest request line the server reads.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
+/// Longest event or final line a client reads (a `status` of many masters stays far below).
+pub const MAX_ANSWER_LINE_BYTES: usize = 16 * 1024 * 1024;
+
 /// A request line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
     /// Make sure a master is in the pool: answer `present` at once, or fetch it.
@@ -23,74 +33,205 @@ pub enum Request {
 }
 
 /// Which master, in which pool: the manifest inline or as an absolute path.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MasterRequest {
-    pub pool: String,
+    /// Required by the daemon; the hook leaves it out when the domain's metadata names no pool
+    /// (and the daemon then refuses the request, saying so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub manifest: Option<serde_json::Value>,
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<ManifestObject>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_path: Option<String>,
 }
 
-/// A progress event line.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ProgressEvent {
-    pub event: String,
+impl MasterRequest {
+    /// A master named by the path of its manifest file.
+    pub fn by_path(pool: Option<String>, manifest_path: impl Into<String>) -> Self {
+        MasterRequest { pool, manifest: None, manifest_path: Some(manifest_path.into()) }
+    }
+
+    /// A master described inline, as the hook does from a domain's metadata.
+    pub fn inline(pool: Option<String>, manifest: InlineManifest) -> Self {
+        MasterRequest { pool, manifest: Some(ManifestObject::Inline(manifest)), manifest_path: None }
+    }
+}
+
+/// A request's inline `manifest` object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ManifestObject {
+    /// As received: the daemon parses and validates it as pool-helper's manifest (which has more
+    /// fields than the hook sends, and its own checks).
+    Received(serde_json::Value),
+    /// As the hook sends it.
+    #[serde(skip_deserializing)]
+    Inline(InlineManifest),
+}
+
+impl ManifestObject {
+    /// The object as JSON, whichever way it came.
+    pub fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        match self {
+            ManifestObject::Received(v) => Ok(v.clone()),
+            ManifestObject::Inline(m) => serde_json::to_value(m),
+        }
+    }
+}
+
+/// The manifest the hook sends inline, from what the domain's metadata records about a master.
+/// Fields in alphabetical order: the order the hook's untyped object had.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InlineManifest {
+    pub format: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info_hash: Option<String>,
+    pub name: String,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_size: Option<u64>,
+}
+
+/// An event line: `{"event":"…",…}`. Over the socket the daemon sends only `progress`;
+/// `pool-helper fetch --json` also prints `started` and `verifying` when it fetches in process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Event {
+    /// About once a second while a fetch runs.
+    Progress(Progress),
+    /// The download is running; `have_bytes` were already staged (a resumed fetch).
+    Started { have_bytes: u64, total_bytes: u64 },
+    /// The whole file is here and being checked.
+    Verifying,
+    /// An event this client does not know (a newer daemon): skipped, never sent.
+    #[serde(other, skip_serializing)]
+    Unknown,
+}
+
+/// A fetch's progress, as `progress` events carry it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Progress {
     pub done_bytes: u64,
     pub total_bytes: u64,
     pub peers: u32,
     pub down_bps: u64,
 }
 
-/// One master as `status` reports it.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+impl std::fmt::Display for Progress {
+    /// `42% of 1.0 GiB, 3 peer(s), 12.0 MiB/s`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = if self.total_bytes > 0 { self.done_bytes as f64 * 100.0 / self.total_bytes as f64 } else { 0.0 };
+        write!(
+            f,
+            "{pct:.0}% of {}, {} peer(s), {}/s",
+            crate::units::human_bytes(self.total_bytes),
+            self.peers,
+            crate::units::human_bytes(self.down_bps)
+        )
+    }
+}
+
+/// What the daemon is doing with a master (`status`, `list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MasterState {
+    /// Re-checked at daemon start before it is seeded.
+    Verifying,
+    Seeding,
+    Fetching,
+    /// See the entry's `error`.
+    Failed,
+}
+
+impl MasterState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MasterState::Verifying => "verifying",
+            MasterState::Seeding => "seeding",
+            MasterState::Fetching => "fetching",
+            MasterState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for MasterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// How a request for a master ended well (the final line's `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinalState {
+    /// Already in the pool and verified.
+    Present,
+    /// Downloaded, verified and put in the pool.
+    Fetched,
+    /// Seeded (the answer to `seed`).
+    Seeding,
+}
+
+/// One master as `status` reports it. Fields in alphabetical order (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MasterStatus {
-    pub name: String,
-    pub pool: String,
-    pub sha256: String,
-    /// `seeding`, `fetching`, `verifying` or `failed`.
-    pub state: String,
-    pub path: Option<String>,
     pub done_bytes: u64,
-    pub total_bytes: u64,
-    pub peers: u32,
-    pub up_bps: u64,
     pub down_bps: u64,
-    pub uploaded_bytes: u64,
     pub error: Option<String>,
     /// How many downloads were started for this master by this daemon (coalesced requests share one).
     pub fetches: u32,
+    pub name: String,
+    pub path: Option<String>,
+    pub peers: u32,
+    pub pool: String,
+    pub sha256: String,
+    pub state: MasterState,
+    pub total_bytes: u64,
+    pub up_bps: u64,
+    pub uploaded_bytes: u64,
 }
 
-/// One master as `list` reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One master as `list` reports it. Fields in alphabetical order (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MasterListEntry {
     pub name: String,
-    pub pool: String,
     pub path: Option<String>,
-    pub state: String,
+    pub pool: String,
+    pub state: MasterState,
+}
+
+/// The `masters` of a final line: what `status` or `list` sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Masters {
+    Status(Vec<MasterStatus>),
+    List(Vec<MasterListEntry>),
 }
 
 /// The final line.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Final {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<FinalState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub masters: Option<serde_json::Value>,
+    pub masters: Option<Masters>,
 }
 
 impl Final {
     pub fn error(msg: impl Into<String>) -> Self {
         Final { ok: false, error: Some(newlines_to_semicolons(&msg.into())), ..Default::default() }
     }
-    pub fn done(state: &str, path: &str) -> Self {
-        Final { ok: true, state: Some(state.into()), path: Some(path.into()), ..Default::default() }
+    pub fn done(state: FinalState, path: &str) -> Self {
+        Final { ok: true, state: Some(state), path: Some(path.into()), ..Default::default() }
+    }
+    pub fn masters(masters: Masters) -> Self {
+        Final { ok: true, masters: Some(masters), ..Default::default() }
     }
 }
 
@@ -99,25 +240,178 @@ pub fn newlines_to_semicolons(s: &str) -> String {
     s.replace(['\n', '\r'], "; ")
 }
 
+/// One line of the server's answer: an event, or the final line (the one with `ok`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Event(Event),
+    Final(Final),
+}
+
+impl Answer {
+    /// Parses one answer line (without its newline).
+    pub fn parse(line: &[u8]) -> Result<Answer, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Probe {
+            #[serde(default)]
+            ok: Option<serde::de::IgnoredAny>,
+        }
+        if serde_json::from_slice::<Probe>(line)?.ok.is_some() {
+            Ok(Answer::Final(serde_json::from_slice(line)?))
+        } else {
+            Ok(Answer::Event(serde_json::from_slice(line)?))
+        }
+    }
+}
+
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
+    /// Parses `line` as `T` and writes it back: the same bytes.
+    fn round_trips<T: Serialize + serde::de::DeserializeOwned + std::fmt::Debug>(line: &str) -> T {
+        let v: T = serde_json::from_str(line).unwrap();
+        assert_eq!(serde_json::to_string(&v).unwrap(), line, "{v:?}");
+        v
+    }
+
     #[test]
-    fn requests_parse_as_documented() {
-        let r: Request = serde_json::from_str(r#"{"op":"ensure","pool":"default","manifest_path":"/m.json"}"#).unwrap();
-        assert!(matches!(r, Request::Ensure(MasterRequest { ref pool, .. }) if pool == "default"));
-        let r: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
-        assert!(matches!(r, Request::Status));
+    fn requests_round_trip_as_documented() {
+        let r: Request = round_trips(r#"{"op":"ensure","pool":"default","manifest_path":"/abs/path/master.json"}"#);
+        assert_eq!(r, Request::Ensure(MasterRequest::by_path(Some("default".into()), "/abs/path/master.json")));
+        let r: Request = round_trips(r#"{"op":"ensure","pool":"default","manifest":{"name":"m.qcow2"}}"#);
+        assert!(matches!(
+            r,
+            Request::Ensure(MasterRequest { manifest: Some(ManifestObject::Received(_)), manifest_path: None, .. })
+        ));
+        let r: Request = round_trips(r#"{"op":"seed","pool":"P","manifest_path":"/abs/m.json"}"#);
+        assert!(matches!(r, Request::Seed(_)));
+        assert_eq!(round_trips::<Request>(r#"{"op":"status"}"#), Request::Status);
+        assert_eq!(round_trips::<Request>(r#"{"op":"list"}"#), Request::List);
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
     }
 
     #[test]
-    fn final_lines_are_as_documented() {
-        let s = serde_json::to_string(&Final::done("present", "/p/m")).unwrap();
-        assert_eq!(s, r#"{"ok":true,"state":"present","path":"/p/m"}"#);
-        let s = serde_json::to_string(&Final::error("a\nb")).unwrap();
-        assert_eq!(s, r#"{"ok":false,"error":"a; b"}"#);
+    fn the_hooks_inline_manifest_is_the_object_it_always_sent() {
+        let m = InlineManifest {
+            name: "base.qcow2".into(),
+            format: "qcow2".into(),
+            sha256: "ab".repeat(32),
+            info_hash: Some("cd".repeat(20)),
+            virtual_size: Some(1 << 30),
+        };
+        let req = Request::Ensure(MasterRequest::inline(Some("default".into()), m.clone()));
+        // What the hook's untyped object with the optional keys wrote (a Value map: sorted keys).
+        let before = format!(
+            r#"{{"format":"qcow2","info_hash":"{}","name":"base.qcow2","sha256":"{}","virtual_size":1073741824}}"#,
+            "cd".repeat(20),
+            "ab".repeat(32)
+        );
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            format!(r#"{{"op":"ensure","pool":"default","manifest":{before}}}"#)
+        );
+        let bare = InlineManifest { info_hash: None, virtual_size: None, ..m };
+        let req = Request::Ensure(MasterRequest::inline(None, bare));
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            format!(
+                r#"{{"op":"ensure","manifest":{{"format":"qcow2","name":"base.qcow2","sha256":"{}"}}}}"#,
+                "ab".repeat(32)
+            )
+        );
+    }
+
+    #[test]
+    fn events_round_trip_as_documented_and_printed() {
+        let e: Event = round_trips(r#"{"event":"progress","done_bytes":5,"total_bytes":10,"peers":2,"down_bps":1}"#);
+        assert_eq!(e, Event::Progress(Progress { done_bytes: 5, total_bytes: 10, peers: 2, down_bps: 1 }));
+        let e: Event = round_trips(r#"{"event":"started","have_bytes":3,"total_bytes":10}"#);
+        assert_eq!(e, Event::Started { have_bytes: 3, total_bytes: 10 });
+        assert_eq!(round_trips::<Event>(r#"{"event":"verifying"}"#), Event::Verifying);
+    }
+
+    #[test]
+    fn an_unknown_event_is_read_as_unknown_and_missing_numbers_as_zero() {
+        let e: Event = serde_json::from_str(r#"{"event":"teleporting","eta":3}"#).unwrap();
+        assert_eq!(e, Event::Unknown);
+        let e: Event = serde_json::from_str(r#"{"event":"progress","done_bytes":7}"#).unwrap();
+        assert_eq!(e, Event::Progress(Progress { done_bytes: 7, ..Default::default() }));
+    }
+
+    #[test]
+    fn final_lines_round_trip_as_documented() {
+        let f: Final = round_trips(r#"{"ok":true,"state":"present","path":"/abs/path/in/pool"}"#);
+        assert_eq!(f, Final::done(FinalState::Present, "/abs/path/in/pool"));
+        let f: Final = round_trips(r#"{"ok":true,"state":"fetched","path":"/abs/path/in/pool"}"#);
+        assert_eq!(f.state, Some(FinalState::Fetched));
+        let f: Final = round_trips(r#"{"ok":true,"state":"seeding","path":"/p/m"}"#);
+        assert_eq!(f.state, Some(FinalState::Seeding));
+        let f: Final = round_trips(r#"{"ok":false,"error":"one line: what and why"}"#);
+        assert_eq!(f, Final::error("one line: what and why"));
+        assert_eq!(serde_json::to_string(&Final::error("a\nb")).unwrap(), r#"{"ok":false,"error":"a; b"}"#);
+    }
+
+    fn status_entry() -> MasterStatus {
+        MasterStatus {
+            name: "debian-12.qcow2".into(),
+            pool: "default".into(),
+            sha256: "ab".repeat(32),
+            state: MasterState::Seeding,
+            path: Some("/var/lib/libvirt/images/debian-12.qcow2".into()),
+            done_bytes: 10,
+            total_bytes: 10,
+            peers: 2,
+            up_bps: 3,
+            down_bps: 0,
+            uploaded_bytes: 20,
+            error: None,
+            fetches: 1,
+        }
+    }
+
+    #[test]
+    fn status_and_list_lines_are_the_bytes_the_untyped_value_wrote() {
+        let f = Final::masters(Masters::Status(vec![status_entry()]));
+        // Before the types, `masters` went through a serde_json::Value, which sorts keys.
+        let untyped = serde_json::to_value(vec![status_entry()]).unwrap().to_string();
+        let line = serde_json::to_string(&f).unwrap();
+        assert_eq!(line, format!(r#"{{"ok":true,"masters":{untyped}}}"#));
+        assert_eq!(round_trips::<Final>(&line), f);
+
+        let l = MasterListEntry { name: "n".into(), pool: "p".into(), path: None, state: MasterState::Failed };
+        let line = serde_json::to_string(&Final::masters(Masters::List(vec![l.clone()]))).unwrap();
+        assert_eq!(line, r#"{"ok":true,"masters":[{"name":"n","path":null,"pool":"p","state":"failed"}]}"#);
+        assert_eq!(round_trips::<Final>(&line).masters, Some(Masters::List(vec![l])));
+    }
+
+    #[test]
+    fn master_states_are_todays_strings() {
+        for (s, text) in [
+            (MasterState::Verifying, "verifying"),
+            (MasterState::Seeding, "seeding"),
+            (MasterState::Fetching, "fetching"),
+            (MasterState::Failed, "failed"),
+        ] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{text}\""));
+            assert_eq!(format!("{s:<10}|"), format!("{text:<10}|"));
+        }
+    }
+
+    #[test]
+    fn answer_lines_are_told_apart_by_ok() {
+        let a =
+            Answer::parse(br#"{"event":"progress","done_bytes":1,"total_bytes":4,"peers":0,"down_bps":0}"#).unwrap();
+        assert!(matches!(a, Answer::Event(Event::Progress(Progress { done_bytes: 1, .. }))));
+        let a = Answer::parse(br#"{"ok":false,"error":"no peer has it"}"#).unwrap();
+        assert!(matches!(a, Answer::Final(Final { ok: false, .. })));
+        assert!(Answer::parse(b"not json").is_err());
+        assert!(Answer::parse(br#"{"ok":"yes"}"#).is_err());
+    }
+
+    #[test]
+    fn progress_reads_as_the_hook_prints_it() {
+        let p = Progress { done_bytes: 1 << 29, total_bytes: 1 << 30, peers: 3, down_bps: 0 };
+        let s = p.to_string();
+        assert!(s.starts_with("50% of ") && s.contains("3 peer(s)"), "{s}");
     }
 }
