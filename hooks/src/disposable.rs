@@ -205,6 +205,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn an_overlay_of_the_recorded_master_is_discarded() {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
@@ -214,6 +215,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn anything_that_is_not_provably_our_overlay_is_kept() {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
@@ -242,6 +244,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img and qemu-io")]
     fn an_overlay_a_qemu_holds_open_is_kept() {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
@@ -268,6 +271,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn a_managed_save_image_or_a_note_from_restore_keeps_the_overlay_at_prepare() {
         let f = Fixture::new();
         let cfg = f.cfg();
@@ -318,6 +322,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn release_discards_only_after_a_shutdown_destroy_or_crash() {
         let f = Fixture::new();
         let cfg = f.cfg();
