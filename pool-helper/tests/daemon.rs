@@ -1,12 +1,10 @@
 //! The daemon and its control socket, driven like the libvirt hook drives it.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 
-use support::*;
+use vcc_tests::*;
 
 #[test]
 fn two_concurrent_ensures_share_one_download_and_a_third_finds_it_present() {
@@ -122,7 +120,7 @@ fn malformed_requests_manifests_and_torrents_are_refused_and_the_daemon_keeps_se
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("bad.toml") && err.contains("colour") && err.trim().lines().count() == 1, "{err}");
     std::fs::write(&cfg, format!("control_socket = \"{}\"\n", b.socket().display())).unwrap();
-    let o = std::process::Command::new(BIN)
+    let o = std::process::Command::new(pool_helper_bin())
         .args(["--config", cfg.to_str().unwrap(), "--state-dir", "/nonexistent-state", "--json", "status"])
         .output()
         .unwrap();

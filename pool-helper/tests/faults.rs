@@ -2,13 +2,11 @@
 //! origin dying mid-transfer.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use vcc_tests::*;
 
 #[test]
 fn corrupt_pieces_from_a_peer_are_detected_and_the_master_completes_from_honest_peers() {
@@ -99,7 +97,7 @@ fn a_full_filesystem_is_a_clear_error_with_staging_cleaned_and_nothing_in_the_po
     let a = Instance::new(&[]);
     let man = a.publish(&pa, "big.raw");
     let mnt = Tmpfs(tempfile::Builder::new().prefix("ph-tmpfs-").tempdir_in("/var/tmp").unwrap());
-    run("mount", &["-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt.0.path().to_str().unwrap()]);
+    run_ok("mount", &["-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt.0.path().to_str().unwrap()]);
     let dir = mnt.0.path().join("pool");
     std::fs::create_dir(&dir).unwrap();
     let pb = Pool::at("tiny", dir.clone(), None);
@@ -197,7 +195,10 @@ fn fetch_must_be_refused(man: &std::path::Path, name: &str, word: &str) {
 fn a_downloaded_qcow2_naming_a_backing_file_is_refused_and_never_reaches_the_pool() {
     let d = tempfile::tempdir().unwrap();
     let evil = d.path().join("evil.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname", evil.to_str().unwrap(), "1M"]);
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname", evil.to_str().unwrap(), "1M"],
+    );
     let (man, _seed) = hostile_seed(d.path(), "evil.qcow2", "qcow2", 1 << 20);
     fetch_must_be_refused(&man, "evil.qcow2", "backing file");
 }
@@ -206,7 +207,7 @@ fn a_downloaded_qcow2_naming_a_backing_file_is_refused_and_never_reaches_the_poo
 fn a_qcow2_declared_raw_is_refused_and_never_reaches_the_pool() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disguised.raw");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
     let size = std::fs::metadata(&img).unwrap().len();
     let (man, _seed) = hostile_seed(d.path(), "disguised.raw", "raw", size);
     fetch_must_be_refused(&man, "disguised.raw", "starts like a qcow2");

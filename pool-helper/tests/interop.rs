@@ -2,16 +2,12 @@
 //! metainfo and download from us; we fetch from them seeding. opentracker is the LAN tracker.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::*;
-
-const LT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/lt.py");
+use vcc_tests::*;
 
 /// opentracker on 127.0.0.1:port serving only `info_hash` (it refuses to run as root: -u nobody).
 fn opentracker(port: u16, info_hash: &str, dir: &Path) -> Bg {

@@ -1,9 +1,7 @@
 //! Discovery on a LAN of network namespaces (the project's own test hosts on one bridge).
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
-use support::*;
+use vcc_tests::*;
 
 #[test]
 fn a_master_is_found_by_local_service_discovery_alone() {

@@ -1,13 +1,11 @@
 //! Real librqbit peers on 127.0.0.1, real libvirt dir pools.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::*;
+use vcc_tests::*;
 
 /// Polls `pool` until `stop`: every file seen must be the complete, read-only master.
 fn watch_pool(

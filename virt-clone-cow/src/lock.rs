@@ -2,7 +2,7 @@
 //! record the other's half-done state as "before" and undo each other's template protection.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Where the lock files live.
@@ -29,7 +29,12 @@ pub struct OriginalLock {
 impl OriginalLock {
     /// Waits at most `wait` for the lock of `original` (keyed by connection URI and name).
     pub fn acquire(uri: &str, original: &str, wait: Duration) -> Result<Self, LockError> {
-        let dir = PathBuf::from(LOCK_DIR);
+        Self::acquire_in(Path::new(LOCK_DIR), uri, original, wait)
+    }
+
+    /// [`OriginalLock::acquire`] with the lock files in `dir` (tests use a temporary one).
+    fn acquire_in(dir: &Path, uri: &str, original: &str, wait: Duration) -> Result<Self, LockError> {
+        let dir = dir.to_path_buf();
         let io = |path: &PathBuf| {
             let path = path.display().to_string();
             move |source| LockError::Io { path, source }
@@ -62,14 +67,18 @@ mod tests {
 
     #[test]
     fn a_second_run_on_the_same_original_waits_then_gives_up() {
-        let a = OriginalLock::acquire("test:///x", "lock-test 'odd' name", Duration::from_secs(1)).unwrap();
+        // A private lock directory: /run/lock is root's, and this test must pass as any user.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("virt-clone-cow");
+        let acquire = |name: &str, wait| OriginalLock::acquire_in(&dir, "test:///x", name, wait);
+        let a = acquire("lock-test 'odd' name", Duration::from_secs(1)).unwrap();
         let t0 = Instant::now();
-        let err = OriginalLock::acquire("test:///x", "lock-test 'odd' name", Duration::from_millis(300)).unwrap_err();
+        let err = acquire("lock-test 'odd' name", Duration::from_millis(300)).unwrap_err();
         assert!(matches!(err, LockError::Busy(..)), "{err}");
         assert!(t0.elapsed() >= Duration::from_millis(300));
         // Another original is not blocked.
-        let _b = OriginalLock::acquire("test:///x", "another", Duration::from_millis(100)).unwrap();
+        let _b = acquire("another", Duration::from_millis(100)).unwrap();
         drop(a);
-        OriginalLock::acquire("test:///x", "lock-test 'odd' name", Duration::from_millis(100)).unwrap();
+        acquire("lock-test 'odd' name", Duration::from_millis(100)).unwrap();
     }
 }

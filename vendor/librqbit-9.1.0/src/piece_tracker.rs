@@ -457,10 +457,11 @@ mod tests {
             can_steal: |_| true,
         });
 
-        // Should reserve piece 0 (first in queue)
+        // pool-helper patch: any queued piece (stock librqbit took piece 0, the first in queue;
+        // the patched picker starts at a random queued piece).
         match result {
             AcquireResult::Reserved(piece) => {
-                assert_eq!(piece.get(), 0);
+                assert!(piece.get() < 5);
                 assert!(tracker.is_inflight(piece));
                 assert_eq!(tracker.inflight_count(), 1);
             }
@@ -661,49 +662,40 @@ mod tests {
 
         let file_infos = make_test_file_infos(5);
         let file_priorities = make_default_file_priorities(&file_infos);
+        let acquire = |tracker: &mut PieceTracker, p: PeerHandle| {
+            tracker.acquire_piece(AcquireRequest {
+                peer: p,
+                peer_avg_time: None,
+                priority_pieces: std::iter::empty(),
+                file_priorities: &file_priorities,
+                file_infos: &file_infos,
+                peer_has_piece: |_| true,
+                can_steal: |_| true,
+            })
+        };
 
-        // Reserve pieces 0 and 1
-        tracker.acquire_piece(AcquireRequest {
-            peer: peer(1),
-            peer_avg_time: None,
-            priority_pieces: std::iter::empty(),
-            file_priorities: &file_priorities,
-            file_infos: &file_infos,
-            peer_has_piece: |_| true,
-            can_steal: |_| true,
-        });
-        tracker.acquire_piece(AcquireRequest {
-            peer: peer(1),
-            peer_avg_time: None,
-            priority_pieces: std::iter::empty(),
-            file_priorities: &file_priorities,
-            file_infos: &file_infos,
-            peer_has_piece: |_| true,
-            can_steal: |_| true,
-        });
-
+        // Reserve two pieces
+        acquire(&mut tracker, peer(1));
+        acquire(&mut tracker, peer(1));
         assert_eq!(tracker.inflight_count(), 2);
 
         // Convert back to chunks (simulates pause)
         let chunks = tracker.into_chunks();
 
-        // Create a new tracker and verify pieces are back in queue
+        // pool-helper patch: pieces are picked in random order, so rather than "piece 0 again"
+        // (stock librqbit's first in queue): a new tracker hands out all 5 pieces, the two that
+        // were in flight included, and then nothing.
         let mut new_tracker = PieceTracker::new(chunks);
-        let result = new_tracker.acquire_piece(AcquireRequest {
-            peer: peer(2),
-            peer_avg_time: None,
-            priority_pieces: std::iter::empty(),
-            file_priorities: &file_priorities,
-            file_infos: &file_infos,
-            peer_has_piece: |_| true,
-            can_steal: |_| true,
-        });
-
-        // Should get piece 0 again (was requeued)
-        match result {
-            AcquireResult::Reserved(p) => assert_eq!(p.get(), 0),
-            _ => panic!("Expected to reserve piece 0 after into_chunks"),
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            match acquire(&mut new_tracker, peer(2)) {
+                AcquireResult::Reserved(p) => got.push(p.get()),
+                r => panic!("Expected Reserved after into_chunks, got {:?}", r),
+            }
         }
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+        assert!(matches!(acquire(&mut new_tracker, peer(2)), AcquireResult::NoneAvailable));
     }
 
     #[test]
@@ -790,74 +782,101 @@ mod tests {
         // if the stealing peer actually has the piece in their bitfield.
         // Without this check, a peer could "steal" a piece they can't download,
         // leaving it stuck in inflight forever.
+        //
+        // pool-helper patch: stealing happens only in the end game (no piece left in the
+        // queue), so peer A holds both pieces of a 2-piece torrent here (stock librqbit's version
+        // of this test reserved 2 of 5 and stole while 3 were still queued).
 
-        let chunks = make_test_chunk_tracker(5);
+        let chunks = make_test_chunk_tracker(2);
         let mut tracker = PieceTracker::new(chunks);
 
-        let file_infos = make_test_file_infos(5);
+        let file_infos = make_test_file_infos(2);
         let file_priorities = make_default_file_priorities(&file_infos);
 
         let peer_a = peer(1);
         let peer_b = peer(2);
 
-        // Peer A reserves pieces 0 and 4 (first two in iteration order)
-        let piece_0 = match tracker.acquire_piece(AcquireRequest {
-            peer: peer_a,
-            peer_avg_time: None,
-            priority_pieces: std::iter::empty(),
-            file_priorities: &file_priorities,
-            file_infos: &file_infos,
-            peer_has_piece: |_| true,
-            can_steal: |_| true,
-        }) {
-            AcquireResult::Reserved(p) => {
-                assert_eq!(p.get(), 0);
-                p
-            }
-            _ => panic!("Expected Reserved"),
-        };
-
-        let piece_4 = match tracker.acquire_piece(AcquireRequest {
-            peer: peer_a,
-            peer_avg_time: None,
-            priority_pieces: std::iter::empty(),
-            file_priorities: &file_priorities,
-            file_infos: &file_infos,
-            peer_has_piece: |_| true,
-            can_steal: |_| true,
-        }) {
-            AcquireResult::Reserved(p) => {
-                assert_eq!(p.get(), 4);
-                p
-            }
-            _ => panic!("Expected Reserved"),
-        };
+        // Peer A reserves both pieces (in random order)
+        for _ in 0..2 {
+            let r = tracker.acquire_piece(AcquireRequest {
+                peer: peer_a,
+                peer_avg_time: None,
+                priority_pieces: std::iter::empty(),
+                file_priorities: &file_priorities,
+                file_infos: &file_infos,
+                peer_has_piece: |_| true,
+                can_steal: |_| true,
+            });
+            assert!(matches!(r, AcquireResult::Reserved(_)), "Expected Reserved, got {:?}", r);
+        }
+        let lengths = *tracker.chunks().get_lengths();
+        let piece_0 = lengths.validate_piece_index(0).unwrap();
+        let piece_1 = lengths.validate_piece_index(1).unwrap();
+        assert!(tracker.is_inflight(piece_0) && tracker.is_inflight(piece_1));
 
         // Sleep briefly so pieces become stealable
         std::thread::sleep(Duration::from_millis(5));
 
         // Peer B tries to acquire with:
         // - Very short avg_time (1ms) so 3x threshold = 3ms < 5ms elapsed
-        // - peer_has_piece returns true ONLY for piece 4, NOT piece 0
+        // - peer_has_piece returns true ONLY for piece 1, NOT piece 0
         let result = tracker.acquire_piece(AcquireRequest {
             peer: peer_b,
             peer_avg_time: Some(Duration::from_millis(1)),
             priority_pieces: std::iter::empty(),
             file_priorities: &file_priorities,
             file_infos: &file_infos,
-            peer_has_piece: |p| p.get() == 4, // Peer B only has piece 4
+            peer_has_piece: |p| p.get() == 1, // Peer B only has piece 1
             can_steal: |_| true,
         });
 
-        // Should steal piece 4 (which peer B has), NOT piece 0 (which peer B doesn't have)
+        // Should steal piece 1 (which peer B has), NOT piece 0 (which peer B doesn't have)
         match result {
             AcquireResult::Stolen { piece, from_peer } => {
-                assert_eq!(piece, piece_4, "Should steal piece 4 (the one peer B has)");
+                assert_eq!(piece, piece_1, "Should steal piece 1 (the one peer B has)");
                 assert_eq!(from_peer, peer_a);
                 // Verify piece 0 is still owned by peer A (wasn't stolen)
                 assert_eq!(tracker.get_inflight(piece_0).unwrap().peer, peer_a);
             }
             _ => panic!("Expected Stolen, got {:?}", result),
         }
+    }
+
+    #[test]
+    fn test_no_steal_while_pieces_are_queued() {
+        // pool-helper patch: a slow in-flight piece is not stolen while the queue still has
+        // pieces (stock librqbit stole it at 10x the peer's average time before reserving).
+        let chunks = make_test_chunk_tracker(5);
+        let mut tracker = PieceTracker::new(chunks);
+
+        let file_infos = make_test_file_infos(5);
+        let file_priorities = make_default_file_priorities(&file_infos);
+
+        let piece = match tracker.acquire_piece(AcquireRequest {
+            peer: peer(1),
+            peer_avg_time: None,
+            priority_pieces: std::iter::empty(),
+            file_priorities: &file_priorities,
+            file_infos: &file_infos,
+            peer_has_piece: |_| true,
+            can_steal: |_| true,
+        }) {
+            AcquireResult::Reserved(p) => p,
+            r => panic!("Expected Reserved, got {:?}", r),
+        };
+        std::thread::sleep(Duration::from_millis(20));
+
+        // Peer B has only the in-flight piece, which is 20x its average time old.
+        let result = tracker.acquire_piece(AcquireRequest {
+            peer: peer(2),
+            peer_avg_time: Some(Duration::from_millis(1)),
+            priority_pieces: std::iter::empty(),
+            file_priorities: &file_priorities,
+            file_infos: &file_infos,
+            peer_has_piece: |p| p == piece,
+            can_steal: |_| true,
+        });
+        assert!(matches!(result, AcquireResult::NoneAvailable), "got {:?}", result);
+        assert_eq!(tracker.get_inflight(piece).unwrap().peer, peer(1));
     }
 }

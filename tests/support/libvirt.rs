@@ -1,24 +1,22 @@
-//! Test support for the integration tests against a real libvirtd (qemu:///system) with real
-//! QEMU guests and real qemu-img.
+//! libvirt (qemu:///system) for the integration tests: virsh, test domains and guests, and the
+//! environments a test makes and removes.
 //!
-//! Every test makes a [`TestEnv`]: a uniquely named dir storage pool and a work directory outside
-//! any pool. Every domain, file and mount a test makes carries the env's prefix
+//! Every test of `tests/` makes a [`TestEnv`]: a uniquely named dir storage pool and a work
+//! directory outside any pool. Every domain, file and mount a test makes carries the env's prefix
 //! (`vcct-<test>-<pid>`) or lives in its directories, and the env removes all of it on drop, also
 //! when the test panics. Tests run in parallel threads, so nothing here is shared between envs
-//! except the cached UEFI probe.
-//!
-//! External programs (virsh, qemu-img, qemu-io, sha256sum, mount) always run from argument
-//! vectors.
-
-#![allow(clippy::unwrap_used)]
+//! except the cached UEFI probe. pool-helper's tests use [`Pool`], a temporary dir pool.
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use crate::files::{list_dir, mode, random_bytes, sha256};
+use crate::process::{run, run_ok, uid};
 
 /// The libvirt connection every test uses.
 pub const URI: &str = "qemu:///system";
@@ -30,43 +28,7 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 // ---------------------------------------------------------------------------------------------
-// Running programs
-
-/// Renders an argument vector for failure messages.
-pub fn cmdline<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
-    let mut s = program.to_string();
-    for a in args {
-        let a = a.as_ref().to_string_lossy();
-        if a.is_empty() || a.chars().any(|c| c.is_whitespace() || "'\"&<>$\\`".contains(c)) {
-            let _ = write!(s, " '{}'", a.replace('\'', "'\\''"));
-        } else {
-            let _ = write!(s, " {a}");
-        }
-    }
-    s
-}
-
-/// Runs a program with stdin closed and returns its output, whatever the exit status.
-pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("could not run `{}`: {e}", cmdline(program, args)))
-}
-
-/// Runs a program and panics (showing the command and its stderr) unless it exits 0; returns stdout.
-pub fn run_ok<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "`{}` failed ({}): {}",
-        cmdline(program, args),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+// virsh
 
 fn with_uri<S: AsRef<OsStr>>(args: &[S]) -> Vec<&OsStr> {
     let mut v: Vec<&OsStr> = vec!["-q".as_ref(), "-c".as_ref(), URI.as_ref()];
@@ -138,86 +100,6 @@ pub fn cow_metadata(name: &str) -> Option<vcc_core::metadata::CowMetadata> {
 /// check against real captures).
 pub fn facts(name: &str) -> vcc_core::xml::DomainFacts {
     vcc_core::xml::DomainFacts::parse(&inactive_xml(name)).unwrap()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Files and images
-
-/// SHA-256 of a file, by `sha256sum`.
-pub fn sha256(path: impl AsRef<Path>) -> String {
-    let p = path.as_ref();
-    let out = run_ok("sha256sum", &[p.as_os_str()]);
-    out.split_whitespace().next().unwrap_or_default().to_string()
-}
-
-/// The permission bits of a file.
-pub fn mode(path: impl AsRef<Path>) -> u32 {
-    std::fs::metadata(path.as_ref())
-        .unwrap_or_else(|e| panic!("stat {}: {e}", path.as_ref().display()))
-        .permissions()
-        .mode()
-        & 0o7777
-}
-
-/// `qemu-img info --output=json -f FORMAT --force-share PATH`.
-pub fn qemu_img_info(path: impl AsRef<Path>, format: &str) -> serde_json::Value {
-    let p = path.as_ref();
-    let out = run_ok(
-        "qemu-img",
-        &[
-            OsStr::new("info"),
-            "--output=json".as_ref(),
-            "-f".as_ref(),
-            format.as_ref(),
-            "--force-share".as_ref(),
-            p.as_os_str(),
-        ],
-    );
-    serde_json::from_str(&out).unwrap()
-}
-
-/// A qcow2 image of `size_mib` MiB with its first MiB written with 0xab (so hashes mean something).
-pub fn make_qcow2(path: impl AsRef<Path>, size_mib: u64) {
-    let p = path.as_ref();
-    let size = format!("{size_mib}M");
-    run_ok(
-        "qemu-img",
-        &[OsStr::new("create"), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), p.as_os_str(), size.as_ref()],
-    );
-    run_ok(
-        "qemu-io",
-        &[OsStr::new("-f"), "qcow2".as_ref(), "-c".as_ref(), "write -P 0xab 0 1M".as_ref(), p.as_os_str()],
-    );
-}
-
-/// A raw image of `size_mib` MiB: a pattern in the first MiB, the rest sparse.
-pub fn make_raw(path: impl AsRef<Path>, size_mib: u64) {
-    let p = path.as_ref();
-    let mut data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
-    data.truncate((size_mib << 20).min(1 << 20) as usize);
-    std::fs::write(p, &data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.set_len(size_mib << 20).unwrap();
-}
-
-/// An image in another format (vmdk, vdi...) made by qemu-img.
-pub fn make_image(path: impl AsRef<Path>, format: &str, size_mib: u64) {
-    let p = path.as_ref();
-    let size = format!("{size_mib}M");
-    run_ok(
-        "qemu-img",
-        &[OsStr::new("create"), "-q".as_ref(), "-f".as_ref(), format.as_ref(), p.as_os_str(), size.as_ref()],
-    );
-}
-
-/// The names in a directory, sorted (empty when it does not exist).
-pub fn list_dir(dir: impl AsRef<Path>) -> Vec<String> {
-    let mut v: Vec<String> = match std::fs::read_dir(dir.as_ref()) {
-        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
-        Err(_) => Vec::new(),
-    };
-    v.sort();
-    v
 }
 
 /// Escapes text for XML attribute values and element text.
@@ -413,150 +295,6 @@ pub fn define_xml(xml: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The CLI
-
-/// A binary of this workspace's build (`target/debug/NAME`, next to this test's `deps/`).
-pub fn target_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap_or_else(|| Path::new("."));
-    let bin = dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first with `cargo build --workspace --all-targets` (scripts/test does)",
-        bin.display()
-    );
-    bin
-}
-
-/// The built `virt-clone-cow` binary.
-pub fn cli_path() -> PathBuf {
-    target_bin("virt-clone-cow")
-}
-
-/// The repository's top directory.
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-// ---------------------------------------------------------------------------------------------
-// pool-helper
-
-/// A pool-helper instance on 127.0.0.1: its own state dir (fresh), port and control socket
-/// (`<state>/control.sock`); its daemon is killed on drop.
-#[derive(Debug)]
-pub struct PoolHelper {
-    pub state: PathBuf,
-    pub port: u16,
-    /// `--watch-interval`: "0" unless a test wants the daemon to look at libvirt (other tests'
-    /// domains are not this instance's business).
-    pub watch_interval: &'static str,
-    daemon: Option<std::process::Child>,
-}
-
-impl PoolHelper {
-    pub fn new(state: &Path) -> PoolHelper {
-        let _ = std::fs::remove_dir_all(state);
-        std::fs::create_dir_all(state).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        PoolHelper { state: state.to_path_buf(), port, watch_interval: "0", daemon: None }
-    }
-
-    pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(target_bin("pool-helper"));
-        c.arg("--state-dir").arg(&self.state);
-        c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd"]);
-        c.args(["--watch-interval", self.watch_interval]);
-        c.args(args).stdin(Stdio::null());
-        c
-    }
-
-    /// Starts `serve` and waits until its control socket answers.
-    pub fn serve(&mut self) {
-        let log = std::fs::File::create(self.state.join("daemon.log")).unwrap();
-        self.daemon = Some(self.cmd(&["-v", "serve"]).stdout(Stdio::null()).stderr(log).spawn().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(self.state.join("control.sock")).is_err() {
-            assert!(Instant::now() < deadline, "pool-helper did not start: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `publish --pool POOL VOLUME`; returns the manifest's path.
-    pub fn publish(&self, pool: &str, volume: &str) -> String {
-        let o = self.cmd(&["publish", "--pool", pool, volume]).output().unwrap();
-        assert!(o.status.success(), "publish: {}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PoolHelper {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// What a CLI run did.
-#[derive(Debug)]
-pub struct CliRun {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl CliRun {
-    /// The stdout as JSON; panics with both streams otherwise.
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
-    }
-
-    /// Asserts success.
-    pub fn assert_ok(&self) -> &Self {
-        assert_eq!(self.code, 0, "virt-clone-cow failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
-        self
-    }
-
-    /// Asserts a failure with exit `code` and exactly one stderr line `virt-clone-cow: error: ...`
-    /// (usage errors: `virt-clone-cow: ...`) containing every one of `needles`.
-    pub fn assert_error(&self, code: i32, needles: &[&str]) {
-        assert_eq!(self.code, code, "exit code; stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
-        let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "stderr must be one line, got:\n{}", self.stderr);
-        let prefix = if code == 2 { "virt-clone-cow: " } else { "virt-clone-cow: error: " };
-        assert!(lines[0].starts_with(prefix), "stderr must start with '{prefix}': {}", lines[0]);
-        for n in needles {
-            assert!(lines[0].contains(n), "stderr should mention '{n}': {}", lines[0]);
-        }
-        assert!(self.stdout.is_empty(), "nothing on stdout on failure, got:\n{}", self.stdout);
-    }
-}
-
-/// Runs `virt-clone-cow --connect qemu:///system ARGS...`.
-pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> CliRun {
-    let bin = cli_path();
-    let out = Command::new(&bin)
-        .arg("--connect")
-        .arg(URI)
-        .args(args)
-        .stdin(Stdio::null())
-        .env_remove("VIRT_CLONE_COW_LOG")
-        .output()
-        .unwrap_or_else(|e| panic!("could not run {}: {e}", bin.display()));
-    CliRun {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The environment
 
 /// A test's pool, work directory and names; everything is removed on drop.
@@ -706,5 +444,94 @@ impl Snapshot {
         assert_eq!(now.nvram_files, self.nvram_files, "UEFI vars files left behind");
         assert_eq!(now.original_xml, self.original_xml, "the original's persistent XML changed");
         assert_eq!(now.files, self.files, "a master's mode or content changed");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A temporary pool (pool-helper's tests)
+
+/// Starts libvirtd (`.ci/start-libvirtd`) unless virsh reaches it; once per test process.
+pub fn ensure_libvirtd() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if !virsh(&["version"]).status.success() {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/start-libvirtd");
+            run_ok::<&str>(script, &[]);
+        }
+    });
+}
+
+/// A temporary libvirt dir pool, named `ph<pid>-<n>-<tag>`; undefined on drop.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub dir: PathBuf,
+    _root: Option<tempfile::TempDir>,
+}
+
+impl Pool {
+    /// A pool over a fresh directory under /var/tmp (removed on drop).
+    pub fn new(tag: &str) -> Pool {
+        let root = tempfile::Builder::new().prefix("ph-pool-").tempdir_in("/var/tmp").unwrap();
+        let dir = root.path().join("pool");
+        std::fs::create_dir(&dir).unwrap();
+        Self::at(tag, dir, Some(root))
+    }
+
+    /// A pool over `dir` (kept alive with `root`, if any).
+    pub fn at(tag: &str, dir: PathBuf, root: Option<tempfile::TempDir>) -> Pool {
+        ensure_libvirtd();
+        let name = uid(tag);
+        virsh_ok(&["pool-define-as", &name, "dir", "--target", dir.to_str().unwrap()]);
+        virsh_ok(&["pool-start", &name]);
+        Pool { name, dir, _root: root }
+    }
+
+    pub fn path(&self, vol: &str) -> PathBuf {
+        self.dir.join(vol)
+    }
+
+    pub fn refresh(&self) {
+        virsh_ok(&["pool-refresh", &self.name]);
+    }
+
+    pub fn volumes(&self) -> Vec<String> {
+        self.refresh();
+        virsh_ok(&["vol-list", &self.name])
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+
+    /// A raw master of `size` pseudo-random bytes (seeded, so reruns are reproducible).
+    pub fn raw_master(&self, vol: &str, size: usize) -> PathBuf {
+        let p = self.path(vol);
+        std::fs::write(&p, random_bytes(size, vol.len() as u64 + size as u64)).unwrap();
+        self.refresh();
+        p
+    }
+
+    /// A qcow2 master with `size` bytes of pseudo-random data in it.
+    pub fn qcow2_master(&self, vol: &str, size: usize) -> PathBuf {
+        let src = self.dir.parent().unwrap().join(format!("{vol}.src"));
+        std::fs::write(&src, random_bytes(size, 7)).unwrap();
+        let p = self.path(vol);
+        run_ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", src.to_str().unwrap(), p.to_str().unwrap()]);
+        std::fs::remove_file(&src).unwrap();
+        self.refresh();
+        p
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = virsh(&["pool-destroy", &self.name]);
+        let _ = virsh(&["pool-undefine", &self.name]);
+        // Masters were made read-only: make them removable by the TempDir.
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644));
+            }
+        }
     }
 }

@@ -1,0 +1,67 @@
+//! The `virt-clone-cow` binary of this build, run against qemu:///system.
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::libvirt::URI;
+use crate::process::target_bin;
+
+/// The built `virt-clone-cow` binary.
+pub fn cli_path() -> PathBuf {
+    target_bin("virt-clone-cow")
+}
+
+/// What a CLI run did.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// The stdout as JSON; panics with both streams otherwise.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+
+    /// Asserts success.
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "virt-clone-cow failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    /// Asserts a failure with exit `code` and exactly one stderr line `virt-clone-cow: error: ...`
+    /// (usage errors: `virt-clone-cow: ...`) containing every one of `needles`.
+    pub fn assert_error(&self, code: i32, needles: &[&str]) {
+        assert_eq!(self.code, code, "exit code; stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "stderr must be one line, got:\n{}", self.stderr);
+        let prefix = if code == 2 { "virt-clone-cow: " } else { "virt-clone-cow: error: " };
+        assert!(lines[0].starts_with(prefix), "stderr must start with '{prefix}': {}", lines[0]);
+        for n in needles {
+            assert!(lines[0].contains(n), "stderr should mention '{n}': {}", lines[0]);
+        }
+        assert!(self.stdout.is_empty(), "nothing on stdout on failure, got:\n{}", self.stdout);
+    }
+}
+
+/// Runs `virt-clone-cow --connect qemu:///system ARGS...`.
+pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> CliRun {
+    let bin = cli_path();
+    let out = Command::new(&bin)
+        .arg("--connect")
+        .arg(URI)
+        .args(args)
+        .stdin(Stdio::null())
+        .env_remove("VIRT_CLONE_COW_LOG")
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", bin.display()));
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
