@@ -26,6 +26,7 @@ use vcc_core::xml::DomainFacts;
 
 use crate::config::Config;
 use crate::prepare::qemu_img;
+use vcc_core::qemu_img::QemuImgError;
 
 /// How long a note from `migrate`/`restore begin` counts for the `prepare` that follows it.
 pub const INCOMING_NOTE_VALID: Duration = Duration::from_secs(300);
@@ -115,47 +116,68 @@ fn discard_all(name: &str, plan: &LinkedDisks, log: &mut dyn Write) {
             }
             Ok(false) => {}
             Err(why) => {
+                let why = vcc_core::error::one_line(&why);
                 let _ = writeln!(log, "virt-clone-cow-hook: {name}: keeping {}: {why}", d.overlay.display());
             }
         }
     }
 }
 
+/// Why a disposable overlay is kept rather than discarded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeepReason {
+    #[error("it is not the overlay over the master our metadata records for this disk")]
+    NotRecorded,
+    #[error("the path is not UTF-8")]
+    NotUtf8,
+    #[error("cannot look at it")]
+    Stat(#[source] std::io::Error),
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("a QEMU has it open, or it is not a qcow2 image")]
+    NotReadable(#[source] QemuImgError),
+    #[error("its backing file is {found}, not the recorded master {master}")]
+    OtherBacking { found: String, master: String },
+    #[error("it holds {0} internal snapshot(s)")]
+    Snapshots(usize),
+    #[error("it changed while being checked")]
+    Changed,
+    #[error("cannot remove it")]
+    Remove(#[source] std::io::Error),
+}
+
 /// Deletes the disk's overlay if it is provably a disposable overlay nobody uses. `Ok(false)`:
 /// there was nothing to delete; `Err`: kept, and why.
-pub fn discard(d: &ManagedDisk) -> Result<bool, String> {
+pub fn discard(d: &ManagedDisk) -> Result<bool, KeepReason> {
     use std::os::unix::fs::MetadataExt;
     if !d.recorded {
-        return Err("it is not the overlay over the master our metadata records for this disk".into());
+        return Err(KeepReason::NotRecorded);
     }
-    let path = d.overlay.to_str().ok_or("the path is not UTF-8")?;
+    let path = d.overlay.to_str().ok_or(KeepReason::NotUtf8)?;
     let before = match Path::new(path).symlink_metadata() {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(KeepReason::Stat(e)),
     };
     if !before.file_type().is_file() {
-        return Err("not a regular file".into());
+        return Err(KeepReason::NotRegular);
     }
-    let info = qemu_img()
-        .info(Path::new(path), "qcow2")
-        .map_err(|e| format!("a QEMU has it open, or it is not a qcow2 image ({})", vcc_core::error::one_line(&e)))?;
+    let info = qemu_img().info(Path::new(path), "qcow2").map_err(KeepReason::NotReadable)?;
     if info.backing.as_deref() != Some(d.master.path.as_str()) {
-        return Err(format!(
-            "its backing file is {}, not the recorded master {}",
-            info.backing.as_deref().unwrap_or("(none)"),
-            d.master.path
-        ));
+        return Err(KeepReason::OtherBacking {
+            found: info.backing.unwrap_or_else(|| "(none)".into()),
+            master: d.master.path.clone(),
+        });
     }
     if info.snapshots > 0 {
-        return Err(format!("it holds {} internal snapshot(s)", info.snapshots));
+        return Err(KeepReason::Snapshots(info.snapshots));
     }
     // The file we looked at, still (not replaced while qemu-img ran).
     match Path::new(path).symlink_metadata() {
         Ok(now) if now.file_type().is_file() && now.dev() == before.dev() && now.ino() == before.ino() => {}
-        _ => return Err("it changed while being checked".into()),
+        _ => return Err(KeepReason::Changed),
     }
-    std::fs::remove_file(path).map(|()| true).map_err(|e| format!("cannot remove it: {e}"))
+    std::fs::remove_file(path).map(|()| true).map_err(KeepReason::Remove)
 }
 
 #[cfg(test)]
@@ -212,9 +234,9 @@ mod tests {
     fn an_overlay_of_the_recorded_master_is_discarded() {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
-        assert_eq!(discard(&f.disk(&o, true)), Ok(true));
+        assert!(discard(&f.disk(&o, true)).unwrap());
         assert!(!Path::new(&o).exists());
-        assert_eq!(discard(&f.disk(&o, true)), Ok(false), "nothing left to discard");
+        assert!(!discard(&f.disk(&o, true)).unwrap(), "nothing left to discard");
     }
 
     #[test]
@@ -223,16 +245,16 @@ mod tests {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
         // Not the recorded overlay of this disk (N1).
-        assert!(discard(&f.disk(&o, false)).unwrap_err().contains("not the overlay"));
+        assert!(discard(&f.disk(&o, false)).unwrap_err().to_string().contains("not the overlay"));
         // A symlink to it.
         let link = f.dir.path().join("link.qcow2").to_string_lossy().into_owned();
         std::os::unix::fs::symlink(&o, &link).unwrap();
-        assert!(discard(&f.disk(&link, true)).unwrap_err().contains("not a regular file"));
+        assert!(discard(&f.disk(&link, true)).unwrap_err().to_string().contains("not a regular file"));
         // Another backing file.
         let other = f.dir.path().join("other.raw").to_string_lossy().into_owned();
         std::fs::write(&other, vec![0u8; 4096]).unwrap();
         let o2 = f.overlay("o2.qcow2", &other);
-        assert!(discard(&f.disk(&o2, true)).unwrap_err().contains("not the recorded master"));
+        assert!(discard(&f.disk(&o2, true)).unwrap_err().to_string().contains("not the recorded master"));
         // Not a qcow2 image at all.
         let raw = f.dir.path().join("data.img").to_string_lossy().into_owned();
         std::fs::write(&raw, b"user data").unwrap();
@@ -240,7 +262,7 @@ mod tests {
         // Holding an internal snapshot.
         let o3 = f.overlay("o3.qcow2", &f.master);
         QemuImg::new().snapshot_create(Path::new(&o3), "s1").unwrap();
-        assert!(discard(&f.disk(&o3, true)).unwrap_err().contains("internal snapshot"));
+        assert!(discard(&f.disk(&o3, true)).unwrap_err().to_string().contains("internal snapshot"));
         for p in [&o, &link, &o2, &raw, &o3] {
             assert!(Path::new(p).symlink_metadata().is_ok(), "{p} was deleted");
         }
@@ -269,7 +291,7 @@ mod tests {
         let r = discard(&f.disk(&o, true));
         drop(holder.stdin.take());
         let _ = holder.wait();
-        assert!(r.unwrap_err().contains("a QEMU has it open"));
+        assert!(r.unwrap_err().to_string().contains("a QEMU has it open"));
         assert!(Path::new(&o).exists());
     }
 

@@ -196,6 +196,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs mkfifo")]
     fn a_master_that_is_a_fifo_or_a_directory_is_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("m.fifo");
