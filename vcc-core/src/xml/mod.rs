@@ -12,7 +12,7 @@ pub mod volume;
 use quick_xml::events::BytesStart;
 
 /// The namespace of virt-clone-cow's metadata element in a domain's `<metadata>` (its schema is
-/// `crate::metadata`; the reader and the rewrite only find and replace the element by it).
+/// the metadata module; the reader and the rewrite only find and replace the element by it).
 pub const COW_NAMESPACE: &str = "urn:virt-clone-cow:1";
 
 pub use inspect::{BackingDecl, Disk, DiskSource, DomainFacts, Nvram};
