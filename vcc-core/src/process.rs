@@ -309,7 +309,7 @@ pub(crate) mod tests {
 
     #[test]
     fn failing_command_reports_stderr() {
-        let err = run("sh", &["-c", "echo boom >&2; exit 3"]).unwrap_err();
+        let err = run("/bin/sh", &["-c", "echo boom >&2; exit 3"]).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("boom"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
@@ -318,7 +318,7 @@ pub(crate) mod tests {
     #[test]
     fn a_hanging_program_is_killed_at_the_limit() {
         let t0 = Instant::now();
-        let err = run_with_timeout("sh", &["-c", "while :; do :; done"], Duration::from_millis(300)).unwrap_err();
+        let err = run_with_timeout("/bin/sh", &["-c", "while :; do :; done"], Duration::from_millis(300)).unwrap_err();
         assert!(matches!(err, CommandError::TimedOut { .. }), "{err}");
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
@@ -334,7 +334,7 @@ pub(crate) mod tests {
         let limits = Limits { max_output: 1 << 20, ..Limits::timeout(Duration::from_secs(30)) };
         let t0 = Instant::now();
         let err =
-            run_limited("sh", &["-c", "while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"], &limits).unwrap_err();
+            run_limited("/bin/sh", &["-c", "while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"], &limits).unwrap_err();
         assert!(matches!(err, CommandError::OutputTooLarge { stream: "stdout", limit: 1048576, .. }), "{err}");
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
@@ -342,7 +342,7 @@ pub(crate) mod tests {
     #[test]
     fn output_within_the_bound_is_kept_whole() {
         let limits = Limits { max_output: 4 << 20, ..Limits::default() };
-        let out = run_limited("sh", &["-c", &format!("{MIB_TO_STDOUT}; echo done >&2")], &limits).unwrap();
+        let out = run_limited("/bin/sh", &["-c", &format!("{MIB_TO_STDOUT}; echo done >&2")], &limits).unwrap();
         assert_eq!(out.stdout.len(), 1 << 20);
         assert_eq!(out.stderr, b"done\n");
     }
@@ -351,7 +351,7 @@ pub(crate) mod tests {
     fn the_cpu_limit_binds_the_child() {
         let limits = Limits { cpu_seconds: Some(1), ..Limits::timeout(Duration::from_secs(30)) };
         let t0 = Instant::now();
-        let err = run_limited("sh", &["-c", "while :; do :; done"], &limits).unwrap_err();
+        let err = run_limited("/bin/sh", &["-c", "while :; do :; done"], &limits).unwrap_err();
         assert!(matches!(err, CommandError::Failed { .. }), "{err}");
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
@@ -360,7 +360,7 @@ pub(crate) mod tests {
     fn the_address_space_limit_binds_the_child() {
         // 64 MiB; `sh -c ulimit -v` reports KiB.
         let limits = Limits { address_space: Some(64 << 20), ..Limits::default() };
-        let out = run_limited("sh", &["-c", "ulimit -v"], &limits).unwrap();
+        let out = run_limited("/bin/sh", &["-c", "ulimit -v"], &limits).unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65536");
     }
 }

@@ -379,7 +379,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let p = dir.join("fake-qemu-img");
         let script = format!("#!/bin/sh\n{body}\n");
-        crate::process::run("sh", &["-c", "printf '%s' \"$1\" > \"$0\"", p.to_str().unwrap(), &script]).unwrap();
+        crate::process::run("/bin/sh", &["-c", "printf '%s' \"$1\" > \"$0\"", p.to_str().unwrap(), &script]).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         p
     }
