@@ -333,8 +333,8 @@ pub(crate) mod tests {
     fn output_past_the_bound_kills_the_program_at_once() {
         let limits = Limits { max_output: 1 << 20, ..Limits::timeout(Duration::from_secs(30)) };
         let t0 = Instant::now();
-        let err =
-            run_limited("/bin/sh", &["-c", "while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"], &limits).unwrap_err();
+        let err = run_limited("/bin/sh", &["-c", "while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"], &limits)
+            .unwrap_err();
         assert!(matches!(err, CommandError::OutputTooLarge { stream: "stdout", limit: 1048576, .. }), "{err}");
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
