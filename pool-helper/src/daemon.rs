@@ -759,7 +759,11 @@ mod tests {
 
         /// A daemon on this host, serving on a socket in its state directory.
         async fn daemon(&self) -> (Arc<Daemon>, PathBuf) {
-            let d = Daemon::new(self.ctx().await);
+            self.daemon_with(REQUEST_LINE_TIMEOUT).await
+        }
+
+        async fn daemon_with(&self, request_timeout: Duration) -> (Arc<Daemon>, PathBuf) {
+            let d = Daemon::with_request_timeout(self.ctx().await, request_timeout);
             let sock = self.cfg.state_dir.join("control.sock");
             let l = Daemon::bind(&sock).unwrap();
             tokio::spawn(d.clone().serve(l));
@@ -874,5 +878,83 @@ mod tests {
         let st = status_of(&sock, "base.raw").await;
         assert_eq!(st["state"], "failed", "{st}");
         assert_eq!(st["error"], "the verification task panicked: injected fault", "{st}");
+    }
+
+    /// Writes `bytes` (and keeps the connection open); returns every line the daemon sends
+    /// before it closes the connection, and how long that took.
+    async fn raw(sock: &Path, bytes: &[u8]) -> (Vec<String>, Duration) {
+        let start = std::time::Instant::now();
+        let s = UnixStream::connect(sock).await.unwrap();
+        let (r, mut w) = s.into_split();
+        w.write_all(bytes).await.unwrap();
+        let mut lines = BufReader::new(r).lines();
+        let mut out = Vec::new();
+        let read = async {
+            while let Some(l) = lines.next_line().await.unwrap() {
+                out.push(l);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read).await.expect("the daemon kept the connection open");
+        drop(w);
+        (out, start.elapsed())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_line_that_is_not_utf8_gets_an_answer() {
+        let h = Host::new();
+        let (_d, sock) = h.daemon().await;
+        let (lines, _) = raw(&sock, b"{\"op\":\"st\xffatus\"}\n").await;
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().starts_with("bad request: the request line is not UTF-8"), "{v}");
+        // Still serving.
+        assert_eq!(request(sock.clone(), serde_json::json!({"op": "status"})).await["ok"], true);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_sends_nothing_or_half_a_line_is_answered_and_dropped_after_the_bound() {
+        let h = Host::new();
+        let (_d, sock) = h.daemon_with(Duration::from_secs(1)).await;
+        for sent in [&b""[..], &b"{\"op\":"[..]] {
+            let (lines, took) = raw(&sock, sent).await;
+            assert_eq!(
+                lines,
+                [r#"{"ok":false,"error":"no complete request line within 1 s; send one JSON object and a newline"}"#],
+                "{sent:?}"
+            );
+            assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(5), "{took:?}");
+        }
+        assert_eq!(request(sock.clone(), serde_json::json!({"op": "status"})).await["ok"], true);
+    }
+
+    #[test]
+    fn the_control_socket_never_appears_with_another_mode_than_0600() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("run").join("control.sock");
+        let mut seen = Vec::new();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _g = rt.enter();
+        let check = |seen: &mut Vec<String>| match std::fs::symlink_metadata(&path) {
+            Ok(m) => seen.push(format!("{:o}", m.permissions().mode() & 0o777)),
+            Err(e) => seen.push(e.kind().to_string()),
+        };
+        // Twice: the second replaces the first's (stale) socket.
+        for _ in 0..2 {
+            let l = Daemon::bind_probed(&path, &mut |bound| {
+                check(&mut seen);
+                // Where it is bound, nobody else can reach it.
+                let dir = bound.parent().unwrap();
+                assert_eq!(std::fs::metadata(dir).unwrap().permissions().mode() & 0o777, 0o700);
+            })
+            .unwrap();
+            check(&mut seen);
+            assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+            drop(l);
+        }
+        assert_eq!(seen, ["entity not found", "600", "600", "600"]);
+        let names: Vec<_> =
+            std::fs::read_dir(path.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, ["control.sock"], "nothing else left beside the socket");
     }
 }
