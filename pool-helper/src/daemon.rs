@@ -777,8 +777,8 @@ mod tests {
         std::fs::write(h.pool.join("base.raw"), &data).unwrap();
         let p = publish_in(&h.cfg, &h.pools(), "p", "base.raw").unwrap();
         let ctx = h.ctx().await;
-        let seed = ctx.seed(&p.manifest, &p.path).await.unwrap();
-        std::mem::forget(seed);
+        // The session keeps seeding it; the handle is not needed.
+        ctx.seed(&p.manifest, &p.path).await.unwrap();
         (ctx, p.manifest, data)
     }
 
