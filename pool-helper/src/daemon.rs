@@ -1,9 +1,15 @@
 //! `pool-helper serve`: seeds every recorded master (re-verified first), resumes pending fetches,
 //! and answers the control socket. Several requests for the same master share one download.
+//!
+//! Nothing wedges a master: every task that requests wait on (a download, a start-up
+//! re-verification) runs as a task of its own whose panic becomes a failure with a reason, so its
+//! waiters always get a final line and the next request starts afresh. Only a verified master or
+//! a live fetch holds a name: a failed one is shown, with why, but does not block another
+//! manifest for the name.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::fetch::{self, Ctx};
+use crate::fetch::{self, Ctx, FetchError, Outcome};
 use crate::manifest::{Manifest, ManifestError};
 use crate::records::{self, RecordState};
 use crate::torrent::{Handle, Progress, TorrentState};
@@ -19,6 +25,11 @@ use vcc_core::control::proto::{
     self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, Request,
 };
 use vcc_core::error::one_line;
+
+/// How long a client has to send its request line (docs/control-protocol.md).
+pub const REQUEST_LINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one answer line may wait for a client that stopped reading.
+pub const ANSWER_LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -37,6 +48,12 @@ pub enum DaemonError {
 enum Refusal {
     #[error("bad request")]
     Bad(#[source] serde_json::Error),
+    #[error("bad request: the request line is not UTF-8")]
+    NotUtf8(#[source] std::str::Utf8Error),
+    #[error("bad request: the request line is longer than {max} bytes")]
+    TooLong { max: usize },
+    #[error("no complete request line within {secs} s; send one JSON object and a newline")]
+    Timeout { secs: u64 },
     #[error("bad request: missing field `pool`")]
     NoPool,
     #[error("give exactly one of 'manifest' and 'manifest_path'")]
@@ -51,8 +68,10 @@ enum Refusal {
     OtherSha256 { pool: String, name: String, sha256: String },
     #[error("no published master '{name}' in pool '{pool}' on this host")]
     NotPublished { pool: String, name: String },
+    #[error("the work on '{name}' in pool '{pool}' ended without an answer; ask again")]
+    NoAnswer { pool: String, name: String },
     #[error(transparent)]
-    Fetch(#[from] crate::fetch::FetchError),
+    Fetch(#[from] FetchError),
 }
 
 type Key = (String, String); // (pool, name)
@@ -89,12 +108,48 @@ impl Entry {
             done: watch::channel(None).0,
         }
     }
+
+    /// Whether this entry holds its name: a verified master still in the pool, or live work on
+    /// one (a fetch, a start-up re-verification). A failed entry does not.
+    fn holds_name(&self) -> bool {
+        match self.state {
+            MasterState::Seeding => self.path.as_ref().is_some_and(|p| p.exists()),
+            MasterState::Fetching | MasterState::Verifying => true,
+            MasterState::Failed => false,
+        }
+    }
+}
+
+/// Runs `work` as a task of its own: if it panics, the panic becomes
+/// [`FetchError::Panicked`] naming `task`, so whoever waits on it still gets an answer.
+async fn caught<T: Send + 'static>(
+    task: &'static str,
+    work: impl std::future::Future<Output = Result<T, FetchError>> + Send + 'static,
+) -> Result<T, FetchError> {
+    match tokio::spawn(work).await {
+        Ok(r) => r,
+        Err(e) => {
+            let message = match e.try_into_panic() {
+                Ok(p) => p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into()),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!("the {task} task panicked: {message}");
+            Err(FetchError::Panicked { task, message })
+        }
+    }
 }
 
 /// The daemon's shared state.
 pub struct Daemon {
     ctx: Arc<Ctx>,
     masters: Mutex<HashMap<Key, Entry>>,
+    request_timeout: Duration,
+    #[cfg(test)]
+    faults: Mutex<tests::Faults>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -105,7 +160,17 @@ impl std::fmt::Debug for Daemon {
 
 impl Daemon {
     pub fn new(ctx: Arc<Ctx>) -> Arc<Self> {
-        Arc::new(Daemon { ctx, masters: Mutex::new(HashMap::new()) })
+        Self::with_request_timeout(ctx, REQUEST_LINE_TIMEOUT)
+    }
+
+    fn with_request_timeout(ctx: Arc<Ctx>, request_timeout: Duration) -> Arc<Self> {
+        Arc::new(Daemon {
+            ctx,
+            masters: Mutex::new(HashMap::new()),
+            request_timeout,
+            #[cfg(test)]
+            faults: Mutex::default(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
@@ -113,56 +178,124 @@ impl Daemon {
     }
 
     /// Binds the control socket (0600), refusing to steal one a live daemon answers on.
-    pub fn bind(path: &std::path::Path) -> Result<UnixListener, DaemonError> {
+    ///
+    /// The socket is bound inside a fresh 0700 directory next to `path`, made 0600 there, and
+    /// renamed into place: `path` never names a socket with another mode, whatever the umask.
+    pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+        Self::bind_probed(path, &mut |_| {})
+    }
+
+    /// [`Daemon::bind`]; `probe` sees the socket's path right after `bind(2)` (tests).
+    fn bind_probed(path: &Path, probe: &mut dyn FnMut(&Path)) -> Result<UnixListener, DaemonError> {
         let p = path.display().to_string();
+        let err = |source| DaemonError::Listen { path: p.clone(), source };
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(DaemonError::Running(p));
         }
-        let _ = std::fs::remove_file(path);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| DaemonError::Listen { path: p.clone(), source })?;
-        }
-        let l = UnixListener::bind(path).map_err(|source| DaemonError::Listen { path: p.clone(), source })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|source| DaemonError::Listen { path: p, source })?;
-        Ok(l)
+        let Some(name) = path.file_name() else {
+            return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name")));
+        };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(err)?;
+        // Short: a socket's path has at most 107 bytes, and this one is only a step.
+        let private = dir.join(format!(".{}.{}", name.len(), std::process::id()));
+        let tmp = private.join("s");
+        // A leftover of a daemon that had our pid and died here.
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_dir(&private);
+        std::fs::DirBuilder::new().mode(0o700).create(&private).map_err(err)?;
+        let bound = UnixListener::bind(&tmp).and_then(|l| {
+            probe(&tmp);
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            // Replaces a stale socket of a dead daemon in one step.
+            std::fs::rename(&tmp, path)?;
+            Ok(l)
+        });
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_dir(&private);
+        bound.map_err(err)
     }
 
-    /// Re-verifies and seeds every recorded master; resumes pending fetches.
+    /// Re-verifies and seeds every recorded master; resumes pending fetches. A fetch recorded as
+    /// failed (it cannot succeed with its manifest) is shown, with why, and not resumed.
     pub fn start_recorded(self: &Arc<Self>) {
         for r in records::load_all(&self.ctx.cfg) {
             let key = (r.pool.clone(), r.manifest.name.clone());
-            if r.state == RecordState::Pending {
-                tracing::info!(name = %r.manifest.name, "resuming an interrupted fetch");
-                let _ = self.start_fetch(key, r.pool.clone(), r.manifest.clone());
-                continue;
+            match &r.state {
+                RecordState::Pending => {
+                    tracing::info!(name = %r.manifest.name, "resuming an interrupted fetch");
+                    let _ = self.start_fetch(key, r.pool.clone(), r.manifest.clone());
+                    continue;
+                }
+                RecordState::Failed { error } => {
+                    tracing::info!(
+                        "not resuming the fetch of '{}' into pool '{}': it failed ({error})",
+                        r.manifest.name,
+                        r.pool
+                    );
+                    let e = Entry { error: Some(error.clone()), ..Entry::new(r.manifest, r.pool, MasterState::Failed) };
+                    self.lock().insert(key, e);
+                    continue;
+                }
+                RecordState::Published | RecordState::Fetched => {}
             }
             let e = Entry {
                 path: Some(r.path.clone()),
                 ..Entry::new(r.manifest.clone(), r.pool.clone(), MasterState::Verifying)
             };
+            let dtx = e.done.clone();
             self.lock().insert(key.clone(), e);
             let me = self.clone();
             tokio::spawn(async move {
-                let res = match me.ctx.check_present(&r.manifest, &r.path).await {
-                    Ok(Some(p)) => me.ctx.seed(&r.manifest, &p).await,
-                    Ok(None) => Err(fetch::FetchError::Gone { path: r.path.display().to_string() }),
-                    Err(e) => Err(e),
-                };
-                let mut g = me.lock();
-                if let Some(e) = g.get_mut(&key) {
-                    match res {
-                        Ok(h) => {
-                            e.state = MasterState::Seeding;
-                            e.handle = Some(h);
-                        }
-                        Err(err) => {
-                            tracing::warn!("not seeding {}: {}", r.manifest.name, one_line(&err));
-                            e.state = MasterState::Failed;
-                            e.error = Some(one_line(&err));
+                let work = {
+                    let me = me.clone();
+                    async move {
+                        #[cfg(test)]
+                        me.fault_point(tests::Stage::Verify).await;
+                        match me.ctx.check_present(&r.manifest, &r.path).await? {
+                            Some(p) => {
+                                let seeded = me.ctx.seed(&r.manifest, &p).await;
+                                Ok((p, seeded))
+                            }
+                            None => Err(FetchError::Gone { path: r.path.display().to_string() }),
                         }
                     }
-                }
+                };
+                let res = caught("verification", work).await;
+                let fin = {
+                    let mut g = me.lock();
+                    // Only the entry this task verifies (a `seed` request may have replaced it).
+                    let e = g.get_mut(&key).filter(|e| e.done.same_channel(&dtx));
+                    match res {
+                        Ok((p, seeded)) => {
+                            if let Some(e) = e {
+                                match seeded {
+                                    Ok(h) => {
+                                        e.state = MasterState::Seeding;
+                                        e.handle = Some(h);
+                                    }
+                                    Err(err) => {
+                                        tracing::warn!("not seeding {}: {}", key.1, one_line(&err));
+                                        e.state = MasterState::Failed;
+                                        e.error = Some(format!("seeding: {}", one_line(&err)));
+                                    }
+                                }
+                            }
+                            // Verified and in the pool: a success for whoever waits.
+                            Final::done(FinalState::Present, &p.display().to_string())
+                        }
+                        Err(err) => {
+                            let msg = one_line(&err);
+                            tracing::warn!("not seeding {}: {msg}", key.1);
+                            if let Some(e) = e {
+                                e.state = MasterState::Failed;
+                                e.error = Some(msg.clone());
+                            }
+                            Final::error(msg)
+                        }
+                    }
+                };
+                let _ = dtx.send(Some(fin));
             });
         }
     }
@@ -188,25 +321,22 @@ impl Daemon {
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
     fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, Refusal> {
         let mut g = self.lock();
-        if let Some(e) = g.get(&key) {
+        if let Some(e) = g.get(&key).filter(|e| e.holds_name()) {
             if e.manifest.sha256 != m.sha256 {
                 return Err(Refusal::OtherSha256 { pool, name: m.name, sha256: e.manifest.sha256.clone() });
             }
-            match e.state {
-                MasterState::Seeding if e.path.as_ref().is_some_and(|p| p.exists()) => {
-                    let (_, d) = watch::channel(Some(Final::done(
-                        FinalState::Present,
-                        &e.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                    )));
-                    return Ok((e.progress.subscribe(), d));
-                }
-                MasterState::Fetching | MasterState::Verifying => {
-                    return Ok((e.progress.subscribe(), e.done.subscribe()))
-                }
-                // Failed, or seeding a file that vanished from the pool: try again.
-                MasterState::Seeding | MasterState::Failed => {}
+            if e.state == MasterState::Seeding {
+                let (_, d) = watch::channel(Some(Final::done(
+                    FinalState::Present,
+                    &e.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                )));
+                return Ok((e.progress.subscribe(), d));
             }
+            return Ok((e.progress.subscribe(), e.done.subscribe()));
         }
+        // Nothing holds the name (nothing known, a failure, or a seed whose file vanished from
+        // the pool): a fresh fetch, which the pool's own file still guards (a master there that
+        // differs from this manifest is refused, never replaced).
         let fetches = g.get(&key).map(|e| e.fetches).unwrap_or(0) + 1;
         // A seed whose file vanished from the pool: drop it before fetching again.
         let stale = g.get_mut(&key).and_then(|e| e.handle.take());
@@ -218,49 +348,58 @@ impl Daemon {
         let me = self.clone();
         let last = ptx.subscribe();
         tokio::spawn(async move {
-            if let Some(h) = stale {
-                me.ctx.torrents.remove(&h).await;
-            }
-            let total = m.size;
-            let on_event = move |ev: fetch::Event| match ev {
-                fetch::Event::Progress(p) => {
-                    let _ = ptx.send(Some(p));
-                }
-                fetch::Event::Started { have_bytes, total_bytes } => {
-                    let _ = ptx.send(Some(Progress {
-                        state: TorrentState::Live,
-                        done_bytes: have_bytes,
-                        total_bytes,
-                        ..Default::default()
-                    }));
-                }
-                fetch::Event::Verifying => {
-                    let up = ptx.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
-                    // The finished download still seeds while the whole file is checked.
-                    let _ = ptx.send(Some(Progress {
-                        state: TorrentState::Live,
-                        done_bytes: total,
-                        total_bytes: total,
-                        uploaded_bytes: up,
-                        ..Default::default()
-                    }));
+            let work = {
+                let me = me.clone();
+                async move {
+                    #[cfg(test)]
+                    me.fault_point(tests::Stage::Download).await;
+                    if let Some(h) = stale {
+                        me.ctx.torrents.remove(&h).await;
+                    }
+                    let total = m.size;
+                    let on_event = move |ev: fetch::Event| match ev {
+                        fetch::Event::Progress(p) => {
+                            let _ = ptx.send(Some(p));
+                        }
+                        fetch::Event::Started { have_bytes, total_bytes } => {
+                            let _ = ptx.send(Some(Progress {
+                                state: TorrentState::Live,
+                                done_bytes: have_bytes,
+                                total_bytes,
+                                ..Default::default()
+                            }));
+                        }
+                        fetch::Event::Verifying => {
+                            let up = ptx.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
+                            // The finished download still seeds while the whole file is checked.
+                            let _ = ptx.send(Some(Progress {
+                                state: TorrentState::Live,
+                                done_bytes: total,
+                                total_bytes: total,
+                                uploaded_bytes: up,
+                                ..Default::default()
+                            }));
+                        }
+                    };
+                    let (outcome, h) = me.ctx.fetch(&pool, &m, &on_event).await?;
+                    let seeded = match h {
+                        None => me.ctx.seed(&m, outcome.path()).await.map(Some),
+                        Some(h) => Ok(Some(h)),
+                    };
+                    Ok::<(Outcome, Result<Option<Handle>, FetchError>), FetchError>((outcome, seeded))
                 }
             };
-            let res = me.ctx.fetch(&pool, &m, &on_event).await;
-            let seeded = match &res {
-                Ok((outcome, None)) => me.ctx.seed(&m, outcome.path()).await.map(Some),
-                Ok((_, Some(h))) => Ok(Some(h.clone())),
-                Err(_) => Ok(None),
-            };
+            let res = caught("download", work).await;
             let uploaded = last.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
             let fin = {
                 let mut g = me.lock();
-                let mut e = g.get_mut(&key);
+                // Only the entry of this fetch (a `seed` request may have replaced it).
+                let mut e = g.get_mut(&key).filter(|e| e.done.same_channel(&dtx));
                 if let Some(e) = e.as_mut() {
                     e.uploaded_base = uploaded;
                 }
-                match (res, seeded) {
-                    (Ok((outcome, _)), Ok(h)) => {
+                match res {
+                    Ok((outcome, Ok(h))) => {
                         if let Some(e) = e {
                             e.state = MasterState::Seeding;
                             e.path = Some(outcome.path().to_path_buf());
@@ -269,7 +408,7 @@ impl Daemon {
                         }
                         Final::done(outcome.state(), &outcome.path().display().to_string())
                     }
-                    (Ok((outcome, _)), Err(err)) => {
+                    Ok((outcome, Err(err))) => {
                         // In the pool and verified, but seeding failed: still a success for the caller.
                         if let Some(e) = e {
                             e.state = MasterState::Failed;
@@ -278,7 +417,7 @@ impl Daemon {
                         }
                         Final::done(outcome.state(), &outcome.path().display().to_string())
                     }
-                    (Err(err), _) => {
+                    Err(err) => {
                         let msg = one_line(&err);
                         tracing::warn!("fetch failed: {msg}");
                         if let Some(e) = e {
@@ -360,12 +499,9 @@ impl Daemon {
 
     async fn handle(self: Arc<Self>, s: UnixStream) -> std::io::Result<()> {
         let (r, mut w) = s.into_split();
-        let mut r = BufReader::new(r).take(proto::MAX_REQUEST_BYTES as u64);
-        let mut line = String::new();
-        r.read_line(&mut line).await?;
-        let req: Request = match serde_json::from_str(line.trim()) {
+        let req = match self.read_request(r).await? {
             Ok(q) => q,
-            Err(e) => return write_final(&mut w, &Final::error(one_line(&Refusal::Bad(e)))).await,
+            Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
         };
         match req {
             Request::Status => write_final(&mut w, &Final::masters(Masters::Status(self.status()))).await,
@@ -378,7 +514,13 @@ impl Daemon {
                 write_final(&mut w, &Final::masters(Masters::List(l))).await
             }
             Request::Seed(mr) => {
-                let f = match self.seed_published(&mr).await {
+                // It runs librqbit's parser: a panic there is an answer too.
+                let me = self.clone();
+                let f = match caught("seed", async move { Ok(me.seed_published(&mr).await) }).await {
+                    Ok(r) => r,
+                    Err(e) => Err(e.into()),
+                };
+                let f = match f {
                     Ok(f) => f,
                     Err(e) => Final::error(one_line(&e)),
                 };
@@ -389,12 +531,40 @@ impl Daemon {
         }
     }
 
+    /// The request line: at most [`proto::MAX_REQUEST_BYTES`], within the request timeout.
+    /// Err: the connection failed; Ok(Err): what to answer instead.
+    async fn read_request(&self, r: tokio::net::unix::OwnedReadHalf) -> std::io::Result<Result<Request, Refusal>> {
+        let max = proto::MAX_REQUEST_BYTES;
+        let mut r = BufReader::new(r).take(max as u64 + 1);
+        let mut line = Vec::new();
+        match tokio::time::timeout(self.request_timeout, r.read_until(b'\n', &mut line)).await {
+            Err(_) => return Ok(Err(Refusal::Timeout { secs: self.request_timeout.as_secs() })),
+            Ok(res) => res?,
+        };
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        if line.len() > max {
+            return Ok(Err(Refusal::TooLong { max }));
+        }
+        let line = match std::str::from_utf8(&line) {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(Refusal::NotUtf8(e))),
+        };
+        Ok(serde_json::from_str(line.trim()).map_err(Refusal::Bad))
+    }
+
     /// `seed`: re-verifies a master this host published and seeds it.
     async fn seed_published(&self, mr: &MasterRequest) -> Result<Final, Refusal> {
         let (pool, m) = Self::master_of(mr)?;
         let rec = records::load_all(&self.ctx.cfg)
             .into_iter()
-            .find(|r| r.pool == pool && r.manifest.name == m.name && r.manifest.sha256 == m.sha256)
+            .find(|r| {
+                r.pool == pool
+                    && r.manifest.name == m.name
+                    && r.manifest.sha256 == m.sha256
+                    && !matches!(r.state, RecordState::Failed { .. })
+            })
             .ok_or_else(|| Refusal::NotPublished { pool: pool.clone(), name: m.name.clone() })?;
         let p = match self.ctx.check_present(&m, &rec.path).await? {
             Some(p) => p,
@@ -415,10 +585,10 @@ impl Daemon {
     ) -> std::io::Result<()> {
         let started = Self::master_of(&mr).and_then(|(pool, m)| {
             let key = (pool.clone(), m.name.clone());
-            let size = m.size;
-            self.start_fetch(key, pool, m).map(|w| (w, size))
+            let (size, name) = (m.size, m.name.clone());
+            self.start_fetch(key, pool, m).map(|w| (w, size, name))
         });
-        let ((mut prx, mut drx), size) = match started {
+        let ((mut prx, mut drx), size, name) = match started {
             Ok(x) => x,
             Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
         };
@@ -436,7 +606,13 @@ impl Daemon {
                 return write_final(&mut w, &f).await;
             }
             tokio::select! {
-                _ = drx.changed() => {}
+                changed = drx.changed() => {
+                    if changed.is_err() {
+                        // Every sender is gone without a final line (never expected): say so.
+                        let (pool, name) = (mr.pool.clone().unwrap_or_default(), name.clone());
+                        return write_final(&mut w, &Final::error(one_line(&Refusal::NoAnswer { pool, name }))).await;
+                    }
+                }
                 _ = tick.tick() => {
                     let p = prx.borrow_and_update().clone();
                     if let Some(p) = p {
@@ -451,13 +627,334 @@ impl Daemon {
     }
 }
 
+/// Writes one line; a client that stopped reading for [`ANSWER_LINE_TIMEOUT`] is dropped (a
+/// download it started goes on).
 async fn write_line<T: serde::Serialize>(w: &mut tokio::net::unix::OwnedWriteHalf, v: &T) -> std::io::Result<()> {
     let mut s = serde_json::to_string(v).unwrap_or_default();
     s.push('\n');
-    w.write_all(s.as_bytes()).await
+    match tokio::time::timeout(ANSWER_LINE_TIMEOUT, w.write_all(s.as_bytes())).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")),
+    }
 }
 
 async fn write_final(w: &mut tokio::net::unix::OwnedWriteHalf, f: &Final) -> std::io::Result<()> {
     write_line(w, f).await?;
     w.shutdown().await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, FileConfig, Overrides};
+    use crate::pools::DirPools;
+    use crate::publish::publish_in;
+    use crate::torrent::Torrents;
+    use std::path::Path;
+    use tokio::sync::Notify;
+
+    /// Where an injected fault strikes: at the start of a download task or of a start-up
+    /// re-verification.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Stage {
+        Download,
+        Verify,
+    }
+
+    /// One fault, taken by the first task that reaches its stage: it waits for `release`, then
+    /// panics if `panic` is set.
+    #[derive(Debug, Default)]
+    pub(super) struct Faults {
+        at: Option<Stage>,
+        release: Option<Arc<Notify>>,
+        panic: bool,
+    }
+
+    impl Daemon {
+        pub(super) async fn fault_point(&self, stage: Stage) {
+            let f = {
+                let mut g = self.faults.lock().unwrap();
+                if g.at != Some(stage) {
+                    return;
+                }
+                std::mem::take(&mut *g)
+            };
+            if let Some(n) = f.release {
+                n.notified().await;
+            }
+            if f.panic {
+                panic!("injected fault");
+            }
+        }
+
+        /// Arms a fault; returns what releases it.
+        fn inject(&self, at: Stage, panic: bool) -> Arc<Notify> {
+            let n = Arc::new(Notify::new());
+            *self.faults.lock().unwrap() = Faults { at: Some(at), release: Some(n.clone()), panic };
+            n
+        }
+
+        /// How many requests wait for the final answer about `name`.
+        fn waiters(&self, pool: &str, name: &str) -> usize {
+            self.lock().get(&(pool.to_string(), name.to_string())).map(|e| e.done.receiver_count()).unwrap_or(0)
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("[::]:0").unwrap().local_addr().unwrap().port()
+    }
+
+    fn config(state: &Path) -> Config {
+        let o = Overrides {
+            state_dir: Some(state.to_path_buf()),
+            listen_port: Some(free_port()),
+            advertise: Some("127.0.0.1".into()),
+            no_lsd: true,
+            ..Default::default()
+        };
+        let mut c = Config::merge(FileConfig::default(), &o).unwrap();
+        c.qemu_img_check = false;
+        c.stall_timeout = 30;
+        c
+    }
+
+    /// `size` bytes that look like no image format.
+    fn bytes(size: usize) -> Vec<u8> {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// A host: its state and pool directories (pool "p"), and its context.
+    struct Host {
+        _tmp: tempfile::TempDir,
+        pool: PathBuf,
+        cfg: Config,
+    }
+
+    impl Host {
+        fn new() -> Host {
+            let tmp = tempfile::tempdir().unwrap();
+            let pool = tmp.path().join("pool");
+            std::fs::create_dir(&pool).unwrap();
+            let cfg = config(&tmp.path().join("state"));
+            Host { _tmp: tmp, pool, cfg }
+        }
+
+        fn pools(&self) -> DirPools {
+            DirPools::new().with("p", &self.pool)
+        }
+
+        async fn ctx(&self) -> Arc<Ctx> {
+            let torrents = Torrents::start(&self.cfg).await.unwrap();
+            Arc::new(Ctx { cfg: self.cfg.clone(), torrents, pools: Arc::new(self.pools()) })
+        }
+
+        /// A daemon on this host, serving on a socket in its state directory.
+        async fn daemon(&self) -> (Arc<Daemon>, PathBuf) {
+            self.daemon_with(REQUEST_LINE_TIMEOUT).await
+        }
+
+        async fn daemon_with(&self, request_timeout: Duration) -> (Arc<Daemon>, PathBuf) {
+            let d = Daemon::with_request_timeout(self.ctx().await, request_timeout);
+            let sock = self.cfg.state_dir.join("control.sock");
+            let l = Daemon::bind(&sock).unwrap();
+            tokio::spawn(d.clone().serve(l));
+            (d, sock)
+        }
+    }
+
+    /// A seeding host with one published raw master; its manifest.
+    async fn origin(h: &Host) -> (Arc<Ctx>, Manifest, Vec<u8>) {
+        let data = bytes((2 << 20) + 512);
+        std::fs::write(h.pool.join("base.raw"), &data).unwrap();
+        let p = publish_in(&h.cfg, &h.pools(), "p", "base.raw").unwrap();
+        let ctx = h.ctx().await;
+        // The session keeps seeding it; the handle is not needed.
+        ctx.seed(&p.manifest, &p.path).await.unwrap();
+        (ctx, p.manifest, data)
+    }
+
+    /// Sends one request line; returns the final line (events skipped).
+    async fn request(sock: PathBuf, req: serde_json::Value) -> serde_json::Value {
+        let s = UnixStream::connect(sock).await.unwrap();
+        let (r, mut w) = s.into_split();
+        w.write_all(format!("{req}\n").as_bytes()).await.unwrap();
+        let mut lines = BufReader::new(r).lines();
+        let read = async {
+            while let Some(l) = lines.next_line().await.unwrap() {
+                let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+                if v.get("ok").is_some() {
+                    return v;
+                }
+            }
+            panic!("the connection ended without a final line");
+        };
+        tokio::time::timeout(Duration::from_secs(60), read).await.expect("no final answer within 60 s")
+    }
+
+    fn ensure(m: &Manifest) -> serde_json::Value {
+        serde_json::json!({"op": "ensure", "pool": "p", "manifest": m})
+    }
+
+    async fn status_of(sock: &Path, name: &str) -> serde_json::Value {
+        let st = request(sock.to_path_buf(), serde_json::json!({"op": "status"})).await;
+        st["masters"].as_array().unwrap().iter().find(|m| m["name"] == name).cloned().unwrap_or_default()
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let start = std::time::Instant::now();
+        while !f() {
+            assert!(start.elapsed() < Duration::from_secs(30), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_panicking_download_task_answers_every_waiter_and_the_next_ensure_starts_afresh() {
+        let a = Host::new();
+        let (_a, m, data) = origin(&a).await;
+        let b = Host::new();
+        let (d, sock) = b.daemon().await;
+        let release = d.inject(Stage::Download, true);
+        let waiters: Vec<_> = (0..2).map(|_| tokio::spawn(request(sock.clone(), ensure(&m)))).collect();
+        until("two requests wait for the download", || d.waiters("p", "base.raw") == 2).await;
+        release.notify_one();
+        for w in waiters {
+            let fin = w.await.unwrap();
+            assert_eq!(fin["ok"], false, "{fin}");
+            assert_eq!(fin["error"], "the download task panicked: injected fault", "{fin}");
+        }
+        let st = status_of(&sock, "base.raw").await;
+        assert_eq!((st["state"].as_str(), st["fetches"].as_u64()), (Some("failed"), Some(1)), "{st}");
+        assert_eq!(st["error"], "the download task panicked: injected fault", "{st}");
+
+        let fin = request(sock.clone(), ensure(&m)).await;
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("fetched")), "{fin}");
+        assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
+        let st = status_of(&sock, "base.raw").await;
+        assert_eq!((st["state"].as_str(), st["fetches"].as_u64()), (Some("seeding"), Some(2)), "{st}");
+    }
+
+    /// A host whose record says it published `base.raw`, and a daemon that re-verifies it with a
+    /// fault armed at the re-verification.
+    async fn restarted_with_a_fault(panic: bool) -> (Host, Manifest, Arc<Daemon>, PathBuf, Arc<Notify>) {
+        let h = Host::new();
+        std::fs::write(h.pool.join("base.raw"), bytes(1 << 20)).unwrap();
+        let m = publish_in(&h.cfg, &h.pools(), "p", "base.raw").unwrap().manifest;
+        let (d, sock) = h.daemon().await;
+        let release = d.inject(Stage::Verify, panic);
+        d.start_recorded();
+        (h, m, d, sock, release)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_ensure_during_the_start_up_verification_gets_its_answer_when_it_ends() {
+        let (h, m, d, sock, release) = restarted_with_a_fault(false).await;
+        let waiter = tokio::spawn(request(sock.clone(), ensure(&m)));
+        until("the request waits for the verification", || d.waiters("p", "base.raw") == 1).await;
+        release.notify_one();
+        let fin = waiter.await.unwrap();
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("present")), "{fin}");
+        assert_eq!(fin["path"], h.pool.join("base.raw").display().to_string());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_panicking_start_up_verification_answers_its_waiters_and_shows_why() {
+        let (_h, m, d, sock, release) = restarted_with_a_fault(true).await;
+        let waiter = tokio::spawn(request(sock.clone(), ensure(&m)));
+        until("the request waits for the verification", || d.waiters("p", "base.raw") == 1).await;
+        release.notify_one();
+        let fin = waiter.await.unwrap();
+        assert_eq!(fin["ok"], false, "{fin}");
+        assert_eq!(fin["error"], "the verification task panicked: injected fault", "{fin}");
+        let st = status_of(&sock, "base.raw").await;
+        assert_eq!(st["state"], "failed", "{st}");
+        assert_eq!(st["error"], "the verification task panicked: injected fault", "{st}");
+    }
+
+    /// Writes `bytes` (and keeps the connection open); returns every line the daemon sends
+    /// before it closes the connection, and how long that took.
+    async fn raw(sock: &Path, bytes: &[u8]) -> (Vec<String>, Duration) {
+        let start = std::time::Instant::now();
+        let s = UnixStream::connect(sock).await.unwrap();
+        let (r, mut w) = s.into_split();
+        w.write_all(bytes).await.unwrap();
+        let mut lines = BufReader::new(r).lines();
+        let mut out = Vec::new();
+        let read = async {
+            while let Some(l) = lines.next_line().await.unwrap() {
+                out.push(l);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read).await.expect("the daemon kept the connection open");
+        drop(w);
+        (out, start.elapsed())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_line_that_is_not_utf8_gets_an_answer() {
+        let h = Host::new();
+        let (_d, sock) = h.daemon().await;
+        let (lines, _) = raw(&sock, b"{\"op\":\"st\xffatus\"}\n").await;
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().starts_with("bad request: the request line is not UTF-8"), "{v}");
+        // Still serving.
+        assert_eq!(request(sock.clone(), serde_json::json!({"op": "status"})).await["ok"], true);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_sends_nothing_or_half_a_line_is_answered_and_dropped_after_the_bound() {
+        let h = Host::new();
+        let (_d, sock) = h.daemon_with(Duration::from_secs(1)).await;
+        for sent in [&b""[..], &b"{\"op\":"[..]] {
+            let (lines, took) = raw(&sock, sent).await;
+            assert_eq!(
+                lines,
+                [r#"{"ok":false,"error":"no complete request line within 1 s; send one JSON object and a newline"}"#],
+                "{sent:?}"
+            );
+            assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(5), "{took:?}");
+        }
+        assert_eq!(request(sock.clone(), serde_json::json!({"op": "status"})).await["ok"], true);
+    }
+
+    #[test]
+    fn the_control_socket_never_appears_with_another_mode_than_0600() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("run").join("control.sock");
+        let mut seen = Vec::new();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _g = rt.enter();
+        let check = |seen: &mut Vec<String>| match std::fs::symlink_metadata(&path) {
+            Ok(m) => seen.push(format!("{:o}", m.permissions().mode() & 0o777)),
+            Err(e) => seen.push(e.kind().to_string()),
+        };
+        // Twice: the second replaces the first's (stale) socket.
+        for _ in 0..2 {
+            let l = Daemon::bind_probed(&path, &mut |bound| {
+                check(&mut seen);
+                // Where it is bound, nobody else can reach it.
+                let dir = bound.parent().unwrap();
+                assert_eq!(std::fs::metadata(dir).unwrap().permissions().mode() & 0o777, 0o700);
+            })
+            .unwrap();
+            check(&mut seen);
+            assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+            drop(l);
+        }
+        assert_eq!(seen, ["entity not found", "600", "600", "600"]);
+        let names: Vec<_> =
+            std::fs::read_dir(path.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, ["control.sock"], "nothing else left beside the socket");
+    }
 }

@@ -72,6 +72,10 @@ pub enum FetchError {
     Stalled { name: String, secs: u64, peers: u32 },
     #[error("a blocking task of the fetch died")]
     Task(#[source] tokio::task::JoinError),
+    /// A task of the daemon panicked (a bug, or a peer that found one in librqbit): its waiters
+    /// get this as their final answer, and the next request starts afresh.
+    #[error("the {task} task panicked: {message}")]
+    Panicked { task: &'static str, message: String },
 }
 
 /// What a process needs to fetch and seed.
@@ -287,8 +291,15 @@ impl Ctx {
         let (cfg, m2, st) = (self.cfg.clone(), m.clone(), staged.to_path_buf());
         if let Err(source) = blocking(move || verify::verify_image(&st, &expect(&cfg, &m2, true))).await? {
             let _ = std::fs::remove_file(staged);
-            records::remove(&self.cfg, pool, &m.name);
-            return Err(FetchError::Image { name: m.name.clone(), source });
+            let err = FetchError::Image { name: m.name.clone(), source };
+            // This manifest can never succeed: the record says why, and is not resumed at start-up.
+            let failed = RecordState::Failed { error: vcc_core::error::one_line(&err) };
+            let r = Record { pool: pool.into(), manifest: m.clone(), path: pool_dir.join(&m.name), state: failed };
+            if let Err(e) = records::save(&self.cfg, &r) {
+                tracing::warn!("recording the failure of '{}': {}", m.name, vcc_core::error::one_line(&e));
+                records::remove(&self.cfg, pool, &m.name);
+            }
+            return Err(err);
         }
         let (st, pd, name) = (staged.to_path_buf(), pool_dir.to_path_buf(), m.name.clone());
         let path = blocking(move || staging::publish(&st, &pd, &name)).await??;

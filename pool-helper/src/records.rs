@@ -8,8 +8,9 @@ use crate::config::Config;
 use crate::manifest::{Manifest, ManifestError};
 
 /// Where a recorded master stands. Stored as today's strings (`published`, `fetched`,
-/// `pending`), so records written by older versions load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `pending`), so records written by older versions load; a failed fetch as
+/// `{"failed":{"error":"..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RecordState {
     /// Published from a volume of this host.
@@ -18,6 +19,10 @@ pub enum RecordState {
     Fetched,
     /// A fetch that has not finished: resumed when the daemon starts.
     Pending,
+    /// A fetch that cannot succeed with this manifest (the download is not what the manifest
+    /// says): shown with why, never resumed, and no hold on the name (the next fetch of the
+    /// name replaces this record).
+    Failed { error: String },
 }
 
 impl std::fmt::Display for RecordState {
@@ -26,6 +31,7 @@ impl std::fmt::Display for RecordState {
             RecordState::Published => "published",
             RecordState::Fetched => "fetched",
             RecordState::Pending => "pending",
+            RecordState::Failed { .. } => "failed",
         })
     }
 }
@@ -147,6 +153,19 @@ mod tests {
             assert_eq!(state.to_string(), text);
             assert_eq!(String::from_utf8(serde_json::to_vec_pretty(&r).unwrap()).unwrap(), old_record(text));
         }
+    }
+
+    #[test]
+    fn a_failed_record_keeps_why_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.json");
+        let text = old_record("pending").replace(r#""state": "pending""#, r#""state": {"failed": {"error": "bad"}}"#);
+        std::fs::write(&p, &text).unwrap();
+        let r = read(&p).unwrap();
+        assert_eq!(r.state, RecordState::Failed { error: "bad".into() });
+        assert_eq!(r.state.to_string(), "failed");
+        let back = serde_json::to_value(&r).unwrap();
+        assert_eq!(back["state"], serde_json::json!({"failed": {"error": "bad"}}));
     }
 
     #[test]

@@ -188,3 +188,56 @@ fn a_restarted_daemon_resumes_an_interrupted_fetch_and_re_verifies_its_masters()
     assert_eq!(st["state"], "failed", "{st}");
     assert!(st["error"].as_str().unwrap().contains("SHA-256"), "{st}");
 }
+
+/// Item 4 of issue 10 (checklist 15): only a verified master or a live fetch holds a name.
+#[test]
+fn a_failed_fetch_releases_the_name_and_a_restart_does_not_resume_it() {
+    let pa = Pool::new("a");
+    let size = 4 << 20;
+    let src = pa.raw_master("named.raw", size);
+    let mut a = Instance::new(&[]);
+    a.serve();
+    let man = a.publish(&pa, "named.raw");
+    a.wait_seeding("named.raw");
+    let right = manifest(&man);
+    let mut wrong = right.clone();
+    wrong["sha256"] = "0".repeat(64).into();
+    let pb = Pool::new("b");
+    let mut b = Instance::new(&[]);
+    b.serve();
+    let ensure = |m: &serde_json::Value| serde_json::json!({"op": "ensure", "pool": pb.name, "manifest": m});
+
+    let (_, fin) = b.request(&ensure(&wrong));
+    assert_eq!(fin["ok"], false, "{fin}");
+    assert!(fin["error"].as_str().unwrap().contains("SHA-256"), "{fin}");
+    let st = b.master_status("named.raw");
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["error"].as_str().unwrap().contains("SHA-256"), "the failure stays visible with why: {st}");
+    assert_eq!(std::fs::read_dir(&pb.dir).unwrap().count(), 0, "nothing in the pool");
+
+    // A restart does not bring the failed fetch back: nothing fetches it, its reason is still shown.
+    b.kill_daemon();
+    b.serve();
+    for _ in 0..2 {
+        let st = b.master_status("named.raw");
+        assert_eq!((st["state"].as_str(), st["fetches"].as_u64()), (Some("failed"), Some(0)), "not resumed: {st}");
+        assert!(st["error"].as_str().unwrap().contains("SHA-256"), "{st}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    assert!(b.daemon_log().contains("not resuming"), "{}", b.daemon_log());
+
+    // The wrong manifest fails again; the right one for the same name is accepted and fetched.
+    let (_, fin) = b.request(&ensure(&wrong));
+    assert_eq!(fin["ok"], false, "{fin}");
+    let (_, fin) = b.request(&ensure(&right));
+    assert_eq!(fin["ok"], true, "the failed fetch does not hold the name: {fin}\n{}", b.daemon_log());
+    assert_eq!(fin["state"], "fetched", "{fin}");
+    assert!(same_file(&src, &pb.path("named.raw")));
+    let st = b.master_status("named.raw");
+    assert_eq!((st["state"].as_str(), st["sha256"].as_str()), (Some("seeding"), right["sha256"].as_str()), "{st}");
+
+    // And a restart now seeds the right master.
+    b.kill_daemon();
+    b.serve();
+    b.wait_seeding("named.raw");
+}
