@@ -187,7 +187,10 @@ impl Ctx {
     pub async fn metainfo(&self, m: &Manifest, swarm: &Swarm) -> Result<Vec<u8>, FetchError> {
         let bytes = match m.torrent_bytes() {
             Some(b) => b,
-            None => self.torrents.resolve_magnet(&m.magnet, &m.info_hash, swarm.peers.clone(), &swarm.trackers).await?,
+            None => {
+                let magnet = m.librqbit_magnet();
+                self.torrents.resolve_magnet(&magnet, &m.info_hash, swarm.peers.clone(), &swarm.trackers).await?
+            }
         };
         let err = |source| FetchError::Metainfo { name: m.name.clone(), source };
         let mi = metainfo::validate(&bytes, Some(m.size)).map_err(err)?;
