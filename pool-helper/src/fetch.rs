@@ -125,13 +125,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 pub fn expect<'a>(cfg: &Config, m: &'a Manifest, qemu_img: bool) -> verify::Expect<'a> {
+    let policy = verify::ImagePolicy::of(cfg);
     verify::Expect {
         format: &m.format,
+        name: &m.name,
         size: m.size,
         virtual_size: m.virtual_size,
         sha256: &m.sha256,
-        max_virtual_size: cfg.max_virtual_size,
-        qemu_img: qemu_img && cfg.qemu_img_check,
+        policy: verify::ImagePolicy { qemu_img: qemu_img && policy.qemu_img, ..policy },
     }
 }
 

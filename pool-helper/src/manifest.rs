@@ -99,6 +99,8 @@ pub enum InvalidField {
     Magnet(#[from] MagnetError),
     #[error("more than {MAX_HINTS} entries")]
     TooMany,
+    #[error("a raw master named '{0}' would be probed as dmg by its name (QEMU's dmg probe): rename it")]
+    RawDmgName(String),
     #[error("torrent_hex is not hex")]
     TorrentHex,
     #[error("the torrent's piece length {torrent} != piece_length {manifest}")]
@@ -258,6 +260,9 @@ impl Manifest {
         }
         if self.format != "qcow2" && self.format != "raw" {
             return bad("format", InvalidField::Format(self.format.clone()));
+        }
+        if self.format == "raw" && crate::verify::probed_by_name(&self.name).is_some() {
+            return bad("name", InvalidField::RawDmgName(self.name.clone()));
         }
         if self.size == 0 {
             return bad("size", InvalidField::ZeroSize);
@@ -793,6 +798,14 @@ mod tests {
         };
         m.validate().unwrap();
         assert_eq!(m.peer_hints(), ["seed.invalid:6881", "seed2.invalid:6881"]);
+    }
+
+    #[test]
+    fn a_raw_master_named_like_a_dmg_image_is_refused() {
+        let m = Manifest { format: "raw".into(), name: "disk.dmg".into(), virtual_size: 1 << 20, ..good() };
+        assert!(refusal(m).contains("probed as dmg"));
+        let m = Manifest { format: "raw".into(), name: "disk.img".into(), virtual_size: 1 << 20, ..good() };
+        m.validate().unwrap();
     }
 
     /// `f` on a thread of its own; its answer if it comes within 5 s (the reads below must not
