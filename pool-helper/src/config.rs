@@ -8,6 +8,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/pool-helper";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/pool-helper/control.sock";
 pub const DEFAULT_LISTEN_PORT: u16 = 6881;
 pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 2 << 40;
+/// A config file is read only if it is a regular file of at most this many bytes.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The TOML file, every key optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -93,7 +95,7 @@ pub enum ConfigError {
     Read {
         path: String,
         #[source]
-        source: std::io::Error,
+        source: crate::manifest::ReadError,
     },
     #[error("config file '{path}'")]
     Parse {
@@ -124,8 +126,11 @@ impl Config {
     pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
         let file = match &o.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+                let read = |source| ConfigError::Read { path: p.display().to_string(), source };
+                let bytes = crate::manifest::read_bounded(p, MAX_CONFIG_BYTES, crate::manifest::MANIFEST_READ_TIMEOUT)
+                    .map_err(read)?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|e| read(crate::manifest::ReadError::Io(std::io::Error::other(e.utf8_error()))))?;
                 toml::from_str::<FileConfig>(&text)
                     .map_err(|e| ConfigError::Parse { path: p.display().to_string(), source: TomlError(e) })?
             }

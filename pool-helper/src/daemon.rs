@@ -461,8 +461,9 @@ impl Daemon {
         v
     }
 
-    /// The request's pool and its validated manifest.
-    fn master_of(r: &MasterRequest) -> Result<(String, Manifest), Refusal> {
+    /// The request's pool and its validated manifest (a manifest file is read off the async
+    /// workers, bounded: [`Manifest::load`]).
+    async fn master_of(r: &MasterRequest) -> Result<(String, Manifest), Refusal> {
         let pool = r.pool.clone().ok_or(Refusal::NoPool)?;
         let m = match (&r.manifest, &r.manifest_path) {
             (Some(obj), None) => Manifest::from_value(obj.to_value().map_err(Refusal::ManifestObject)?)?,
@@ -470,7 +471,7 @@ impl Daemon {
                 if !p.starts_with('/') {
                     return Err(Refusal::RelativeManifestPath(p.clone()));
                 }
-                Manifest::load(std::path::Path::new(p))?
+                Manifest::load_off_runtime(PathBuf::from(p)).await?
             }
             _ => return Err(Refusal::ManifestChoice),
         };
@@ -556,7 +557,7 @@ impl Daemon {
 
     /// `seed`: re-verifies a master this host published and seeds it.
     async fn seed_published(&self, mr: &MasterRequest) -> Result<Final, Refusal> {
-        let (pool, m) = Self::master_of(mr)?;
+        let (pool, m) = Self::master_of(mr).await?;
         let rec = records::load_all(&self.ctx.cfg)
             .into_iter()
             .find(|r| {
@@ -583,7 +584,7 @@ impl Daemon {
         mr: MasterRequest,
         always: bool,
     ) -> std::io::Result<()> {
-        let started = Self::master_of(&mr).and_then(|(pool, m)| {
+        let started = Self::master_of(&mr).await.and_then(|(pool, m)| {
             let key = (pool.clone(), m.name.clone());
             let (size, name) = (m.size, m.name.clone());
             self.start_fetch(key, pool, m).map(|w| (w, size, name))

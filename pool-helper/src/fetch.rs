@@ -129,13 +129,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 pub fn expect<'a>(cfg: &Config, m: &'a Manifest, qemu_img: bool) -> verify::Expect<'a> {
+    let policy = verify::ImagePolicy::of(cfg);
     verify::Expect {
         format: &m.format,
+        name: &m.name,
         size: m.size,
         virtual_size: m.virtual_size,
         sha256: &m.sha256,
-        max_virtual_size: cfg.max_virtual_size,
-        qemu_img: qemu_img && cfg.qemu_img_check,
+        policy: verify::ImagePolicy { qemu_img: qemu_img && policy.qemu_img, ..policy },
     }
 }
 
@@ -191,7 +192,10 @@ impl Ctx {
     pub async fn metainfo(&self, m: &Manifest, swarm: &Swarm) -> Result<Vec<u8>, FetchError> {
         let bytes = match m.torrent_bytes() {
             Some(b) => b,
-            None => self.torrents.resolve_magnet(&m.magnet, &m.info_hash, swarm.peers.clone(), &swarm.trackers).await?,
+            None => {
+                let magnet = m.librqbit_magnet();
+                self.torrents.resolve_magnet(&magnet, &m.info_hash, swarm.peers.clone(), &swarm.trackers).await?
+            }
         };
         let err = |source| FetchError::Metainfo { name: m.name.clone(), source };
         let mi = metainfo::validate(&bytes, Some(m.size)).map_err(err)?;

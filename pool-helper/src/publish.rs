@@ -30,6 +30,12 @@ pub enum PublishError {
         #[source]
         source: ImageError,
     },
+    #[error("volume '{volume}' cannot be a master: fetchers would refuse it")]
+    Refused {
+        volume: String,
+        #[source]
+        source: ImageError,
+    },
     #[error("cannot hash '{path}'")]
     Hash {
         path: String,
@@ -106,6 +112,16 @@ pub fn publish_in(cfg: &Config, pools: &dyn Pools, pool: &str, volume: &str) -> 
     let size = meta.len();
     let virtual_size = verify::local_virtual_size(&path, &format, size)
         .map_err(|source| PublishError::VirtualSize { volume: volume.into(), source })?;
+    // The checks every fetcher will make (the same function, the same policy), before hashing.
+    let e = verify::Expect {
+        format: &format,
+        name: volume,
+        size,
+        virtual_size,
+        sha256: "",
+        policy: verify::ImagePolicy::of(cfg),
+    };
+    verify::check_content(&path, &e).map_err(|source| PublishError::Refused { volume: volume.into(), source })?;
     let pl = metainfo::choose_piece_length(size);
     let hashed = metainfo::create(&path, volume, pl, &cfg.trackers)
         .map_err(|source| PublishError::Hash { path: path.display().to_string(), source })?;
@@ -144,4 +160,70 @@ pub fn publish_in(cfg: &Config, pools: &dyn Pools, pool: &str, volume: &str) -> 
 
 fn abs(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{FileConfig, Overrides};
+    use crate::pools::DirPools;
+
+    fn setup() -> (tempfile::TempDir, Config, DirPools, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (state, pool) = (tmp.path().join("state"), tmp.path().join("pool"));
+        std::fs::create_dir(&pool).unwrap();
+        let o = Overrides { state_dir: Some(state), advertise: Some("127.0.0.1".into()), ..Default::default() };
+        let cfg = Config::merge(FileConfig::default(), &o).unwrap();
+        let pools = DirPools::new().with("p", &pool);
+        (tmp, cfg, pools, pool)
+    }
+
+    /// A qcow2 v3 header (64 KiB clusters, refcount table at cluster 1, L1 at cluster 3) stating
+    /// `virtual_size`; 4 clusters in all.
+    fn qcow2(virtual_size: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 4 * 65536];
+        b[0..4].copy_from_slice(verify::QCOW2_MAGIC);
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&16u32.to_be_bytes());
+        b[24..32].copy_from_slice(&virtual_size.to_be_bytes());
+        b[36..40].copy_from_slice(&2u32.to_be_bytes());
+        b[40..48].copy_from_slice(&(3u64 * 65536).to_be_bytes());
+        b[48..56].copy_from_slice(&65536u64.to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn a_qcow2_of_1_eib_is_not_published_as_every_fetcher_would_refuse_it() {
+        let (_tmp, cfg, pools, dir) = setup();
+        std::fs::write(dir.join("huge.qcow2"), qcow2(1 << 60)).unwrap();
+        // The policy refuses it before qemu-img would run.
+        let e = publish_in(&cfg, &pools, "p", "huge.qcow2").unwrap_err();
+        assert!(matches!(&e, PublishError::Refused { source: ImageError::TooBig { .. }, .. }), "{e:?}");
+        assert_eq!(
+            vcc_core::error::one_line(&e),
+            format!(
+                "volume 'huge.qcow2' cannot be a master: fetchers would refuse it: virtual size 1152921504606846976 \
+                 is above the policy maximum {} (config key max_virtual_size, the same on every host)",
+                crate::config::DEFAULT_MAX_VIRTUAL_SIZE
+            )
+        );
+        assert!(!cfg.published_dir().join("huge.qcow2.json").exists(), "no manifest written");
+    }
+
+    #[test]
+    fn a_raw_volume_any_qemu_probe_would_take_for_another_format_is_not_published() {
+        let (_tmp, cfg, pools, dir) = setup();
+        let mut vmdk = b"# a comment first\nversion=1\nRW 8 FLAT \"/etc/passwd\" 0\n".to_vec();
+        vmdk.resize(65536, 0);
+        std::fs::write(dir.join("desc.raw"), &vmdk).unwrap();
+        let e = vcc_core::error::one_line(&publish_in(&cfg, &pools, "p", "desc.raw").unwrap_err());
+        assert!(e.contains("declared raw, but the content starts like a vmdk image"), "{e}");
+        std::fs::write(dir.join("zeros.dmg"), vec![0u8; 65536]).unwrap();
+        let e = vcc_core::error::one_line(&publish_in(&cfg, &pools, "p", "zeros.dmg").unwrap_err());
+        assert!(e.contains("would probe it as dmg by its name"), "{e}");
+    }
 }

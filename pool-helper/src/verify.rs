@@ -42,9 +42,13 @@ pub enum ImageError {
     Qcow2(Qcow2Problem),
     #[error("declared raw, but the content starts like a {0} image")]
     RawLooksLike(&'static str),
+    #[error("declared raw, but QEMU would probe it as {0} by its name")]
+    RawNamedLike(&'static str),
     #[error("virtual size {got} differs from the manifest's {want}")]
     VirtualSize { got: u64, want: u64 },
-    #[error("virtual size {got} is above the policy maximum {max}")]
+    #[error(
+        "virtual size {got} is above the policy maximum {max} (config key max_virtual_size, the same on every host)"
+    )]
     TooBig { got: u64, max: u64 },
     #[error("format '{0}' is not accepted")]
     Format(String),
@@ -215,27 +219,107 @@ pub fn check_qcow2_header(head: &[u8], file_size: u64) -> Result<Qcow2Info, Imag
     Ok(Qcow2Info { version, cluster_bits, virtual_size })
 }
 
-/// Rejects a "raw" image whose first bytes look like another format.
+/// How many bytes QEMU reads for its format probes (`BLOCK_PROBE_BUF_SIZE` in block.c); a
+/// shorter file reads as if zero-padded to this.
+pub const PROBE_BYTES: usize = 2048;
+
+/// The format QEMU's own probes (the `*_probe` functions of block/*.c, QEMU 7-9) would take a
+/// file starting with `head` for, other than raw: each test below is one probe, on the same
+/// 2048 zero-padded bytes. Any `QFI\xfb` start and the canonical vmdk descriptor start are
+/// refused too, although no probe takes every one of them.
+pub fn probe_format(head: &[u8]) -> Option<&'static str> {
+    let mut buf = [0u8; PROBE_BYTES];
+    let n = head.len().min(PROBE_BYTES);
+    buf[..n].copy_from_slice(&head[..n]);
+    let b = &buf[..];
+    let le32 = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    if b.starts_with(QCOW2_MAGIC) {
+        // qcow_probe: version 1; qcow2_probe: version >= 2.
+        return Some(if be32(b, 4) == 1 { "qcow" } else { "qcow2" });
+    }
+    if b.starts_with(b"QED\0") {
+        return Some("qed"); // bdrv_qed_probe
+    }
+    if b.starts_with(b"KDMV") || b.starts_with(b"COWD") || b.starts_with(b"# Disk DescriptorFile") || vmdk_descriptor(b)
+    {
+        return Some("vmdk"); // vmdk_probe
+    }
+    if b.starts_with(b"vhdxfile") {
+        return Some("vhdx"); // vhdx_probe
+    }
+    if b.starts_with(b"conectix") {
+        return Some("vpc"); // vpc_probe
+    }
+    if b.starts_with(b"LUKS\xba\xbe") {
+        return Some("luks"); // block_crypto_probe_luks (version 1; any version refused here)
+    }
+    if le32(0x40) == 0xbeda_107f {
+        return Some("vdi"); // vdi_probe
+    }
+    if (b.starts_with(b"WithoutFreeSpace") || b.starts_with(b"WithouFreSpacExt")) && le32(16) == 2 {
+        return Some("parallels"); // parallels_probe
+    }
+    if b.starts_with(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n") {
+        return Some("cloop"); // cloop_probe
+    }
+    // bochs_probe: NUL-terminated magic, type and subtype (strcmp), version 2 or 1.
+    let cstr = |o: usize, want: &[u8]| b[o..].starts_with(want) && b[o + want.len()] == 0;
+    if cstr(0, b"Bochs Virtual HD Image")
+        && cstr(32, b"Redolog")
+        && cstr(48, b"Growing")
+        && matches!(le32(64), 0x0002_0000 | 0x0001_0000)
+    {
+        return Some("bochs");
+    }
+    None
+}
+
+/// vmdk_probe's text branch: lines starting with `#` are skipped, so are lines of spaces (then
+/// an optional `\r`), and the first other line must be `version=1`, `2` or `3` (`\n` or `\r\n`).
+fn vmdk_descriptor(b: &[u8]) -> bool {
+    let end = b.len();
+    let mut p = 0;
+    while p < end {
+        if b[p] == b'#' {
+            while p < end && b[p] != b'\n' {
+                p += 1;
+            }
+            p += 1;
+            continue;
+        }
+        if b[p] == b' ' {
+            while p < end && b[p] == b' ' {
+                p += 1;
+            }
+            if p < end && b[p] == b'\r' {
+                p += 1;
+            }
+            if p == end || b[p] != b'\n' {
+                return false;
+            }
+            p += 1;
+            continue;
+        }
+        let rest = &b[p..];
+        return [b'1', b'2', b'3'].iter().any(|v| {
+            let line = [b"version=".as_slice(), &[*v]].concat();
+            rest.starts_with(&[line.as_slice(), b"\n"].concat())
+                || rest.starts_with(&[line.as_slice(), b"\r\n"].concat())
+        });
+    }
+    false
+}
+
+/// The format QEMU would probe a file as from its name alone: dmg_probe takes any name ending
+/// in `.dmg` (score 2, above raw's 1).
+pub fn probed_by_name(name: &str) -> Option<&'static str> {
+    (name.len() > 4 && name.ends_with(".dmg")).then_some("dmg")
+}
+
+/// Rejects a "raw" image that any of QEMU's probes would take for another format
+/// ([`probe_format`]).
 pub fn sniff_raw(head: &[u8]) -> Result<(), ImageError> {
-    let starts = |m: &[u8]| head.starts_with(m);
-    let kind = if starts(QCOW2_MAGIC) {
-        Some("qcow2")
-    } else if starts(b"QED\0") {
-        Some("qed")
-    } else if starts(b"KDMV") || starts(b"# Disk DescriptorFile") || starts(b"COWD") {
-        Some("vmdk")
-    } else if starts(b"vhdxfile") {
-        Some("vhdx")
-    } else if starts(b"LUKS\xba\xbe") {
-        Some("luks")
-    } else if starts(b"conectix") {
-        Some("vpc")
-    } else if head.len() >= 0x44 && head[0x40..0x44] == [0x7f, 0x10, 0xda, 0xbe] {
-        Some("vdi")
-    } else {
-        None
-    };
-    match kind {
+    match probe_format(head) {
         Some(k) => Err(ImageError::RawLooksLike(k)),
         None => Ok(()),
     }
@@ -256,19 +340,35 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The one image policy: what every master must be beyond its manifest, applied alike by
+/// `publish` (so nothing is published that fetchers refuse) and by every fetch and re-check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImagePolicy {
+    /// The largest virtual size accepted (config `max_virtual_size`).
+    pub max_virtual_size: u64,
+    /// Run `qemu-img info` as a second opinion (config `qemu_img_check`).
+    pub qemu_img: bool,
+}
+
+impl ImagePolicy {
+    pub fn of(cfg: &crate::config::Config) -> Self {
+        ImagePolicy { max_virtual_size: cfg.max_virtual_size, qemu_img: cfg.qemu_img_check }
+    }
+}
+
 /// What an image must be.
 #[derive(Debug, Clone)]
 pub struct Expect<'a> {
     pub format: &'a str,
+    /// Its file name in the pool (QEMU probes some formats by name).
+    pub name: &'a str,
     pub size: u64,
     pub virtual_size: u64,
     pub sha256: &'a str,
-    pub max_virtual_size: u64,
-    /// Run `qemu-img info` as a second opinion.
-    pub qemu_img: bool,
+    pub policy: ImagePolicy,
 }
 
-/// The full check, in order: size, SHA-256, own header parse, then qemu-img.
+/// The full check, in order: size, SHA-256, then [`check_content`].
 pub fn verify_image(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
     let meta = std::fs::symlink_metadata(path).map_err(ImageError::Io)?;
     if !meta.file_type().is_file() {
@@ -281,8 +381,15 @@ pub fn verify_image(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
     if got != e.sha256 {
         return Err(ImageError::Sha256 { got, want: e.sha256.to_string() });
     }
+    check_content(path, e)
+}
+
+/// What the content must be, whoever made the image: our own header checks (format, raw
+/// sniffing, virtual size, the policy's maximum), then qemu-img's second opinion if the policy
+/// asks for it. `publish` runs this on what it publishes, fetches on what they download.
+pub fn check_content(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
     check_header(path, e)?;
-    if e.qemu_img {
+    if e.policy.qemu_img {
         qemu_img_second_opinion(path, e)?;
     }
     Ok(())
@@ -296,6 +403,9 @@ pub fn check_header(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
         "qcow2" => check_qcow2_header(&head, e.size)?.virtual_size,
         "raw" => {
             sniff_raw(&head)?;
+            if let Some(k) = probed_by_name(e.name) {
+                return Err(ImageError::RawNamedLike(k));
+            }
             e.size
         }
         f => return Err(ImageError::Format(f.into())),
@@ -303,8 +413,8 @@ pub fn check_header(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
     if vsize != e.virtual_size {
         return Err(ImageError::VirtualSize { got: vsize, want: e.virtual_size });
     }
-    if vsize > e.max_virtual_size {
-        return Err(ImageError::TooBig { got: vsize, max: e.max_virtual_size });
+    if vsize > e.policy.max_virtual_size {
+        return Err(ImageError::TooBig { got: vsize, max: e.policy.max_virtual_size });
     }
     Ok(())
 }
@@ -539,11 +649,11 @@ mod tests {
     fn expect_qcow2() -> Expect<'static> {
         Expect {
             format: "qcow2",
+            name: "m.qcow2",
             size: 1,
             virtual_size: 64 << 20,
             sha256: "",
-            max_virtual_size: 1 << 40,
-            qemu_img: true,
+            policy: ImagePolicy { max_virtual_size: 1 << 40, qemu_img: true },
         }
     }
 
@@ -591,16 +701,16 @@ mod tests {
         let sha = sha256_file(&p).unwrap();
         let e = Expect {
             format: "qcow2",
+            name: "m.qcow2",
             size,
             virtual_size: 64 << 20,
             sha256: &sha,
-            max_virtual_size: 1 << 40,
-            qemu_img: true,
+            policy: ImagePolicy { max_virtual_size: 1 << 40, qemu_img: true },
         };
         verify_image(&p, &e).unwrap();
         let wrong = Expect { virtual_size: 32 << 20, ..e.clone() };
         assert!(matches!(verify_image(&p, &wrong), Err(ImageError::VirtualSize { .. })));
-        let small = Expect { max_virtual_size: 1 << 20, ..e.clone() };
+        let small = Expect { policy: ImagePolicy { max_virtual_size: 1 << 20, qemu_img: true }, ..e.clone() };
         assert!(matches!(verify_image(&p, &small), Err(ImageError::TooBig { .. })));
         let bad_sha = Expect { sha256: &"0".repeat(64), ..e.clone() };
         assert!(matches!(verify_image(&p, &bad_sha), Err(ImageError::Sha256 { .. })));
@@ -610,5 +720,114 @@ mod tests {
             qemu_img_second_opinion(&p, &wrong_qemu),
             Err(ImageError::QemuImgVirtualSize { got: 67108864, want: 33554432 })
         ));
+    }
+
+    /// A sample for each of QEMU's probes, as the probe reads it (block/*.c).
+    fn probe_samples() -> Vec<(&'static str, Vec<u8>)> {
+        let with = |parts: &[(usize, &[u8])]| {
+            let mut b = vec![0u8; 4096];
+            for (o, bytes) in parts {
+                b[*o..*o + bytes.len()].copy_from_slice(bytes);
+            }
+            b
+        };
+        vec![
+            ("qcow2", qcow2()),
+            ("qcow", with(&[(0, QCOW2_MAGIC), (4, &1u32.to_be_bytes())])),
+            ("qed", with(&[(0, b"QED\0")])),
+            ("vmdk", with(&[(0, b"KDMV\x01\0\0\0")])),
+            ("vmdk", with(&[(0, b"COWD\x01\0\0\0")])),
+            // Text descriptors: comments, lines of spaces (CRLF too), then version=.
+            ("vmdk", b"version=1\nRW 8 FLAT \"/etc/passwd\" 0\n".to_vec()),
+            ("vmdk", b"# hello\nversion=2\nRW 8 FLAT \"/etc/passwd\" 0\n".to_vec()),
+            ("vmdk", b"#!x\n# more\n   \n  \r\nversion=3\r\nRW 8 FLAT \"/etc/shadow\" 0\n".to_vec()),
+            ("vmdk", b"# Disk DescriptorFile\nversion=1\n".to_vec()),
+            ("vhdx", with(&[(0, b"vhdxfile")])),
+            ("vpc", with(&[(0, b"conectix")])),
+            ("luks", with(&[(0, b"LUKS\xba\xbe\0\x01")])),
+            ("vdi", with(&[(0, b"<<< QEMU VM Virtual Disk Image >>>\n"), (0x40, &0xbeda_107fu32.to_le_bytes())])),
+            ("parallels", with(&[(0, b"WithoutFreeSpace"), (16, &2u32.to_le_bytes())])),
+            ("parallels", with(&[(0, b"WithouFreSpacExt"), (16, &2u32.to_le_bytes())])),
+            (
+                "cloop",
+                b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n\0\0\x10\0"
+                    .to_vec(),
+            ),
+            (
+                "bochs",
+                with(&[
+                    (0, b"Bochs Virtual HD Image"),
+                    (32, b"Redolog"),
+                    (48, b"Growing"),
+                    (64, &0x0002_0000u32.to_le_bytes()),
+                ]),
+            ),
+            (
+                "bochs",
+                with(&[
+                    (0, b"Bochs Virtual HD Image"),
+                    (32, b"Redolog"),
+                    (48, b"Growing"),
+                    (64, &0x0001_0000u32.to_le_bytes()),
+                ]),
+            ),
+        ]
+    }
+
+    #[test]
+    fn raw_content_any_qemu_probe_would_claim_is_refused_with_the_format_named() {
+        for (format, sample) in probe_samples() {
+            assert_eq!(probe_format(&sample), Some(format), "{:?}", String::from_utf8_lossy(&sample[..40]));
+            let e = sniff_raw(&sample).unwrap_err().to_string();
+            assert_eq!(e, format!("declared raw, but the content starts like a {format} image"));
+        }
+    }
+
+    #[test]
+    fn raw_content_no_probe_claims_is_accepted() {
+        let not = [
+            vec![0u8; 4096],
+            Vec::new(),
+            // vmdk_probe: a bare empty line, or any other first line, ends the descriptor search.
+            b"# c\n\nversion=1\n".to_vec(),
+            b"hello\nversion=1\n".to_vec(),
+            b"version=4\n".to_vec(),
+            b"version=1".to_vec(),
+            b" x\nversion=1\n".to_vec(),
+            // A comment longer than the 2048 bytes QEMU reads.
+            [vec![b'#'; 3000], b"\nversion=1\n".to_vec()].concat(),
+            // parallels with another version; bochs without the NUL after its magic.
+            [b"WithoutFreeSpace".as_slice(), &3u32.to_le_bytes()].concat(),
+            [b"Bochs Virtual HD ImageX".as_slice(), &[0; 100]].concat(),
+            b"conectiX".to_vec(),
+        ];
+        for b in not {
+            assert_eq!(probe_format(&b), None, "{:?}", String::from_utf8_lossy(&b[..b.len().min(40)]));
+        }
+    }
+
+    #[test]
+    fn a_raw_vmdk_descriptor_naming_a_host_file_fails_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.raw");
+        let mut b = b"# made by hand\nversion=1\nRW 8 FLAT \"/etc/passwd\" 0\n".to_vec();
+        b.resize(65536, 0);
+        std::fs::write(&p, &b).unwrap();
+        let sha = sha256_file(&p).unwrap();
+        let e = Expect {
+            format: "raw",
+            name: "m.raw",
+            size: 65536,
+            virtual_size: 65536,
+            sha256: &sha,
+            policy: ImagePolicy { max_virtual_size: 1 << 40, qemu_img: false },
+        };
+        assert!(matches!(verify_image(&p, &e), Err(ImageError::RawLooksLike("vmdk"))));
+        // A raw master whose name QEMU's dmg probe takes.
+        std::fs::write(&p, vec![0u8; 65536]).unwrap();
+        let sha = sha256_file(&p).unwrap();
+        let e = Expect { sha256: &sha, name: "m.dmg", ..e };
+        assert!(matches!(verify_image(&p, &e), Err(ImageError::RawNamedLike("dmg"))));
+        verify_image(&p, &Expect { name: "m.raw", ..e }).unwrap();
     }
 }

@@ -17,7 +17,9 @@ pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
     tokio::spawn(async move {
         loop {
             let u = uri.clone();
-            let looked = tokio::task::spawn_blocking(move || -> Result<Scan, LibvirtError> {
+            // libvirt and the manifest files named in domains' metadata are read here, off the
+            // async workers; each manifest bounded ([`Manifest::load`]).
+            let looked = tokio::task::spawn_blocking(move || -> Result<Vec<Wanted>, LibvirtError> {
                 let lv = Libvirt::open(u.as_deref())?;
                 let s = scan(&lv)?;
                 for pool in &s.pools_to_refresh {
@@ -26,11 +28,11 @@ pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
                         Err(e) => tracing::warn!("{}", one_line(&e)),
                     }
                 }
-                Ok(s)
+                Ok(wanted(&s))
             })
             .await;
             match looked {
-                Ok(Ok(s)) => prefetch(&daemon, &s),
+                Ok(Ok(w)) => prefetch(&daemon, w),
                 Ok(Err(e)) => tracing::warn!("looking at libvirt for masters to prefetch: {}", one_line(&e)),
                 Err(e) => tracing::warn!("looking at libvirt for masters to prefetch: {}", one_line(&e)),
             }
@@ -39,22 +41,41 @@ pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
     });
 }
 
-/// Starts (or joins) a fetch for every missing master whose domain names its manifest and pool.
-fn prefetch(daemon: &Arc<Daemon>, s: &Scan) {
+/// A missing master whose domains name its pool and manifest, with the manifest read.
+struct Wanted {
+    path: String,
+    domains: Vec<String>,
+    pool: String,
+    manifest: Manifest,
+}
+
+/// The missing masters whose domains name their manifest and pool, manifests loaded (blocking:
+/// each file is read bounded, within [`crate::manifest::MANIFEST_READ_TIMEOUT`]).
+fn wanted(s: &Scan) -> Vec<Wanted> {
+    let mut out = Vec::new();
     for m in &s.missing {
         let (Some(pool), Some(path)) = (&m.master.pool, &m.master.manifest) else {
             tracing::debug!("{} is missing but its domains name no pool and manifest", m.master.path);
             continue;
         };
-        let manifest = match Manifest::load(std::path::Path::new(path)) {
-            Ok(man) => man,
-            Err(e) => {
-                tracing::warn!("master {} needed by {:?}: {}", m.master.path, m.domains, one_line(&e));
-                continue;
-            }
-        };
-        if daemon.prefetch(pool, manifest) {
-            tracing::info!("prefetching {} for {} before it starts", m.master.path, m.domains.join(", "));
+        match Manifest::load(std::path::Path::new(path)) {
+            Ok(manifest) => out.push(Wanted {
+                path: m.master.path.clone(),
+                domains: m.domains.clone(),
+                pool: pool.clone(),
+                manifest,
+            }),
+            Err(e) => tracing::warn!("master {} needed by {:?}: {}", m.master.path, m.domains, one_line(&e)),
+        }
+    }
+    out
+}
+
+/// Starts (or joins) a fetch for every wanted master.
+fn prefetch(daemon: &Arc<Daemon>, wanted: Vec<Wanted>) {
+    for w in wanted {
+        if daemon.prefetch(&w.pool, w.manifest) {
+            tracing::info!("prefetching {} for {} before it starts", w.path, w.domains.join(", "));
         }
     }
 }

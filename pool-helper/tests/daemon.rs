@@ -71,7 +71,7 @@ fn malformed_requests_manifests_and_torrents_are_refused_and_the_daemon_keeps_se
     let good = serde_json::json!({
         "version": 1, "name": "x.raw", "format": "raw", "size": 65536, "virtual_size": 65536,
         "sha256": "a".repeat(64), "info_hash": "b".repeat(40), "piece_length": 16384,
-        "magnet": "magnet:?xt=urn:btih:bbbb", "peers": [], "trackers": []
+        "magnet": format!("magnet:?xt=urn:btih:{}", "b".repeat(40)), "peers": [], "trackers": []
     });
     let mut evil_name = good.clone();
     evil_name["name"] = "../../etc/passwd".into();
