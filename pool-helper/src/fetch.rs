@@ -155,30 +155,15 @@ impl Ctx {
         Ctx { cfg, torrents, pools }
     }
 
-    /// The swarm of `m`: see [`Ctx::peers_for`] and [`Ctx::trackers_for`].
-    pub fn swarm_for(&self, m: &Manifest) -> Swarm {
-        Swarm { peers: self.peers_for(m), trackers: self.trackers_for(m) }
-    }
-
-    /// Peers to try: config list plus manifest hints, minus ourselves.
-    fn peers_for(&self, m: &Manifest) -> Vec<SocketAddr> {
+    /// The swarm of `m`: see [`peers_for`] and [`Ctx::trackers_for`]. Peer names are resolved on
+    /// the blocking pool: a slow resolver must not stall the runtime's workers.
+    pub async fn swarm_for(&self, m: &Manifest) -> Result<Swarm, FetchError> {
         let own = self.torrents.listen_addr().map(|a| a.port()).unwrap_or(self.cfg.listen_port);
-        let mut out = Vec::new();
         let mut hints = self.cfg.peers.clone();
         hints.extend(m.peer_hints());
-        for h in hints {
-            let Ok(addrs) = parse_peer(&h) else { continue };
-            for a in addrs {
-                let me = a.port() == own
-                    && (a.ip().is_loopback()
-                        || a.ip().is_unspecified()
-                        || self.cfg.advertise.as_deref().is_some_and(|adv| h.starts_with(adv)));
-                if !me && !out.contains(&a) {
-                    out.push(a);
-                }
-            }
-        }
-        out
+        let advertise = self.cfg.advertise.clone();
+        let peers = blocking(move || peers_for(&hints, own, advertise.as_deref())).await?;
+        Ok(Swarm { peers, trackers: self.trackers_for(m) })
     }
 
     /// Trackers: the config's, then the manifest's others.
@@ -225,7 +210,7 @@ impl Ctx {
 
     /// Seeds a verified master in the pool (read-only).
     pub async fn seed(&self, m: &Manifest, path: &Path) -> Result<Handle, FetchError> {
-        let swarm = self.swarm_for(m);
+        let swarm = self.swarm_for(m).await?;
         let torrent = self.metainfo(m, &swarm).await?;
         Ok(self.torrents.seed(&torrent, path, swarm.peers, &swarm.trackers).await?)
     }
@@ -244,7 +229,7 @@ impl Ctx {
         if let Some(path) = self.check_present(m, &dest).await? {
             return Ok((Outcome::Present(path), None));
         }
-        let swarm = self.swarm_for(m);
+        let swarm = self.swarm_for(m).await?;
         let torrent = self.metainfo(m, &swarm).await?;
         // Keep the validated metainfo with the record, so seeding later needs no peer for it.
         let m = &Manifest { torrent_hex: Some(hex::encode(&torrent)), ..m.clone() };
@@ -352,6 +337,23 @@ impl Ctx {
 
 /// Shared context.
 pub type SharedCtx = Arc<Ctx>;
+
+/// Peers to try: `hints` (config list plus manifest hints) resolved, minus ourselves (our port on
+/// a loopback, unspecified or advertised address). Resolves names: call it off the async workers.
+fn peers_for(hints: &[String], own_port: u16, advertise: Option<&str>) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for h in hints {
+        let Ok(addrs) = parse_peer(h) else { continue };
+        for a in addrs {
+            let me = a.port() == own_port
+                && (a.ip().is_loopback() || a.ip().is_unspecified() || advertise.is_some_and(|adv| h.starts_with(adv)));
+            if !me && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {
