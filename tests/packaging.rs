@@ -103,3 +103,87 @@ fn the_units_exec_start_serves_and_notifies_ready() {
         String::from_utf8_lossy(&status.stderr)
     );
 }
+
+const HOOK: &str = "/etc/libvirt/hooks/qemu.d/50-virt-clone-cow";
+const STATE: &str = "/var/lib/pool-helper";
+
+fn apt_get(args: &[&str]) {
+    let o = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").output().unwrap();
+    assert!(
+        o.status.success(),
+        "apt-get {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Puts the machine back as it was: the package purged, the hook that was there (the one
+/// tests/hook.rs installs with packaging/hook-install) back in place, libvirt reloaded.
+struct Machine {
+    hook: Option<Vec<u8>>,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if Command::new("dpkg").args(["-s", "virt-clone-cow"]).output().is_ok_and(|o| o.status.success()) {
+            let _ = Command::new("apt-get").args(["purge", "-y", "virt-clone-cow"]).output();
+        }
+        if let Some(bytes) = self.hook.take() {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::write(HOOK, bytes);
+            let _ = std::fs::set_permissions(HOOK, std::fs::Permissions::from_mode(0o755));
+        }
+        let _ = Command::new(repo_root().join("packaging/reload-libvirt")).output();
+    }
+}
+
+/// The Done-when sequence of issue 12: build the package, install it, find the man page, the
+/// completion and the hook, purge it, and a plain domain still starts. It replaces the hook
+/// tests/hook.rs installs (the test binaries run one at a time) and puts it back.
+#[test]
+fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
+    ensure_libvirtd();
+    let _machine = Machine { hook: std::fs::read(HOOK).ok() };
+    let out = run_ok(repo_root().join("packaging/build-deb").to_str().unwrap(), &[] as &[&str]);
+    let deb = out.lines().last().unwrap().to_string();
+    assert!(deb.ends_with(".deb") && deb.contains("/target/debian/"), "last line: {deb}");
+    apt_get(&["install", "-y", &deb]);
+
+    run_ok("man", &["-w", "virt-clone-cow"]);
+    run_ok("man", &["-w", "virt-clone-cow-hook"]);
+    let completion = "/usr/share/bash-completion/completions/virt-clone-cow";
+    let words = run_ok(
+        "bash",
+        &[
+            "-c",
+            &format!(
+                "source {completion}; COMP_WORDS=(virt-clone-cow --ori); COMP_CWORD=1; COMP_LINE='virt-clone-cow --ori'; \
+                 COMP_POINT=${{#COMP_LINE}}; _virt-clone-cow virt-clone-cow --ori virt-clone-cow; echo \"${{COMPREPLY[@]}}\""
+            ),
+        ],
+    );
+    assert_eq!(words.trim(), "--original", "virt-clone-cow --ori<TAB>");
+    let link = std::fs::read_link(HOOK).expect("the hook is a link");
+    assert_eq!(link, Path::new("/usr/libexec/virt-clone-cow/virt-clone-cow-hook"));
+    run_ok("/usr/bin/virt-clone-cow", &["--version"]);
+    run_ok("/usr/bin/pool-helper", &["--version"]);
+    assert!(Path::new("/etc/pool-helper/config.toml").is_file());
+
+    // State as the daemon leaves it, and a master in a pool: purge removes the one, not the other.
+    let env = TestEnv::new("pkg");
+    let master = env.in_pool("master.raw");
+    std::fs::write(&master, b"master").unwrap();
+    std::fs::create_dir_all(format!("{STATE}/masters")).unwrap();
+    std::fs::write(format!("{STATE}/masters/x.json"), b"{}").unwrap();
+    std::fs::create_dir_all(format!("{STATE}/librqbit")).unwrap();
+    apt_get(&["purge", "-y", "virt-clone-cow"]);
+    assert!(std::fs::symlink_metadata(HOOK).is_err(), "the hook is gone");
+    assert!(!Path::new(STATE).exists() && !Path::new("/etc/pool-helper").exists(), "our state is gone");
+    assert_eq!(std::fs::read(&master).unwrap(), b"master", "a master is never removed");
+
+    let name = env.name("-plain");
+    define_xml(&DomainSpec::new(&name, false).xml());
+    virsh_ok(&["start", &name]);
+    assert_eq!(domstate(&name), "running");
+    virsh_ok(&["destroy", &name]);
+}
