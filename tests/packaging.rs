@@ -157,8 +157,9 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
         &[
             "-c",
             &format!(
-                "source {completion}; COMP_WORDS=(virt-clone-cow --ori); COMP_CWORD=1; COMP_LINE='virt-clone-cow --ori'; \
-                 COMP_POINT=${{#COMP_LINE}}; _virt-clone-cow virt-clone-cow --ori virt-clone-cow; echo \"${{COMPREPLY[@]}}\""
+                "source {completion}; f=$(complete -p virt-clone-cow | sed -n 's/.* -F \\([^ ]*\\) .*/\\1/p'); \
+                 COMP_WORDS=(virt-clone-cow --ori); COMP_CWORD=1; COMP_LINE='virt-clone-cow --ori'; \
+                 COMP_POINT=${{#COMP_LINE}}; \"$f\" virt-clone-cow --ori virt-clone-cow; echo \"${{COMPREPLY[@]}}\""
             ),
         ],
     );
