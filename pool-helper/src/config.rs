@@ -1,9 +1,14 @@
-//! Configuration: one TOML file (`--config`), overridden by flags. Every key is documented in
-//! `docs/pool-helper.md`.
+//! Configuration: one TOML file, overridden by flags. The file is `--config FILE` (or
+//! `$POOL_HELPER_CONFIG`), else [`DEFAULT_CONFIG`] when it exists. Every key is documented in
+//! `docs/pool-helper.md` and, commented out, in the packaged default file
+//! (`packaging/config.toml`).
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// Read when no `--config` is given and the file exists (the package installs it, every key
+/// commented out).
+pub const DEFAULT_CONFIG: &str = "/etc/pool-helper/config.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pool-helper";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/pool-helper/control.sock";
 pub const DEFAULT_LISTEN_PORT: u16 = 6881;
@@ -37,6 +42,20 @@ pub struct FileConfig {
     pub stall_timeout: Option<u64>,
     /// Seconds between looks at libvirt for masters defined domains need (0: never look).
     pub watch_interval: Option<u64>,
+}
+
+impl FileConfig {
+    /// Reads a config file as any file handed in: regular files only, at most
+    /// [`MAX_CONFIG_BYTES`], never blocking on a FIFO (`manifest::read_bounded`).
+    pub fn read(p: &Path) -> Result<FileConfig, ConfigError> {
+        let read = |source| ConfigError::Read { path: p.display().to_string(), source };
+        let bytes =
+            crate::manifest::read_bounded(p, MAX_CONFIG_BYTES, crate::manifest::MANIFEST_READ_TIMEOUT).map_err(read)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| read(crate::manifest::ReadError::Io(std::io::Error::other(e.utf8_error()))))?;
+        toml::from_str::<FileConfig>(&text)
+            .map_err(|e| ConfigError::Parse { path: p.display().to_string(), source: TomlError(e) })
+    }
 }
 
 /// Flags shared by every command (`None`: not given).
@@ -124,17 +143,18 @@ impl std::error::Error for TomlError {}
 
 impl Config {
     pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_with_default(o, Path::new(DEFAULT_CONFIG))
+    }
+
+    /// [`Config::load`] with another default file (tests). `--config` replaces the default file;
+    /// a missing default file is no error, a missing `--config` file is.
+    pub fn load_with_default(o: &Overrides, default: &Path) -> Result<Config, ConfigError> {
         let file = match &o.config {
-            Some(p) => {
-                let read = |source| ConfigError::Read { path: p.display().to_string(), source };
-                let bytes = crate::manifest::read_bounded(p, MAX_CONFIG_BYTES, crate::manifest::MANIFEST_READ_TIMEOUT)
-                    .map_err(read)?;
-                let text = String::from_utf8(bytes)
-                    .map_err(|e| read(crate::manifest::ReadError::Io(std::io::Error::other(e.utf8_error()))))?;
-                toml::from_str::<FileConfig>(&text)
-                    .map_err(|e| ConfigError::Parse { path: p.display().to_string(), source: TomlError(e) })?
-            }
-            None => FileConfig::default(),
+            Some(p) => FileConfig::read(p)?,
+            None => match std::fs::symlink_metadata(default) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileConfig::default(),
+                _ => FileConfig::read(default)?,
+            },
         };
         Self::merge(file, o)
     }
@@ -248,5 +268,59 @@ mod tests {
             let e = Config::merge(FileConfig::default(), &o).expect_err("out of range").to_string();
             assert!(e.contains("request window") && e.contains("1 to 1024"), "{e}");
         }
+    }
+
+    /// Every key `FileConfig` knows, from serde's own "expected one of" list.
+    fn known_keys() -> Vec<String> {
+        let e = toml::from_str::<FileConfig>("no_such_key = 1").expect_err("unknown key").to_string();
+        let list = &e[e.find("expected one of").expect("a list of keys")..];
+        list.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_default_file_is_read_when_present_and_config_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("config.toml");
+        let c = Config::load_with_default(&Overrides::default(), &default).expect("a missing default is fine");
+        assert_eq!(c.listen_port, DEFAULT_LISTEN_PORT);
+        std::fs::write(&default, "listen_port = 7100\nwatch_interval = 0\n").unwrap();
+        let c = Config::load_with_default(&Overrides::default(), &default).expect("default file");
+        assert_eq!((c.listen_port, c.watch_interval), (7100, 0));
+        let o = Overrides { listen_port: Some(7101), ..Default::default() };
+        assert_eq!(Config::load_with_default(&o, &default).unwrap().listen_port, 7101, "a flag beats the file");
+        let other = dir.path().join("other.toml");
+        std::fs::write(&other, "upload_limit = 9\n").unwrap();
+        let o = Overrides { config: Some(other), ..Default::default() };
+        let c = Config::load_with_default(&o, &default).expect("--config");
+        assert_eq!((c.listen_port, c.upload_limit), (DEFAULT_LISTEN_PORT, Some(9)), "--config replaces the default");
+        let o = Overrides { config: Some(dir.path().join("missing.toml")), ..Default::default() };
+        let e = vcc_core::error::one_line(&Config::load_with_default(&o, &default).unwrap_err());
+        assert!(e.contains("missing.toml"), "a missing --config file is an error: {e}");
+        std::fs::write(&default, "listen_prot = 1\n").unwrap();
+        let e = vcc_core::error::one_line(&Config::load_with_default(&Overrides::default(), &default).unwrap_err());
+        assert!(e.contains(&default.display().to_string()) && e.contains("listen_prot"), "{e}");
+    }
+
+    #[test]
+    fn the_packaged_default_file_documents_every_key_and_sets_nothing() {
+        let text = include_str!("../../packaging/pool-helper/config.toml");
+        let f: FileConfig = toml::from_str(text).expect("all commented out");
+        assert_eq!(format!("{f:?}"), format!("{:?}", FileConfig::default()));
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#').filter(|r| r.starts_with(|c: char| c.is_ascii_lowercase())))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let keys: Vec<String> = uncommented.lines().filter_map(|l| l.split(" = ").next()).map(str::to_string).collect();
+        let mut known = known_keys();
+        assert!(known.len() > 10, "{known:?}");
+        known.sort();
+        let mut documented = keys.clone();
+        documented.sort();
+        assert_eq!(documented, known, "every key, once, in packaging/pool-helper/config.toml");
+        let f: FileConfig = toml::from_str(&uncommented).expect("the documented values parse");
+        let c = Config::merge(f, &Overrides::default()).expect("and validate");
+        assert_eq!((c.listen_port, c.request_window, c.watch_interval), (DEFAULT_LISTEN_PORT, 16, 10));
+        assert_eq!(c.max_virtual_size, DEFAULT_MAX_VIRTUAL_SIZE);
     }
 }

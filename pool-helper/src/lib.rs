@@ -5,7 +5,7 @@
 //! Modules, one concern each: [`config`], [`manifest`], [`metainfo`] (bencode read/validate/write),
 //! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`torrent`]
 //! (the only user of librqbit), [`pools`] (where pools are: libvirt, or plain directories),
-//! [`fetch`] (the pipeline), [`publish`], [`records`], [`daemon`]
+//! [`fetch`] (the pipeline), [`publish`], [`records`], [`notify`] (systemd readiness), [`daemon`]
 //! (the control socket's server; the protocol is `vcc_core::control`), [`cli`].
 pub mod cli;
 pub mod config;
@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod fetch;
 pub mod manifest;
 pub mod metainfo;
+pub mod notify;
 pub mod pools;
 pub mod publish;
 pub mod records;

@@ -23,6 +23,11 @@ pub struct FetchArgs {
     pub in_process: bool,
     /// Manifest JSON file (from `pool-helper publish`).
     pub manifest: PathBuf,
+    #[command(flatten)]
+    pub announce: super::AnnounceArgs,
+    /// Used when the download runs in this process (no daemon, or --in-process).
+    #[command(flatten)]
+    pub session: super::SessionArgs,
 }
 
 struct Reporter {

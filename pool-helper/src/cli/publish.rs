@@ -13,6 +13,8 @@ pub struct PublishArgs {
     pub pool: String,
     /// Volume name (becomes the master's name everywhere).
     pub volume: String,
+    #[command(flatten)]
+    pub announce: super::AnnounceArgs,
 }
 
 pub fn run(cfg: &Config, a: &PublishArgs, json: bool) -> Result<(), CliError> {

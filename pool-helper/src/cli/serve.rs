@@ -12,6 +12,10 @@ pub fn run(cfg: Config) -> Result<(), CliError> {
     runtime()?.block_on(async move {
         let listener = Daemon::bind(&cfg.control_socket)?;
         let torrents = Torrents::start(&cfg).await?;
+        // The control socket is bound and the torrent session up: tell systemd (Type=notify).
+        if let Err(e) = crate::notify::ready() {
+            tracing::warn!("{}", vcc_core::error::one_line(&e));
+        }
         tracing::info!(
             "serving: control socket {}, BitTorrent on {:?}",
             cfg.control_socket.display(),
