@@ -68,6 +68,8 @@ fn a_magnet_fetch_from_hostile_peers_only_fails_with_an_answer_and_a_good_seed_t
     // A good seed among the same hostile peers: the fetch completes.
     let mut with_seed = peers.clone();
     with_seed.push(a.addr());
+    // The hostile peers take part again: in the metadata phase and, once the metadata came from
+    // the seed, in the download (bitfields, HAVEs, requests, pieces; 2 more connections each seen).
     let (fin, _) = ensure(&b, &pb, &magnet_only(&m, &with_seed));
     assert_eq!(fin["ok"], true, "{fin}\n{}", b.daemon_log());
     assert_eq!(fin["state"], "fetched", "{fin}");
