@@ -309,6 +309,16 @@ impl Handle {
     }
 }
 
+/// Our metainfo checks ([`crate::metainfo::validate`]) on an info dict that peers sent for a
+/// magnet, before librqbit parses it: size and depth caps, one file, piece length, `pieces`.
+pub fn check_info_from_peers(info: &[u8]) -> Result<(), crate::metainfo::MetainfoError> {
+    let mut torrent = Vec::with_capacity(info.len() + 8);
+    torrent.extend_from_slice(b"d4:info");
+    torrent.extend_from_slice(info);
+    torrent.push(b'e');
+    crate::metainfo::validate(&torrent, None).map(|_| ())
+}
+
 /// The process's BitTorrent session.
 pub struct Torrents {
     session: Arc<Session>,
@@ -447,8 +457,10 @@ impl Torrents {
         }
     }
 
-    /// Gets metainfo from peers for a magnet (librqbit checks its SHA-1 against the info-hash
-    /// before parsing it). The caller validates the bytes before using them.
+    /// Gets metainfo from peers for a magnet. librqbit checks its SHA-1 against the info-hash,
+    /// then hands the info dict to [`check_info_from_peers`] (the vendored librqbit's
+    /// `info_validator`) before it parses anything: a refusal ends the resolution with the reason.
+    /// The caller validates the whole torrent again (with the manifest's size) before using it.
     pub async fn resolve_magnet(
         &self,
         magnet: &str,
@@ -460,6 +472,7 @@ impl Torrents {
             list_only: true,
             initial_peers: Some(peers),
             trackers: Some(trackers.to_vec()),
+            info_validator: Some(Arc::new(|info: &[u8]| Ok(check_info_from_peers(info)?))),
             ..Default::default()
         };
         const SECS: u64 = 120;
@@ -523,6 +536,26 @@ mod tests {
         };
         assert!(s.pwrite_all(0, 0, &[0u8; 512]).is_err());
         assert_eq!(disk_full.take().unwrap().kind(), std::io::ErrorKind::StorageFull);
+    }
+
+    #[test]
+    fn an_info_dict_from_peers_gets_our_metainfo_checks() {
+        use crate::metainfo::MetainfoError;
+        let info = |pl: u64, len: u64, pieces: usize| {
+            let mut b = format!("d6:lengthi{len}e4:name1:x12:piece lengthi{pl}e6:pieces{pieces}:").into_bytes();
+            b.extend(std::iter::repeat_n(b'a', pieces));
+            b.push(b'e');
+            b
+        };
+        check_info_from_peers(&info(16384, 65536, 80)).unwrap();
+        assert_eq!(check_info_from_peers(&info(0, 65536, 80)), Err(MetainfoError::PieceLength(0)));
+        assert_eq!(check_info_from_peers(&info(1 << 40, 65536, 20)), Err(MetainfoError::PieceLength(1 << 40)));
+        assert!(matches!(check_info_from_peers(&info(16384, 1 << 50, 20)), Err(MetainfoError::PiecesLength { .. })));
+        let deep = [vec![b'l'; 10_000], vec![b'e'; 10_000]].concat();
+        assert_eq!(check_info_from_peers(&deep), Err(MetainfoError::TooDeep));
+        let two_files =
+            b"d5:filesld6:lengthi1e4:pathl1:aeee4:name1:x12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaae";
+        assert_eq!(check_info_from_peers(two_files), Err(MetainfoError::MultiFile));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`cli`]: the `virt-clone-cow` binary;
 //! - [`pool_helpers`]: pool-helper instances ([`PoolHelper`], [`Instance`]) and their control socket;
 //! - [`peers`]: third-party BitTorrent clients (aria2c, python3-libtorrent through `lt.py`);
+//! - [`hostile_peer`]: a BitTorrent peer that speaks the wire protocol wrongly on purpose;
 //! - [`netns`]: hosts as network namespaces ([`Lan`]), made by `tests/lab/netlab.py`, the
 //!   harness the lab and swarm-bench use too.
 //!
@@ -19,6 +20,7 @@
 
 pub mod cli;
 pub mod files;
+pub mod hostile_peer;
 pub mod libvirt;
 pub mod netns;
 pub mod peers;
@@ -27,6 +29,7 @@ pub mod process;
 
 pub use cli::*;
 pub use files::*;
+pub use hostile_peer::{attack, misbehaviours, rounds, Act, HostilePeer};
 pub use libvirt::*;
 pub use netns::*;
 pub use peers::*;

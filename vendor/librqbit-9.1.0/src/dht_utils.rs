@@ -7,7 +7,8 @@ use librqbit_core::torrent_metainfo::TorrentMetaV1Info;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::{
-    peer_connection::PeerConnectionOptions, peer_info_reader, spawn_utils::BlockingSpawner,
+    metadata_checks::InfoValidator, peer_connection::PeerConnectionOptions, peer_info_reader,
+    peer_info_reader::MetadataRefused, spawn_utils::BlockingSpawner,
     stream_connect::StreamConnector,
 };
 use librqbit_core::hash_id::Id20;
@@ -25,6 +26,9 @@ pub enum ReadMetainfoResult<Rx> {
         #[allow(dead_code)]
         seen: HashSet<SocketAddr>,
     },
+    /// pool-helper patch: the caller's info validator refused the metadata (which matched the
+    /// info-hash, so every peer would send the same): no point asking other peers.
+    Refused { error: anyhow::Error },
 }
 
 pub async fn read_metainfo_from_peer_receiver<A: Stream<Item = SocketAddr> + Unpin>(
@@ -35,6 +39,7 @@ pub async fn read_metainfo_from_peer_receiver<A: Stream<Item = SocketAddr> + Unp
     peer_connection_options: Option<PeerConnectionOptions>,
     connector: Arc<StreamConnector>,
     client_name_and_version: String,
+    info_validator: Option<InfoValidator>,
 ) -> ReadMetainfoResult<A> {
     let mut seen = HashSet::<SocketAddr>::new();
     let mut addrs = addrs_stream;
@@ -45,6 +50,7 @@ pub async fn read_metainfo_from_peer_receiver<A: Stream<Item = SocketAddr> + Unp
         let semaphore = &semaphore;
         let connector = connector.clone();
         let client_name_and_version = client_name_and_version.clone();
+        let info_validator = info_validator.clone();
         async move {
             let token = semaphore.acquire().await?;
             let ret = peer_info_reader::read_metainfo_from_peer(
@@ -57,6 +63,7 @@ pub async fn read_metainfo_from_peer_receiver<A: Stream<Item = SocketAddr> + Unp
                 BlockingSpawner::new(1),
                 connector,
                 client_name_and_version,
+                info_validator,
             )
             .instrument(debug_span!("read_metainfo_from_peer", ?addr))
             .await
@@ -84,6 +91,9 @@ pub async fn read_metainfo_from_peer_receiver<A: Stream<Item = SocketAddr> + Unp
             done = unordered.next(), if !unordered.is_empty() => {
                 match done {
                     Some(Ok((info, info_bytes))) => return ReadMetainfoResult::Found { info, info_bytes, seen, rx: addrs },
+                    Some(Err(e)) if e.downcast_ref::<MetadataRefused>().is_some() => {
+                        return ReadMetainfoResult::Refused { error: e };
+                    },
                     Some(Err(e)) => {
                         debug!("{:#}", e);
                     },
@@ -146,11 +156,13 @@ mod tests {
             None,
             Arc::new(StreamConnector::new(Default::default()).await.unwrap()),
             crate::client_name_and_version().to_owned(),
+            None,
         )
         .await
         {
             ReadMetainfoResult::Found { info, .. } => dbg!(info),
             ReadMetainfoResult::ChannelClosed { .. } => todo!("should not have happened"),
+            ReadMetainfoResult::Refused { .. } => todo!("should not have happened"),
         };
     }
 }

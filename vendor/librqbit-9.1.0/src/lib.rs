@@ -64,6 +64,8 @@ mod merge_streams;
 mod peer_connection;
 mod peer_info_reader;
 mod piece_availability;
+// pool-helper patch: info dicts are checked before `Lengths` is built from them.
+pub mod metadata_checks;
 mod piece_tracker;
 mod read_buf;
 mod session;

@@ -23,6 +23,7 @@ use crate::{
     limits::{Limits, LimitsConfig},
     listen::{Accept, ListenerOptions},
     merge_streams::merge_streams,
+    metadata_checks::validate_info,
     peer_connection::PeerConnectionOptions,
     read_buf::ReadBuf,
     session_persistence::{SessionPersistenceStore, json::JsonSessionPersistenceStore},
@@ -303,6 +304,12 @@ pub struct AddTorrentOptions {
     /// (BEP 16): no bitfield, a few pieces offered to each peer at a time, least-spread first.
     #[serde(default)]
     pub super_seed: bool,
+
+    /// pool-helper patch: metadata resolved from peers (a magnet) is handed to this check as the
+    /// raw bencoded info dict, after its SHA-1 matched and before anything parses it; an error
+    /// ends the resolution with that error.
+    #[serde(skip)]
+    pub info_validator: Option<crate::metadata_checks::InfoValidator>,
 }
 
 pub struct ListOnlyResponse {
@@ -1171,7 +1178,8 @@ impl Session {
                     InternalAddResult {
                         info_hash: torrent.meta.info_hash,
                         metadata: Some(TorrentMetadata::new(
-                            torrent.meta.info.data.validate()?,
+                            // pool-helper patch: lengths checked before `validate()` builds them.
+                            validate_info(torrent.meta.info.data)?,
                             torrent.torrent_bytes,
                             torrent.meta.info.raw_bytes.0,
                         )?),
@@ -1274,7 +1282,13 @@ impl Session {
                         "no known way to resolve peers (no DHT, no trackers, no initial_peers)",
                     )?;
                     let resolved_magnet = self
-                        .resolve_magnet(info_hash, peer_rx, &trackers, opts.peer_opts)
+                        .resolve_magnet(
+                            info_hash,
+                            peer_rx,
+                            &trackers,
+                            opts.peer_opts,
+                            opts.info_validator.clone(),
+                        )
                         .await?;
 
                     // Add back seen_peers into the peer stream, as we consumed some peers
@@ -1658,6 +1672,7 @@ impl Session {
         peer_rx: PeerStream,
         trackers: &[url::Url],
         peer_opts: Option<PeerConnectionOptions>,
+        info_validator: Option<crate::metadata_checks::InfoValidator>,
     ) -> anyhow::Result<ResolveMagnetResult> {
         match read_metainfo_from_peer_receiver(
             self.peer_id,
@@ -1667,6 +1682,7 @@ impl Session {
             Some(self.merge_peer_opts(peer_opts)),
             self.connector.clone(),
             self.client_name_and_version.clone(),
+            info_validator,
         )
         .await
         {
@@ -1677,7 +1693,8 @@ impl Session {
                 seen,
             } => {
                 trace!(?info, "received result from DHT");
-                let info = info.validate()?;
+                // pool-helper patch: lengths checked before `validate()` builds them.
+                let info = validate_info(info)?;
                 Ok(ResolveMagnetResult {
                     metadata: TorrentMetadata::new(
                         info,
@@ -1697,6 +1714,7 @@ impl Session {
             ReadMetainfoResult::ChannelClosed { .. } => {
                 bail!("input address stream exhausted, no way to discover torrent metainfo")
             }
+            ReadMetainfoResult::Refused { error } => Err(error),
         }
     }
 
