@@ -20,15 +20,19 @@ const FETCH_TIMEOUT_S: u64 = 10;
 /// No daemon listens here: fetches fail at once with a reason.
 const NO_DAEMON_SOCKET: &str = "/run/vcc-tests-no-daemon.sock";
 
-/// Installs the freshly built hook once per test run, with a config pointing at no daemon and a
-/// short fetch bound.
+/// Where every test here keeps its masters and overlays: not a storage pool, so the hook's settings
+/// allow it (`allowed_dir`).
+const TEST_DIR: &str = "/var/lib/vcc-tests";
+
+/// Installs the freshly built hook once per test run, with a config pointing at the tests' daemon,
+/// a short fetch bound, and the tests' directory allowed.
 fn install_hook() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         std::fs::create_dir_all("/etc/virt-clone-cow").expect("config dir");
         std::fs::write(
             HOOK_CONF,
-            format!("control_socket = {HOOK_DAEMON_STATE}/control.sock\nfetch_timeout = {FETCH_TIMEOUT_S}\nconnect_timeout = 1\nprogress_interval = 2\n"),
+            format!("control_socket = {HOOK_DAEMON_STATE}/control.sock\nfetch_timeout = {FETCH_TIMEOUT_S}\nconnect_timeout = 1\nprogress_interval = 2\nallowed_dir = {TEST_DIR}\n"),
         )
         .expect("hook config");
         let hook = target_bin("virt-clone-cow-hook");
@@ -48,7 +52,7 @@ impl Env {
     fn new(test: &str) -> Env {
         install_hook();
         let prefix = format!("vcct-hook-{test}-{}", std::process::id());
-        let dir = PathBuf::from("/var/lib/vcc-tests").join(&prefix);
+        let dir = PathBuf::from(TEST_DIR).join(&prefix);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
         Env { prefix, dir }
@@ -148,6 +152,40 @@ fn start_creates_the_overlay_named_by_a_user_written_backing_store() {
     virsh_ok(&["destroy", &name]);
     virsh_ok(&["start", &name]);
     assert_eq!(inode(&overlay), ino, "the existing overlay was replaced");
+}
+
+#[test]
+fn a_backing_store_naming_a_host_file_or_an_overlay_in_etc_fails_the_start_and_nothing_is_made() {
+    let env = Env::new("etc");
+    // The master is a host file; the overlay would go where the tests' settings allow.
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, "/etc/passwd", "raw"), ""));
+    let o = virsh(&["start", &name]);
+    assert!(!o.status.success(), "a domain over /etc/passwd started");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("refusing to make the overlay of disk vda: master '/etc/passwd' is in /etc"),
+        "says what is wrong: {err}"
+    );
+    assert!(err.contains("add `allowed_dir = /etc` to /etc/virt-clone-cow/hook.conf"), "names the setting: {err}");
+    assert!(!Path::new(&overlay).exists(), "no overlay was made");
+    assert_eq!(domstate(&name), "shut off");
+
+    // A good master, but the overlay in /etc.
+    let master = env.master("base.raw", "raw");
+    let in_etc = format!("/etc/{}.qcow2", env.name("ov"));
+    let name2 = env.name("vm2");
+    env.define(&domain_xml(&name2, &backed_disk(&in_etc, &master, "raw"), ""));
+    let o = virsh(&["start", &name2]);
+    let made = Path::new(&in_etc).exists();
+    let _ = std::fs::remove_file(&in_etc);
+    assert!(!o.status.success(), "a domain with its overlay in /etc started");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("overlay '{in_etc}' is in /etc")), "says what is wrong: {err}");
+    assert!(err.contains("allowed_dir = /etc"), "names the setting: {err}");
+    assert!(!made, "an overlay was made in /etc");
+    assert_eq!(domstate(&name2), "shut off");
 }
 
 #[test]

@@ -10,6 +10,8 @@
 //! | `progress_interval` | `10` | seconds between progress lines on stderr |
 //! | `managed_save_dir` | `/var/lib/libvirt/qemu/save` | where libvirt keeps managed-save images (`NAME.save`) |
 //! | `state_dir` | `/run/virt-clone-cow-hook` | where `migrate`/`restore` leave a note for the `prepare` that follows |
+//! | `allowed_dir` | `/var/lib/libvirt/images` | one more directory (and everything under it) where overlays may be made and masters read; the key may be repeated, each line adds one |
+//! | `pool_config_dir` | `/etc/libvirt/storage` | where libvirt keeps the definitions of storage pools: the directories of `dir`, `fs` and `netfs` pools defined there are allowed too |
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,7 +29,19 @@ pub struct Config {
     pub progress_interval: Duration,
     pub managed_save_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Directories (besides those of defined storage pools) where overlays may be made and
+    /// masters read: [`DEFAULT_ALLOWED_DIR`] and every `allowed_dir` line.
+    pub allowed_dirs: Vec<PathBuf>,
+    /// Where libvirt keeps storage pool definitions (`NAME.xml`), read for their directories.
+    pub pool_config_dir: PathBuf,
+    /// The settings file these came from (named in messages that say which setting to change).
+    pub path: PathBuf,
 }
+
+/// Always an allowed directory: libvirt's own default pool directory.
+pub const DEFAULT_ALLOWED_DIR: &str = "/var/lib/libvirt/images";
+/// libvirt's directory of storage pool definitions for `qemu:///system`.
+pub const DEFAULT_POOL_CONFIG_DIR: &str = "/etc/libvirt/storage";
 
 impl Default for Config {
     fn default() -> Self {
@@ -38,6 +52,9 @@ impl Default for Config {
             progress_interval: Duration::from_secs(10),
             managed_save_dir: PathBuf::from("/var/lib/libvirt/qemu/save"),
             state_dir: PathBuf::from("/run/virt-clone-cow-hook"),
+            allowed_dirs: vec![PathBuf::from(DEFAULT_ALLOWED_DIR)],
+            pool_config_dir: PathBuf::from(DEFAULT_POOL_CONFIG_DIR),
+            path: PathBuf::from(DEFAULT_PATH),
         }
     }
 }
@@ -56,17 +73,22 @@ impl Config {
     pub fn load(path: &Path, warn: &mut dyn Write) -> Self {
         match std::fs::read(path) {
             Ok(bytes) => Self::parse(&String::from_utf8_lossy(&bytes), path, warn),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::defaults_for(path),
             Err(e) => {
                 let _ = writeln!(warn, "virt-clone-cow-hook: cannot read {}: {e}; using the defaults", path.display());
-                Config::default()
+                Config::defaults_for(path)
             }
         }
     }
 
+    /// The defaults, as if read from `path`.
+    pub fn defaults_for(path: &Path) -> Self {
+        Config { path: path.to_path_buf(), ..Config::default() }
+    }
+
     /// Parses `text`, read from `path` (named in warnings).
     pub fn parse(text: &str, path: &Path, warn: &mut dyn Write) -> Self {
-        let mut c = Config::default();
+        let mut c = Config::defaults_for(path);
         for (n, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -94,6 +116,18 @@ impl Config {
                 "state_dir" => {
                     v.starts_with('/') && {
                         c.state_dir = PathBuf::from(v);
+                        true
+                    }
+                }
+                "allowed_dir" => {
+                    v.starts_with('/') && {
+                        c.allowed_dirs.push(PathBuf::from(v));
+                        true
+                    }
+                }
+                "pool_config_dir" => {
+                    v.starts_with('/') && {
+                        c.pool_config_dir = PathBuf::from(v);
                         true
                     }
                 }
@@ -143,6 +177,23 @@ mod tests {
     }
 
     #[test]
+    fn allowed_dirs_add_to_the_default_and_relative_ones_are_ignored() {
+        let mut warn = Vec::new();
+        let c = Config::parse(
+            "allowed_dir = /srv/vms\nallowed_dir=/data/a b\nallowed_dir = rel/dir\npool_config_dir = /tmp/pools\n",
+            Path::new("/x/h.conf"),
+            &mut warn,
+        );
+        let want: Vec<PathBuf> =
+            ["/var/lib/libvirt/images", "/srv/vms", "/data/a b"].iter().map(PathBuf::from).collect();
+        assert_eq!(c.allowed_dirs, want);
+        assert_eq!(c.pool_config_dir, PathBuf::from("/tmp/pools"));
+        assert_eq!(c.path, PathBuf::from("/x/h.conf"));
+        let w = String::from_utf8(warn).unwrap();
+        assert!(w.contains("ignoring 'allowed_dir = rel/dir'"), "{w}");
+    }
+
+    #[test]
     fn warnings_name_the_file_actually_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("other.conf");
@@ -154,7 +205,8 @@ mod tests {
         assert!(w.contains(&format!("{}:1: ignoring 'fetch_timeout = soon'", f.display())), "{w}");
         assert!(!w.contains(DEFAULT_PATH), "{w}");
         let mut warn = Vec::new();
-        assert_eq!(Config::load(&dir.path().join("absent"), &mut warn), Config::default());
+        let absent = dir.path().join("absent");
+        assert_eq!(Config::load(&absent, &mut warn), Config { path: absent.clone(), ..Config::default() });
         assert!(warn.is_empty());
     }
 }

@@ -25,6 +25,7 @@ use vcc_core::managed::{LinkedDisks, ManagedDisk};
 use vcc_core::xml::DomainFacts;
 
 use crate::config::Config;
+use crate::places::{PlaceError, Places};
 use crate::prepare::qemu_img;
 use vcc_core::qemu_img::QemuImgError;
 
@@ -96,7 +97,7 @@ pub fn fresh_start(facts: &DomainFacts, plan: &LinkedDisks, cfg: &Config, log: &
         let _ = writeln!(log, "virt-clone-cow-hook: {name}: keeping the disposable overlays: this start resumes a restored or migrated guest");
         return;
     }
-    discard_all(name, plan, log);
+    discard_all(name, plan, cfg, log);
 }
 
 /// `release end` with libvirt's shut-off `reason` (`-` before libvirt 10.5).
@@ -104,12 +105,13 @@ pub fn release(facts: &DomainFacts, plan: &LinkedDisks, reason: &str, cfg: &Conf
     if !plan.disposable || !release_may_discard(reason) || has_managed_save(cfg, &facts.name) {
         return;
     }
-    discard_all(&facts.name, plan, log);
+    discard_all(&facts.name, plan, cfg, log);
 }
 
-fn discard_all(name: &str, plan: &LinkedDisks, log: &mut dyn Write) {
+fn discard_all(name: &str, plan: &LinkedDisks, cfg: &Config, log: &mut dyn Write) {
+    let places = Places::load(cfg);
     for d in &plan.disks {
-        match discard(d) {
+        match discard(d, &places) {
             Ok(true) => {
                 let _ =
                     writeln!(log, "virt-clone-cow-hook: {name}: discarded disposable overlay {}", d.overlay.display());
@@ -128,6 +130,8 @@ fn discard_all(name: &str, plan: &LinkedDisks, log: &mut dyn Write) {
 pub enum KeepReason {
     #[error("it is not the overlay over the master our metadata records for this disk")]
     NotRecorded,
+    #[error("it is outside the directories the hook may write in")]
+    Outside(#[source] PlaceError),
     #[error("the path is not UTF-8")]
     NotUtf8,
     #[error("cannot look at it")]
@@ -148,12 +152,19 @@ pub enum KeepReason {
 
 /// Deletes the disk's overlay if it is provably a disposable overlay nobody uses. `Ok(false)`:
 /// there was nothing to delete; `Err`: kept, and why.
-pub fn discard(d: &ManagedDisk) -> Result<bool, KeepReason> {
+/// Only inside the allowed `places` (its directory resolved, which is the path used).
+pub fn discard(d: &ManagedDisk, places: &Places) -> Result<bool, KeepReason> {
     use std::os::unix::fs::MetadataExt;
     if !d.recorded {
         return Err(KeepReason::NotRecorded);
     }
-    let path = d.overlay.to_str().ok_or(KeepReason::NotUtf8)?;
+    let _ = d.overlay.to_str().ok_or(KeepReason::NotUtf8)?;
+    let resolved = match places.overlay(&d.overlay) {
+        Ok(p) => p,
+        Err(PlaceError::Resolve { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(KeepReason::Outside(e)),
+    };
+    let path = resolved.to_str().ok_or(KeepReason::NotUtf8)?;
     let before = match Path::new(path).symlink_metadata() {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -220,8 +231,13 @@ mod tests {
             Config {
                 managed_save_dir: self.dir.path().join("save"),
                 state_dir: self.dir.path().join("state"),
+                allowed_dirs: vec![self.dir.path().to_path_buf()],
                 ..Config::default()
             }
+        }
+
+        fn places(&self) -> Places {
+            Places::load(&self.cfg())
         }
     }
 
@@ -230,13 +246,37 @@ mod tests {
     }
 
     #[test]
+    fn an_overlay_outside_the_allowed_directories_is_never_deleted() {
+        let f = Fixture::new();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("data.qcow2");
+        std::fs::write(&victim, b"someone's disk").unwrap();
+        // Directly, and through a directory symlink inside the allowed directory.
+        let door = f.dir.path().join("door");
+        std::os::unix::fs::symlink(outside.path(), &door).unwrap();
+        for path in [victim.clone(), door.join("data.qcow2")] {
+            let e = discard(&f.disk(path.to_str().unwrap(), true), &f.places()).unwrap_err();
+            let msg = vcc_core::error::one_line(&e);
+            assert!(matches!(e, KeepReason::Outside(_)), "{msg}");
+            assert!(msg.contains("allowed_dir = "), "{msg}");
+        }
+        let mut log = Vec::new();
+        let plan =
+            LinkedDisks { disposable: true, disks: vec![f.disk(victim.to_str().unwrap(), true)], ..Default::default() };
+        fresh_start(&facts("vm", None), &plan, &f.cfg(), &mut log);
+        assert!(victim.exists());
+        let log = String::from_utf8(log).unwrap();
+        assert!(log.contains("keeping") && log.contains("outside the directories the hook may write in"), "{log}");
+    }
+
+    #[test]
     #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn an_overlay_of_the_recorded_master_is_discarded() {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
-        assert!(discard(&f.disk(&o, true)).unwrap());
+        assert!(discard(&f.disk(&o, true), &f.places()).unwrap());
         assert!(!Path::new(&o).exists());
-        assert!(!discard(&f.disk(&o, true)).unwrap(), "nothing left to discard");
+        assert!(!discard(&f.disk(&o, true), &f.places()).unwrap(), "nothing left to discard");
     }
 
     #[test]
@@ -245,24 +285,24 @@ mod tests {
         let f = Fixture::new();
         let o = f.overlay("o.qcow2", &f.master);
         // Not the recorded overlay of this disk (N1).
-        assert!(discard(&f.disk(&o, false)).unwrap_err().to_string().contains("not the overlay"));
+        assert!(discard(&f.disk(&o, false), &f.places()).unwrap_err().to_string().contains("not the overlay"));
         // A symlink to it.
         let link = f.dir.path().join("link.qcow2").to_string_lossy().into_owned();
         std::os::unix::fs::symlink(&o, &link).unwrap();
-        assert!(discard(&f.disk(&link, true)).unwrap_err().to_string().contains("not a regular file"));
+        assert!(discard(&f.disk(&link, true), &f.places()).unwrap_err().to_string().contains("not a regular file"));
         // Another backing file.
         let other = f.dir.path().join("other.raw").to_string_lossy().into_owned();
         std::fs::write(&other, vec![0u8; 4096]).unwrap();
         let o2 = f.overlay("o2.qcow2", &other);
-        assert!(discard(&f.disk(&o2, true)).unwrap_err().to_string().contains("not the recorded master"));
+        assert!(discard(&f.disk(&o2, true), &f.places()).unwrap_err().to_string().contains("not the recorded master"));
         // Not a qcow2 image at all.
         let raw = f.dir.path().join("data.img").to_string_lossy().into_owned();
         std::fs::write(&raw, b"user data").unwrap();
-        assert!(discard(&f.disk(&raw, true)).is_err());
+        assert!(discard(&f.disk(&raw, true), &f.places()).is_err());
         // Holding an internal snapshot.
         let o3 = f.overlay("o3.qcow2", &f.master);
         QemuImg::new().snapshot_create(Path::new(&o3), "s1").unwrap();
-        assert!(discard(&f.disk(&o3, true)).unwrap_err().to_string().contains("internal snapshot"));
+        assert!(discard(&f.disk(&o3, true), &f.places()).unwrap_err().to_string().contains("internal snapshot"));
         for p in [&o, &link, &o2, &raw, &o3] {
             assert!(Path::new(p).symlink_metadata().is_ok(), "{p} was deleted");
         }
@@ -288,7 +328,7 @@ mod tests {
         let mut line = String::new();
         std::io::BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
         assert!(line.contains("MiB") || line.contains("KiB"), "qemu-io: {line}");
-        let r = discard(&f.disk(&o, true));
+        let r = discard(&f.disk(&o, true), &f.places());
         drop(holder.stdin.take());
         let _ = holder.wait();
         assert!(r.unwrap_err().to_string().contains("a QEMU has it open"));

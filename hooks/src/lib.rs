@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod disposable;
+pub mod places;
 pub mod prepare;
 
 use std::io::{Read, Write};

@@ -3,7 +3,7 @@
 //! overlays exactly as virt-clone-cow does.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vcc_core::managed::ManagedDisk;
@@ -14,6 +14,7 @@ use vcc_core::control::client::{request_path, ClientError};
 use vcc_core::control::proto::{InlineManifest, MasterRequest, Request};
 
 use crate::config::Config;
+use crate::places::{PlaceError, Places};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -38,6 +39,12 @@ pub enum PrepareError {
         target: String,
         #[source]
         source: QemuImgError,
+    },
+    #[error("refusing to make the overlay of disk {target}")]
+    Place {
+        target: String,
+        #[source]
+        source: PlaceError,
     },
     #[error("cannot create the overlay for disk {target}")]
     Overlay {
@@ -66,8 +73,19 @@ pub fn prepare(
         }
     }
     if create_overlays {
-        for d in disks.iter().filter(|d| !d.overlay_exists()) {
-            create_overlay(domain, d, log)?;
+        let todo: Vec<&ManagedDisk> = disks.iter().filter(|d| !d.overlay_exists()).collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let places = Places::load(cfg);
+        // Every disk is checked before any overlay is made, so a refused domain leaves nothing
+        // behind; and again right before its overlay is made, whose resolved paths are used.
+        for d in &todo {
+            placed(&places, d)?;
+        }
+        for d in todo {
+            let (overlay, master) = placed(&places, d)?;
+            create_overlay(domain, d, &overlay, &master, log)?;
             let _ = writeln!(
                 log,
                 "virt-clone-cow-hook: {domain}: created overlay {} over {}",
@@ -134,6 +152,15 @@ fn fetch_master(
 /// holding the domain's lock, and other calls on the domain fail after ~30 s while it waits.
 pub const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where the overlay of `d` is made and the master read (both resolved), when both are inside the
+/// allowed directories (see [`crate::places`]).
+fn placed(places: &Places, d: &ManagedDisk) -> Result<(PathBuf, PathBuf), PrepareError> {
+    let place = |source| PrepareError::Place { target: d.target.clone(), source };
+    let master = places.master(Path::new(&d.master.path)).map_err(place)?;
+    let overlay = places.overlay(&d.overlay).map_err(place)?;
+    Ok((overlay, master))
+}
+
 /// qemu-img the way the hook runs it: bounded by [`QEMU_IMG_TIMEOUT`].
 pub fn qemu_img() -> QemuImg {
     QemuImg::new().timeout(QEMU_IMG_TIMEOUT)
@@ -141,11 +168,19 @@ pub fn qemu_img() -> QemuImg {
 
 /// The overlay gets the master's size as qemu-img reads it now: a size recorded in the metadata
 /// is only a hint, and a wrong one would give the guest a disk of another size than its master.
-fn create_overlay(domain: &str, d: &ManagedDisk, log: &mut dyn Write) -> Result<(), PrepareError> {
+/// `overlay` and `real_master` are the resolved paths; the overlay names the master as the domain
+/// XML does (QEMU opens that path).
+fn create_overlay(
+    domain: &str,
+    d: &ManagedDisk,
+    overlay: &Path,
+    real_master: &Path,
+    log: &mut dyn Write,
+) -> Result<(), PrepareError> {
     let m = &d.master;
     let virtual_size = qemu_img()
         .force_share(true)
-        .info(Path::new(&m.path), &m.format)
+        .info(real_master, &m.format)
         .map_err(|source| PrepareError::Master { master: m.path.clone(), target: d.target.clone(), source })?
         .virtual_size;
     if let Some(recorded) = m.virtual_size.filter(|v| *v != virtual_size) {
@@ -156,7 +191,7 @@ fn create_overlay(domain: &str, d: &ManagedDisk, log: &mut dyn Write) -> Result<
         );
     }
     let backing = BackingSpec { path: &m.path, format: &m.format, virtual_size };
-    create_file_overlay(&d.overlay, &backing, OverlayOptions::preferred().with_timeout(QEMU_IMG_TIMEOUT))
+    create_file_overlay(overlay, &backing, OverlayOptions::preferred().with_timeout(QEMU_IMG_TIMEOUT))
         .map_err(|source| PrepareError::Overlay { target: d.target.clone(), source })
 }
 
@@ -179,6 +214,54 @@ mod tests {
         }
     }
 
+    /// The settings with `dir` as the one allowed directory (and no pool definitions).
+    fn allowing(dir: &Path) -> Config {
+        Config {
+            allowed_dirs: vec![dir.to_path_buf()],
+            pool_config_dir: dir.join("no-pool-definitions"),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn a_master_or_an_overlay_outside_the_allowed_directories_is_refused_and_nothing_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("images");
+        std::fs::create_dir_all(&allowed).unwrap();
+        let good = allowed.join("m.raw");
+        std::fs::write(&good, vec![0u8; 4096]).unwrap();
+        let escape = allowed.join("escape.raw");
+        std::os::unix::fs::symlink("/etc/passwd", &escape).unwrap();
+        let cfg = allowing(&allowed);
+        // A host file as the master (directly, or through a symlink in an allowed directory), and
+        // the overlay in /etc: refused before qemu-img runs, naming the setting to change.
+        let cases = [
+            (disk(&allowed, Path::new("/etc/passwd"), "raw", None), "master '/etc/passwd' is in /etc "),
+            (disk(&allowed, &escape, "raw", None), "is in /etc (symlinks resolved)"),
+            (
+                ManagedDisk {
+                    overlay: PathBuf::from("/etc/vcc-hook-test-never.qcow2"),
+                    ..disk(&allowed, &good, "raw", None)
+                },
+                "overlay '/etc/vcc-hook-test-never.qcow2' is in /etc ",
+            ),
+        ];
+        for (d, says) in cases {
+            // A second disk that would be fine comes first: nothing is made for it either.
+            let fine = ManagedDisk {
+                target: "vdb".into(),
+                overlay: allowed.join("fine.qcow2"),
+                ..disk(&allowed, &good, "raw", None)
+            };
+            let e = prepare("vm", &[fine, d.clone()], &cfg, true, &mut Vec::new()).unwrap_err();
+            let msg = vcc_core::error::one_line(&e);
+            assert!(matches!(e, PrepareError::Place { .. }), "{msg}");
+            assert!(msg.starts_with("refusing to make the overlay of disk vda: ") && msg.contains(says), "{msg}");
+            assert!(msg.contains("add `allowed_dir = /etc` to /etc/virt-clone-cow/hook.conf"), "{msg}");
+            assert!(!d.overlay.exists() && !allowed.join("fine.qcow2").exists(), "{msg}");
+        }
+    }
+
     #[test]
     #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     fn the_overlay_has_the_masters_size_whatever_the_metadata_says() {
@@ -187,7 +270,7 @@ mod tests {
         std::fs::write(&master, vec![0u8; 1 << 20]).unwrap();
         let d = disk(dir.path(), &master, "raw", Some(1 << 30));
         let mut log = Vec::new();
-        prepare("vm", std::slice::from_ref(&d), &Config::default(), true, &mut log).unwrap();
+        prepare("vm", std::slice::from_ref(&d), &allowing(dir.path()), true, &mut log).unwrap();
         let info = qemu_img().force_share(true).info(&d.overlay, "qcow2").unwrap();
         assert_eq!(info.virtual_size, 1 << 20);
         assert_eq!(info.backing.as_deref(), Some(d.master.path.as_str()));

@@ -125,7 +125,13 @@ impl<'a> Parser<'a> {
                 self.pos += 1;
                 let end = self.find(b'e')?;
                 let s = std::str::from_utf8(&self.buf[self.pos..end]).map_err(|_| self.err("bad integer"))?;
-                if s.is_empty() || s == "-0" || (s.len() > 1 && (s.starts_with('0') || s.starts_with("-0"))) {
+                let digits = s.strip_prefix('-').unwrap_or(s);
+                // Canonical only: digits after an optional '-' (Rust's parse would also take a '+').
+                if digits.is_empty()
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                    || s == "-0"
+                    || (s.len() > 1 && (s.starts_with('0') || s.starts_with("-0")))
+                {
                     return Err(self.err("bad integer"));
                 }
                 let i = s.parse::<i64>().map_err(|_| self.err("bad integer"))?;
@@ -173,7 +179,8 @@ impl<'a> Parser<'a> {
     fn string(&mut self) -> Result<&'a [u8], MetainfoError> {
         let colon = self.find(b':')?;
         let s = std::str::from_utf8(&self.buf[self.pos..colon]).map_err(|_| self.err("bad length"))?;
-        if s.is_empty() || s.len() > 10 || (s.len() > 1 && s.starts_with('0')) {
+        if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+        {
             return Err(self.err("bad length"));
         }
         let n: usize = s.parse().map_err(|_| self.err("bad length"))?;

@@ -124,3 +124,44 @@ pub fn pool_target_path(xml: &str) -> Option<String> {
         }
     }
 }
+
+/// The directory of files a storage pool's XML defines: `<pool type='dir'|'fs'|'netfs'>`'s
+/// `<target><path>`. `None` for other pool types (their target is a device directory such as
+/// `/dev/vg0`, never a place for image files) and for XML that cannot be read.
+pub fn pool_file_dir(xml: &str) -> Option<String> {
+    let mut r = reader(xml);
+    loop {
+        match r.read_event().ok()? {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let is_file_pool = super::elem_name(e) == "pool"
+                    && matches!(attr(e, "type").ok()?.as_deref(), Some("dir" | "fs" | "netfs"));
+                return if is_file_pool { pool_target_path(xml) } else { None };
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_pools_of_files_have_a_file_dir() {
+        let pool = |kind: &str, path: &str| {
+            format!("<pool type='{kind}'><name>p</name><target><path>{path}</path></target></pool>")
+        };
+        assert_eq!(pool_file_dir(&pool("dir", "/var/lib/p")).as_deref(), Some("/var/lib/p"));
+        assert_eq!(pool_file_dir(&pool("netfs", " /srv/nfs ")).as_deref(), Some("/srv/nfs"));
+        assert_eq!(pool_file_dir(&pool("logical", "/dev/vg0")), None);
+        assert_eq!(pool_file_dir(&pool("disk", "/dev")), None);
+        assert_eq!(
+            pool_file_dir("<?xml version='1.0'?>\n<!-- x -->\n<pool type='fs'><target><path>/a</path></target></pool>")
+                .as_deref(),
+            Some("/a")
+        );
+        assert_eq!(pool_file_dir("<volume type='dir'><target><path>/a</path></target></volume>"), None);
+        assert_eq!(pool_file_dir("<pool type='dir'><target><path>/a"), None);
+    }
+}
