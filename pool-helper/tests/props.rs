@@ -229,6 +229,11 @@ fn peer() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Trackers as manifests may name them: http(s) or udp URLs of a plain host.
+fn tracker() -> impl Strategy<Value = String> {
+    "(http|https|udp)://[a-z0-9][a-z0-9.-]{0,20}(:[0-9]{1,5})?(/[a-zA-Z0-9._~/-]{0,15})?"
+}
+
 fn manifest() -> impl Strategy<Value = Manifest> {
     (
         "[a-zA-Z0-9][a-zA-Z0-9._+-]{0,40}",
@@ -239,7 +244,7 @@ fn manifest() -> impl Strategy<Value = Manifest> {
         "[0-9a-f]{40}",
         14u32..=26,
         proptest::collection::vec(peer(), 0..3),
-        proptest::collection::vec("[ -~]{0,40}", 0..3),
+        proptest::collection::vec(tracker(), 0..3),
     )
         .prop_map(|(name, qcow2, size, vsize, sha256, info_hash, bits, peers, trackers)| {
             let format = if qcow2 { "qcow2" } else { "raw" };
@@ -304,6 +309,13 @@ proptest! {
     fn valid_manifests_round_trip(m in prop_oneof![manifest(), manifest_with_torrent()]) {
         let text = serde_json::to_string(&m).unwrap();
         prop_assert_eq!(Manifest::from_json(&text).unwrap(), m);
+    }
+
+    #[test]
+    fn a_magnet_naming_another_info_hash_is_refused(m in manifest(), other in "[0-9a-f]{40}") {
+        prop_assume!(other != m.info_hash);
+        let bad = Manifest { magnet: magnet(&other, &m.name, &m.trackers, &m.peers), ..m };
+        prop_assert!(Manifest::from_json(&serde_json::to_string(&bad).unwrap()).is_err());
     }
 
     #[test]
