@@ -94,8 +94,8 @@ pub struct Limits {
     /// `RLIMIT_CPU` of the child (soft and hard), in seconds: the kernel kills it with SIGXCPU.
     pub cpu_seconds: Option<u64>,
     /// Confine the child with Landlock (see `process/landlock.rs`) so that it can read only this
-    /// file, what is under /usr, /etc/ld.so.cache and /dev/null, and can write, create or remove
-    /// nothing.
+    /// file, what is under /usr, /etc/ld.so.cache and /dev/null, and can write nothing but
+    /// /dev/null, create or remove nothing.
     /// Set up before the child runs the program; when it cannot be (no Landlock in the kernel:
     /// [`ConfineError::Unsupported`]), the program is not run at all.
     pub confine_reads_to: Option<PathBuf>,

@@ -224,8 +224,8 @@ impl QemuImg {
     /// as a second opinion on an image that must be raw. Probing is what makes qemu-img follow
     /// what an image refers to (a vmdk descriptor's extents, for one), so qemu-img runs confined
     /// with Landlock ([`Limits::confine_reads_to`]): it can read `path`, /usr, /etc/ld.so.cache
-    /// and /dev/null and nothing else, and write nothing. An image that refers to another file
-    /// then fails to open. On a kernel without Landlock this is
+    /// and /dev/null and nothing else, and write nothing but /dev/null. An image that refers to
+    /// another file then fails to open. On a kernel without Landlock this is
     /// [`QemuImgError::NoConfinement`] and qemu-img is not run.
     pub fn probe_confined(&self, path: &Path) -> Result<ImageInfo, QemuImgError> {
         let shown = || path.display().to_string();

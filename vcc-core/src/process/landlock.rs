@@ -18,6 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 const ACCESS_FS_EXECUTE: u64 = 1 << 0;
+const ACCESS_FS_WRITE_FILE: u64 = 1 << 1;
 const ACCESS_FS_READ_FILE: u64 = 1 << 2;
 const ACCESS_FS_READ_DIR: u64 = 1 << 3;
 /// EXECUTE, WRITE_FILE, READ_FILE, READ_DIR, REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR,
@@ -91,8 +92,8 @@ pub fn abi_version() -> Result<u32, ConfineError> {
 
 /// A ruleset under which a program can read, list and execute what is under /usr (programs,
 /// the dynamic loader and libraries on a merged-/usr system, QEMU's block modules), read
-/// `/etc/ld.so.cache` and `/dev/null`, and read the one file `file`; nothing else can be read,
-/// written, created or removed anywhere. Close-on-exec.
+/// `/etc/ld.so.cache`, read and write `/dev/null`, and read the one file `file`; nothing else
+/// can be read, written, created or removed anywhere. Close-on-exec.
 pub fn ruleset_reading_only(file: &Path) -> Result<OwnedFd, ConfineError> {
     let mut handled = ACCESS_FS_ABI1;
     if abi_version()? >= 3 {
@@ -116,10 +117,13 @@ pub fn ruleset_reading_only(file: &Path) -> Result<OwnedFd, ConfineError> {
     // SAFETY: `fd` is a descriptor the kernel just returned to us and nothing else owns.
     let ruleset = unsafe { OwnedFd::from_raw_fd(fd) };
     add_rule(&ruleset, Path::new("/usr"), ACCESS_FS_READ_FILE | ACCESS_FS_READ_DIR | ACCESS_FS_EXECUTE)?;
-    // The loader's cache, and /dev/null, which QEMU opens to probe for OFD locks.
-    for extra in ["/etc/ld.so.cache", "/dev/null"].map(Path::new) {
+    // The loader's cache; /dev/null, which QEMU opens read-write to probe for OFD locks.
+    for (extra, access) in
+        [("/etc/ld.so.cache", ACCESS_FS_READ_FILE), ("/dev/null", ACCESS_FS_READ_FILE | ACCESS_FS_WRITE_FILE)]
+    {
+        let extra = Path::new(extra);
         if extra.exists() {
-            add_rule(&ruleset, extra, ACCESS_FS_READ_FILE)?;
+            add_rule(&ruleset, extra, access)?;
         }
     }
     add_rule(&ruleset, file, ACCESS_FS_READ_FILE)?;
