@@ -402,6 +402,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: needs a kernel with Landlock")]
     fn a_confined_child_reads_its_file_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let (mine, other) = (dir.path().join("mine"), dir.path().join("other"));
@@ -421,6 +422,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: needs a kernel with Landlock")]
     fn a_confinement_that_cannot_be_set_up_runs_nothing() {
         let limits = Limits { confine_reads_to: Some("/nonexistent/file".into()), ..Limits::default() };
         let err = run_limited("/bin/true", &[] as &[&str], &limits).unwrap_err();
