@@ -1,10 +1,12 @@
 //! Image checks for untrusted masters: our own qcow2 header parser, raw-image sniffing, whole-file
 //! SHA-256, and `qemu-img info` as a second opinion (through [`vcc_core::qemu_img`], with a
-//! timeout and resource limits).
+//! timeout and resource limits); for a raw master also qemu-img's own format probe, confined
+//! with Landlock so that it can open no file the image refers to.
 
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
@@ -66,6 +68,10 @@ pub enum ImageError {
     QemuImgEncrypted,
     #[error("qemu-img second opinion: virtual size {got} != {want}")]
     QemuImgVirtualSize { got: u64, want: u64 },
+    #[error("qemu-img's own probe does not take it for raw")]
+    QemuImgProbe(#[source] QemuImgError),
+    #[error("qemu-img's own probe does not take it for raw: it says {0}")]
+    QemuImgProbeFormat(String),
 }
 
 /// What is wrong with a qcow2 header (a description, not a cause: nothing failed to run).
@@ -391,6 +397,9 @@ pub fn check_content(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
     check_header(path, e)?;
     if e.policy.qemu_img {
         qemu_img_second_opinion(path, e)?;
+        if e.format == "raw" {
+            second_opinion_raw(path, e.virtual_size)?;
+        }
     }
     Ok(())
 }
@@ -430,6 +439,45 @@ pub fn qemu_img_second_opinion(path: &Path, e: &Expect<'_>) -> Result<(), ImageE
         .info(path, e.format)
         .map_err(ImageError::QemuImg)?;
     second_opinion(&info, e)
+}
+
+/// Set once the missing-Landlock warning is logged: once per process, not per image.
+static NO_LANDLOCK_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// qemu-img's own format probe on a file that must be raw ([`QemuImg::probe_confined`]: no
+/// `-f`, Landlock confinement, the same limits as [`qemu_img_second_opinion`]): passes only when
+/// qemu-img opens it, takes it for raw and reports `virtual_size`. A probe that does not even
+/// open it (a vmdk descriptor whose extent it may not read) is a refusal naming what qemu-img
+/// said. On a kernel without Landlock the probe is skipped with one warning per process (our own
+/// reimplementation of the probes, [`sniff_raw`], still applies): qemu-img never probes an
+/// untrusted image unconfined.
+pub fn second_opinion_raw(path: &Path, virtual_size: u64) -> Result<(), ImageError> {
+    let probed = QemuImg::new()
+        .force_share(true)
+        .timeout(QEMU_IMG_TIMEOUT)
+        .cpu_limit(QEMU_IMG_CPU_SECONDS)
+        .address_space_limit(QEMU_IMG_ADDRESS_SPACE)
+        .probe_confined(path);
+    let info = match probed {
+        Ok(info) => info,
+        Err(e @ QemuImgError::NoConfinement { .. }) => {
+            if !NO_LANDLOCK_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "{}; raw masters get our own probe checks only (this warning is shown once)",
+                    vcc_core::error::one_line(&e)
+                );
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(ImageError::QemuImgProbe(e)),
+    };
+    if info.format != "raw" {
+        return Err(ImageError::QemuImgProbeFormat(info.format));
+    }
+    if info.virtual_size != virtual_size {
+        return Err(ImageError::QemuImgVirtualSize { got: info.virtual_size, want: virtual_size });
+    }
+    Ok(())
 }
 
 /// Whether what qemu-img says about an image agrees with what it must be: the stated format, no
@@ -829,5 +877,59 @@ mod tests {
         let e = Expect { sha256: &sha, name: "m.dmg", ..e };
         assert!(matches!(verify_image(&p, &e), Err(ImageError::RawNamedLike("dmg"))));
         verify_image(&p, &Expect { name: "m.raw", ..e }).unwrap();
+    }
+
+    fn expect_raw<'a>(name: &'a str, size: u64, sha256: &'a str) -> Expect<'a> {
+        Expect {
+            format: "raw",
+            name,
+            size,
+            virtual_size: size,
+            sha256,
+            policy: ImagePolicy { max_virtual_size: 1 << 40, qemu_img: true },
+        }
+    }
+
+    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    fn a_raw_master_passes_every_check_and_a_qcow2_declared_raw_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.raw");
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        let sha = sha256_file(&p).unwrap();
+        verify_image(&p, &expect_raw("m.raw", 1 << 20, &sha)).unwrap();
+        let q = dir.path().join("q.raw");
+        QemuImg::new().create(&q, "qcow2", 1 << 20).unwrap();
+        let (size, sha) = (std::fs::metadata(&q).unwrap().len(), sha256_file(&q).unwrap());
+        assert!(matches!(verify_image(&q, &expect_raw("q.raw", size, &sha)), Err(ImageError::RawLooksLike("qcow2"))));
+    }
+
+    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    fn qemu_imgs_own_probe_refuses_what_it_does_not_take_for_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("m.raw");
+        std::fs::write(&good, vec![0u8; 1 << 20]).unwrap();
+        second_opinion_raw(&good, 1 << 20).unwrap();
+        let small = second_opinion_raw(&good, 2 << 20).unwrap_err();
+        assert!(matches!(small, ImageError::QemuImgVirtualSize { got: 1048576, want: 2097152 }), "{small}");
+        // A qcow2: qemu-img's probe says so (past our own sniff, which would refuse it first).
+        let q = dir.path().join("q.raw");
+        QemuImg::new().create(&q, "qcow2", 1 << 20).unwrap();
+        let e = second_opinion_raw(&q, 1 << 20).unwrap_err();
+        assert_eq!(e.to_string(), "qemu-img's own probe does not take it for raw: it says qcow2");
+        // A vmdk descriptor naming a host file: the confined probe cannot open the extent. The
+        // second opinion with `-f raw` (all there was before) takes it for a sound raw image.
+        let v = dir.path().join("v.raw");
+        let mut b = b"# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+            createType=\"monolithicFlat\"\nRW 8 FLAT \"/etc/passwd\" 0\n"
+            .to_vec();
+        b.resize(65536, 0);
+        std::fs::write(&v, &b).unwrap();
+        qemu_img_second_opinion(&v, &expect_raw("v.raw", 65536, "")).unwrap();
+        let e = second_opinion_raw(&v, 65536).unwrap_err();
+        let line = vcc_core::error::one_line(&e);
+        assert!(line.starts_with("qemu-img's own probe does not take it for raw: qemu-img could not read"), "{line}");
+        assert!(line.ends_with("Could not open '/etc/passwd': Permission denied"), "{line}");
     }
 }

@@ -4,15 +4,21 @@
 //! Every run is bounded: a wall-clock limit (the child is killed and reaped when it is exceeded),
 //! and, through [`Limits`], how much of its output we keep (a child printing more is killed, so a
 //! hostile input cannot make a tool print gigabytes into our memory) and resource limits applied
-//! to the child alone. Both pipes are drained by threads while the child runs, so a chatty child
+//! to the child alone, and optionally a Landlock confinement ([`Limits::confine_reads_to`]).
+//! Both pipes are drained by threads while the child runs, so a chatty child
 //! never blocks on a full pipe.
 
 use std::ffi::OsStr;
 use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+
+mod landlock;
+pub use landlock::{abi_version as landlock_abi_version, ConfineError};
 
 /// An external program failed to run or exited non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +35,14 @@ pub enum CommandError {
     TimedOut { cmdline: String, seconds: u64 },
     #[error("`{cmdline}` printed more than {limit} bytes on {stream} and was killed")]
     OutputTooLarge { cmdline: String, stream: &'static str, limit: usize },
+    /// The confinement [`Limits::confine_reads_to`] asks for could not be set up; the program was
+    /// not run.
+    #[error("could not confine `{cmdline}`, so it was not run")]
+    Confine {
+        cmdline: String,
+        #[source]
+        source: ConfineError,
+    },
 }
 
 impl CommandError {
@@ -69,7 +83,7 @@ pub fn display_cmdline<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What one run of an external program may take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Wall-clock limit; the child is killed and reaped when it is exceeded.
     pub timeout: Duration,
@@ -79,12 +93,18 @@ pub struct Limits {
     pub address_space: Option<u64>,
     /// `RLIMIT_CPU` of the child (soft and hard), in seconds: the kernel kills it with SIGXCPU.
     pub cpu_seconds: Option<u64>,
+    /// Confine the child with Landlock (see `process/landlock.rs`) so that it can read only this
+    /// file, what is under /usr, /etc/ld.so.cache and /dev/null, and can write nothing but
+    /// /dev/null, create or remove nothing.
+    /// Set up before the child runs the program; when it cannot be (no Landlock in the kernel:
+    /// [`ConfineError::Unsupported`]), the program is not run at all.
+    pub confine_reads_to: Option<PathBuf>,
 }
 
 impl Limits {
     /// Only a wall-clock limit: output is kept whole, no resource limits.
     pub const fn timeout(timeout: Duration) -> Self {
-        Limits { timeout, max_output: usize::MAX, address_space: None, cpu_seconds: None }
+        Limits { timeout, max_output: usize::MAX, address_space: None, cpu_seconds: None, confine_reads_to: None }
     }
 }
 
@@ -136,8 +156,18 @@ pub fn capture<P: AsRef<OsStr>, S: AsRef<OsStr>>(
     tracing::debug!(%cmdline, "running");
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    set_resource_limits(&mut cmd, limits);
-    let mut child = cmd.spawn().map_err(|source| CommandError::Spawn { cmdline: cmdline.clone(), source })?;
+    // Built before the fork, used by number in the child, closed here once the child has it.
+    let ruleset = match &limits.confine_reads_to {
+        Some(file) => Some(
+            landlock::ruleset_reading_only(file)
+                .map_err(|source| CommandError::Confine { cmdline: cmdline.clone(), source })?,
+        ),
+        None => None,
+    };
+    set_child_limits(&mut cmd, limits, ruleset.as_ref().map(AsRawFd::as_raw_fd));
+    let spawned = cmd.spawn();
+    drop(ruleset);
+    let mut child = spawned.map_err(|source| CommandError::Spawn { cmdline: cmdline.clone(), source })?;
     // Drain both pipes in threads so a chatty child cannot block on a full pipe; a reader that
     // reaches the bound records its stream in `overflow` and stops reading.
     let overflow = Arc::new(AtomicU8::new(NO_OVERFLOW));
@@ -258,13 +288,15 @@ fn drain<R: Read + Send + 'static>(
     });
 }
 
-/// Makes the child set its own resource limits between fork and exec, so they bind the program
-/// from its first instruction and nothing else.
+/// Makes the child set its own resource limits, and confine itself to `ruleset` (a Landlock
+/// ruleset descriptor, close-on-exec) when there is one, between fork and exec, so they bind the
+/// program from its first instruction and nothing else. A child that cannot confine itself fails
+/// to spawn rather than run unconfined.
 #[allow(unsafe_code)]
-fn set_resource_limits(cmd: &mut Command, limits: &Limits) {
+fn set_child_limits(cmd: &mut Command, limits: &Limits, ruleset: Option<RawFd>) {
     use std::os::unix::process::CommandExt;
     let (address_space, cpu_seconds) = (limits.address_space, limits.cpu_seconds);
-    if address_space.is_none() && cpu_seconds.is_none() {
+    if address_space.is_none() && cpu_seconds.is_none() && ruleset.is_none() {
         return;
     }
     let hook = move || -> std::io::Result<()> {
@@ -283,11 +315,16 @@ fn set_resource_limits(cmd: &mut Command, limits: &Limits) {
                 return Err(std::io::Error::last_os_error());
             }
         }
+        if let Some(fd) = ruleset {
+            landlock::restrict_self(fd)?;
+        }
         Ok(())
     };
     // SAFETY: the hook runs in the child between fork and exec. It neither allocates nor takes
-    // locks: it copies two integers into stack values and calls setrlimit (async-signal-safe);
-    // `last_os_error` only reads errno.
+    // locks: it copies integers into stack values and calls setrlimit, prctl and
+    // landlock_restrict_self (plain system calls, async-signal-safe); `last_os_error` only reads
+    // errno. The ruleset descriptor was opened before the fork and stays open in the parent
+    // until `spawn` has returned.
     unsafe {
         cmd.pre_exec(hook);
     }
@@ -362,5 +399,33 @@ pub(crate) mod tests {
         let limits = Limits { address_space: Some(64 << 20), ..Limits::default() };
         let out = run_limited("/bin/sh", &["-c", "ulimit -v"], &limits).unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65536");
+    }
+
+    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: needs a kernel with Landlock")]
+    fn a_confined_child_reads_its_file_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mine, other) = (dir.path().join("mine"), dir.path().join("other"));
+        std::fs::write(&mine, "mine\n").unwrap();
+        std::fs::write(&other, "other\n").unwrap();
+        let limits = Limits { confine_reads_to: Some(mine.clone()), ..Limits::default() };
+        let out = run_limited("/bin/cat", &[&mine], &limits).unwrap();
+        assert_eq!(out.stdout, b"mine\n");
+        let err = run_limited("/bin/cat", &[&other], &limits).unwrap_err();
+        assert!(err.stderr().is_some_and(|s| s.contains("Permission denied")), "{err}");
+        let err = run_limited("/bin/cat", &["/etc/passwd"], &limits).unwrap_err();
+        assert!(err.stderr().is_some_and(|s| s.contains("Permission denied")), "{err}");
+        // Nor can it write, even where it can read.
+        let w = format!("echo x >> '{}'", mine.display());
+        assert!(run_limited("/bin/sh", &["-c", &w], &limits).is_err());
+        assert_eq!(std::fs::read(&mine).unwrap(), b"mine\n");
+    }
+
+    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: needs a kernel with Landlock")]
+    fn a_confinement_that_cannot_be_set_up_runs_nothing() {
+        let limits = Limits { confine_reads_to: Some("/nonexistent/file".into()), ..Limits::default() };
+        let err = run_limited("/bin/true", &[] as &[&str], &limits).unwrap_err();
+        assert!(matches!(&err, CommandError::Confine { source: ConfineError::Open { .. }, .. }), "{err}");
     }
 }

@@ -2,11 +2,13 @@
 //!
 //! A [`QemuImg`] says how to run it (force-share, a wall-clock limit, resource limits, which
 //! program); its operations say what to run: [`QemuImg::info`], [`QemuImg::create_overlay`],
-//! [`QemuImg::create`], [`QemuImg::check`], [`QemuImg::snapshot_create`]. Every run goes through
+//! [`QemuImg::create`], [`QemuImg::check`], [`QemuImg::snapshot_create`], and
+//! [`QemuImg::probe_confined`], the one run that lets qemu-img probe the format, confined with
+//! Landlock so that it can open no file the image refers to. Every run goes through
 //! [`crate::process::run_limited`]: argument vectors, both pipes drained while qemu-img runs, at
 //! most [`MAX_OUTPUT`] bytes kept of each (qemu-img is killed past that: a hostile image cannot
-//! make it print gigabytes into our memory), and the image format always stated, so a raw image
-//! is never probed as something else.
+//! make it print gigabytes into our memory), and the image format always stated (except in the
+//! confined probe), so a raw image is never probed as something else.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::process::{capture, run_limited, CommandError, Limits};
+use crate::process::{capture, run_limited, CommandError, ConfineError, Limits};
 
 /// Most bytes of qemu-img output kept per stream; qemu-img is killed when it prints more. The
 /// JSON of `info` or `check` on an image with many snapshots or bitmaps is far smaller.
@@ -72,6 +74,12 @@ pub enum QemuImgError {
         #[source]
         source: Box<CommandError>,
     },
+    /// [`QemuImg::probe_confined`] on a kernel without Landlock: qemu-img was not run.
+    #[error(
+        "qemu-img's own probe of '{path}' was not run: this kernel has no Landlock to confine it with \
+         (Linux 5.13 or later with landlock among the enabled LSMs, see /sys/kernel/security/lsm)"
+    )]
+    NoConfinement { path: String },
 }
 
 impl QemuImgError {
@@ -82,7 +90,9 @@ impl QemuImgError {
             | QemuImgError::Create { source, .. }
             | QemuImgError::Check { source, .. }
             | QemuImgError::Snapshot { source, .. } => source.stderr(),
-            QemuImgError::InfoOutput { .. } | QemuImgError::CheckOutput { .. } => None,
+            QemuImgError::InfoOutput { .. } | QemuImgError::CheckOutput { .. } | QemuImgError::NoConfinement { .. } => {
+                None
+            }
         }
     }
 }
@@ -207,6 +217,26 @@ impl QemuImg {
         }
         args.push(path.as_os_str());
         let out = self.run(&args).map_err(|source| QemuImgError::Info { path: shown(), source: Box::new(source) })?;
+        parse_info(&out.stdout).map_err(|source| QemuImgError::InfoOutput { path: shown(), source })
+    }
+
+    /// `qemu-img info --output=json --force-share PATH` WITHOUT `-f`: qemu-img's own format probe,
+    /// as a second opinion on an image that must be raw. Probing is what makes qemu-img follow
+    /// what an image refers to (a vmdk descriptor's extents, for one), so qemu-img runs confined
+    /// with Landlock ([`Limits::confine_reads_to`]): it can read `path`, /usr, /etc/ld.so.cache
+    /// and /dev/null and nothing else, and write nothing but /dev/null. An image that refers to
+    /// another file then fails to open. On a kernel without Landlock this is
+    /// [`QemuImgError::NoConfinement`] and qemu-img is not run.
+    pub fn probe_confined(&self, path: &Path) -> Result<ImageInfo, QemuImgError> {
+        let shown = || path.display().to_string();
+        let args: [&OsStr; 4] = ["info".as_ref(), "--output=json".as_ref(), "--force-share".as_ref(), path.as_os_str()];
+        let limits = Limits { confine_reads_to: Some(path.to_path_buf()), ..self.limits.clone() };
+        let out = run_limited(&self.program, &args, &limits).map_err(|source| match source {
+            CommandError::Confine { source: ConfineError::Unsupported, .. } => {
+                QemuImgError::NoConfinement { path: shown() }
+            }
+            source => QemuImgError::Info { path: shown(), source: Box::new(source) },
+        })?;
         parse_info(&out.stdout).map_err(|source| QemuImgError::InfoOutput { path: shown(), source })
     }
 
@@ -566,5 +596,57 @@ mod tests {
         assert_eq!((i.snapshots, i.dirty, i.encrypted, i.corrupt, i.data_file), (1, false, false, false, None));
         assert!(q.check(&overlay, "qcow2").unwrap().is_clean());
         assert!(q.supports_extended_l2(), "QEMU 5.2 and later");
+    }
+
+    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    fn the_confined_probe_takes_zeros_for_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.img");
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        let i = QemuImg::new().probe_confined(&p).unwrap();
+        assert_eq!((i.format.as_str(), i.virtual_size, i.backing), ("raw", 1 << 20, None));
+    }
+
+    /// A vmdk descriptor whose one extent is `extent`, a file qemu-img can read.
+    fn vmdk_descriptor(dir: &Path, extent: &Path) -> PathBuf {
+        let p = dir.join("m.img");
+        let text = format!(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\
+             RW 8 FLAT \"{}\" 0\n",
+            extent.display()
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    fn the_confined_probe_cannot_open_what_a_vmdk_descriptor_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let extent = dir.path().join("secret");
+        std::fs::write(&extent, vec![7u8; 4096]).unwrap();
+        let p = vmdk_descriptor(dir.path(), &extent);
+        // The hazard: unconfined, qemu-img's probe takes it for vmdk and opens the extent.
+        let out = crate::process::run("qemu-img", &["info".as_ref(), "--output=json".as_ref(), p.as_os_str()]).unwrap();
+        assert_eq!(parse_info(&out.stdout).unwrap().format, "vmdk");
+        let err = QemuImg::new().probe_confined(&p).unwrap_err();
+        let stderr = err.stderr().unwrap_or_default();
+        assert!(matches!(err, QemuImgError::Info { .. }), "{err}");
+        let want = format!("Could not open '{}': Permission denied", extent.display());
+        assert!(stderr.ends_with(&want), "{stderr}");
+    }
+
+    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    fn the_confined_probe_reports_a_qcow2_overlay_without_its_backing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backing, overlay) = (dir.path().join("b.raw"), dir.path().join("o.img"));
+        let q = QemuImg::new();
+        q.create(&backing, "raw", 1 << 20).unwrap();
+        let b = BackingSpec { path: backing.to_str().unwrap(), format: "raw", virtual_size: 1 << 20 };
+        q.create_overlay(&overlay, &b, false).unwrap();
+        let i = q.probe_confined(&overlay).unwrap();
+        assert_eq!((i.format.as_str(), i.backing.as_deref()), ("qcow2", backing.to_str()));
     }
 }
