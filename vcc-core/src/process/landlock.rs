@@ -117,6 +117,14 @@ pub fn ruleset_reading_only(file: &Path) -> Result<OwnedFd, ConfineError> {
     // SAFETY: `fd` is a descriptor the kernel just returned to us and nothing else owns.
     let ruleset = unsafe { OwnedFd::from_raw_fd(fd) };
     add_rule(&ruleset, Path::new("/usr"), ACCESS_FS_READ_FILE | ACCESS_FS_READ_DIR | ACCESS_FS_EXECUTE)?;
+    // On a system without merged /usr, the loader and libraries live in real /lib* directories
+    // (on Debian 12 these are symlinks into /usr, which the rule above covers).
+    for dir in ["/lib", "/lib64", "/lib32", "/libx32"] {
+        let d = Path::new(dir);
+        if d.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            add_rule(&ruleset, d, ACCESS_FS_READ_FILE | ACCESS_FS_READ_DIR | ACCESS_FS_EXECUTE)?;
+        }
+    }
     // The loader's cache; /dev/null, which QEMU opens read-write to probe for OFD locks.
     for (extra, access) in
         [("/etc/ld.so.cache", ACCESS_FS_READ_FILE), ("/dev/null", ACCESS_FS_READ_FILE | ACCESS_FS_WRITE_FILE)]
