@@ -116,32 +116,11 @@ impl Places {
             return Err(self.outside("master", path, real.parent().unwrap_or(&real)));
         }
         let meta = std::fs::metadata(&real).map_err(|source| PlaceError::Resolve { path: shown(), source })?;
-        match file_kind(&meta) {
+        match vcc_core::managed::file_kind(&meta) {
             None => Ok(real),
             Some(what) => Err(PlaceError::NotRegular { path: shown(), what }),
         }
     }
-}
-
-/// What a file is when it is not a regular file.
-pub fn file_kind(meta: &std::fs::Metadata) -> Option<&'static str> {
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    Some(if t.is_file() {
-        return None;
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    })
 }
 
 /// The directories of the file pools defined in `dir` (`*.xml`), read with bounds: at most

@@ -34,24 +34,30 @@ impl ManagedDisk {
     /// Why the master, which exists, cannot be one (after following symlinks): `None` for a
     /// regular file, else what it is ("a FIFO", "a directory", ...).
     pub fn master_not_regular(&self) -> Option<&'static str> {
-        use std::os::unix::fs::FileTypeExt;
-        let t = std::fs::metadata(&self.master.path).ok()?.file_type();
-        Some(if t.is_file() {
-            return None;
-        } else if t.is_dir() {
-            "a directory"
-        } else if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_block_device() {
-            "a block device"
-        } else if t.is_char_device() {
-            "a character device"
-        } else if t.is_socket() {
-            "a socket"
-        } else {
-            "not a regular file"
-        })
+        file_kind(&std::fs::metadata(&self.master.path).ok()?)
     }
+}
+
+/// What a file is when it is not a regular file ("a FIFO", "a directory", ...); `None` for a
+/// regular file.
+pub fn file_kind(meta: &std::fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    Some(if t.is_file() {
+        return None;
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    })
 }
 
 /// The linked disks of one domain and how it is marked.
