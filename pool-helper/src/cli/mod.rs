@@ -26,7 +26,7 @@ pub struct Cli {
     /// The subcommands' flags given before the subcommand (`pool-helper --listen-port 7000 serve`),
     /// as every version accepted them; hidden here, documented under each subcommand.
     #[command(flatten)]
-    pub early: Hidden<EarlyArgs>,
+    pub early: Hidden<ServeArgs>,
     #[command(subcommand)]
     pub cmd: Command,
 }
@@ -146,9 +146,10 @@ pub struct WatchArgs {
     pub watch_interval: Option<u64>,
 }
 
-/// Every subcommand flag, as accepted before the subcommand.
+/// `serve`'s flags, which are every subcommand flag: also the set accepted (hidden) before the
+/// subcommand.
 #[derive(Debug, Args, Clone, Default)]
-pub struct EarlyArgs {
+pub struct ServeArgs {
     #[command(flatten)]
     pub announce: AnnounceArgs,
     #[command(flatten)]
@@ -157,12 +158,12 @@ pub struct EarlyArgs {
     pub watch: WatchArgs,
 }
 
-impl EarlyArgs {
+impl ServeArgs {
     /// These flags, then `later` (given after the subcommand): a later value wins, lists add up.
-    fn and(&self, later: &EarlyArgs) -> EarlyArgs {
+    fn and(&self, later: &ServeArgs) -> ServeArgs {
         let (a, b) = (&self.announce, &later.announce);
         let (s, t) = (&self.session, &later.session);
-        EarlyArgs {
+        ServeArgs {
             announce: AnnounceArgs {
                 listen_port: b.listen_port.or(a.listen_port),
                 advertise: b.advertise.clone().or_else(|| a.advertise.clone()),
@@ -182,16 +183,6 @@ impl EarlyArgs {
     }
 }
 
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub announce: AnnounceArgs,
-    #[command(flatten)]
-    pub session: SessionArgs,
-    #[command(flatten)]
-    pub watch: WatchArgs,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Make VOLUME of POOL an immutable master: read-only, hashed, .torrent + manifest; the daemon seeds it.
@@ -207,17 +198,15 @@ pub enum Command {
 }
 
 impl Command {
-    /// The subcommand's own flags, in the shape of [`EarlyArgs`].
-    fn flags(&self) -> EarlyArgs {
+    /// The subcommand's own flags, in the shape of [`ServeArgs`].
+    fn flags(&self) -> ServeArgs {
         match self {
-            Command::Publish(a) => EarlyArgs { announce: a.announce.clone(), ..Default::default() },
+            Command::Publish(a) => ServeArgs { announce: a.announce.clone(), ..Default::default() },
             Command::Fetch(a) => {
-                EarlyArgs { announce: a.announce.clone(), session: a.session.clone(), ..Default::default() }
+                ServeArgs { announce: a.announce.clone(), session: a.session.clone(), ..Default::default() }
             }
-            Command::Serve(a) => {
-                EarlyArgs { announce: a.announce.clone(), session: a.session.clone(), watch: a.watch.clone() }
-            }
-            Command::Status | Command::List => EarlyArgs::default(),
+            Command::Serve(a) => a.clone(),
+            Command::Status | Command::List => ServeArgs::default(),
         }
     }
 }
@@ -247,7 +236,7 @@ pub enum CliError {
 
 impl Cli {
     /// The subcommand flags given before the subcommand, then after it.
-    pub fn flags(&self) -> EarlyArgs {
+    pub fn flags(&self) -> ServeArgs {
         self.early.0.and(&self.cmd.flags())
     }
 
