@@ -720,17 +720,9 @@ mod tests {
         c
     }
 
-    /// `size` bytes that look like no image format.
+    /// `size` bytes that look like no image format (the same on every run).
     fn bytes(size: usize) -> Vec<u8> {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
+        vcc_tests::random_bytes(size, 2)
     }
 
     /// A host: its state and pool directories (pool "p"), and its context.

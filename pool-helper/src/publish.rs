@@ -179,27 +179,10 @@ mod tests {
         (tmp, cfg, pools, pool)
     }
 
-    /// A qcow2 v3 header (64 KiB clusters, refcount table at cluster 1, L1 at cluster 3) stating
-    /// `virtual_size`; 4 clusters in all.
-    fn qcow2(virtual_size: u64) -> Vec<u8> {
-        let mut b = vec![0u8; 4 * 65536];
-        b[0..4].copy_from_slice(verify::QCOW2_MAGIC);
-        b[4..8].copy_from_slice(&3u32.to_be_bytes());
-        b[20..24].copy_from_slice(&16u32.to_be_bytes());
-        b[24..32].copy_from_slice(&virtual_size.to_be_bytes());
-        b[36..40].copy_from_slice(&2u32.to_be_bytes());
-        b[40..48].copy_from_slice(&(3u64 * 65536).to_be_bytes());
-        b[48..56].copy_from_slice(&65536u64.to_be_bytes());
-        b[56..60].copy_from_slice(&1u32.to_be_bytes());
-        b[96..100].copy_from_slice(&4u32.to_be_bytes());
-        b[100..104].copy_from_slice(&112u32.to_be_bytes());
-        b
-    }
-
     #[test]
     fn a_qcow2_of_1_eib_is_not_published_as_every_fetcher_would_refuse_it() {
         let (_tmp, cfg, pools, dir) = setup();
-        std::fs::write(dir.join("huge.qcow2"), qcow2(1 << 60)).unwrap();
+        std::fs::write(dir.join("huge.qcow2"), verify::test_qcow2(1 << 60)).unwrap();
         // The policy refuses it before qemu-img would run.
         let e = publish_in(&cfg, &pools, "p", "huge.qcow2").unwrap_err();
         assert!(matches!(&e, PublishError::Refused { source: ImageError::TooBig { .. }, .. }), "{e:?}");

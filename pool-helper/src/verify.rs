@@ -518,26 +518,32 @@ pub fn local_virtual_size(path: &Path, format: &str, size: u64) -> Result<u64, I
     }
 }
 
+/// A minimal valid qcow2 v3 image (64 KiB clusters: header, refcount table at cluster 1, L1 at
+/// cluster 3; 4 clusters in all) stating `virtual_size`, for this crate's tests.
+#[cfg(test)]
+pub(crate) fn test_qcow2(virtual_size: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4 * 65536];
+    b[0..4].copy_from_slice(QCOW2_MAGIC);
+    b[4..8].copy_from_slice(&3u32.to_be_bytes());
+    b[20..24].copy_from_slice(&16u32.to_be_bytes());
+    b[24..32].copy_from_slice(&virtual_size.to_be_bytes());
+    b[36..40].copy_from_slice(&2u32.to_be_bytes());
+    b[40..48].copy_from_slice(&(3u64 * 65536).to_be_bytes());
+    b[48..56].copy_from_slice(&65536u64.to_be_bytes());
+    b[56..60].copy_from_slice(&1u32.to_be_bytes());
+    b[96..100].copy_from_slice(&4u32.to_be_bytes());
+    b[100..104].copy_from_slice(&112u32.to_be_bytes());
+    b
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
-    /// A minimal valid qcow2 v3 image (64 KiB clusters): header, refcount table at cluster 1,
-    /// L1 at cluster 3; 4 clusters in all.
+    /// A minimal valid qcow2 v3 image of 1 GiB.
     fn qcow2() -> Vec<u8> {
-        let mut b = vec![0u8; 4 * 65536];
-        b[0..4].copy_from_slice(QCOW2_MAGIC);
-        b[4..8].copy_from_slice(&3u32.to_be_bytes());
-        b[20..24].copy_from_slice(&16u32.to_be_bytes());
-        b[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
-        b[36..40].copy_from_slice(&2u32.to_be_bytes());
-        b[40..48].copy_from_slice(&(3u64 * 65536).to_be_bytes());
-        b[48..56].copy_from_slice(&65536u64.to_be_bytes());
-        b[56..60].copy_from_slice(&1u32.to_be_bytes());
-        b[96..100].copy_from_slice(&4u32.to_be_bytes());
-        b[100..104].copy_from_slice(&112u32.to_be_bytes());
-        b
+        super::test_qcow2(1 << 30)
     }
 
     fn check(b: &[u8]) -> Result<Qcow2Info, ImageError> {

@@ -19,19 +19,6 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("[::]:0").unwrap().local_addr().unwrap().port()
 }
 
-/// `size` bytes that are the same on every run and look like no image format.
-fn deterministic_bytes(size: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn config(state: &Path, port: u16, peers: &[String], qemu_img: bool) -> Config {
     let o = Overrides {
         state_dir: Some(state.to_path_buf()),
@@ -58,7 +45,7 @@ async fn publish_fetch_verify(qemu_img: bool) {
     let (state_a, pool_a, state_b, pool_b) = (dir("state-a"), dir("pool-a"), dir("state-b"), dir("pool-b"));
     // Whole sectors (qemu-img reports a raw image's virtual size rounded up to 512), but not whole
     // pieces: the last piece is short.
-    let master = deterministic_bytes((3 << 20) + 3 * 512);
+    let master = vcc_tests::random_bytes((3 << 20) + 3 * 512, 1);
     std::fs::write(pool_a.join("base.raw"), &master).unwrap();
 
     // Host A publishes its volume and seeds it.
