@@ -487,4 +487,27 @@ mod tests {
         assert_eq!(Config::load(&fifo, &mut warn), Config::defaults_for(&fifo));
         assert!(String::from_utf8(warn).unwrap().contains("not a regular file"));
     }
+
+    #[test]
+    fn the_packaged_default_file_names_every_key_with_its_default() {
+        let text = include_str!("../../packaging/hook.toml");
+        let (c, w) = toml(text);
+        assert_eq!((c, w.as_str()), (Config::defaults_for(Path::new("/x/hook.toml")), ""), "all commented out");
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#').filter(|r| r.starts_with(|c: char| c.is_ascii_lowercase())))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let (c, w) = toml(&uncommented);
+        assert!(w.is_empty(), "every key is one the hook knows: {w}");
+        let mut want = Config::defaults_for(Path::new("/x/hook.toml"));
+        want.allowed_dirs.push("/srv/vms".into());
+        assert_eq!(c, want, "the values shown are the defaults");
+        for key in ["control_socket", "fetch_timeout", "connect_timeout", "progress_interval", "managed_save_dir"] {
+            assert!(uncommented.contains(&format!("{key} = ")), "{key} is in the file");
+        }
+        for key in ["state_dir", "allowed_dirs", "pool_config_dir"] {
+            assert!(uncommented.contains(&format!("{key} = ")), "{key} is in the file");
+        }
+    }
 }
