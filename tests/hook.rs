@@ -12,7 +12,7 @@ use vcc_tests::{
     PoolHelper, URI,
 };
 
-const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.conf";
+const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.toml";
 /// The installed hook asks the pool-helper daemon the tests start here (state dir of that daemon).
 const HOOK_DAEMON_STATE: &str = "/run/vcc-tests-hookd";
 /// How long the hook waits for a missing master in these tests.
@@ -21,7 +21,7 @@ const FETCH_TIMEOUT_S: u64 = 10;
 const NO_DAEMON_SOCKET: &str = "/run/vcc-tests-no-daemon.sock";
 
 /// Where every test here keeps its masters and overlays: not a storage pool, so the hook's settings
-/// allow it (`allowed_dir`).
+/// allow it (`allowed_dirs`).
 const TEST_DIR: &str = "/var/lib/vcc-tests";
 
 /// Installs the freshly built hook once per test run, with a config pointing at the tests' daemon,
@@ -32,7 +32,7 @@ fn install_hook() {
         std::fs::create_dir_all("/etc/virt-clone-cow").expect("config dir");
         std::fs::write(
             HOOK_CONF,
-            format!("control_socket = {HOOK_DAEMON_STATE}/control.sock\nfetch_timeout = {FETCH_TIMEOUT_S}\nconnect_timeout = 1\nprogress_interval = 2\nallowed_dir = {TEST_DIR}\n"),
+            format!("control_socket = \"{HOOK_DAEMON_STATE}/control.sock\"\nfetch_timeout = {FETCH_TIMEOUT_S}\nconnect_timeout = 1\nprogress_interval = 2\nallowed_dirs = [\"{TEST_DIR}\"]\n"),
         )
         .expect("hook config");
         let hook = target_bin("virt-clone-cow-hook");
@@ -168,7 +168,10 @@ fn a_backing_store_naming_a_host_file_or_an_overlay_in_etc_fails_the_start_and_n
         err.contains("refusing to make the overlay of disk vda: master '/etc/passwd' is in /etc"),
         "says what is wrong: {err}"
     );
-    assert!(err.contains("add `allowed_dir = /etc` to /etc/virt-clone-cow/hook.conf"), "names the setting: {err}");
+    assert!(
+        err.contains("add \"/etc\" to `allowed_dirs` in /etc/virt-clone-cow/hook.toml"),
+        "names the setting: {err}"
+    );
     assert!(!Path::new(&overlay).exists(), "no overlay was made");
     assert_eq!(domstate(&name), "shut off");
 
@@ -183,7 +186,7 @@ fn a_backing_store_naming_a_host_file_or_an_overlay_in_etc_fails_the_start_and_n
     assert!(!o.status.success(), "a domain with its overlay in /etc started");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("overlay '{in_etc}' is in /etc")), "says what is wrong: {err}");
-    assert!(err.contains("allowed_dir = /etc"), "names the setting: {err}");
+    assert!(err.contains("add \"/etc\" to `allowed_dirs` in "), "names the setting: {err}");
     assert!(!made, "an overlay was made in /etc");
     assert_eq!(domstate(&name2), "shut off");
 }
@@ -216,8 +219,8 @@ fn a_missing_master_without_a_daemon_fails_within_the_bound_and_names_the_master
          <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='qcow2' sha256='{}'/></vcc:disk></vcc:clone></vcc:cow>",
         "ab".repeat(32)
     );
-    let conf = env.path("hook.conf");
-    std::fs::write(&conf, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 5\nconnect_timeout = 1\n"))
+    let conf = env.path("hook.toml");
+    std::fs::write(&conf, format!("control_socket = \"{NO_DAEMON_SOCKET}\"\nfetch_timeout = 5\nconnect_timeout = 1\n"))
         .expect("conf");
     let t0 = Instant::now();
     let o = hook_direct_with(
@@ -406,8 +409,8 @@ fn migrate_and_restore_pass_the_xml_through_and_check_masters() {
         "ab".repeat(32)
     );
     let ours = domain_xml(&name, &backed_disk(&env.path("o.qcow2"), &env.path("gone.qcow2"), "qcow2"), &md);
-    let conf = env.path("hook.conf");
-    std::fs::write(&conf, format!("control_socket = {NO_DAEMON_SOCKET}\nfetch_timeout = 5\nconnect_timeout = 1\n"))
+    let conf = env.path("hook.toml");
+    std::fs::write(&conf, format!("control_socket = \"{NO_DAEMON_SOCKET}\"\nfetch_timeout = 5\nconnect_timeout = 1\n"))
         .expect("conf");
     for op in ["migrate", "restore"] {
         let o = hook_direct_with(&name, op, "begin", &ours, Some(&conf));
@@ -415,6 +418,26 @@ fn migrate_and_restore_pass_the_xml_through_and_check_masters() {
         assert!(o.stdout.is_empty());
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("gone.qcow2") && err.contains("pool-helper serve"), "{op}: {err}");
+    }
+    // A typo in the settings is one warning naming the file and the key, never the end of the hook;
+    // a file not named *.toml is read in the old `key = value` syntax.
+    let typo = env.path("typo.toml");
+    std::fs::write(&typo, format!("control_socket = \"{NO_DAEMON_SOCKET}\"\nfetch_timout = 5\nconnect_timeout = 1\n"))
+        .expect("conf");
+    let old = env.path("hook.conf");
+    std::fs::write(&old, format!("control_socket = {NO_DAEMON_SOCKET}\nbogus = 1\nconnect_timeout = 1\n"))
+        .expect("conf");
+    for (conf, warning) in [
+        (&typo, format!("{typo}: ignoring unknown key fetch_timout")),
+        (&old, format!("{old}:2: ignoring 'bogus = 1'")),
+    ] {
+        let o = hook_direct_with(&name, "migrate", "begin", &ours, Some(conf));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(&warning), "{conf}: {err}");
+        assert!(
+            err.contains("gone.qcow2") && err.contains("pool-helper serve"),
+            "{conf}: the settings were used: {err}"
+        );
     }
     // reconnect never fails, whatever the XML.
     let o = hook_direct(&name, "reconnect", "begin", "<not xml");

@@ -258,7 +258,7 @@ mod tests {
             let e = discard(&f.disk(path.to_str().unwrap(), true), &f.places()).unwrap_err();
             let msg = vcc_core::error::one_line(&e);
             assert!(matches!(e, KeepReason::Outside(_)), "{msg}");
-            assert!(msg.contains("allowed_dir = "), "{msg}");
+            assert!(msg.contains("to `allowed_dirs` in "), "{msg}");
         }
         let mut log = Vec::new();
         let plan =

@@ -38,8 +38,8 @@ pub enum PlaceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{what} '{path}' is in {dir} (symlinks resolved), which is neither the directory of a storage pool defined in {pools} nor an allowed_dir; the hook makes overlays and reads masters only there: define a storage pool over {dir}, or add `allowed_dir = {dir}` to {conf}")]
-    Outside { what: &'static str, path: String, dir: String, pools: String, conf: String },
+    #[error("{what} '{path}' is in {dir} (symlinks resolved), which is neither the directory of a storage pool defined in {pools} nor an allowed directory; the hook makes overlays and reads masters only there: define a storage pool over {dir}, or {hint}")]
+    Outside { what: &'static str, path: String, dir: String, pools: String, hint: String },
     #[error("master '{path}' is {what}, not a regular file")]
     NotRegular { path: String, what: &'static str },
 }
@@ -84,7 +84,7 @@ impl Places {
             path: path.display().to_string(),
             dir: dir.display().to_string(),
             pools: self.pools.display().to_string(),
-            conf: self.conf.display().to_string(),
+            hint: crate::config::allow_hint(&self.conf, &dir.display().to_string()),
         }
     }
 

@@ -257,7 +257,7 @@ mod tests {
             let msg = vcc_core::error::one_line(&e);
             assert!(matches!(e, PrepareError::Place { .. }), "{msg}");
             assert!(msg.starts_with("refusing to make the overlay of disk vda: ") && msg.contains(says), "{msg}");
-            assert!(msg.contains("add `allowed_dir = /etc` to /etc/virt-clone-cow/hook.conf"), "{msg}");
+            assert!(msg.contains("add \"/etc\" to `allowed_dirs` in /etc/virt-clone-cow/hook.toml"), "{msg}");
             assert!(!d.overlay.exists() && !allowed.join("fine.qcow2").exists(), "{msg}");
         }
     }
