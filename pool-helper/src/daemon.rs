@@ -529,6 +529,9 @@ impl Daemon {
             }
             Request::Ensure(mr) => self.ensure(w, mr, false).await,
             Request::Fetch(mr) => self.ensure(w, mr, true).await,
+            Request::Publish(_) | Request::Catalog => {
+                write_final(&mut w, &Final::error("this request is not served yet")).await
+            }
         }
     }
 

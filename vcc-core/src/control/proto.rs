@@ -28,8 +28,58 @@ pub enum Request {
     Fetch(MasterRequest),
     /// Seed a master just published on this host (sent by `pool-helper publish`).
     Seed(MasterRequest),
+    /// Publish a pool volume as a master: hash it, write its manifest (signed with the daemon's
+    /// `signing_key` when it has one), seed it and announce it to the LAN catalog. Answered with
+    /// `state: seeding`, the master's `path`, its `manifest` and `manifest_path`.
+    Publish(PublishRequest),
     Status,
     List,
+    /// What the LAN catalog offers: the final line's `catalog`.
+    Catalog,
+}
+
+/// `publish`: which volume of which pool becomes a master.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRequest {
+    pub pool: String,
+    pub volume: String,
+}
+
+/// A master named by what identifies it, as a domain's metadata records it: enough for any host
+/// to fetch it (the info-hash finds peers and the torrent's metadata; the SHA-256 checks the
+/// whole file). `name` is the file name in the pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub name: String,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    pub sha256: String,
+    /// BitTorrent v1 info-hash, 40 lower-case hex digits. Without it the daemon looks the SHA-256
+    /// up in the trusted catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_size: Option<u64>,
+}
+
+/// One master of the LAN catalog (`catalog`), trusted: signed by a key of `allowed_signers`.
+/// Fields in alphabetical order (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Set when another trusted master has the same name: names both publishers. Such a name is
+    /// never resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<String>,
+    pub format: String,
+    /// Addresses (`HOST:PORT`) of the hosts that announced it, most recent first.
+    pub hosts: Vec<String>,
+    pub info_hash: String,
+    pub name: String,
+    pub sha256: String,
+    /// The principal of `allowed_signers` whose key signed the manifest.
+    pub signer: String,
+    pub size: u64,
+    pub virtual_size: u64,
 }
 
 /// Which master, in which pool: the manifest inline or as an absolute path.
@@ -43,17 +93,38 @@ pub struct MasterRequest {
     pub manifest: Option<ManifestObject>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_path: Option<String>,
+    /// The master by identity (sha256 + info-hash), as a domain's metadata records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
+    /// The master by name only (the volume name a plain `<backingStore>` path ends in): resolved
+    /// through the trusted LAN catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl MasterRequest {
     /// A master named by the path of its manifest file.
     pub fn by_path(pool: Option<String>, manifest_path: impl Into<String>) -> Self {
-        MasterRequest { pool, manifest: None, manifest_path: Some(manifest_path.into()) }
+        MasterRequest { pool, manifest_path: Some(manifest_path.into()), ..Self::empty() }
     }
 
     /// A master described inline, as the hook does from a domain's metadata.
     pub fn inline(pool: Option<String>, manifest: InlineManifest) -> Self {
-        MasterRequest { pool, manifest: Some(ManifestObject::Inline(manifest)), manifest_path: None }
+        MasterRequest { pool, manifest: Some(ManifestObject::Inline(manifest)), ..Self::empty() }
+    }
+
+    /// A master by identity.
+    pub fn by_identity(pool: Option<String>, identity: Identity) -> Self {
+        MasterRequest { pool, identity: Some(identity), ..Self::empty() }
+    }
+
+    /// A master by name, through the trusted catalog.
+    pub fn by_name(pool: Option<String>, name: impl Into<String>) -> Self {
+        MasterRequest { pool, name: Some(name.into()), ..Self::empty() }
+    }
+
+    fn empty() -> Self {
+        MasterRequest { pool: None, manifest: None, manifest_path: None, identity: None, name: None }
     }
 }
 
@@ -210,7 +281,7 @@ pub enum Masters {
 }
 
 /// The final line.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Final {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,6 +292,14 @@ pub struct Final {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masters: Option<Masters>,
+    /// `publish`: the manifest written (pool-helper's manifest object) and its file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_path: Option<String>,
+    /// `catalog`: what the LAN offers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<Vec<CatalogEntry>>,
 }
 
 impl Final {
@@ -241,7 +320,7 @@ pub fn newlines_to_semicolons(s: &str) -> String {
 }
 
 /// One line of the server's answer: an event, or the final line (the one with `ok`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
     Event(Event),
     Final(Final),
