@@ -750,7 +750,7 @@ mod tests {
 
         async fn ctx(&self) -> Arc<Ctx> {
             let torrents = Torrents::start(&self.cfg).await.unwrap();
-            Arc::new(Ctx { cfg: self.cfg.clone(), torrents, pools: Arc::new(self.pools()) })
+            Arc::new(Ctx { cfg: self.cfg.clone(), torrents, pools: Arc::new(self.pools()), catalog: Arc::default() })
         }
 
         /// A daemon on this host, serving on a socket in its state directory.

@@ -85,6 +85,8 @@ pub struct Ctx {
     pub torrents: Torrents,
     /// Where pools are (libvirt, or plain directories in tests).
     pub pools: Arc<dyn Pools>,
+    /// The trusted LAN catalog (docs/many-hosts.md).
+    pub catalog: Arc<crate::catalog::Catalog>,
 }
 
 /// How a fetch ended.
@@ -152,7 +154,7 @@ impl Ctx {
     /// A context whose pools are libvirt's (the daemon and the CLI).
     pub fn new(cfg: Config, torrents: Torrents) -> Self {
         let pools = Arc::new(LibvirtPools::new(&cfg));
-        Ctx { cfg, torrents, pools }
+        Ctx { cfg, torrents, pools, catalog: Arc::default() }
     }
 
     /// The swarm of `m`: see [`peers_for`] and [`Ctx::trackers_for`]. Peer names are resolved on

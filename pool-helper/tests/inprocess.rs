@@ -56,13 +56,23 @@ async fn publish_fetch_verify(qemu_img: bool) {
     let m = published.manifest.clone();
     assert_eq!((m.format.as_str(), m.size), ("raw", master.len() as u64));
     assert_eq!(m.peers, [format!("127.0.0.1:{port_a}")]);
-    let a = Ctx { cfg: cfg_a.clone(), torrents: Torrents::start(&cfg_a).await.unwrap(), pools: Arc::new(pools_a) };
+    let a = Ctx {
+        cfg: cfg_a.clone(),
+        torrents: Torrents::start(&cfg_a).await.unwrap(),
+        pools: Arc::new(pools_a),
+        catalog: Arc::default(),
+    };
     let _seed = a.seed(&m, &published.path).await.unwrap();
 
     // Host B knows only the manifest (whose peer hint is A) and fetches into its own pool.
     let cfg_b = config(&state_b, free_port(), &[], qemu_img);
     let pools_b = DirPools::new().with("b", &pool_b);
-    let b = Ctx { cfg: cfg_b.clone(), torrents: Torrents::start(&cfg_b).await.unwrap(), pools: Arc::new(pools_b) };
+    let b = Ctx {
+        cfg: cfg_b.clone(),
+        torrents: Torrents::start(&cfg_b).await.unwrap(),
+        pools: Arc::new(pools_b),
+        catalog: Arc::default(),
+    };
     let events = Mutex::new(Vec::new());
     let on_event = |e: Event| {
         events.lock().unwrap().push(match e {
