@@ -106,6 +106,8 @@ fn the_units_exec_start_serves_and_notifies_ready() {
 
 const HOOK: &str = "/etc/libvirt/hooks/qemu.d/50-virt-clone-cow";
 const STATE: &str = "/var/lib/pool-helper";
+/// The hook's settings, a conffile of the package; tests/hook.rs writes its own there.
+const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.toml";
 
 fn apt_get(args: &[&str]) {
     let o = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").output().unwrap();
@@ -118,9 +120,23 @@ fn apt_get(args: &[&str]) {
 }
 
 /// Puts the machine back as it was: the package purged, the hook that was there (the one
-/// tests/hook.rs installs with packaging/hook-install) back in place, libvirt reloaded.
+/// tests/hook.rs installs with packaging/hook-install) and its settings back in place, libvirt
+/// reloaded.
 struct Machine {
     hook: Option<Vec<u8>>,
+    hook_conf: Option<Vec<u8>>,
+}
+
+impl Machine {
+    /// Takes the hook's settings out of the way, so that the package meets a host without them (a
+    /// conffile already there, not the package's, makes dpkg ask).
+    fn take() -> Machine {
+        let hook_conf = std::fs::read(HOOK_CONF).ok();
+        if hook_conf.is_some() {
+            std::fs::remove_file(HOOK_CONF).expect("move the tests' hook.toml aside");
+        }
+        Machine { hook: std::fs::read(HOOK).ok(), hook_conf }
+    }
 }
 
 impl Drop for Machine {
@@ -133,6 +149,10 @@ impl Drop for Machine {
             let _ = std::fs::write(HOOK, bytes);
             let _ = std::fs::set_permissions(HOOK, std::fs::Permissions::from_mode(0o755));
         }
+        if let Some(bytes) = self.hook_conf.take() {
+            let _ = std::fs::create_dir_all("/etc/virt-clone-cow");
+            let _ = std::fs::write(HOOK_CONF, bytes);
+        }
         let _ = Command::new(repo_root().join("packaging/reload-libvirt")).output();
     }
 }
@@ -143,7 +163,7 @@ impl Drop for Machine {
 #[test]
 fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
     ensure_libvirtd();
-    let _machine = Machine { hook: std::fs::read(HOOK).ok() };
+    let _machine = Machine::take();
     let out = run_ok(repo_root().join("packaging/build-deb").to_str().unwrap(), &[] as &[&str]);
     let deb = out.lines().last().unwrap().to_string();
     assert!(deb.ends_with(".deb") && deb.contains("/target/debian/"), "last line: {deb}");
@@ -169,6 +189,7 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
     run_ok("/usr/bin/virt-clone-cow", &["--version"]);
     run_ok("/usr/bin/pool-helper", &["--version"]);
     assert!(Path::new("/etc/pool-helper/config.toml").is_file());
+    assert!(Path::new(HOOK_CONF).is_file(), "the hook's settings are installed");
 
     // State as the daemon leaves it, and a master in a pool: purge removes the one, not the other.
     let env = TestEnv::new("pkg");
@@ -180,6 +201,7 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
     apt_get(&["purge", "-y", "virt-clone-cow"]);
     assert!(std::fs::symlink_metadata(HOOK).is_err(), "the hook is gone");
     assert!(!Path::new(STATE).exists() && !Path::new("/etc/pool-helper").exists(), "our state is gone");
+    assert!(!Path::new(HOOK_CONF).exists(), "purge removes the hook's settings");
     assert_eq!(std::fs::read(&master).unwrap(), b"master", "a master is never removed");
 
     let name = env.name("-plain");
