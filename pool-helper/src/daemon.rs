@@ -22,7 +22,8 @@ use crate::manifest::{Manifest, ManifestError};
 use crate::records::{self, RecordState};
 use crate::torrent::{Handle, Progress, TorrentState};
 use vcc_core::control::proto::{
-    self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, Request,
+    self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, PublishRequest,
+    Request,
 };
 use vcc_core::error::one_line;
 
@@ -72,6 +73,10 @@ enum Refusal {
     NoAnswer { pool: String, name: String },
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishError),
+    #[error("'{name}' in pool '{pool}' is being fetched or verified; publish it when that ends")]
+    Busy { pool: String, name: String },
 }
 
 type Key = (String, String); // (pool, name)
@@ -529,9 +534,14 @@ impl Daemon {
             }
             Request::Ensure(mr) => self.ensure(w, mr, false).await,
             Request::Fetch(mr) => self.ensure(w, mr, true).await,
-            Request::Publish(_) | Request::Catalog => {
-                write_final(&mut w, &Final::error("this request is not served yet")).await
+            Request::Publish(pr) => {
+                let f = match self.publish(pr).await {
+                    Ok(f) => f,
+                    Err(e) => Final::error(one_line(&e)),
+                };
+                write_final(&mut w, &f).await
             }
+            Request::Catalog => write_final(&mut w, &Final::error("this request is not served yet")).await,
         }
     }
 
@@ -579,6 +589,50 @@ impl Daemon {
         let e = Entry { path: Some(p.clone()), handle: Some(h), ..Entry::new(m, pool, MasterState::Seeding) };
         self.lock().insert(key, e);
         Ok(Final::done(FinalState::Seeding, &p.display().to_string()))
+    }
+
+    /// `publish`: makes a pool volume a master (as `pool-helper publish` does offline: hashed,
+    /// checked as every fetcher will, manifest and torrent written, recorded) and seeds it.
+    async fn publish(&self, pr: PublishRequest) -> Result<Final, Refusal> {
+        let key = (pr.pool.clone(), pr.volume.clone());
+        if let Some(e) = self.lock().get(&key) {
+            if matches!(e.state, MasterState::Fetching | MasterState::Verifying) {
+                return Err(Refusal::Busy { pool: pr.pool, name: pr.volume });
+            }
+        }
+        let (cfg, pools) = (self.ctx.cfg.clone(), self.ctx.pools.clone());
+        let (pool, volume) = (pr.pool.clone(), pr.volume.clone());
+        // Hashing reads the whole volume: off the async workers; a panic is an answer too.
+        let p = match tokio::task::spawn_blocking(move || crate::publish::publish_in(&cfg, &*pools, &pool, &volume))
+            .await
+        {
+            Ok(r) => r?,
+            Err(e) => return Err(FetchError::Task(e).into()),
+        };
+        let h = self.ctx.seed(&p.manifest, &p.path).await?;
+        let old = {
+            let mut g = self.lock();
+            let e = Entry {
+                path: Some(p.path.clone()),
+                handle: Some(h),
+                ..Entry::new(p.manifest.clone(), pr.pool.clone(), MasterState::Seeding)
+            };
+            g.insert(key, e).and_then(|mut o| o.handle.take().map(|h| (o.manifest.info_hash, h)))
+        };
+        // A master republished with other content: its old torrent goes.
+        if let Some((ih, h)) = old {
+            if ih != p.manifest.info_hash {
+                self.ctx.torrents.remove(&h).await;
+            }
+        }
+        Ok(Final {
+            ok: true,
+            state: Some(FinalState::Seeding),
+            path: Some(p.path.display().to_string()),
+            manifest: Some(serde_json::to_value(&p.manifest).map_err(Refusal::ManifestObject)?),
+            manifest_path: Some(p.manifest_path.display().to_string()),
+            ..Default::default()
+        })
     }
 
     async fn ensure(
