@@ -114,6 +114,11 @@ impl SigningKey {
         sig.to_pem(LineEnding::LF).map_err(SignError::Sign)
     }
 
+    /// The private key as an OpenSSH private key file (tests).
+    pub fn openssh_private(&self) -> String {
+        self.key.to_openssh(LineEnding::LF).map(|s| s.to_string()).unwrap_or_default()
+    }
+
     /// The public key, one line as in an allowed-signers file (`ssh-ed25519 AAAA…`).
     pub fn public_line(&self) -> String {
         let mut pk = self.key.public_key().clone();

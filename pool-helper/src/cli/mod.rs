@@ -81,6 +81,12 @@ pub struct GlobalArgs {
     /// libvirt URI [default: qemu:///system].
     #[arg(long, global = true)]
     pub connect: Option<String>,
+    /// ed25519 OpenSSH key signing published manifests.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// Allowed-signers file: whom the LAN catalog trusts.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub allowed_signers: Option<PathBuf>,
     /// Machine-readable output (JSON, or JSON Lines for streams).
     #[arg(long, global = true)]
     pub json: bool,
@@ -260,6 +266,8 @@ impl Cli {
             request_window: f.session.request_window,
             libvirt_uri: g.connect.clone(),
             watch_interval: f.watch.watch_interval,
+            signing_key: g.signing_key.clone(),
+            allowed_signers: g.allowed_signers.clone(),
         };
         Ok(Config::load(&o)?)
     }
@@ -312,7 +320,8 @@ mod tests {
         assert!(lists(&help(&["serve", "--help"]), "--watch-interval"));
         let publish = help(&["publish", "--help"]);
         assert!(lists(&publish, "--advertise") && lists(&publish, "--tracker") && !lists(&publish, "--dht"));
-        assert!(status.lines().count() < 25, "{status}");
+        // The global options only (eight of them, two lines each), no BitTorrent ones.
+        assert!(status.lines().count() < 30, "{status}");
     }
 
     #[test]
