@@ -151,6 +151,8 @@ async fn caught<T: Send + 'static>(
 /// The daemon's shared state.
 pub struct Daemon {
     ctx: Arc<Ctx>,
+    /// Announces the signed masters this daemon seeds (set by [`Daemon::start_catalog`]).
+    announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
     masters: Mutex<HashMap<Key, Entry>>,
     request_timeout: Duration,
     #[cfg(test)]
@@ -171,6 +173,7 @@ impl Daemon {
     fn with_request_timeout(ctx: Arc<Ctx>, request_timeout: Duration) -> Arc<Self> {
         Arc::new(Daemon {
             ctx,
+            announcer: std::sync::OnceLock::new(),
             masters: Mutex::new(HashMap::new()),
             request_timeout,
             #[cfg(test)]
@@ -221,6 +224,55 @@ impl Daemon {
         bound.map_err(err)
     }
 
+    /// Starts the LAN catalog (unless `catalog = false`): announcing the signed masters this
+    /// daemon seeds (signed with `signing_key`, or as heard for fetched ones) and, with an
+    /// `allowed_signers` file, hearing others'. A signing key or allowed-signers file that cannot
+    /// be used, or a port that cannot be bound, is an error: the daemon does not start half-trusted.
+    pub fn start_catalog(self: &Arc<Self>) -> Result<(), crate::announce::AnnounceError> {
+        use crate::announce;
+        let cfg = &self.ctx.cfg;
+        if !cfg.catalog {
+            tracing::info!("catalog = false: not announcing, not listening");
+            return Ok(());
+        }
+        let key = cfg.signing_key.as_deref().map(crate::sign::SigningKey::load).transpose()?;
+        let allowed = cfg.allowed_signers.as_deref().map(crate::sign::AllowedSigners::load).transpose()?;
+        let a = announce::Announcer::new(cfg, key)?;
+        let _ = self.announcer.set(a.clone());
+        tokio::spawn(a.run());
+        let interval = Duration::from_secs(cfg.announce_interval);
+        match allowed {
+            Some(allowed) => {
+                let sock = announce::bind_listener(cfg.catalog_port)?;
+                tracing::info!(
+                    "catalog: listening on UDP port {} ({} trusted key(s))",
+                    cfg.catalog_port,
+                    allowed.len()
+                );
+                tokio::spawn(announce::listen(sock, Arc::new(allowed), self.ctx.catalog.clone(), interval));
+            }
+            None => tracing::info!("catalog: no allowed_signers, so nothing to trust: not listening"),
+        }
+        Ok(())
+    }
+
+    /// Announces a master this daemon seeds: one it published (signed with our key), or a
+    /// fetched one the catalog holds signed.
+    fn announce(&self, m: &Manifest, published: bool) {
+        let Some(a) = self.announcer.get() else { return };
+        let r = if published {
+            a.add_own(m).map(|_| ())
+        } else {
+            match self.ctx.catalog.signed(&m.sha256) {
+                Some((text, sig)) => a.add_signed(m, text, sig),
+                None => Ok(()),
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!("not announcing '{}': {}", m.name, one_line(&e));
+        }
+    }
+
     /// Re-verifies and seeds every recorded master; resumes pending fetches. A fetch recorded as
     /// failed (it cannot succeed with its manifest) is shown, with why, and not resumed.
     pub fn start_recorded(self: &Arc<Self>) {
@@ -251,6 +303,7 @@ impl Daemon {
             let dtx = e.done.clone();
             self.lock().insert(key.clone(), e);
             let me = self.clone();
+            let (published, m) = (matches!(r.state, RecordState::Published), r.manifest.clone());
             tokio::spawn(async move {
                 let work = {
                     let me = me.clone();
@@ -278,6 +331,7 @@ impl Daemon {
                                     Ok(h) => {
                                         e.state = MasterState::Seeding;
                                         e.handle = Some(h);
+                                        me.announce(&m, published);
                                     }
                                     Err(err) => {
                                         tracing::warn!("not seeding {}: {}", key.1, one_line(&err));
@@ -352,6 +406,7 @@ impl Daemon {
         drop(g);
         let me = self.clone();
         let last = ptx.subscribe();
+        let fetched = m.clone();
         tokio::spawn(async move {
             let work = {
                 let me = me.clone();
@@ -410,6 +465,7 @@ impl Daemon {
                             e.path = Some(outcome.path().to_path_buf());
                             e.handle = h;
                             e.error = None;
+                            me.announce(&fetched, false);
                         }
                         Final::done(outcome.state(), &outcome.path().display().to_string())
                     }
@@ -541,7 +597,10 @@ impl Daemon {
                 };
                 write_final(&mut w, &f).await
             }
-            Request::Catalog => write_final(&mut w, &Final::error("this request is not served yet")).await,
+            Request::Catalog => {
+                let f = Final { ok: true, catalog: Some(self.ctx.catalog.entries()), ..Default::default() };
+                write_final(&mut w, &f).await
+            }
         }
     }
 
@@ -617,8 +676,16 @@ impl Daemon {
                 handle: Some(h),
                 ..Entry::new(p.manifest.clone(), pr.pool.clone(), MasterState::Seeding)
             };
-            g.insert(key, e).and_then(|mut o| o.handle.take().map(|h| (o.manifest.info_hash, h)))
+            g.insert(key, e).and_then(|mut o| {
+                if o.manifest.sha256 != p.manifest.sha256 {
+                    if let Some(a) = self.announcer.get() {
+                        a.remove(&o.manifest.sha256);
+                    }
+                }
+                o.handle.take().map(|h| (o.manifest.info_hash, h))
+            })
         };
+        self.announce(&p.manifest, true);
         // A master republished with other content: its old torrent goes.
         if let Some((ih, h)) = old {
             if ih != p.manifest.info_hash {

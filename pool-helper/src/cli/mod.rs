@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand; shared flags become a validated [`Config`].
 
+pub mod catalog;
 pub mod fetch;
 pub mod publish;
 pub mod serve;
@@ -201,6 +202,8 @@ pub enum Command {
     Status,
     /// Masters known to the daemon: names, paths, states.
     List,
+    /// What the LAN offers: signed masters other daemons announce (name, sha256, info-hash, signer, hosts).
+    Catalog,
 }
 
 impl Command {
@@ -212,7 +215,7 @@ impl Command {
                 ServeArgs { announce: a.announce.clone(), session: a.session.clone(), ..Default::default() }
             }
             Command::Serve(a) => a.clone(),
-            Command::Status | Command::List => ServeArgs::default(),
+            Command::Status | Command::List | Command::Catalog => ServeArgs::default(),
         }
     }
 }
@@ -234,6 +237,8 @@ pub enum CliError {
     Daemon(#[from] crate::daemon::DaemonError),
     #[error(transparent)]
     Torrent(#[from] crate::torrent::TorrentError),
+    #[error(transparent)]
+    Announce(#[from] crate::announce::AnnounceError),
     #[error("{0}")]
     Failed(String),
     #[error("cannot start the async runtime")]
@@ -285,6 +290,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve(_) => serve::run(cfg),
         Command::Status => status::run(&cfg, cli.global.json, false),
         Command::List => status::run(&cfg, cli.global.json, true),
+        Command::Catalog => catalog::run(&cfg, cli.global.json),
     }
 }
 
