@@ -292,21 +292,10 @@ mod tests {
     use super::*;
 
     fn manifest(name: &str) -> Manifest {
-        let info_hash = "b".repeat(40);
-        Manifest {
-            version: crate::manifest::MANIFEST_VERSION,
-            name: name.into(),
-            format: "raw".into(),
-            size: 1 << 20,
-            virtual_size: 1 << 20,
-            sha256: "a".repeat(64),
-            magnet: format!("magnet:?xt=urn:btih:{info_hash}"),
-            info_hash,
-            piece_length: 1 << 18,
-            peers: vec!["10.0.0.1:6881".into()],
-            trackers: vec![],
-            torrent_hex: Some("00".repeat(100_000)),
-        }
+        let mut m = crate::catalog::tests::manifest(name, 'a', 'b');
+        m.peers = vec!["10.0.0.1:6881".into()];
+        m.torrent_hex = Some("00".repeat(100_000));
+        m
     }
 
     fn datagram(k: &SigningKey, text: &str) -> Vec<u8> {
