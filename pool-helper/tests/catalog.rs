@@ -190,4 +190,13 @@ fn signed_masters_reach_every_catalog_and_unsigned_altered_or_conflicting_ones_d
         );
     }
     assert!(pb.volumes().iter().all(|v| v != "cat.raw"), "listing fetches nothing");
+
+    // A restarted daemon announces again what it published (it hears itself: multicast loop).
+    a.kill_daemon();
+    a.serve();
+    until(&a, "cat.raw announced again after a restart", |c| {
+        c.iter().any(|e| {
+            e["name"] == "cat.raw" && e["hosts"].as_array().is_some_and(|h| h.contains(&a_host.clone().into()))
+        })
+    });
 }
