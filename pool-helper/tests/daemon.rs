@@ -279,3 +279,21 @@ fn publish_goes_through_the_running_daemon_which_seeds_at_once_and_answers_error
     assert_eq!(fin["ok"], false, "{fin}");
     assert!(fin["error"].as_str().unwrap().contains("no-such-pool-xyz"), "{fin}");
 }
+
+#[test]
+fn serve_refuses_to_start_with_a_signing_key_or_allowed_signers_it_cannot_use() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("allowed_signers");
+    std::fs::write(&bad, "alice ssh-rsa AAAAB3NzaC1yc2E\n").unwrap();
+    for (flag, file, says) in [
+        ("--signing-key", d.path().join("missing_key"), "cannot read signing key"),
+        ("--allowed-signers", bad.clone(), "line 1: key type 'ssh-rsa': only ssh-ed25519 keys are supported"),
+    ] {
+        let h = Instance::new(&[flag, file.to_str().unwrap()]);
+        let o = h.run(&["serve"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(last.starts_with("pool-helper: ") && last.contains(says), "{err}");
+    }
+}
