@@ -264,6 +264,14 @@ fn publish_goes_through_the_running_daemon_which_seeds_at_once_and_answers_error
     let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(m["peers"][0], a.addr(), "{m}");
     assert_eq!(m["sha256"], fin["manifest"]["sha256"]);
+    // A --signing-key the daemon does not use is not silently dropped.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("k");
+    let kg = std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).output();
+    assert!(kg.unwrap().status.success());
+    let o = a.run(&["--signing-key", key.to_str().unwrap(), "publish", "--pool", &pa.name, "pub.raw"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("the daemon published 'pub.raw' unsigned"), "{err}");
     let listed: Vec<_> = a.status().into_iter().filter(|m| m["name"] == "pub.raw").collect();
     assert_eq!(listed.len(), 1, "published twice, one master: {listed:?}");
 
