@@ -70,6 +70,8 @@ enum Refusal {
     Publish(#[from] crate::publish::PublishError),
     #[error("'{name}' in pool '{pool}' is being fetched or verified; publish it when that ends")]
     Busy { pool: String, name: String },
+    #[error("the published manifest could not be written as JSON")]
+    ManifestJson(#[source] serde_json::Error),
 }
 
 type Key = (String, String); // (pool, name)
@@ -685,7 +687,7 @@ impl Daemon {
             ok: true,
             state: Some(FinalState::Seeding),
             path: Some(p.path.display().to_string()),
-            manifest: Some(serde_json::to_value(&p.manifest).map_err(Refusal::ManifestObject)?),
+            manifest: Some(serde_json::to_value(&p.manifest).map_err(Refusal::ManifestJson)?),
             manifest_path: Some(p.manifest_path.display().to_string()),
             ..Default::default()
         })
