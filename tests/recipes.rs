@@ -122,6 +122,8 @@ fn ansible_playbook(env: &TestEnv, vars: &serde_json::Value) -> String {
         .arg(&playbook)
         .arg("-e")
         .arg(format!("@{vars_file}"))
+        // ansible-core refuses to run unless the locale's encoding is UTF-8 (LC_ALL=C fails).
+        .env("LC_ALL", "C.UTF-8")
         .env("ANSIBLE_NOCOLOR", "1")
         .env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
         .env("ANSIBLE_LOCAL_TEMP", env.in_work("ansible-tmp"))
