@@ -249,7 +249,7 @@ fn a_missing_master_with_no_manifest_says_so() {
     let o = virsh(&["start", &name]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&master) && err.contains("no pool-helper manifest"), "{err}");
+    assert!(err.contains(&master) && err.contains("names no manifest or identity"), "{err}");
     assert!(!Path::new(&overlay).exists());
 }
 
