@@ -663,6 +663,51 @@ fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
 }
 
 #[test]
+fn a_start_fetches_a_master_named_by_identity_only_then_makes_the_overlay() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("fetchid");
+    // The other host publishes and seeds the master; this host has no manifest file for it.
+    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
+    write_random(&seed_dir.join("ident.raw"), 12 << 20);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_pool, "ident.raw");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    std::fs::remove_file(&manifest).expect("no manifest file anywhere the daemon could read");
+    // This host's daemon knows the other host only as a peer address.
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.peers = vec![format!("127.0.0.1:{}", seeder.port)];
+    local.serve();
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("ident.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{pool}' \
+         sha256='{}' info-hash='{}'/></vcc:disk></vcc:clone></vcc:cow>",
+        published["sha256"].as_str().expect("sha256"),
+        published["info_hash"].as_str().expect("info_hash"),
+    );
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), &md));
+    assert!(!Path::new(&master).exists());
+
+    let o = virsh(&["start", &name]);
+    let log = local.log();
+    drop(local);
+    drop(seeder);
+    drop_pool(&pool);
+    drop_pool(&seed_pool);
+    assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(sha256(&master), published["sha256"].as_str().expect("sha256"), "the master matches its identity");
+    let info = qemu_img_info_qcow2(&overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+}
+
+#[test]
 fn with_no_peer_holding_the_master_the_start_fails_within_the_bound_naming_it() {
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("nopeer");
