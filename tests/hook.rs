@@ -708,6 +708,31 @@ fn a_start_fetches_a_master_named_by_identity_only_then_makes_the_overlay() {
 }
 
 #[test]
+fn a_plain_backing_store_of_a_missing_master_is_asked_for_by_name_in_the_pool_holding_it() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("plainname");
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.serve();
+    // A pool defined the usual way (its definition in /etc/libvirt/storage), the master absent,
+    // no metadata of ours: the hook finds the pool from its definition and asks for the name.
+    let (pool, pool_dir) = dir_pool(&env, "plainpool");
+    let master = pool_dir.join("plain.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
+    let o = virsh(&["start", &name]);
+    drop(local);
+    drop_pool(&pool);
+    assert!(!o.status.success(), "nothing names the master: the start must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The daemon got the pool and the name: its catalog (nobody announced anything) has none.
+    let said = format!("no trusted master named 'plain.raw' in the LAN catalog (for pool '{pool}')");
+    assert!(err.contains(&master) && err.contains(&said), "{err}");
+    assert!(!Path::new(&overlay).exists());
+    assert_eq!(domstate(&name), "shut off");
+}
+
+#[test]
 fn with_no_peer_holding_the_master_the_start_fails_within_the_bound_naming_it() {
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("nopeer");
