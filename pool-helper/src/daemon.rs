@@ -23,7 +23,8 @@ use crate::records::{self, RecordState};
 use crate::resolve;
 use crate::torrent::{Handle, Progress, TorrentState};
 use vcc_core::control::proto::{
-    self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, Request,
+    self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, PublishRequest,
+    Request,
 };
 use vcc_core::error::one_line;
 
@@ -65,6 +66,12 @@ enum Refusal {
     NoAnswer { pool: String, name: String },
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishError),
+    #[error("'{name}' in pool '{pool}' is being fetched or verified; publish it when that ends")]
+    Busy { pool: String, name: String },
+    #[error("the published manifest could not be written as JSON")]
+    ManifestJson(#[source] serde_json::Error),
 }
 
 type Key = (String, String); // (pool, name)
@@ -139,6 +146,8 @@ async fn caught<T: Send + 'static>(
 /// The daemon's shared state.
 pub struct Daemon {
     ctx: Arc<Ctx>,
+    /// Announces the signed masters this daemon seeds (set by [`Daemon::start_catalog`]).
+    announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
     masters: Mutex<HashMap<Key, Entry>>,
     request_timeout: Duration,
     #[cfg(test)]
@@ -159,6 +168,7 @@ impl Daemon {
     fn with_request_timeout(ctx: Arc<Ctx>, request_timeout: Duration) -> Arc<Self> {
         Arc::new(Daemon {
             ctx,
+            announcer: std::sync::OnceLock::new(),
             masters: Mutex::new(HashMap::new()),
             request_timeout,
             #[cfg(test)]
@@ -209,6 +219,55 @@ impl Daemon {
         bound.map_err(err)
     }
 
+    /// Starts the LAN catalog (unless `catalog = false`): announcing the signed masters this
+    /// daemon seeds (signed with `signing_key`, or as heard for fetched ones) and, with an
+    /// `allowed_signers` file, hearing others'. A signing key or allowed-signers file that cannot
+    /// be used, or a port that cannot be bound, is an error: the daemon does not start half-trusted.
+    pub fn start_catalog(self: &Arc<Self>) -> Result<(), crate::announce::AnnounceError> {
+        use crate::announce;
+        let cfg = &self.ctx.cfg;
+        if !cfg.catalog {
+            tracing::info!("catalog = false: not announcing, not listening");
+            return Ok(());
+        }
+        let key = cfg.signing_key.as_deref().map(crate::sign::SigningKey::load).transpose()?;
+        let allowed = cfg.allowed_signers.as_deref().map(crate::sign::AllowedSigners::load).transpose()?;
+        let a = announce::Announcer::new(cfg, key)?;
+        let _ = self.announcer.set(a.clone());
+        tokio::spawn(a.run());
+        let interval = Duration::from_secs(cfg.announce_interval);
+        match allowed {
+            Some(allowed) => {
+                let sock = announce::bind_listener(cfg.catalog_port)?;
+                tracing::info!(
+                    "catalog: listening on UDP port {} ({} trusted key(s))",
+                    cfg.catalog_port,
+                    allowed.len()
+                );
+                tokio::spawn(announce::listen(sock, Arc::new(allowed), self.ctx.catalog.clone(), interval));
+            }
+            None => tracing::info!("catalog: no allowed_signers, so nothing to trust: not listening"),
+        }
+        Ok(())
+    }
+
+    /// Announces a master this daemon seeds: one it published (signed with our key), or a
+    /// fetched one the catalog holds signed.
+    fn announce(&self, m: &Manifest, published: bool) {
+        let Some(a) = self.announcer.get() else { return };
+        let r = if published {
+            a.add_own(m).map(|_| ())
+        } else {
+            match self.ctx.catalog.signed(&m.sha256) {
+                Some((text, sig)) => a.add_signed(m, text, sig),
+                None => Ok(()),
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!("not announcing '{}': {}", m.name, one_line(&e));
+        }
+    }
+
     /// Re-verifies and seeds every recorded master; resumes pending fetches. A fetch recorded as
     /// failed (it cannot succeed with its manifest) is shown, with why, and not resumed.
     pub fn start_recorded(self: &Arc<Self>) {
@@ -239,6 +298,7 @@ impl Daemon {
             let dtx = e.done.clone();
             self.lock().insert(key.clone(), e);
             let me = self.clone();
+            let (published, m) = (matches!(r.state, RecordState::Published), r.manifest.clone());
             tokio::spawn(async move {
                 let work = {
                     let me = me.clone();
@@ -266,6 +326,7 @@ impl Daemon {
                                     Ok(h) => {
                                         e.state = MasterState::Seeding;
                                         e.handle = Some(h);
+                                        me.announce(&m, published);
                                     }
                                     Err(err) => {
                                         tracing::warn!("not seeding {}: {}", key.1, one_line(&err));
@@ -348,6 +409,7 @@ impl Daemon {
         drop(g);
         let me = self.clone();
         let last = ptx.subscribe();
+        let fetched = m.clone();
         tokio::spawn(async move {
             let work = {
                 let me = me.clone();
@@ -406,6 +468,7 @@ impl Daemon {
                             e.path = Some(outcome.path().to_path_buf());
                             e.handle = h;
                             e.error = None;
+                            me.announce(&fetched, false);
                         }
                         Final::done(outcome.state(), &outcome.path().display().to_string())
                     }
@@ -526,8 +589,16 @@ impl Daemon {
             }
             Request::Ensure(mr) => self.ensure(w, mr, false).await,
             Request::Fetch(mr) => self.ensure(w, mr, true).await,
-            Request::Publish(_) | Request::Catalog => {
-                write_final(&mut w, &Final::error("this request is not served yet")).await
+            Request::Publish(pr) => {
+                let f = match self.publish(pr).await {
+                    Ok(f) => f,
+                    Err(e) => Final::error(one_line(&e)),
+                };
+                write_final(&mut w, &f).await
+            }
+            Request::Catalog => {
+                let f = Final { ok: true, catalog: Some(self.ctx.catalog.entries()), ..Default::default() };
+                write_final(&mut w, &f).await
             }
         }
     }
@@ -576,6 +647,58 @@ impl Daemon {
         let e = Entry { path: Some(p.clone()), handle: Some(h), ..Entry::new(m, pool, MasterState::Seeding) };
         self.lock().insert(key, e);
         Ok(Final::done(FinalState::Seeding, &p.display().to_string()))
+    }
+
+    /// `publish`: makes a pool volume a master (as `pool-helper publish` does offline: hashed,
+    /// checked as every fetcher will, manifest and torrent written, recorded) and seeds it.
+    async fn publish(&self, pr: PublishRequest) -> Result<Final, Refusal> {
+        let key = (pr.pool.clone(), pr.volume.clone());
+        if let Some(e) = self.lock().get(&key) {
+            if matches!(e.state, MasterState::Fetching | MasterState::Verifying) {
+                return Err(Refusal::Busy { pool: pr.pool, name: pr.volume });
+            }
+        }
+        let (cfg, pools) = (self.ctx.cfg.clone(), self.ctx.pools.clone());
+        let (pool, volume) = (pr.pool.clone(), pr.volume.clone());
+        // Hashing reads the whole volume: off the async workers; a panic is an answer too.
+        let p = match tokio::task::spawn_blocking(move || crate::publish::publish_in(&cfg, &*pools, &pool, &volume))
+            .await
+        {
+            Ok(r) => r?,
+            Err(e) => return Err(FetchError::Task(e).into()),
+        };
+        let h = self.ctx.seed(&p.manifest, &p.path).await?;
+        let old = {
+            let mut g = self.lock();
+            let e = Entry {
+                path: Some(p.path.clone()),
+                handle: Some(h),
+                ..Entry::new(p.manifest.clone(), pr.pool.clone(), MasterState::Seeding)
+            };
+            g.insert(key, e).and_then(|mut o| {
+                if o.manifest.sha256 != p.manifest.sha256 {
+                    if let Some(a) = self.announcer.get() {
+                        a.remove(&o.manifest.sha256);
+                    }
+                }
+                o.handle.take().map(|h| (o.manifest.info_hash, h))
+            })
+        };
+        self.announce(&p.manifest, true);
+        // A master republished with other content: its old torrent goes.
+        if let Some((ih, h)) = old {
+            if ih != p.manifest.info_hash {
+                self.ctx.torrents.remove(&h).await;
+            }
+        }
+        Ok(Final {
+            ok: true,
+            state: Some(FinalState::Seeding),
+            path: Some(p.path.display().to_string()),
+            manifest: Some(serde_json::to_value(&p.manifest).map_err(Refusal::ManifestJson)?),
+            manifest_path: Some(p.manifest_path.display().to_string()),
+            ..Default::default()
+        })
     }
 
     async fn ensure(
