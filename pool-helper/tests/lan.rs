@@ -108,3 +108,65 @@ fn an_identity_with_a_wrong_sha256_fails_with_one_clear_line_and_nothing_in_the_
     let e = fin["error"].as_str().unwrap();
     assert!(e.starts_with("no trusted master named 'id.raw' in the LAN catalog"), "{e}");
 }
+
+fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let k = dir.join(name);
+    let o = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&k)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
+    k
+}
+
+#[test]
+fn a_name_resolves_through_the_signed_catalog_and_the_master_comes_from_its_announcer() {
+    let lan = Lan::new(2);
+    let keys = tempfile::tempdir().unwrap();
+    let alice = keygen(keys.path(), "alice");
+    let allowed = keys.path().join("allowed_signers");
+    let public = std::fs::read_to_string(alice.with_extension("pub")).unwrap();
+    std::fs::write(&allowed, format!("alice@example.com {}\n", public.trim())).unwrap();
+    let allowed = allowed.to_str().unwrap();
+    // A signs what it publishes; B trusts alice and has no peer, tracker or manifest: the catalog
+    // (A's announcement) is all it knows.
+    let pa = Pool::new("cna");
+    let src = pa.raw_master("named.raw", 3 << 20);
+    let mut a = Instance::new(&["--allowed-signers", allowed, "--signing-key", alice.to_str().unwrap()]);
+    a.netns = Some(lan.hosts[0].0.clone());
+    a.advertise = lan.hosts[0].1.clone();
+    a.serve();
+    let pb = Pool::new("cnb");
+    let mut b = Instance::new(&["--allowed-signers", allowed]);
+    b.netns = Some(lan.hosts[1].0.clone());
+    b.advertise = lan.hosts[1].1.clone();
+    b.serve();
+    let by_name = serde_json::json!({"op": "ensure", "pool": pb.name, "name": "named.raw"});
+    let (_, fin) = b.request(&by_name);
+    assert!(fin["error"].as_str().unwrap().starts_with("no trusted master named 'named.raw'"), "{fin}");
+
+    let man = a.publish(&pa, "named.raw");
+    let start = std::time::Instant::now();
+    loop {
+        let (_, c) = b.request(&serde_json::json!({"op": "catalog"}));
+        if c["catalog"].as_array().is_some_and(|l| l.iter().any(|e| e["name"] == "named.raw")) {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "not in B's catalog: {c}\n{}", b.daemon_log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (_, fin) = b.request(&by_name);
+    assert_eq!(
+        (fin["ok"].as_bool(), fin["state"].as_str()),
+        (Some(true), Some("fetched")),
+        "{fin}\n{}",
+        b.daemon_log()
+    );
+    assert!(same_file(&src, &pb.path("named.raw")), "byte-identical");
+    // By identity without an info-hash: the catalog's entry, already here.
+    let m = manifest(&man);
+    let id = serde_json::json!({"name": "named.raw", "format": "raw", "sha256": m["sha256"]});
+    let (_, fin) = b.request(&serde_json::json!({"op": "ensure", "pool": pb.name, "identity": id}));
+    assert_eq!(fin["state"], "present", "{fin}");
+}
