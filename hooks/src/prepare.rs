@@ -105,7 +105,9 @@ fn fetch_master(
     log: &mut dyn Write,
 ) -> Result<(), PrepareError> {
     let m = &d.master;
-    let pool = m.pool.clone();
+    // The pool the metadata names, else the one whose directory holds the master (from the pool
+    // definitions, never libvirt).
+    let pool = m.pool.clone().or_else(|| pool_holding(&cfg.pool_config_dir, Path::new(&m.path)));
     let wanted = match (&m.manifest, &m.sha256) {
         (Some(path), _) => MasterRequest::by_path(pool, path.clone()),
         (None, Some(sha)) => {
@@ -125,9 +127,7 @@ fn fetch_master(
             // A plain <backingStore>: the pool whose directory holds it (from the pool definitions,
             // never libvirt), and the file name as the volume name, resolved by the daemon
             // through the trusted LAN catalog.
-            let path = Path::new(&m.path);
-            let name = path.file_name().map(|f| f.to_string_lossy().into_owned());
-            let pool = pool.or_else(|| pool_holding(&cfg.pool_config_dir, path));
+            let name = Path::new(&m.path).file_name().map(|f| f.to_string_lossy().into_owned());
             match (pool, name) {
                 (Some(pool), Some(name)) => MasterRequest::by_name(Some(pool), name),
                 _ => {
@@ -351,6 +351,14 @@ mod tests {
         };
         let (line, _) = ask(plain(&images.join("debian-12.qcow2")), cfg.clone());
         assert_eq!(line.as_deref(), Some(r#"{"op":"ensure","pool":"imgs","name":"debian-12.qcow2"}"#));
+        // An identity whose metadata names no pool goes into that pool too.
+        let id = MasterRef { sha256: Some("ab".repeat(32)), ..plain(&images.join("debian-12.qcow2")) };
+        let (line, _) = ask(id, cfg.clone());
+        let want = format!(
+            r#"{{"op":"ensure","pool":"imgs","identity":{{"name":"debian-12.qcow2","format":"qcow2","sha256":"{}"}}}}"#,
+            "ab".repeat(32)
+        );
+        assert_eq!(line.as_deref(), Some(want.as_str()));
         // Outside every pool: nothing asked, and the error says what to do.
         let (line, e) = ask(plain(&dir.path().join("elsewhere.qcow2")), cfg);
         assert_eq!(line, None);
