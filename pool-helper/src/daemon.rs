@@ -372,6 +372,14 @@ impl Daemon {
         }
     }
 
+    /// [`Daemon::prefetch`] for a master named in any way a request can name it (the watcher:
+    /// identities from domains' metadata, plain backing stores by pool and name). Resolving may
+    /// ask peers for the torrent (bounded by `stall_timeout`). Err: why it cannot be resolved.
+    pub async fn prefetch_request(self: &Arc<Self>, mr: &MasterRequest) -> Result<bool, String> {
+        let (pool, m) = self.master_of(mr).await.map_err(|e| one_line(&e))?;
+        Ok(self.prefetch(&pool, m))
+    }
+
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
     fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, Refusal> {
         let mut g = self.lock();
