@@ -58,7 +58,7 @@ fn three_hosts_each_run_a_guest_in_isolation_and_down_leaves_nothing() {
         let dir = bed.host_dir(i);
         // The guest's QEMU runs in host i's network namespace.
         let qemu = pid_file(dir.join("run/libvirt/qemu/bed-guest.pid"));
-        let netns = std::fs::metadata(format!("/run/netns/{}", bed.netns(i))).unwrap().ino();
+        let netns = std::fs::metadata(format!("/run/netns/{}", bed.netns(i))).expect("host netns").ino();
         assert_eq!(ns_of(qemu, "net"), Some(netns), "h{i}'s guest is not in h{i}'s network namespace");
         // Its libvirtd is not the machine's and lives in a mount namespace of its own.
         let libvirtd = pid_file(dir.join("run/libvirt/libvirtd.pid"));
@@ -90,7 +90,7 @@ fn three_hosts_each_run_a_guest_in_isolation_and_down_leaves_nothing() {
             .arg(bed.control_socket(i))
             .args(["status", "--json"])
             .output()
-            .unwrap();
+            .expect("run pool-helper status");
         assert!(o.status.success(), "h{i}: status: {}", String::from_utf8_lossy(&o.stderr));
         // Reachable from the next host at its address, on the port peers use.
         let next = &bed.hosts[(i + 1) % 3].address;
@@ -121,7 +121,7 @@ fn three_hosts_each_run_a_guest_in_isolation_and_down_leaves_nothing() {
     let netns = run_ok("ip", &["netns", "list"]);
     assert!(!netns.contains(&bed.prefix), "namespaces left: {netns}");
     let root = format!("{BED_ROOT}/{}", bed.prefix);
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(!mounts.contains(&root), "mounts left:\n{mounts}");
     assert!(!std::path::Path::new(&root).exists(), "{root} left");
     // The machine's own libvirtd still runs and answers.
