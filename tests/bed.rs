@@ -1,7 +1,8 @@
 //! The multi-host test bed (`tests/bed/bed`, docs/bed.md): three libvirt hosts on this machine,
 //! a guest started on each through its own URI, each host isolated from the others and from the
-//! machine's own libvirtd, each host's pool-helper answering on its socket, and `down` leaving
-//! no namespace, process or mount behind.
+//! machine's own libvirtd, each host's pool-helper answering on its socket, a live migration
+//! between two hosts over their private sshd, and `down` leaving no namespace, process or mount
+//! behind.
 
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
@@ -97,6 +98,19 @@ fn three_hosts_each_run_a_guest_in_isolation_and_down_leaves_nothing() {
         let probe = format!("import socket; socket.create_connection(('{next}', 6881), 5).close()");
         bed.exec_ok(i, &["python3", "-c", &probe]);
     }
+    // Hosts reach each other's libvirt over ssh by host name: a live migration with its storage.
+    assert_eq!(bed.exec_ok(1, &["hostname"]).trim(), bed.hostname(1));
+    assert_eq!(bed.exec_ok(0, &["virsh", "-c", &bed.ssh_uri(2), "hostname"]).trim(), bed.hostname(2));
+    bed.virsh_ok(0, &["start", "bed-only-h0"]);
+    let t = Instant::now();
+    let dest = bed.ssh_uri(1);
+    let migrate = ["virsh", "migrate", "--live", "--persistent", "--undefinesource", "--copy-storage-all"];
+    bed.exec_ok(0, &[&migrate[..], &["bed-only-h0", &dest]].concat());
+    let migration = t.elapsed();
+    assert_eq!(bed.virsh_ok(1, &["domstate", "bed-only-h0"]).trim(), "running");
+    assert!(!bed.virsh(0, &["dominfo", "bed-only-h0"]).status.success(), "bed-only-h0 still defined on h0");
+    pids.push(pid_file(bed.host_dir(1).join("run/libvirt/qemu/bed-only-h0.pid")));
+
     let after: Vec<String> = all_domain_names().into_iter().filter(|d| d.starts_with("bed-")).collect();
     let before: Vec<&String> = machine_domains.iter().filter(|d| d.starts_with("bed-")).collect();
     assert_eq!(after.len(), before.len(), "a bed domain appeared on the machine's libvirtd: {after:?}");
@@ -106,7 +120,8 @@ fn three_hosts_each_run_a_guest_in_isolation_and_down_leaves_nothing() {
     let down = t.elapsed();
     assert!(o.status.success(), "bed down: {}", String::from_utf8_lossy(&o.stderr));
     eprintln!(
-        "bed timings: up (3 hosts) {up:.1?}; first guest start {:.1?}; next {:.1?}, {:.1?}; down {down:.1?}",
+        "bed timings: up (3 hosts) {up:.1?}; first guest start {:.1?}; next {:.1?}, {:.1?}; \
+         live migration h0 -> h1 with 64 MiB storage {migration:.1?}; down {down:.1?}",
         starts[0], starts[1], starts[2]
     );
 

@@ -119,6 +119,18 @@ impl Bed {
         format!("{}-{}", self.prefix, self.hosts[i].name)
     }
 
+    /// Host `i`'s host name (its own UTS namespace; every host's /etc/hosts knows all of them).
+    pub fn hostname(&self, i: usize) -> String {
+        self.netns(i)
+    }
+
+    /// Host `i`'s libvirt through its private sshd, for use INSIDE another host (the bed's LAN
+    /// is not reachable from the root namespace): `qemu+ssh://<prefix>-h<i>/system`, as root with
+    /// the bed's key (e.g. `virsh migrate ... URI` run with [`Bed::exec`]).
+    pub fn ssh_uri(&self, i: usize) -> String {
+        format!("qemu+ssh://{}/system", self.hostname(i))
+    }
+
     /// `bed down`: everything of the bed stopped and removed (also done on drop).
     pub fn down(&mut self) -> Output {
         let mut c = Command::new(bed_script());
