@@ -53,6 +53,19 @@ fn three_hosts_each_run_a_guest_in_isolation_and_down_leaves_nothing() {
         assert_eq!(bed.virsh_ok(i, &["domstate", "bed-guest"]).trim(), "running", "on h{i}");
     }
     bed.define_small_guest(0, "bed-only-h0", "only.qcow2");
+    // A file put into h0's pool is a volume there, and only there.
+    let src = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(src.path(), b"bed").expect("write");
+    assert_eq!(bed.put_in_pool(0, src.path(), "put.raw"), "/var/lib/libvirt/images/put.raw");
+    assert_eq!(std::fs::read(bed.pool_dir(0).join("put.raw")).expect("read put.raw"), b"bed");
+    bed.virsh_ok(0, &["vol-info", "--pool", "default", "put.raw"]);
+    assert!(!bed.virsh(1, &["vol-info", "--pool", "default", "put.raw"]).status.success());
+    // Every host has an isolated network `default` (its own bridge), active.
+    for i in 0..3 {
+        let nets = bed.virsh_ok(i, &["net-list", "--name"]);
+        assert!(nets.lines().any(|l| l.trim() == "default"), "h{i} networks: {nets}");
+        bed.exec_ok(i, &["ip", "link", "show", "virbr0"]);
+    }
 
     let mut pids = Vec::new();
     for i in 0..3 {

@@ -114,6 +114,21 @@ impl Bed {
         self.host_dir(i).join("run/pool-helper/control.sock")
     }
 
+    /// Host `i`'s `default` pool directory seen from the root namespace (the upper layer of its
+    /// /var/lib overlay): read files there; write through [`Bed::put_in_pool`] or libvirt.
+    pub fn pool_dir(&self, i: usize) -> PathBuf {
+        self.host_dir(i).join("varlib/upper/libvirt/images")
+    }
+
+    /// Copies `src` (a path of the machine) into host `i`'s `default` pool as `name` (inside
+    /// the host, so through its overlay) and refreshes the pool; returns the path inside the host.
+    pub fn put_in_pool(&self, i: usize, src: &std::path::Path, name: &str) -> String {
+        let dest = format!("/var/lib/libvirt/images/{name}");
+        self.exec_ok(i, &[OsStr::new("cp"), OsStr::new("--"), src.as_os_str(), OsStr::new(&dest)]);
+        self.virsh_ok(i, &["pool-refresh", "default"]);
+        dest
+    }
+
     /// Host `i`'s network namespace (`ip netns`).
     pub fn netns(&self, i: usize) -> String {
         format!("{}-{}", self.prefix, self.hosts[i].name)
