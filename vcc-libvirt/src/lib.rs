@@ -339,6 +339,30 @@ impl Libvirt {
         Ok(vcc_core::xml::volume::pool_target_path(&xml))
     }
 
+    /// Name and whether it is active, for every network defined on the host.
+    pub fn networks(&self) -> Result<Vec<(String, bool)>> {
+        let nets = self.conn.list_all_networks(0).map_err(call("listing networks"))?;
+        nets.iter()
+            .map(|n| {
+                let name = n.name().map_err(call("reading a network's name"))?;
+                let active = n.is_active().map_err(call(format!("reading the state of network '{name}'")))?;
+                Ok((name, active))
+            })
+            .collect()
+    }
+
+    /// Names of the host's network interfaces (bridges included) as libvirt's interface API
+    /// lists them, active or not.
+    pub fn interfaces(&self) -> Result<Vec<String>> {
+        let ifaces = self.conn.list_all_interfaces(0).map_err(call("listing host interfaces"))?;
+        ifaces.iter().map(|i| i.name().map_err(call("reading an interface's name"))).collect()
+    }
+
+    /// The host's capabilities XML (guest architectures, emulators).
+    pub fn capabilities(&self) -> Result<String> {
+        self.conn.capabilities().map_err(call("reading the host's capabilities"))
+    }
+
     /// Refreshes a pool so it lists what changed in its directory.
     pub fn refresh_pool(&self, pool: &str) -> Result<()> {
         self.pool(pool)?.refresh(0).map_err(call(format!("refreshing storage pool '{pool}'")))
