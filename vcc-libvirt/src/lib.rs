@@ -81,6 +81,20 @@ pub struct Volume {
     pub facts: VolumeFacts,
 }
 
+/// Whether a libvirt URI reaches the daemon of this host, whose files we may touch: no host part,
+/// and no `socket=` parameter (a socket may belong to a daemon with its own filesystem, such as a
+/// test bed host in its own mount namespace), and no transport other than the local socket.
+pub fn uri_is_local(uri: &str) -> bool {
+    let Some((scheme, rest)) = uri.split_once("://") else { return true };
+    let transport_local = match scheme.split_once('+') {
+        None => true,
+        Some((_, t)) => t == "unix",
+    };
+    let query = rest.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let socket = query.split('&').any(|kv| kv.split('=').next() == Some("socket"));
+    rest.starts_with('/') && transport_local && !socket
+}
+
 /// An open libvirt connection.
 pub struct Libvirt {
     conn: Connect,
@@ -110,13 +124,10 @@ impl Libvirt {
         &self.uri
     }
 
-    /// Whether the daemon runs on this host (no host part in the URI), so files can be touched
-    /// directly. Remote connections work through the storage API only.
+    /// Whether the daemon runs on this host, so files can be touched directly. Remote
+    /// connections work through the storage API only. See [`uri_is_local`].
     pub fn is_local(&self) -> bool {
-        match self.uri.split_once("://") {
-            Some((_, rest)) => rest.starts_with('/'),
-            None => true,
-        }
+        uri_is_local(&self.uri)
     }
 
     fn domain(&self, name: &str) -> Result<Domain> {
@@ -366,5 +377,28 @@ impl Libvirt {
     /// Refreshes a pool so it lists what changed in its directory.
     pub fn refresh_pool(&self, pool: &str) -> Result<()> {
         self.pool(pool)?.refresh(0).map_err(call(format!("refreshing storage pool '{pool}'")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uri_is_local;
+
+    #[test]
+    fn only_uris_of_this_hosts_daemon_are_local() {
+        for local in ["qemu:///system", "qemu+unix:///system", "qemu:///session", "test:///default", ""] {
+            assert!(uri_is_local(local), "{local}");
+        }
+        for remote in [
+            "qemu+ssh://root@b/system",
+            "qemu+tls://b/system",
+            "qemu+ssh:///system",
+            "qemu+unix:///system?socket=/run/bed/b/libvirt-sock",
+            "qemu:///system?socket=/x",
+            "qemu+ext:///system?command=/bin/x",
+            "qemu://b/system",
+        ] {
+            assert!(!uri_is_local(remote), "{remote}");
+        }
     }
 }

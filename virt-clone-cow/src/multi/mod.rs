@@ -206,6 +206,11 @@ pub fn clone_to_hosts(src: &Libvirt, hosts: &[Libvirt], req: &MultiRequest) -> R
     let mut plans = Vec::with_capacity(hosts.len());
     for ((lv, inv), names) in hosts.iter().zip(&invs).zip(&dealt) {
         let hm = host_masters(&masters, &map, &inv.pools)?;
+        // The pools must list what is in their directories now: a master copied there, or a
+        // file left with an overlay's name, which would otherwise be overwritten.
+        for p in &pools {
+            lv.refresh_pool(p).map_err(on(&inv.uri))?;
+        }
         let mut present = Vec::with_capacity(hm.len());
         for m in &hm {
             let (Some(pool), Some(vol)) = (&m.pool, &m.volume) else { continue };
