@@ -23,10 +23,34 @@ struct NsHost {
 }
 
 impl NsHost {
-    fn start(base: PathBuf) -> NsHost {
+    /// Starts the host; with `hook`, this build's hook is installed in its /etc/libvirt/hooks,
+    /// with a hook.toml of its own (no pool-helper daemon: a missing master cannot be fetched).
+    fn start(base: PathBuf, hook: bool) -> NsHost {
         let _ = std::fs::remove_dir_all(&base);
-        for d in ["etc/qemu/networks", "etc/storage", "lib", "run/libvirt", "log", "cache", "pool"] {
+        for d in [
+            "etc/qemu/networks",
+            "etc/storage",
+            "etc/hooks/qemu.d",
+            "lib",
+            "run/libvirt",
+            "log",
+            "cache",
+            "pool",
+            "vcc",
+        ] {
             std::fs::create_dir_all(base.join(d)).unwrap();
+        }
+        if hook {
+            std::fs::copy(target_bin("virt-clone-cow-hook"), base.join("etc/hooks/qemu.d/50-virt-clone-cow")).unwrap();
+            std::fs::write(
+                base.join("vcc/hook.toml"),
+                format!(
+                    "control_socket = \"{}/no-daemon.sock\"\nfetch_timeout = 2\nconnect_timeout = 1\n\
+                     allowed_dirs = [\"{BASE_DIR}\"]\n",
+                    base.display()
+                ),
+            )
+            .unwrap();
         }
         // The daemon settings only: no domains, networks, pools or hooks of this host's.
         for e in std::fs::read_dir("/etc/libvirt").unwrap() {
@@ -36,8 +60,10 @@ impl NsHost {
             }
         }
         let b = base.to_str().unwrap();
+        // The hook's settings are the host's own too (/etc/virt-clone-cow).
+        std::fs::create_dir_all("/etc/virt-clone-cow").unwrap();
         let script = format!(
-            "set -e; mount --bind {b}/etc /etc/libvirt; mount --bind {b}/lib /var/lib/libvirt; \
+            "set -e; mount --bind {b}/etc /etc/libvirt; mount --bind {b}/vcc /etc/virt-clone-cow; mount --bind {b}/lib /var/lib/libvirt; \
              mount --bind {b}/run /run; mount --bind {b}/log /var/log/libvirt; \
              mount --bind {b}/cache /var/cache/libvirt; /usr/sbin/virtlogd -d; /usr/sbin/libvirtd -d"
         );
@@ -104,10 +130,14 @@ struct Bed {
 
 impl Bed {
     fn new(test: &str) -> Bed {
+        Bed::with_hook_on_b(test, false)
+    }
+
+    fn with_hook_on_b(test: &str, hook: bool) -> Bed {
         ensure_libvirtd();
         let env = TestEnv::new(&format!("mh-{test}"));
-        let [b, c] =
-            ["b", "c"].map(|h| NsHost::start(PathBuf::from(BASE_DIR).join(format!("{}.host-{h}", env.prefix))));
+        let [b, c] = ["b", "c"]
+            .map(|h| NsHost::start(PathBuf::from(BASE_DIR).join(format!("{}.host-{h}", env.prefix)), hook && h == "b"));
         for h in [&b, &c] {
             h.virsh_ok(&["pool-define-as", &env.pool, "dir", "--target", h.pool_dir().to_str().unwrap()]);
             h.virsh_ok(&["pool-start", &env.pool]);
@@ -354,4 +384,32 @@ fn start_runs_every_hosts_clones_and_reports_each_start_time() {
         let state = run_ok("virsh", &["-q", "-c", uri, "domstate", name]);
         assert_eq!(state.trim(), "running", "{name} on {uri}");
     }
+}
+
+#[test]
+fn on_a_host_without_the_master_the_hook_makes_the_overlay_at_the_first_start() {
+    let bed = Bed::with_hook_on_b("hookdisk", true);
+    let (tmpl, master) = bed.template(1, None);
+    let web = bed.env.name("-web");
+    let run = cli(&["--json", "--original", &tmpl, "--name", &web, "--host", &bed.b.uri]);
+    run.assert_ok();
+    let report = run.json();
+    assert_eq!(report["hosts"][0]["masters"][0]["present"], false, "{report:#}");
+    let overlay = bed.b.pool_dir().join(format!("{web}-vda.qcow2"));
+    assert!(!overlay.exists(), "nothing is made on B before the start");
+
+    // Without the master (and no pool-helper to fetch it) the start fails and makes nothing.
+    let out = bed.b.virsh(&["start", &web]);
+    assert!(!out.status.success(), "started without its master");
+    assert!(!overlay.exists());
+
+    // The master arrives (as pool-helper would put it); the next start makes the overlay over it.
+    let b_master = bed.b.pool_dir().join("base.qcow2");
+    std::fs::copy(&master, &b_master).unwrap();
+    bed.b.virsh_ok(&["start", &web]);
+    assert_eq!(bed.b.virsh_ok(&["domstate", &web]).trim(), "running");
+    let info = run_ok("qemu-img", &["info", "--output=json", "-U", overlay.to_str().unwrap()]);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["backing-filename"], b_master.to_str().unwrap(), "{info:#}");
+    assert_eq!(info["format"], "qcow2");
 }
