@@ -413,3 +413,32 @@ fn on_a_host_without_the_master_the_hook_makes_the_overlay_at_the_first_start() 
     assert_eq!(info["backing-filename"], b_master.to_str().unwrap(), "{info:#}");
     assert_eq!(info["format"], "qcow2");
 }
+
+#[test]
+fn dry_run_prints_each_hosts_share_and_changes_nothing() {
+    let bed = Bed::new("dry");
+    let (tmpl, master) = bed.template(1, None);
+    std::fs::copy(&master, bed.c.pool_dir().join("base.qcow2")).unwrap();
+    let before = Snapshot::take(&bed.env, &tmpl, &[&master]);
+    let md_before = cow_metadata(&tmpl);
+    let web = bed.env.name("-web");
+    let mut args: Vec<&str> = vec!["--original", &tmpl, "--name", &web, "--count", "5", "--dry-run"];
+    for u in bed.uris() {
+        args.extend(["--host", u]);
+    }
+    let run = cli(&args);
+    run.assert_ok();
+    let out = &run.stdout;
+    assert!(out.starts_with(&format!("Dry run: would make 5 linked clone(s) of '{tmpl}' on 3 host(s)")), "{out}");
+    for (uri, n, present) in [(bed.b.uri.as_str(), 2, false), (bed.c.uri.as_str(), 2, true), (URI, 1, true)] {
+        assert!(out.contains(&format!("host {uri}: {n} clone(s)\n")), "{out}");
+        let section = out.split(&format!("host {uri}:")).nth(1).unwrap();
+        let says =
+            if present { "(there: overlays through the storage API)" } else { "(missing: the host's pool-helper" };
+        assert!(section.lines().nth(1).unwrap().contains(says), "{uri}: {out}");
+    }
+    assert_eq!(bed.env_domains(), [vec![], vec![], vec![tmpl.clone()]]);
+    assert_eq!(bed.remote_pool_files(), [vec![], vec!["base.qcow2".to_string()]]);
+    before.assert_unchanged(&bed.env, &tmpl, &[&master]);
+    assert_eq!(cow_metadata(&tmpl), md_before);
+}

@@ -478,9 +478,9 @@ impl MultiReport {
             s.push_str(&format!("host {}: {} clone(s)\n", h.uri, h.clones.len()));
             for m in &h.masters {
                 let state = if m.present {
-                    "there; overlays made now"
+                    "there: overlays through the storage API"
                 } else {
-                    "missing; fetched by the host's pool-helper at the first start, the hook makes the overlays"
+                    "missing: the host's pool-helper fetches it at the first start, then the hook makes the overlays"
                 };
                 s.push_str(&format!("  master {}  {}  ({state})\n", m.target, m.path));
             }
