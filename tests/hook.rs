@@ -8,7 +8,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use vcc_tests::{
-    bios_domain_type, cli_path, domstate, qemu_img_info, repo_root, run, sha256, target_bin, virsh, virsh_ok,
+    bios_domain_type, cli_path, domstate, install_built_hook, qemu_img_info, run, sha256, target_bin, virsh, virsh_ok,
     PoolHelper, URI,
 };
 
@@ -35,10 +35,7 @@ fn install_hook() {
             format!("control_socket = \"{HOOK_DAEMON_STATE}/control.sock\"\nfetch_timeout = {FETCH_TIMEOUT_S}\nconnect_timeout = 1\nprogress_interval = 2\nallowed_dirs = [\"{TEST_DIR}\"]\n"),
         )
         .expect("hook config");
-        let hook = target_bin("virt-clone-cow-hook");
-        let script = repo_root().join("packaging/hook-install");
-        let o = run(script.to_str().expect("utf-8 path"), &["install", hook.to_str().expect("utf-8 path")]);
-        assert!(o.status.success(), "hook-install failed: {}", String::from_utf8_lossy(&o.stderr));
+        install_built_hook();
     });
 }
 

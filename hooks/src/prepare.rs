@@ -11,7 +11,7 @@ use vcc_core::overlay::{create_file_overlay, BackingSpec, OverlayError, OverlayO
 use vcc_core::qemu_img::{QemuImg, QemuImgError};
 
 use vcc_core::control::client::{request_path, ClientError};
-use vcc_core::control::proto::{InlineManifest, MasterRequest, Request};
+use vcc_core::control::proto::{Identity, MasterRequest, Request};
 
 use crate::config::Config;
 use crate::places::{PlaceError, Places};
@@ -109,17 +109,17 @@ fn fetch_master(
     let wanted = match (&m.manifest, &m.sha256) {
         (Some(path), _) => MasterRequest::by_path(pool, path.clone()),
         (None, Some(sha)) => {
-            // An inline manifest from what the domain's metadata records (trusted: the domain XML
-            // is the administrator's).
+            // The master's identity as the domain's metadata records it (trusted: the domain XML
+            // is the administrator's); the daemon resolves it (catalog, or peers by magnet).
             let name = Path::new(&m.path).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            let man = InlineManifest {
+            let id = Identity {
                 name,
                 format: m.format.clone(),
                 sha256: sha.clone(),
                 info_hash: m.info_hash.clone(),
                 virtual_size: m.virtual_size,
             };
-            MasterRequest::inline(pool, man)
+            MasterRequest::by_identity(pool, id)
         }
         (None, None) => return Err(PrepareError::NoManifest { master: m.path.clone(), target: d.target.clone() }),
     };
