@@ -18,8 +18,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::fetch::{self, Ctx, FetchError, Outcome};
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::Manifest;
 use crate::records::{self, RecordState};
+use crate::resolve;
 use crate::torrent::{Handle, Progress, TorrentState};
 use vcc_core::control::proto::{
     self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, PublishRequest,
@@ -55,16 +56,8 @@ enum Refusal {
     TooLong { max: usize },
     #[error("no complete request line within {secs} s; send one JSON object and a newline")]
     Timeout { secs: u64 },
-    #[error("bad request: missing field `pool`")]
-    NoPool,
-    #[error("give exactly one of 'manifest' and 'manifest_path'")]
-    ManifestChoice,
-    #[error("manifest_path '{0}' is not absolute")]
-    RelativeManifestPath(String),
-    #[error("bad request: the manifest is not a JSON object")]
-    ManifestObject(#[source] serde_json::Error),
     #[error(transparent)]
-    Manifest(#[from] ManifestError),
+    Resolve(#[from] resolve::ResolveError),
     #[error("pool '{pool}' already has a master named '{name}' with another SHA-256 ({sha256})")]
     OtherSha256 { pool: String, name: String, sha256: String },
     #[error("no published master '{name}' in pool '{pool}' on this host")]
@@ -77,6 +70,8 @@ enum Refusal {
     Publish(#[from] crate::publish::PublishError),
     #[error("'{name}' in pool '{pool}' is being fetched or verified; publish it when that ends")]
     Busy { pool: String, name: String },
+    #[error("the published manifest could not be written as JSON")]
+    ManifestJson(#[source] serde_json::Error),
 }
 
 type Key = (String, String); // (pool, name)
@@ -377,6 +372,14 @@ impl Daemon {
         }
     }
 
+    /// [`Daemon::prefetch`] for a master named in any way a request can name it (the watcher:
+    /// identities from domains' metadata, plain backing stores by pool and name). Resolving may
+    /// ask peers for the torrent (bounded by `stall_timeout`). Err: why it cannot be resolved.
+    pub async fn prefetch_request(self: &Arc<Self>, mr: &MasterRequest) -> Result<bool, String> {
+        let (pool, m) = self.master_of(mr).await.map_err(|e| one_line(&e))?;
+        Ok(self.prefetch(&pool, m))
+    }
+
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
     fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, Refusal> {
         let mut g = self.lock();
@@ -522,21 +525,17 @@ impl Daemon {
         v
     }
 
-    /// The request's pool and its validated manifest (a manifest file is read off the async
-    /// workers, bounded: [`Manifest::load`]).
-    async fn master_of(r: &MasterRequest) -> Result<(String, Manifest), Refusal> {
-        let pool = r.pool.clone().ok_or(Refusal::NoPool)?;
-        let m = match (&r.manifest, &r.manifest_path) {
-            (Some(obj), None) => Manifest::from_value(obj.to_value().map_err(Refusal::ManifestObject)?)?,
-            (None, Some(p)) => {
-                if !p.starts_with('/') {
-                    return Err(Refusal::RelativeManifestPath(p.clone()));
-                }
-                Manifest::load_off_runtime(PathBuf::from(p)).await?
+    /// The request's pool and the validated manifest of the master it names ([`resolve`]). A
+    /// master named by identity that this daemon already holds (seeding it, or fetching it) needs
+    /// no catalog or peer to resolve.
+    async fn master_of(&self, r: &MasterRequest) -> Result<(String, Manifest), Refusal> {
+        if let (Some(pool), Some(id)) = (&r.pool, &r.identity) {
+            let key = (pool.clone(), id.name.clone());
+            if let Some(e) = self.lock().get(&key).filter(|e| e.holds_name() && e.manifest.sha256 == id.sha256) {
+                return Ok((pool.clone(), e.manifest.clone()));
             }
-            _ => return Err(Refusal::ManifestChoice),
-        };
-        Ok((pool, m))
+        }
+        Ok(resolve::resolve(&self.ctx, r).await?)
     }
 
     /// Serves connections until the process ends.
@@ -629,7 +628,7 @@ impl Daemon {
 
     /// `seed`: re-verifies a master this host published and seeds it.
     async fn seed_published(&self, mr: &MasterRequest) -> Result<Final, Refusal> {
-        let (pool, m) = Self::master_of(mr).await?;
+        let (pool, m) = self.master_of(mr).await?;
         let rec = records::load_all(&self.ctx.cfg)
             .into_iter()
             .find(|r| {
@@ -696,7 +695,7 @@ impl Daemon {
             ok: true,
             state: Some(FinalState::Seeding),
             path: Some(p.path.display().to_string()),
-            manifest: Some(serde_json::to_value(&p.manifest).map_err(Refusal::ManifestObject)?),
+            manifest: Some(serde_json::to_value(&p.manifest).map_err(Refusal::ManifestJson)?),
             manifest_path: Some(p.manifest_path.display().to_string()),
             ..Default::default()
         })
@@ -708,7 +707,7 @@ impl Daemon {
         mr: MasterRequest,
         always: bool,
     ) -> std::io::Result<()> {
-        let started = Self::master_of(&mr).await.and_then(|(pool, m)| {
+        let started = self.master_of(&mr).await.and_then(|(pool, m)| {
             let key = (pool.clone(), m.name.clone());
             let (size, name) = (m.size, m.name.clone());
             self.start_fetch(key, pool, m).map(|w| (w, size, name))
@@ -958,6 +957,107 @@ mod tests {
         assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
         let st = status_of(&sock, "base.raw").await;
         assert_eq!((st["state"].as_str(), st["fetches"].as_u64()), (Some("seeding"), Some(2)), "{st}");
+    }
+
+    /// A master's identity as a domain's metadata records it.
+    fn identity_of(m: &Manifest) -> proto::Identity {
+        proto::Identity {
+            name: m.name.clone(),
+            format: m.format.clone(),
+            sha256: m.sha256.clone(),
+            info_hash: Some(m.info_hash.clone()),
+            virtual_size: Some(m.virtual_size),
+        }
+    }
+
+    fn ensure_identity(id: &proto::Identity) -> serde_json::Value {
+        serde_json::json!({"op": "ensure", "pool": "p", "identity": id})
+    }
+
+    /// A host that knows `origin`'s address as a peer (and nothing else about its masters).
+    fn peer_of(origin: &Host) -> Host {
+        let mut b = Host::new();
+        b.cfg.peers = vec![format!("127.0.0.1:{}", origin.cfg.listen_port)];
+        b
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_master_named_by_identity_only_is_fetched_by_magnet_and_verified() {
+        let a = Host::new();
+        let (_a, m, data) = origin(&a).await;
+        let b = peer_of(&a);
+        let (_d, sock) = b.daemon().await;
+        let fin = request(sock.clone(), ensure_identity(&identity_of(&m))).await;
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("fetched")), "{fin}");
+        assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
+        // Asked again: it is here, without asking any peer.
+        let fin = request(sock.clone(), ensure_identity(&identity_of(&m))).await;
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("present")), "{fin}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_identity_with_a_wrong_sha256_fails_and_leaves_nothing_in_the_pool() {
+        let a = Host::new();
+        let (_a, m, _) = origin(&a).await;
+        let b = peer_of(&a);
+        let (_d, sock) = b.daemon().await;
+        let id = proto::Identity { sha256: "0".repeat(64), ..identity_of(&m) };
+        let fin = request(sock.clone(), ensure_identity(&id)).await;
+        assert_eq!(fin["ok"], false, "{fin}");
+        let e = fin["error"].as_str().unwrap();
+        assert!(e.starts_with("'base.raw' failed verification (nothing was put in the pool): "), "{e}");
+        assert!(e.contains(&"0".repeat(64)), "{e}");
+        let left: Vec<_> = std::fs::read_dir(&b.pool).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_identity_whose_torrent_names_another_file_is_refused_before_any_download() {
+        let a = Host::new();
+        let (_a, m, _) = origin(&a).await;
+        let b = peer_of(&a);
+        let (_d, sock) = b.daemon().await;
+        let id = proto::Identity { name: "renamed.raw".into(), ..identity_of(&m) };
+        let fin = request(sock.clone(), ensure_identity(&id)).await;
+        assert_eq!(fin["ok"], false, "{fin}");
+        let e = fin["error"].as_str().unwrap();
+        assert!(e.contains("disagrees with its identity: it names the file 'base.raw'"), "{e}");
+        assert_eq!(std::fs::read_dir(&b.pool).unwrap().count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_name_resolves_through_the_trusted_catalog_only() {
+        let a = Host::new();
+        let (_a, m, data) = origin(&a).await;
+        // B knows no peer from its config: the catalog entry's host is the peer.
+        let b = Host::new();
+        let (d, sock) = b.daemon().await;
+        let by_name = serde_json::json!({"op": "ensure", "pool": "p", "name": "base.raw"});
+        let fin = request(sock.clone(), by_name.clone()).await;
+        assert_eq!(fin["ok"], false, "{fin}");
+        assert_eq!(
+            fin["error"],
+            "no trusted master named 'base.raw' in the LAN catalog (for pool 'p'); publish it on a host of the LAN, \
+             or name it by identity"
+        );
+        let trusted = |m: Manifest, signer: &str, host: String| crate::catalog::Trusted {
+            manifest: m,
+            signed_text: String::new(),
+            signature: String::new(),
+            signer: signer.into(),
+            host: Some(host),
+        };
+        d.ctx.catalog.insert_trusted(trusted(m.clone(), "alice", format!("127.0.0.1:{}", a.cfg.listen_port)));
+        let fin = request(sock.clone(), by_name.clone()).await;
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("fetched")), "{fin}");
+        assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
+        // Another trusted master under the name: a conflict naming both, never resolved.
+        let other = Manifest { sha256: "e".repeat(64), ..m };
+        d.ctx.catalog.insert_trusted(trusted(other, "mallory", "10.9.9.9:6881".into()));
+        let fin = request(sock.clone(), by_name).await;
+        let e = fin["error"].as_str().unwrap();
+        assert!(e.starts_with("two different masters are published as 'base.raw'"), "{e}");
+        assert!(e.contains("alice") && e.contains("mallory") && e.contains("10.9.9.9:6881"), "{e}");
     }
 
     /// A host whose record says it published `base.raw`, and a daemon that re-verifies it with a
