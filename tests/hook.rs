@@ -729,6 +729,69 @@ fn a_plain_backing_store_of_a_missing_master_is_asked_for_by_name_in_the_pool_ho
     assert_eq!(domstate(&name), "shut off");
 }
 
+/// An ed25519 key made by ssh-keygen, and an allowed-signers file trusting it as `principal`.
+fn signer(dir: &Path, principal: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join("signing-key");
+    let o = run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    let allowed = dir.join("allowed_signers");
+    std::fs::write(&allowed, format!("{principal} {}\n", public.trim())).expect("allowed_signers");
+    (key, allowed)
+}
+
+#[test]
+fn a_plain_backing_store_of_a_master_another_host_published_signed_starts_after_the_fetch() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("plaincat");
+    let (key, allowed) = signer(&env.dir, "alice@example.com");
+    // Both daemons announce and listen on a catalog port of their own (not the default's).
+    let conf = env.dir.join("pool-helper.toml");
+    std::fs::write(&conf, format!("catalog_port = {}\n", vcc_tests::free_port())).expect("config");
+    let flag = |f: &str, p: &Path| vec![f.to_string(), p.to_string_lossy().into_owned()];
+    // This host's daemon trusts alice and knows nothing else.
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.extra = [flag("--config", &conf), flag("--allowed-signers", &allowed)].concat();
+    local.serve();
+    // The other host signs what it publishes and announces it (to this host too).
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.extra = [flag("--config", &conf), flag("--signing-key", &key)].concat();
+    seeder.peers = vec![format!("127.0.0.1:{}", local.port)];
+    seeder.serve();
+    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
+    write_random(&seed_dir.join("plain-cat.raw"), 8 << 20);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    seeder.publish(&seed_pool, "plain-cat.raw");
+    let sock = Path::new(HOOK_DAEMON_STATE).join("control.sock");
+    let t0 = Instant::now();
+    loop {
+        let (_, c) = vcc_tests::request(&sock, &serde_json::json!({"op": "catalog"}));
+        if c["catalog"].as_array().is_some_and(|l| l.iter().any(|e| e["name"] == "plain-cat.raw")) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "not in this host's catalog: {c}\n{}", local.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A plain XML: the backing store's path in a pool of this host, no metadata of ours.
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("plain-cat.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
+
+    let o = virsh(&["start", &name]);
+    let log = local.log();
+    drop(local);
+    drop(seeder);
+    drop_pool(&pool);
+    drop_pool(&seed_pool);
+    assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(sha256(&master), sha256(seed_dir.join("plain-cat.raw")), "the published master");
+    let info = qemu_img_info_qcow2(&overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+}
+
 #[test]
 fn with_no_peer_holding_the_master_the_start_fails_within_the_bound_naming_it() {
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());

@@ -30,6 +30,8 @@ pub struct PoolHelper {
     pub watch_interval: &'static str,
     /// `--peer` for every master (a host that knows another by its address only).
     pub peers: Vec<String>,
+    /// More flags before the subcommand (`--config`, `--signing-key`, `--allowed-signers`, ...).
+    pub extra: Vec<String>,
     daemon: Option<Child>,
 }
 
@@ -38,7 +40,7 @@ impl PoolHelper {
         let _ = std::fs::remove_dir_all(state);
         std::fs::create_dir_all(state).unwrap();
         let port = free_port();
-        PoolHelper { state: state.to_path_buf(), port, watch_interval: "0", peers: Vec::new(), daemon: None }
+        PoolHelper { state: state.to_path_buf(), port, watch_interval: "0", peers: Vec::new(), extra: Vec::new(), daemon: None }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -49,6 +51,7 @@ impl PoolHelper {
         for p in &self.peers {
             c.args(["--peer", p]);
         }
+        c.args(&self.extra);
         c.args(args).stdin(Stdio::null());
         c
     }
