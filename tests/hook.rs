@@ -623,6 +623,31 @@ fn write_random(path: &Path, len: usize) {
     std::fs::write(path, v).expect("write master");
 }
 
+/// Starts `name` (its master missing: the hook has the daemon fetch it), then stops the daemons
+/// (the first is the one the hook asked: its log is shown) and drops the pools; the domain must
+/// run over `master`, whose SHA-256 is `want`.
+fn start_over_fetched_master(
+    name: &str,
+    overlay: &str,
+    master: &str,
+    want: &str,
+    daemons: Vec<PoolHelper>,
+    pools: &[&str],
+) {
+    let o = virsh(&["start", name]);
+    let log = daemons.first().map(PoolHelper::log).unwrap_or_default();
+    drop(daemons);
+    for p in pools {
+        drop_pool(p);
+    }
+    assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(domstate(name), "running");
+    assert_eq!(sha256(master), want, "the master is the published one");
+    let info = qemu_img_info_qcow2(overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master));
+    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+}
+
 #[test]
 fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
@@ -646,17 +671,8 @@ fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     env.define(&fetching_domain_xml(&name, &overlay, &master, &pool, &manifest));
     assert!(!Path::new(&master).exists());
 
-    let o = virsh(&["start", &name]);
-    drop(local);
-    drop(seeder);
-    drop_pool(&pool);
-    drop_pool(&seed_pool);
-    assert!(o.status.success(), "virsh start: {}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(domstate(&name), "running");
-    assert_eq!(sha256(&master), published["sha256"].as_str().expect("sha256"), "the master matches the manifest");
-    let info = qemu_img_info_qcow2(&overlay);
-    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
-    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+    let want = published["sha256"].as_str().expect("sha256");
+    start_over_fetched_master(&name, &overlay, &master, want, vec![local, seeder], &[&pool, &seed_pool]);
 }
 
 #[test]
@@ -691,17 +707,8 @@ fn a_start_fetches_a_master_named_by_identity_only_then_makes_the_overlay() {
     env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), &md));
     assert!(!Path::new(&master).exists());
 
-    let o = virsh(&["start", &name]);
-    let log = local.log();
-    drop(local);
-    drop(seeder);
-    drop_pool(&pool);
-    drop_pool(&seed_pool);
-    assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(domstate(&name), "running");
-    assert_eq!(sha256(&master), published["sha256"].as_str().expect("sha256"), "the master matches its identity");
-    let info = qemu_img_info_qcow2(&overlay);
-    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+    let want = published["sha256"].as_str().expect("sha256");
+    start_over_fetched_master(&name, &overlay, &master, want, vec![local, seeder], &[&pool, &seed_pool]);
 }
 
 #[test]
@@ -779,17 +786,8 @@ fn a_plain_backing_store_of_a_master_another_host_published_signed_starts_after_
     let name = env.name("vm");
     env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
 
-    let o = virsh(&["start", &name]);
-    let log = local.log();
-    drop(local);
-    drop(seeder);
-    drop_pool(&pool);
-    drop_pool(&seed_pool);
-    assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(domstate(&name), "running");
-    assert_eq!(sha256(&master), sha256(seed_dir.join("plain-cat.raw")), "the published master");
-    let info = qemu_img_info_qcow2(&overlay);
-    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+    let want = sha256(seed_dir.join("plain-cat.raw"));
+    start_over_fetched_master(&name, &overlay, &master, &want, vec![local, seeder], &[&pool, &seed_pool]);
 }
 
 #[test]

@@ -40,7 +40,14 @@ impl PoolHelper {
         let _ = std::fs::remove_dir_all(state);
         std::fs::create_dir_all(state).unwrap();
         let port = free_port();
-        PoolHelper { state: state.to_path_buf(), port, watch_interval: "0", peers: Vec::new(), extra: Vec::new(), daemon: None }
+        PoolHelper {
+            state: state.to_path_buf(),
+            port,
+            watch_interval: "0",
+            peers: Vec::new(),
+            extra: Vec::new(),
+            daemon: None,
+        }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
