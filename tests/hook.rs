@@ -736,22 +736,11 @@ fn a_plain_backing_store_of_a_missing_master_is_asked_for_by_name_in_the_pool_ho
     assert_eq!(domstate(&name), "shut off");
 }
 
-/// An ed25519 key made by ssh-keygen, and an allowed-signers file trusting it as `principal`.
-fn signer(dir: &Path, principal: &str) -> (PathBuf, PathBuf) {
-    let key = dir.join("signing-key");
-    let o = run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().expect("utf-8")]);
-    assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
-    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
-    let allowed = dir.join("allowed_signers");
-    std::fs::write(&allowed, format!("{principal} {}\n", public.trim())).expect("allowed_signers");
-    (key, allowed)
-}
-
 #[test]
 fn a_plain_backing_store_of_a_master_another_host_published_signed_starts_after_the_fetch() {
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("plaincat");
-    let (key, allowed) = signer(&env.dir, "alice@example.com");
+    let (key, allowed) = vcc_tests::signer(&env.dir, "alice@example.com");
     // Both daemons announce and listen on a catalog port of their own (not the default's).
     let conf = env.dir.join("pool-helper.toml");
     std::fs::write(&conf, format!("catalog_port = {}\n", vcc_tests::free_port())).expect("config");
@@ -769,16 +758,7 @@ fn a_plain_backing_store_of_a_master_another_host_published_signed_starts_after_
     write_random(&seed_dir.join("plain-cat.raw"), 8 << 20);
     virsh_ok(&["pool-refresh", &seed_pool]);
     seeder.publish(&seed_pool, "plain-cat.raw");
-    let sock = Path::new(HOOK_DAEMON_STATE).join("control.sock");
-    let t0 = Instant::now();
-    loop {
-        let (_, c) = vcc_tests::request(&sock, &serde_json::json!({"op": "catalog"}));
-        if c["catalog"].as_array().is_some_and(|l| l.iter().any(|e| e["name"] == "plain-cat.raw")) {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "not in this host's catalog: {c}\n{}", local.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    local.wait_listed("plain-cat.raw");
     // A plain XML: the backing store's path in a pool of this host, no metadata of ours.
     let (pool, pool_dir) = dir_pool(&env, "localpool");
     let master = pool_dir.join("plain-cat.raw").to_string_lossy().into_owned();

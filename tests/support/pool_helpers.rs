@@ -84,6 +84,35 @@ impl PoolHelper {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default()
     }
+
+    /// Waits (at most 20 s) until the daemon's LAN catalog lists a master named `name`.
+    pub fn wait_listed(&self, name: &str) {
+        let t0 = Instant::now();
+        loop {
+            let (_, c) = request(&self.state.join("control.sock"), &serde_json::json!({"op": "catalog"}));
+            if c["catalog"].as_array().is_some_and(|l| l.iter().any(|e| e["name"] == name)) {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "{name} not in the catalog: {c}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// An ed25519 key in `dir` made by ssh-keygen (`signing_key`), and an allowed-signers file
+/// trusting it as `principal` (`allowed_signers`).
+pub fn signer(dir: &Path, principal: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join("signing-key");
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", principal, "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let allowed = dir.join("allowed_signers");
+    std::fs::write(&allowed, format!("{principal} {}\n", public.trim())).unwrap();
+    (key, allowed)
 }
 
 impl Drop for PoolHelper {
