@@ -32,7 +32,7 @@ pub const MAX_DATAGRAM: usize = 8 * 1024;
 /// The format version of announcements.
 pub const VERSION: u32 = 1;
 /// Announcements right after a master is added: at 0, 1 and 2 s.
-const BURST: [Duration; 3] = [Duration::ZERO, Duration::from_secs(1), Duration::from_secs(1)];
+const BURST: u32 = 3;
 /// At most one log line per this long about refused announcements.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How long resolving a peer's host name may take.
@@ -216,15 +216,16 @@ impl Announcer {
     }
 
     /// Announces everything every interval, and three times in the two seconds after a master
-    /// is added.
+    /// is added (at once, then 1 and 2 s later).
     pub async fn run(self: Arc<Self>) {
+        let mut burst_left = 0u32;
         loop {
-            for pause in BURST {
-                tokio::time::sleep(pause).await;
-                self.send_all().await;
+            let wait = if burst_left > 0 { Duration::from_secs(1) } else { self.interval };
+            if tokio::time::timeout(wait, self.kick.notified()).await.is_ok() {
+                burst_left = BURST;
             }
-            let _ =
-                tokio::time::timeout(self.interval.saturating_sub(Duration::from_secs(2)), self.kick.notified()).await;
+            burst_left = burst_left.saturating_sub(1);
+            self.send_all().await;
         }
     }
 }
@@ -292,21 +293,10 @@ mod tests {
     use super::*;
 
     fn manifest(name: &str) -> Manifest {
-        let info_hash = "b".repeat(40);
-        Manifest {
-            version: crate::manifest::MANIFEST_VERSION,
-            name: name.into(),
-            format: "raw".into(),
-            size: 1 << 20,
-            virtual_size: 1 << 20,
-            sha256: "a".repeat(64),
-            magnet: format!("magnet:?xt=urn:btih:{info_hash}"),
-            info_hash,
-            piece_length: 1 << 18,
-            peers: vec!["10.0.0.1:6881".into()],
-            trackers: vec![],
-            torrent_hex: Some("00".repeat(100_000)),
-        }
+        let mut m = crate::catalog::tests::manifest(name, 'a', 'b');
+        m.peers = vec!["10.0.0.1:6881".into()];
+        m.torrent_hex = Some("00".repeat(100_000));
+        m
     }
 
     fn datagram(k: &SigningKey, text: &str) -> Vec<u8> {
