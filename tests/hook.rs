@@ -8,7 +8,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use vcc_tests::{
-    bios_domain_type, cli_path, domstate, qemu_img_info, repo_root, run, sha256, target_bin, virsh, virsh_ok,
+    bios_domain_type, cli_path, domstate, install_built_hook, qemu_img_info, run, sha256, target_bin, virsh, virsh_ok,
     PoolHelper, URI,
 };
 
@@ -35,10 +35,7 @@ fn install_hook() {
             format!("control_socket = \"{HOOK_DAEMON_STATE}/control.sock\"\nfetch_timeout = {FETCH_TIMEOUT_S}\nconnect_timeout = 1\nprogress_interval = 2\nallowed_dirs = [\"{TEST_DIR}\"]\n"),
         )
         .expect("hook config");
-        let hook = target_bin("virt-clone-cow-hook");
-        let script = repo_root().join("packaging/hook-install");
-        let o = run(script.to_str().expect("utf-8 path"), &["install", hook.to_str().expect("utf-8 path")]);
-        assert!(o.status.success(), "hook-install failed: {}", String::from_utf8_lossy(&o.stderr));
+        install_built_hook();
     });
 }
 
@@ -249,7 +246,7 @@ fn a_missing_master_with_no_manifest_says_so() {
     let o = virsh(&["start", &name]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&master) && err.contains("no pool-helper manifest"), "{err}");
+    assert!(err.contains(&master) && err.contains("names no manifest or identity"), "{err}");
     assert!(!Path::new(&overlay).exists());
 }
 
@@ -660,6 +657,76 @@ fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     let info = qemu_img_info_qcow2(&overlay);
     assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
     assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+}
+
+#[test]
+fn a_start_fetches_a_master_named_by_identity_only_then_makes_the_overlay() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("fetchid");
+    // The other host publishes and seeds the master; this host has no manifest file for it.
+    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
+    write_random(&seed_dir.join("ident.raw"), 12 << 20);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_pool, "ident.raw");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    std::fs::remove_file(&manifest).expect("no manifest file anywhere the daemon could read");
+    // This host's daemon knows the other host only as a peer address.
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.peers = vec![format!("127.0.0.1:{}", seeder.port)];
+    local.serve();
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("ident.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{pool}' \
+         sha256='{}' info-hash='{}'/></vcc:disk></vcc:clone></vcc:cow>",
+        published["sha256"].as_str().expect("sha256"),
+        published["info_hash"].as_str().expect("info_hash"),
+    );
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), &md));
+    assert!(!Path::new(&master).exists());
+
+    let o = virsh(&["start", &name]);
+    let log = local.log();
+    drop(local);
+    drop(seeder);
+    drop_pool(&pool);
+    drop_pool(&seed_pool);
+    assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(sha256(&master), published["sha256"].as_str().expect("sha256"), "the master matches its identity");
+    let info = qemu_img_info_qcow2(&overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+}
+
+#[test]
+fn a_plain_backing_store_of_a_missing_master_is_asked_for_by_name_in_the_pool_holding_it() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("plainname");
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.serve();
+    // A pool defined the usual way (its definition in /etc/libvirt/storage), the master absent,
+    // no metadata of ours: the hook finds the pool from its definition and asks for the name.
+    let (pool, pool_dir) = dir_pool(&env, "plainpool");
+    let master = pool_dir.join("plain.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
+    let o = virsh(&["start", &name]);
+    drop(local);
+    drop_pool(&pool);
+    assert!(!o.status.success(), "nothing names the master: the start must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The daemon got the pool and the name: its catalog (nobody announced anything) has none.
+    let said = format!("no trusted master named 'plain.raw' in the LAN catalog (for pool '{pool}')");
+    assert!(err.contains(&master) && err.contains(&said), "{err}");
+    assert!(!Path::new(&overlay).exists());
+    assert_eq!(domstate(&name), "shut off");
 }
 
 #[test]

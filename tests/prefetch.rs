@@ -16,6 +16,24 @@ fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool, log: im
     }
 }
 
+/// Defines a clone on this host whose disk `vda` is an overlay over `master` (raw), the metadata's
+/// master element carrying `how` (the attributes that say how to get it) besides path and format.
+fn define_clone(name: &str, overlay: &str, master: &str, how: &str) {
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' {how}/>\
+         </vcc:disk></vcc:clone></vcc:cow>"
+    );
+    let xml = format!(
+        "<domain type='{}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><metadata>{md}</metadata>\
+         <os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>\
+         <driver name='qemu' type='qcow2'/><source file='{overlay}'/><backingStore type='file'><format type='raw'/>\
+         <source file='{master}'/></backingStore><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        bios_domain_type()
+    );
+    define_xml(&xml);
+}
+
 #[test]
 fn the_daemon_prefetches_a_master_a_defined_domain_needs_and_refreshes_pools_with_hook_overlays() {
     let seed_env = TestEnv::new("pfseed");
@@ -35,20 +53,7 @@ fn the_daemon_prefetches_a_master_a_defined_domain_needs_and_refreshes_pools_wit
     let master = local_env.in_pool("base.raw");
     let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
     let name = local_env.name("-vm");
-    let md = format!(
-        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
-         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{}' manifest='{manifest}'/>\
-         </vcc:disk></vcc:clone></vcc:cow>",
-        local_env.pool
-    );
-    let xml = format!(
-        "<domain type='{}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><metadata>{md}</metadata>\
-         <os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>\
-         <driver name='qemu' type='qcow2'/><source file='{overlay}'/><backingStore type='file'><format type='raw'/>\
-         <source file='{master}'/></backingStore><target dev='vda' bus='virtio'/></disk></devices></domain>",
-        bios_domain_type()
-    );
-    define_xml(&xml);
+    define_clone(&name, &overlay, &master, &format!("pool='{}' manifest='{manifest}'", local_env.pool));
 
     // No start: the master arrives by itself, verified, and the pool lists it.
     wait_until("the prefetch", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
@@ -66,4 +71,37 @@ fn the_daemon_prefetches_a_master_a_defined_domain_needs_and_refreshes_pools_wit
         || virsh_ok(&["vol-list", &local_env.pool]).contains(&file),
         || local.log(),
     );
+}
+
+#[test]
+fn the_daemon_prefetches_a_master_a_defined_domain_names_by_identity_only() {
+    let seed_env = TestEnv::new("pfidseed");
+    let local_env = TestEnv::new("pfidlocal");
+    let seed_master = seed_env.in_pool("ident.raw");
+    make_raw(&seed_master, 6);
+    seed_env.refresh_pool();
+    let mut seeder = PoolHelper::new(&seed_env.work_dir.join("state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_env.pool, "ident.raw");
+    let published: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    std::fs::remove_file(&manifest).unwrap();
+
+    // This host knows the other only as a peer; the domain's metadata has the identity only.
+    let mut local = PoolHelper::new(&local_env.work_dir.join("state"));
+    local.watch_interval = "1";
+    local.peers = vec![format!("127.0.0.1:{}", seeder.port)];
+    local.serve();
+    let master = local_env.in_pool("ident.raw");
+    let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
+    let name = local_env.name("-vm");
+    let how = format!(
+        "pool='{}' sha256='{}' info-hash='{}'",
+        local_env.pool,
+        published["sha256"].as_str().unwrap(),
+        published["info_hash"].as_str().unwrap()
+    );
+    define_clone(&name, &overlay, &master, &how);
+    wait_until("the prefetch by identity", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
+    assert_eq!(sha256(&master), sha256(&seed_master));
+    assert!(virsh_ok(&["vol-list", &local_env.pool]).contains("ident.raw"));
 }

@@ -111,8 +111,13 @@ impl Catalog {
     /// Forgets announcers not heard for [`HOST_TTL`]. Entries stay (a master once trusted stays
     /// known), so a lone host can still resolve what it heard of.
     pub fn expire(&self, now: Instant) {
+        self.expire_after(now, HOST_TTL);
+    }
+
+    /// Forgets announcers not heard for `ttl` (three announce intervals).
+    pub fn expire_after(&self, now: Instant, ttl: Duration) {
         for k in self.lock().values_mut() {
-            k.hosts.retain(|_, t| now.saturating_duration_since(*t) < HOST_TTL);
+            k.hosts.retain(|_, t| now.saturating_duration_since(*t) < ttl);
         }
     }
 
@@ -202,10 +207,11 @@ fn conflict(name: &str, a: &Known, b: &Known) -> CatalogError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn manifest(name: &str, sha: char, ih: char) -> Manifest {
+    /// A valid manifest whose hashes repeat `sha` and `ih` (other modules' tests use it too).
+    pub(crate) fn manifest(name: &str, sha: char, ih: char) -> Manifest {
         let info_hash: String = std::iter::repeat_n(ih, 40).collect();
         Manifest {
             version: crate::manifest::MANIFEST_VERSION,

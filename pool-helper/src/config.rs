@@ -13,6 +13,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/pool-helper";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/pool-helper/control.sock";
 pub const DEFAULT_LISTEN_PORT: u16 = 6881;
 pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 2 << 40;
+/// UDP port of the LAN catalog's announcements (multicast group [`crate::announce::GROUP`]).
+pub const DEFAULT_CATALOG_PORT: u16 = 6779;
+/// Seconds between a daemon's announcements of the signed masters it seeds.
+pub const DEFAULT_ANNOUNCE_INTERVAL: u64 = 30;
 /// A config file is read only if it is a regular file of at most this many bytes.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -42,6 +46,14 @@ pub struct FileConfig {
     pub stall_timeout: Option<u64>,
     /// Seconds between looks at libvirt for masters defined domains need (0: never look).
     pub watch_interval: Option<u64>,
+    /// OpenSSH ed25519 private key that signs the manifests this host publishes.
+    pub signing_key: Option<PathBuf>,
+    /// ssh-keygen allowed-signers file: whose signed manifests the LAN catalog trusts.
+    pub allowed_signers: Option<PathBuf>,
+    /// Announce signed masters to the LAN and listen for others' announcements.
+    pub catalog: Option<bool>,
+    pub catalog_port: Option<u16>,
+    pub announce_interval: Option<u64>,
 }
 
 impl FileConfig {
@@ -76,6 +88,8 @@ pub struct Overrides {
     pub request_window: Option<usize>,
     pub libvirt_uri: Option<String>,
     pub watch_interval: Option<u64>,
+    pub signing_key: Option<PathBuf>,
+    pub allowed_signers: Option<PathBuf>,
 }
 
 /// The validated configuration.
@@ -101,6 +115,15 @@ pub struct Config {
     pub stall_timeout: u64,
     /// Seconds between looks at libvirt (prefetch, pool refresh); 0 turns it off.
     pub watch_interval: u64,
+    /// Signs published manifests (`NAME.json.sig`) when set.
+    pub signing_key: Option<PathBuf>,
+    /// The keys the LAN catalog trusts; without it nothing is trusted (and nothing heard).
+    pub allowed_signers: Option<PathBuf>,
+    /// Announcing and listening on the LAN (docs/many-hosts.md section 3).
+    pub catalog: bool,
+    pub catalog_port: u16,
+    /// Seconds between announcements (after the three of the first two seconds).
+    pub announce_interval: u64,
 }
 
 /// 16 KiB requests outstanding per peer. librqbit's own default, 128, queued 2 MiB per peer at
@@ -190,6 +213,16 @@ impl Config {
                 "request window {request_window}: give 1 to 1024 chunks (the default is {DEFAULT_REQUEST_WINDOW})"
             )));
         }
+        let catalog_port = f.catalog_port.unwrap_or(DEFAULT_CATALOG_PORT);
+        if catalog_port == 0 {
+            return Err(ConfigError::Invalid("catalog_port 0: announcements need a fixed port".into()));
+        }
+        let announce_interval = f.announce_interval.unwrap_or(DEFAULT_ANNOUNCE_INTERVAL);
+        if !(1..=3600).contains(&announce_interval) {
+            return Err(ConfigError::Invalid(format!(
+                "announce_interval {announce_interval}: give 1 to 3600 seconds (the default is {DEFAULT_ANNOUNCE_INTERVAL})"
+            )));
+        }
         Ok(Config {
             state_dir,
             control_socket,
@@ -208,6 +241,11 @@ impl Config {
             qemu_img_check: f.qemu_img_check.unwrap_or(true),
             stall_timeout: f.stall_timeout.unwrap_or(120),
             watch_interval: o.watch_interval.or(f.watch_interval).unwrap_or(10),
+            signing_key: o.signing_key.clone().or(f.signing_key),
+            allowed_signers: o.allowed_signers.clone().or(f.allowed_signers),
+            catalog: f.catalog.unwrap_or(true),
+            catalog_port,
+            announce_interval,
         })
     }
 
@@ -322,5 +360,22 @@ mod tests {
         let c = Config::merge(f, &Overrides::default()).expect("and validate");
         assert_eq!((c.listen_port, c.request_window, c.watch_interval), (DEFAULT_LISTEN_PORT, 16, 10));
         assert_eq!(c.max_virtual_size, DEFAULT_MAX_VIRTUAL_SIZE);
+        assert_eq!((c.catalog, c.catalog_port, c.announce_interval), (true, 6779, 30));
+    }
+
+    #[test]
+    fn signing_flags_override_the_file_and_catalog_keys_are_bounded() {
+        let f: FileConfig =
+            toml::from_str("signing_key = \"/k\"\nallowed_signers = \"/a\"\ncatalog = false\ncatalog_port = 7000")
+                .unwrap();
+        let o = Overrides { signing_key: Some("/k2".into()), ..Default::default() };
+        let c = Config::merge(f, &o).unwrap();
+        assert_eq!(c.signing_key, Some(PathBuf::from("/k2")), "the flag wins");
+        assert_eq!(c.allowed_signers, Some(PathBuf::from("/a")));
+        assert_eq!((c.catalog, c.catalog_port), (false, 7000));
+        for bad in ["catalog_port = 0", "announce_interval = 0", "announce_interval = 3601"] {
+            let f: FileConfig = toml::from_str(bad).unwrap();
+            assert!(Config::merge(f, &Overrides::default()).is_err(), "{bad}");
+        }
     }
 }

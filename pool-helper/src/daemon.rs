@@ -18,11 +18,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::fetch::{self, Ctx, FetchError, Outcome};
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::Manifest;
 use crate::records::{self, RecordState};
+use crate::resolve;
 use crate::torrent::{Handle, Progress, TorrentState};
 use vcc_core::control::proto::{
-    self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, Request,
+    self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, PublishRequest,
+    Request,
 };
 use vcc_core::error::one_line;
 
@@ -54,16 +56,8 @@ enum Refusal {
     TooLong { max: usize },
     #[error("no complete request line within {secs} s; send one JSON object and a newline")]
     Timeout { secs: u64 },
-    #[error("bad request: missing field `pool`")]
-    NoPool,
-    #[error("give exactly one of 'manifest' and 'manifest_path'")]
-    ManifestChoice,
-    #[error("manifest_path '{0}' is not absolute")]
-    RelativeManifestPath(String),
-    #[error("bad request: the manifest is not a JSON object")]
-    ManifestObject(#[source] serde_json::Error),
     #[error(transparent)]
-    Manifest(#[from] ManifestError),
+    Resolve(#[from] resolve::ResolveError),
     #[error("pool '{pool}' already has a master named '{name}' with another SHA-256 ({sha256})")]
     OtherSha256 { pool: String, name: String, sha256: String },
     #[error("no published master '{name}' in pool '{pool}' on this host")]
@@ -72,6 +66,12 @@ enum Refusal {
     NoAnswer { pool: String, name: String },
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishError),
+    #[error("'{name}' in pool '{pool}' is being fetched or verified; publish it when that ends")]
+    Busy { pool: String, name: String },
+    #[error("the published manifest could not be written as JSON")]
+    ManifestJson(#[source] serde_json::Error),
 }
 
 type Key = (String, String); // (pool, name)
@@ -146,6 +146,8 @@ async fn caught<T: Send + 'static>(
 /// The daemon's shared state.
 pub struct Daemon {
     ctx: Arc<Ctx>,
+    /// Announces the signed masters this daemon seeds (set by [`Daemon::start_catalog`]).
+    announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
     masters: Mutex<HashMap<Key, Entry>>,
     request_timeout: Duration,
     #[cfg(test)]
@@ -166,6 +168,7 @@ impl Daemon {
     fn with_request_timeout(ctx: Arc<Ctx>, request_timeout: Duration) -> Arc<Self> {
         Arc::new(Daemon {
             ctx,
+            announcer: std::sync::OnceLock::new(),
             masters: Mutex::new(HashMap::new()),
             request_timeout,
             #[cfg(test)]
@@ -216,6 +219,55 @@ impl Daemon {
         bound.map_err(err)
     }
 
+    /// Starts the LAN catalog (unless `catalog = false`): announcing the signed masters this
+    /// daemon seeds (signed with `signing_key`, or as heard for fetched ones) and, with an
+    /// `allowed_signers` file, hearing others'. A signing key or allowed-signers file that cannot
+    /// be used, or a port that cannot be bound, is an error: the daemon does not start half-trusted.
+    pub fn start_catalog(self: &Arc<Self>) -> Result<(), crate::announce::AnnounceError> {
+        use crate::announce;
+        let cfg = &self.ctx.cfg;
+        if !cfg.catalog {
+            tracing::info!("catalog = false: not announcing, not listening");
+            return Ok(());
+        }
+        let key = cfg.signing_key.as_deref().map(crate::sign::SigningKey::load).transpose()?;
+        let allowed = cfg.allowed_signers.as_deref().map(crate::sign::AllowedSigners::load).transpose()?;
+        let a = announce::Announcer::new(cfg, key)?;
+        let _ = self.announcer.set(a.clone());
+        tokio::spawn(a.run());
+        let interval = Duration::from_secs(cfg.announce_interval);
+        match allowed {
+            Some(allowed) => {
+                let sock = announce::bind_listener(cfg.catalog_port)?;
+                tracing::info!(
+                    "catalog: listening on UDP port {} ({} trusted key(s))",
+                    cfg.catalog_port,
+                    allowed.len()
+                );
+                tokio::spawn(announce::listen(sock, Arc::new(allowed), self.ctx.catalog.clone(), interval));
+            }
+            None => tracing::info!("catalog: no allowed_signers, so nothing to trust: not listening"),
+        }
+        Ok(())
+    }
+
+    /// Announces a master this daemon seeds: one it published (signed with our key), or a
+    /// fetched one the catalog holds signed.
+    fn announce(&self, m: &Manifest, published: bool) {
+        let Some(a) = self.announcer.get() else { return };
+        let r = if published {
+            a.add_own(m).map(|_| ())
+        } else {
+            match self.ctx.catalog.signed(&m.sha256) {
+                Some((text, sig)) => a.add_signed(m, text, sig),
+                None => Ok(()),
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!("not announcing '{}': {}", m.name, one_line(&e));
+        }
+    }
+
     /// Re-verifies and seeds every recorded master; resumes pending fetches. A fetch recorded as
     /// failed (it cannot succeed with its manifest) is shown, with why, and not resumed.
     pub fn start_recorded(self: &Arc<Self>) {
@@ -246,6 +298,7 @@ impl Daemon {
             let dtx = e.done.clone();
             self.lock().insert(key.clone(), e);
             let me = self.clone();
+            let (published, m) = (matches!(r.state, RecordState::Published), r.manifest.clone());
             tokio::spawn(async move {
                 let work = {
                     let me = me.clone();
@@ -273,6 +326,7 @@ impl Daemon {
                                     Ok(h) => {
                                         e.state = MasterState::Seeding;
                                         e.handle = Some(h);
+                                        me.announce(&m, published);
                                     }
                                     Err(err) => {
                                         tracing::warn!("not seeding {}: {}", key.1, one_line(&err));
@@ -318,6 +372,14 @@ impl Daemon {
         }
     }
 
+    /// [`Daemon::prefetch`] for a master named in any way a request can name it (the watcher:
+    /// identities from domains' metadata, plain backing stores by pool and name). Resolving may
+    /// ask peers for the torrent (bounded by `stall_timeout`). Err: why it cannot be resolved.
+    pub async fn prefetch_request(self: &Arc<Self>, mr: &MasterRequest) -> Result<bool, String> {
+        let (pool, m) = self.master_of(mr).await.map_err(|e| one_line(&e))?;
+        Ok(self.prefetch(&pool, m))
+    }
+
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
     fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, Refusal> {
         let mut g = self.lock();
@@ -347,6 +409,7 @@ impl Daemon {
         drop(g);
         let me = self.clone();
         let last = ptx.subscribe();
+        let fetched = m.clone();
         tokio::spawn(async move {
             let work = {
                 let me = me.clone();
@@ -405,6 +468,7 @@ impl Daemon {
                             e.path = Some(outcome.path().to_path_buf());
                             e.handle = h;
                             e.error = None;
+                            me.announce(&fetched, false);
                         }
                         Final::done(outcome.state(), &outcome.path().display().to_string())
                     }
@@ -461,21 +525,17 @@ impl Daemon {
         v
     }
 
-    /// The request's pool and its validated manifest (a manifest file is read off the async
-    /// workers, bounded: [`Manifest::load`]).
-    async fn master_of(r: &MasterRequest) -> Result<(String, Manifest), Refusal> {
-        let pool = r.pool.clone().ok_or(Refusal::NoPool)?;
-        let m = match (&r.manifest, &r.manifest_path) {
-            (Some(obj), None) => Manifest::from_value(obj.to_value().map_err(Refusal::ManifestObject)?)?,
-            (None, Some(p)) => {
-                if !p.starts_with('/') {
-                    return Err(Refusal::RelativeManifestPath(p.clone()));
-                }
-                Manifest::load_off_runtime(PathBuf::from(p)).await?
+    /// The request's pool and the validated manifest of the master it names ([`resolve`]). A
+    /// master named by identity that this daemon already holds (seeding it, or fetching it) needs
+    /// no catalog or peer to resolve.
+    async fn master_of(&self, r: &MasterRequest) -> Result<(String, Manifest), Refusal> {
+        if let (Some(pool), Some(id)) = (&r.pool, &r.identity) {
+            let key = (pool.clone(), id.name.clone());
+            if let Some(e) = self.lock().get(&key).filter(|e| e.holds_name() && e.manifest.sha256 == id.sha256) {
+                return Ok((pool.clone(), e.manifest.clone()));
             }
-            _ => return Err(Refusal::ManifestChoice),
-        };
-        Ok((pool, m))
+        }
+        Ok(resolve::resolve(&self.ctx, r).await?)
     }
 
     /// Serves connections until the process ends.
@@ -529,8 +589,16 @@ impl Daemon {
             }
             Request::Ensure(mr) => self.ensure(w, mr, false).await,
             Request::Fetch(mr) => self.ensure(w, mr, true).await,
-            Request::Publish(_) | Request::Catalog => {
-                write_final(&mut w, &Final::error("this request is not served yet")).await
+            Request::Publish(pr) => {
+                let f = match self.publish(pr).await {
+                    Ok(f) => f,
+                    Err(e) => Final::error(one_line(&e)),
+                };
+                write_final(&mut w, &f).await
+            }
+            Request::Catalog => {
+                let f = Final { ok: true, catalog: Some(self.ctx.catalog.entries()), ..Default::default() };
+                write_final(&mut w, &f).await
             }
         }
     }
@@ -560,7 +628,7 @@ impl Daemon {
 
     /// `seed`: re-verifies a master this host published and seeds it.
     async fn seed_published(&self, mr: &MasterRequest) -> Result<Final, Refusal> {
-        let (pool, m) = Self::master_of(mr).await?;
+        let (pool, m) = self.master_of(mr).await?;
         let rec = records::load_all(&self.ctx.cfg)
             .into_iter()
             .find(|r| {
@@ -581,13 +649,65 @@ impl Daemon {
         Ok(Final::done(FinalState::Seeding, &p.display().to_string()))
     }
 
+    /// `publish`: makes a pool volume a master (as `pool-helper publish` does offline: hashed,
+    /// checked as every fetcher will, manifest and torrent written, recorded) and seeds it.
+    async fn publish(&self, pr: PublishRequest) -> Result<Final, Refusal> {
+        let key = (pr.pool.clone(), pr.volume.clone());
+        if let Some(e) = self.lock().get(&key) {
+            if matches!(e.state, MasterState::Fetching | MasterState::Verifying) {
+                return Err(Refusal::Busy { pool: pr.pool, name: pr.volume });
+            }
+        }
+        let (cfg, pools) = (self.ctx.cfg.clone(), self.ctx.pools.clone());
+        let (pool, volume) = (pr.pool.clone(), pr.volume.clone());
+        // Hashing reads the whole volume: off the async workers; a panic is an answer too.
+        let p = match tokio::task::spawn_blocking(move || crate::publish::publish_in(&cfg, &*pools, &pool, &volume))
+            .await
+        {
+            Ok(r) => r?,
+            Err(e) => return Err(FetchError::Task(e).into()),
+        };
+        let h = self.ctx.seed(&p.manifest, &p.path).await?;
+        let old = {
+            let mut g = self.lock();
+            let e = Entry {
+                path: Some(p.path.clone()),
+                handle: Some(h),
+                ..Entry::new(p.manifest.clone(), pr.pool.clone(), MasterState::Seeding)
+            };
+            g.insert(key, e).and_then(|mut o| {
+                if o.manifest.sha256 != p.manifest.sha256 {
+                    if let Some(a) = self.announcer.get() {
+                        a.remove(&o.manifest.sha256);
+                    }
+                }
+                o.handle.take().map(|h| (o.manifest.info_hash, h))
+            })
+        };
+        self.announce(&p.manifest, true);
+        // A master republished with other content: its old torrent goes.
+        if let Some((ih, h)) = old {
+            if ih != p.manifest.info_hash {
+                self.ctx.torrents.remove(&h).await;
+            }
+        }
+        Ok(Final {
+            ok: true,
+            state: Some(FinalState::Seeding),
+            path: Some(p.path.display().to_string()),
+            manifest: Some(serde_json::to_value(&p.manifest).map_err(Refusal::ManifestJson)?),
+            manifest_path: Some(p.manifest_path.display().to_string()),
+            ..Default::default()
+        })
+    }
+
     async fn ensure(
         self: Arc<Self>,
         mut w: tokio::net::unix::OwnedWriteHalf,
         mr: MasterRequest,
         always: bool,
     ) -> std::io::Result<()> {
-        let started = Self::master_of(&mr).await.and_then(|(pool, m)| {
+        let started = self.master_of(&mr).await.and_then(|(pool, m)| {
             let key = (pool.clone(), m.name.clone());
             let (size, name) = (m.size, m.name.clone());
             self.start_fetch(key, pool, m).map(|w| (w, size, name))
@@ -837,6 +957,107 @@ mod tests {
         assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
         let st = status_of(&sock, "base.raw").await;
         assert_eq!((st["state"].as_str(), st["fetches"].as_u64()), (Some("seeding"), Some(2)), "{st}");
+    }
+
+    /// A master's identity as a domain's metadata records it.
+    fn identity_of(m: &Manifest) -> proto::Identity {
+        proto::Identity {
+            name: m.name.clone(),
+            format: m.format.clone(),
+            sha256: m.sha256.clone(),
+            info_hash: Some(m.info_hash.clone()),
+            virtual_size: Some(m.virtual_size),
+        }
+    }
+
+    fn ensure_identity(id: &proto::Identity) -> serde_json::Value {
+        serde_json::json!({"op": "ensure", "pool": "p", "identity": id})
+    }
+
+    /// A host that knows `origin`'s address as a peer (and nothing else about its masters).
+    fn peer_of(origin: &Host) -> Host {
+        let mut b = Host::new();
+        b.cfg.peers = vec![format!("127.0.0.1:{}", origin.cfg.listen_port)];
+        b
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_master_named_by_identity_only_is_fetched_by_magnet_and_verified() {
+        let a = Host::new();
+        let (_a, m, data) = origin(&a).await;
+        let b = peer_of(&a);
+        let (_d, sock) = b.daemon().await;
+        let fin = request(sock.clone(), ensure_identity(&identity_of(&m))).await;
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("fetched")), "{fin}");
+        assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
+        // Asked again: it is here, without asking any peer.
+        let fin = request(sock.clone(), ensure_identity(&identity_of(&m))).await;
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("present")), "{fin}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_identity_with_a_wrong_sha256_fails_and_leaves_nothing_in_the_pool() {
+        let a = Host::new();
+        let (_a, m, _) = origin(&a).await;
+        let b = peer_of(&a);
+        let (_d, sock) = b.daemon().await;
+        let id = proto::Identity { sha256: "0".repeat(64), ..identity_of(&m) };
+        let fin = request(sock.clone(), ensure_identity(&id)).await;
+        assert_eq!(fin["ok"], false, "{fin}");
+        let e = fin["error"].as_str().unwrap();
+        assert!(e.starts_with("'base.raw' failed verification (nothing was put in the pool): "), "{e}");
+        assert!(e.contains(&"0".repeat(64)), "{e}");
+        let left: Vec<_> = std::fs::read_dir(&b.pool).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_identity_whose_torrent_names_another_file_is_refused_before_any_download() {
+        let a = Host::new();
+        let (_a, m, _) = origin(&a).await;
+        let b = peer_of(&a);
+        let (_d, sock) = b.daemon().await;
+        let id = proto::Identity { name: "renamed.raw".into(), ..identity_of(&m) };
+        let fin = request(sock.clone(), ensure_identity(&id)).await;
+        assert_eq!(fin["ok"], false, "{fin}");
+        let e = fin["error"].as_str().unwrap();
+        assert!(e.contains("disagrees with its identity: it names the file 'base.raw'"), "{e}");
+        assert_eq!(std::fs::read_dir(&b.pool).unwrap().count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_name_resolves_through_the_trusted_catalog_only() {
+        let a = Host::new();
+        let (_a, m, data) = origin(&a).await;
+        // B knows no peer from its config: the catalog entry's host is the peer.
+        let b = Host::new();
+        let (d, sock) = b.daemon().await;
+        let by_name = serde_json::json!({"op": "ensure", "pool": "p", "name": "base.raw"});
+        let fin = request(sock.clone(), by_name.clone()).await;
+        assert_eq!(fin["ok"], false, "{fin}");
+        assert_eq!(
+            fin["error"],
+            "no trusted master named 'base.raw' in the LAN catalog (for pool 'p'); publish it on a host of the LAN, \
+             or name it by identity"
+        );
+        let trusted = |m: Manifest, signer: &str, host: String| crate::catalog::Trusted {
+            manifest: m,
+            signed_text: String::new(),
+            signature: String::new(),
+            signer: signer.into(),
+            host: Some(host),
+        };
+        d.ctx.catalog.insert_trusted(trusted(m.clone(), "alice", format!("127.0.0.1:{}", a.cfg.listen_port)));
+        let fin = request(sock.clone(), by_name.clone()).await;
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("fetched")), "{fin}");
+        assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
+        // Another trusted master under the name: a conflict naming both, never resolved.
+        let other = Manifest { sha256: "e".repeat(64), ..m };
+        d.ctx.catalog.insert_trusted(trusted(other, "mallory", "10.9.9.9:6881".into()));
+        let fin = request(sock.clone(), by_name).await;
+        let e = fin["error"].as_str().unwrap();
+        assert!(e.starts_with("two different masters are published as 'base.raw'"), "{e}");
+        assert!(e.contains("alice") && e.contains("mallory") && e.contains("10.9.9.9:6881"), "{e}");
     }
 
     /// A host whose record says it published `base.raw`, and a daemon that re-verifies it with a

@@ -160,12 +160,18 @@ impl Ctx {
     /// The swarm of `m`: see [`peers_for`] and [`Ctx::trackers_for`]. Peer names are resolved on
     /// the blocking pool: a slow resolver must not stall the runtime's workers.
     pub async fn swarm_for(&self, m: &Manifest) -> Result<Swarm, FetchError> {
-        let own = self.torrents.listen_addr().map(|a| a.port()).unwrap_or(self.cfg.listen_port);
-        let mut hints = self.cfg.peers.clone();
-        hints.extend(m.peer_hints());
-        let advertise = self.cfg.advertise.clone();
-        let peers = blocking(move || peers_for(&hints, own, advertise.as_deref())).await?;
+        let peers = self.peers_with(m.peer_hints()).await?;
         Ok(Swarm { peers, trackers: self.trackers_for(m) })
+    }
+
+    /// Peers to try: the config's, then `hints` (resolved off the async workers, ourselves left
+    /// out: see [`peers_for`]).
+    pub async fn peers_with(&self, hints: Vec<String>) -> Result<Vec<SocketAddr>, FetchError> {
+        let own = self.torrents.listen_addr().map(|a| a.port()).unwrap_or(self.cfg.listen_port);
+        let mut all = self.cfg.peers.clone();
+        all.extend(hints);
+        let advertise = self.cfg.advertise.clone();
+        blocking(move || peers_for(&all, own, advertise.as_deref())).await
     }
 
     /// Trackers: the config's, then the manifest's others.

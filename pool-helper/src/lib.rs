@@ -5,8 +5,11 @@
 //! Modules, one concern each: [`config`], [`manifest`], [`metainfo`] (bencode read/validate/write),
 //! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`torrent`]
 //! (the only user of librqbit), [`pools`] (where pools are: libvirt, or plain directories),
-//! [`fetch`] (the pipeline), [`catalog`] (the trusted LAN catalog), [`publish`], [`records`], [`notify`] (systemd readiness), [`daemon`]
+//! [`fetch`] (the pipeline), [`catalog`] (the trusted LAN catalog), [`announce`] (its
+//! announcements), [`resolve`] (which master a request names), [`publish`], [`sign`] (manifest
+//! signatures), [`records`], [`notify`] (systemd readiness), [`daemon`]
 //! (the control socket's server; the protocol is `vcc_core::control`), [`cli`].
+pub mod announce;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -18,6 +21,8 @@ pub mod notify;
 pub mod pools;
 pub mod publish;
 pub mod records;
+pub mod resolve;
+pub mod sign;
 pub mod staging;
 pub mod torrent;
 pub mod verify;

@@ -44,6 +44,8 @@ pub enum PublishError {
     },
     #[error(transparent)]
     Staging(#[from] staging::StagingError),
+    #[error(transparent)]
+    Sign(#[from] crate::sign::SignError),
 }
 
 /// Why a volume cannot be a master.
@@ -66,6 +68,8 @@ pub struct Published {
     pub manifest_path: PathBuf,
     pub torrent_path: PathBuf,
     pub path: PathBuf,
+    /// `NAME.json.sig` (when the config has a `signing_key`).
+    pub signature_path: Option<PathBuf>,
 }
 
 /// Our address for manifests: `advertise` from the config, else the host name.
@@ -91,6 +95,8 @@ pub fn publish(cfg: &Config, pool: &str, volume: &str) -> Result<Published, Publ
 pub fn publish_in(cfg: &Config, pools: &dyn Pools, pool: &str, volume: &str) -> Result<Published, PublishError> {
     let unfit = |why| PublishError::Unfit { volume: volume.into(), why };
     manifest::validate_name(volume).map_err(|source| PublishError::BadName { volume: volume.into(), source })?;
+    // A key that cannot sign fails the publication before anything is written.
+    let key = cfg.signing_key.as_deref().map(crate::sign::SigningKey::load).transpose()?;
     let vol = pools
         .volume(pool, volume)?
         .ok_or_else(|| PublishError::NoVolume { pool: pool.into(), volume: volume.into() })?;
@@ -150,12 +156,32 @@ pub fn publish_in(cfg: &Config, pools: &dyn Pools, pool: &str, volume: &str) -> 
     staging::write_atomic(&torrent_path, &hashed.torrent)?;
     let mut json = serde_json::to_vec_pretty(&m).unwrap_or_default();
     json.push(b'\n');
+    // The signature covers the exact bytes of the manifest file: written first, so a manifest
+    // never sits beside a signature of its previous content.
+    let sig_path = dir.join(format!("{volume}.json.sig"));
+    let signature_path = match &key {
+        Some(k) => {
+            staging::write_atomic(&sig_path, k.sign(&json)?.as_bytes())?;
+            Some(abs(&sig_path))
+        }
+        None => {
+            // Unsigned now: a signature of an earlier publication would not match.
+            let _ = std::fs::remove_file(&sig_path);
+            None
+        }
+    };
     staging::write_atomic(&manifest_path, &json)?;
     records::save(
         cfg,
         &Record { pool: pool.into(), manifest: m.clone(), path: path.clone(), state: RecordState::Published },
     )?;
-    Ok(Published { manifest: m, manifest_path: abs(&manifest_path), torrent_path: abs(&torrent_path), path })
+    Ok(Published {
+        manifest: m,
+        manifest_path: abs(&manifest_path),
+        torrent_path: abs(&torrent_path),
+        path,
+        signature_path,
+    })
 }
 
 fn abs(p: &Path) -> PathBuf {
@@ -177,6 +203,32 @@ mod tests {
         let cfg = Config::merge(FileConfig::default(), &o).unwrap();
         let pools = DirPools::new().with("p", &pool);
         (tmp, cfg, pools, pool)
+    }
+
+    #[test]
+    fn with_a_signing_key_the_manifest_file_gets_a_signature_of_its_exact_bytes() {
+        let (tmp, mut cfg, pools, dir) = setup();
+        std::fs::write(dir.join("m.raw"), vec![7u8; 65536]).unwrap();
+        let p = publish_in(&cfg, &pools, "p", "m.raw").unwrap();
+        assert!(p.signature_path.is_none());
+        let sig_path = cfg.published_dir().join("m.raw.json.sig");
+        std::fs::write(&sig_path, "stale").unwrap();
+        publish_in(&cfg, &pools, "p", "m.raw").unwrap();
+        assert!(!sig_path.exists(), "an unsigned publication leaves no stale signature");
+
+        let k = crate::sign::SigningKey::from_seed(&[9; 32]);
+        let key_path = tmp.path().join("key");
+        std::fs::write(&key_path, "not a key").unwrap();
+        cfg.signing_key = Some(key_path.clone());
+        let e = vcc_core::error::one_line(&publish_in(&cfg, &pools, "p", "m.raw").unwrap_err());
+        assert!(e.contains("signing key") && e.contains(&key_path.display().to_string()), "{e}");
+        std::fs::write(&key_path, k.openssh_private()).unwrap();
+        let p = publish_in(&cfg, &pools, "p", "m.raw").unwrap();
+        assert_eq!(p.signature_path.as_deref(), Some(sig_path.as_path()));
+        let allowed = crate::sign::AllowedSigners::parse(&format!("me {}", k.public_line())).unwrap();
+        let text = std::fs::read(&p.manifest_path).unwrap();
+        let sig = std::fs::read_to_string(&sig_path).unwrap();
+        assert_eq!(allowed.verify(&text, &sig, std::time::SystemTime::now()), Ok("me".into()));
     }
 
     #[test]

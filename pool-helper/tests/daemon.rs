@@ -241,3 +241,41 @@ fn a_failed_fetch_releases_the_name_and_a_restart_does_not_resume_it() {
     b.serve();
     b.wait_seeding("named.raw");
 }
+
+#[test]
+fn publish_goes_through_the_running_daemon_which_seeds_at_once_and_answers_errors_in_one_line() {
+    let pa = Pool::new("a");
+    let src = pa.raw_master("pub.raw", 4 << 20);
+    let mut a = Instance::new(&[]);
+    a.serve();
+    // The request itself: the master is seeded when the answer comes.
+    let (_, fin) = a.request(&serde_json::json!({"op": "publish", "pool": pa.name, "volume": "pub.raw"}));
+    assert_eq!(fin["ok"], true, "{fin}\n{}", a.daemon_log());
+    assert_eq!(fin["state"], "seeding", "{fin}");
+    assert_eq!(fin["path"], src.to_str().unwrap(), "{fin}");
+    let mp = fin["manifest_path"].as_str().unwrap();
+    assert_eq!(manifest(std::path::Path::new(mp)), fin["manifest"], "the answer carries the manifest written");
+    assert_eq!(fin["manifest"]["sha256"], sha256(&src));
+    assert_eq!(a.master_status("pub.raw")["state"], "seeding", "seeded before the answer");
+    assert_eq!(mode(&src) & 0o222, 0, "the master is read-only");
+
+    // The CLI goes through the daemon: the manifest has the daemon's address, not the flag's.
+    let out = a.run_ok(&["--json", "publish", "--pool", &pa.name, "pub.raw", "--advertise", "10.9.9.9"]);
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(m["peers"][0], a.addr(), "{m}");
+    assert_eq!(m["sha256"], fin["manifest"]["sha256"]);
+    let listed: Vec<_> = a.status().into_iter().filter(|m| m["name"] == "pub.raw").collect();
+    assert_eq!(listed.len(), 1, "published twice, one master: {listed:?}");
+
+    // Errors reach the client as one line.
+    let (_, fin) = a.request(&serde_json::json!({"op": "publish", "pool": pa.name, "volume": "none.raw"}));
+    assert_eq!(fin["ok"], false);
+    let e = fin["error"].as_str().unwrap();
+    assert!(e.contains("volume 'none.raw' not found in pool") && !e.contains('\n'), "{e}");
+    let o = a.run(&["publish", "--pool", &pa.name, "../x"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.trim().lines().count() == 1 && err.contains("cannot be a master"), "{err}");
+    let (_, fin) = a.request(&serde_json::json!({"op": "publish", "pool": "no-such-pool-xyz", "volume": "pub.raw"}));
+    assert_eq!(fin["ok"], false, "{fin}");
+    assert!(fin["error"].as_str().unwrap().contains("no-such-pool-xyz"), "{fin}");
+}

@@ -447,6 +447,19 @@ impl Snapshot {
     }
 }
 
+/// Installs this build's hook in /etc/libvirt/hooks/qemu.d with packaging/hook-install (which
+/// reloads libvirt), once per test process. Its settings (/etc/virt-clone-cow/hook.toml) are the
+/// caller's to write first.
+pub fn install_built_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let hook = crate::process::target_bin("virt-clone-cow-hook");
+        let script = crate::process::repo_root().join("packaging/hook-install");
+        let o = run(script.to_str().expect("utf-8 path"), &["install", hook.to_str().expect("utf-8 path")]);
+        assert!(o.status.success(), "hook-install failed: {}", String::from_utf8_lossy(&o.stderr));
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // A temporary pool (pool-helper's tests)
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
-use vcc_core::control::proto::{Answer, InlineManifest, MasterRequest, Request};
+use vcc_core::control::proto::{Answer, Identity, MasterRequest, Request};
 use vcc_core::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, TemplateInfo};
 use vcc_core::xml::{rewrite_domain, DomainEdits, DomainFacts};
 
@@ -82,17 +82,20 @@ fn opt_string() -> impl Strategy<Value = Option<String>> {
 }
 
 fn master_request() -> impl Strategy<Value = MasterRequest> {
-    let inline = (any::<String>(), opt_string(), any::<String>(), any::<String>(), proptest::option::of(any::<u64>()))
-        .prop_map(|(format, info_hash, name, sha256, virtual_size)| InlineManifest {
-            format,
-            info_hash,
-            name,
-            sha256,
-            virtual_size,
-        });
+    let identity =
+        (any::<String>(), opt_string(), any::<String>(), any::<String>(), proptest::option::of(any::<u64>())).prop_map(
+            |(format, info_hash, name, sha256, virtual_size)| Identity {
+                format,
+                info_hash,
+                name,
+                sha256,
+                virtual_size,
+            },
+        );
     prop_oneof![
         (opt_string(), any::<String>()).prop_map(|(pool, path)| MasterRequest::by_path(pool, path)),
-        (opt_string(), inline).prop_map(|(pool, m)| MasterRequest::inline(pool, m)),
+        (opt_string(), identity).prop_map(|(pool, id)| MasterRequest::by_identity(pool, id)),
+        (opt_string(), any::<String>()).prop_map(|(pool, name)| MasterRequest::by_name(pool, name)),
     ]
 }
 

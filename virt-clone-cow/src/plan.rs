@@ -32,6 +32,14 @@ pub struct Master {
     /// The master has no backing file of its own.
     #[serde(skip)]
     pub self_contained: bool,
+    /// The master's identity as the template's metadata records it once published (SHA-256,
+    /// info-hash, manifest): copied into every clone so any host can fetch the master.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info_hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
 }
 
 impl Master {
@@ -43,7 +51,23 @@ impl Master {
             virtual_size: Some(self.virtual_size),
             pool: self.pool.clone(),
             volume: self.volume.clone(),
-            ..Default::default()
+            sha256: self.sha256.clone(),
+            info_hash: self.info_hash.clone(),
+            manifest: self.manifest.clone(),
+        }
+    }
+
+    /// Takes the identity (SHA-256, info-hash, manifest) recorded for this master in a
+    /// template's metadata: the entry with this disk's target, or else with this path.
+    pub fn take_identity(&mut self, recorded: &[MasterRef]) {
+        let found = recorded
+            .iter()
+            .find(|r| r.target.as_deref() == Some(self.target.as_str()) && r.path == self.path)
+            .or_else(|| recorded.iter().find(|r| r.path == self.path));
+        if let Some(r) = found {
+            self.sha256 = r.sha256.clone();
+            self.info_hash = r.info_hash.clone();
+            self.manifest = r.manifest.clone();
         }
     }
 }

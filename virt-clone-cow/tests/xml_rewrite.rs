@@ -617,6 +617,9 @@ fn plan_on_a_real_capture_makes_overlays_for_file_and_volume_disks_and_keeps_sha
         volume: None,
         volume_disk,
         self_contained: true,
+        sha256: None,
+        info_hash: None,
+        manifest: None,
     };
     let masters = vec![
         m(0, "vda", "/var/lib/vcc-scratch/pool/base.qcow2", "qcow2", Some("scratch"), false),

@@ -1,4 +1,6 @@
-//! `pool-helper publish --pool POOL VOLUME`
+//! `pool-helper publish --pool POOL VOLUME`: through the daemon when one answers (it hashes,
+//! writes the manifest, signs it with its `signing_key`, seeds and announces it); without a
+//! daemon, in this process (the next `pool-helper serve` seeds it).
 
 use clap::Args;
 
@@ -18,31 +20,33 @@ pub struct PublishArgs {
 }
 
 pub fn run(cfg: &Config, a: &PublishArgs, json: bool) -> Result<(), CliError> {
-    let p = crate::publish::publish(cfg, &a.pool, &a.volume)?;
-    match client::try_connect(&cfg.control_socket, None)? {
+    let (manifest, manifest_path) = match client::try_connect(&cfg.control_socket, None)? {
         Some(c) => {
-            let req = proto::Request::Seed(proto::MasterRequest::by_path(
-                Some(a.pool.clone()),
-                p.manifest_path.display().to_string(),
-            ));
+            let req = proto::Request::Publish(proto::PublishRequest { pool: a.pool.clone(), volume: a.volume.clone() });
             let f = c.call(&req, None, |_| {})?;
             if !f.ok {
-                return Err(CliError::Failed(format!(
-                    "published, but the daemon does not seed it: {}",
-                    f.error.unwrap_or_default()
-                )));
+                return Err(CliError::Failed(f.error.unwrap_or_default()));
             }
+            let (Some(m), Some(p)) = (f.manifest, f.manifest_path) else {
+                return Err(CliError::Failed("the daemon's answer to publish lacks the manifest".into()));
+            };
+            // Printed as the manifest file has it (a Value would sort the keys).
+            (crate::manifest::Manifest::from_value(m)?, p)
         }
-        None => tracing::warn!(
-            "no daemon on {}: `pool-helper serve` will seed '{}' when it starts",
-            cfg.control_socket.display(),
-            a.volume
-        ),
-    }
+        None => {
+            let p = crate::publish::publish(cfg, &a.pool, &a.volume)?;
+            tracing::warn!(
+                "no daemon on {}: `pool-helper serve` will seed '{}' when it starts",
+                cfg.control_socket.display(),
+                a.volume
+            );
+            (p.manifest, p.manifest_path.display().to_string())
+        }
+    };
     if json {
-        println!("{}", serde_json::to_string(&p.manifest).unwrap_or_default());
+        println!("{}", serde_json::to_string(&manifest).unwrap_or_default());
     } else {
-        println!("{}", p.manifest_path.display());
+        println!("{manifest_path}");
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ pub fn run(cfg: Config) -> Result<(), CliError> {
         );
         let (uri, every) = (cfg.libvirt_uri.clone(), cfg.watch_interval);
         let d = Daemon::new(Arc::new(Ctx::new(cfg, torrents)));
+        d.start_catalog()?;
         d.start_recorded();
         if every > 0 {
             crate::watcher::spawn(d.clone(), uri, std::time::Duration::from_secs(every));

@@ -82,15 +82,17 @@ pub struct CatalogEntry {
     pub virtual_size: u64,
 }
 
-/// Which master, in which pool: the manifest inline or as an absolute path.
+/// Which master, in which pool, named in exactly one way: a manifest file (absolute path), a whole
+/// manifest inline, an identity, or a name resolved through the trusted LAN catalog.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MasterRequest {
     /// Required by the daemon; the hook leaves it out when the domain's metadata names no pool
     /// (and the daemon then refuses the request, saying so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// A whole manifest inline (pool-helper's manifest object, validated by the daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub manifest: Option<ManifestObject>,
+    pub manifest: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_path: Option<String>,
     /// The master by identity (sha256 + info-hash), as a domain's metadata records it.
@@ -108,9 +110,9 @@ impl MasterRequest {
         MasterRequest { pool, manifest_path: Some(manifest_path.into()), ..Self::empty() }
     }
 
-    /// A master described inline, as the hook does from a domain's metadata.
-    pub fn inline(pool: Option<String>, manifest: InlineManifest) -> Self {
-        MasterRequest { pool, manifest: Some(ManifestObject::Inline(manifest)), ..Self::empty() }
+    /// A master described by a whole manifest inline.
+    pub fn inline(pool: Option<String>, manifest: serde_json::Value) -> Self {
+        MasterRequest { pool, manifest: Some(manifest), ..Self::empty() }
     }
 
     /// A master by identity.
@@ -126,41 +128,6 @@ impl MasterRequest {
     fn empty() -> Self {
         MasterRequest { pool: None, manifest: None, manifest_path: None, identity: None, name: None }
     }
-}
-
-/// A request's inline `manifest` object.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ManifestObject {
-    /// As received: the daemon parses and validates it as pool-helper's manifest (which has more
-    /// fields than the hook sends, and its own checks).
-    Received(serde_json::Value),
-    /// As the hook sends it.
-    #[serde(skip_deserializing)]
-    Inline(InlineManifest),
-}
-
-impl ManifestObject {
-    /// The object as JSON, whichever way it came.
-    pub fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
-        match self {
-            ManifestObject::Received(v) => Ok(v.clone()),
-            ManifestObject::Inline(m) => serde_json::to_value(m),
-        }
-    }
-}
-
-/// The manifest the hook sends inline, from what the domain's metadata records about a master.
-/// Fields in alphabetical order: the order the hook's untyped object had.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InlineManifest {
-    pub format: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub info_hash: Option<String>,
-    pub name: String,
-    pub sha256: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub virtual_size: Option<u64>,
 }
 
 /// An event line: `{"event":"…",…}`. Over the socket the daemon sends only `progress`;
@@ -358,10 +325,7 @@ mod tests {
         let r: Request = round_trips(r#"{"op":"ensure","pool":"default","manifest_path":"/abs/path/master.json"}"#);
         assert_eq!(r, Request::Ensure(MasterRequest::by_path(Some("default".into()), "/abs/path/master.json")));
         let r: Request = round_trips(r#"{"op":"ensure","pool":"default","manifest":{"name":"m.qcow2"}}"#);
-        assert!(matches!(
-            r,
-            Request::Ensure(MasterRequest { manifest: Some(ManifestObject::Received(_)), manifest_path: None, .. })
-        ));
+        assert!(matches!(r, Request::Ensure(MasterRequest { manifest: Some(_), manifest_path: None, .. })));
         let r: Request = round_trips(r#"{"op":"seed","pool":"P","manifest_path":"/abs/m.json"}"#);
         assert!(matches!(r, Request::Seed(_)));
         assert_eq!(round_trips::<Request>(r#"{"op":"status"}"#), Request::Status);
@@ -370,34 +334,32 @@ mod tests {
     }
 
     #[test]
-    fn the_hooks_inline_manifest_is_the_object_it_always_sent() {
-        let m = InlineManifest {
+    fn a_master_by_identity_or_by_name_is_the_documented_line() {
+        let id = Identity {
             name: "base.qcow2".into(),
             format: "qcow2".into(),
             sha256: "ab".repeat(32),
             info_hash: Some("cd".repeat(20)),
             virtual_size: Some(1 << 30),
         };
-        let req = Request::Ensure(MasterRequest::inline(Some("default".into()), m.clone()));
-        // What the hook's untyped object with the optional keys wrote (a Value map: sorted keys).
-        let before = format!(
-            r#"{{"format":"qcow2","info_hash":"{}","name":"base.qcow2","sha256":"{}","virtual_size":1073741824}}"#,
-            "cd".repeat(20),
-            "ab".repeat(32)
+        let line = format!(
+            r#"{{"op":"ensure","pool":"default","identity":{{"name":"base.qcow2","format":"qcow2","sha256":"{}","info_hash":"{}","virtual_size":1073741824}}}}"#,
+            "ab".repeat(32),
+            "cd".repeat(20)
         );
+        let r: Request = round_trips(&line);
+        assert_eq!(r, Request::Ensure(MasterRequest::by_identity(Some("default".into()), id.clone())));
+        let bare = Identity { info_hash: None, virtual_size: None, ..id };
+        let r = Request::Ensure(MasterRequest::by_identity(None, bare));
         assert_eq!(
-            serde_json::to_string(&req).unwrap(),
-            format!(r#"{{"op":"ensure","pool":"default","manifest":{before}}}"#)
-        );
-        let bare = InlineManifest { info_hash: None, virtual_size: None, ..m };
-        let req = Request::Ensure(MasterRequest::inline(None, bare));
-        assert_eq!(
-            serde_json::to_string(&req).unwrap(),
+            serde_json::to_string(&r).unwrap(),
             format!(
-                r#"{{"op":"ensure","manifest":{{"format":"qcow2","name":"base.qcow2","sha256":"{}"}}}}"#,
+                r#"{{"op":"ensure","identity":{{"name":"base.qcow2","format":"qcow2","sha256":"{}"}}}}"#,
                 "ab".repeat(32)
             )
         );
+        let r: Request = round_trips(r#"{"op":"ensure","pool":"default","name":"debian-12.qcow2"}"#);
+        assert_eq!(r, Request::Ensure(MasterRequest::by_name(Some("default".into()), "debian-12.qcow2")));
     }
 
     #[test]
