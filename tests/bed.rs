@@ -161,7 +161,7 @@ fn three_hosts_each_run_a_guest_in_isolation_and_down_leaves_nothing() {
 }
 
 #[test]
-fn a_master_published_on_one_host_is_fetched_by_the_others_through_their_daemons() {
+fn a_master_published_on_one_host_is_in_the_others_catalogs_and_fetched_by_them_through_their_daemons() {
     let bed = Bed::up_with(3, 100.0);
     let bin = pool_helper_bin();
     let ph = bin.to_str().expect("utf-8 path");
@@ -170,6 +170,20 @@ fn a_master_published_on_one_host_is_fetched_by_the_others_through_their_daemons
     bed.exec_ok(0, &["qemu-io", "-c", "write -P 0x5a 0 16M", master]);
     bed.virsh_ok(0, &["pool-refresh", "default"]);
     let manifest = bed.exec_ok(0, &[ph, "publish", "--pool", "default", "bed-master.qcow2"]).trim().to_string();
+    // Signed by h0's key, it joins h1's and h2's LAN catalogs, signer h0, within seconds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 1..3 {
+        loop {
+            let cat = bed.catalog(i);
+            let e = cat.iter().find(|e| e["name"] == "bed-master.qcow2");
+            if let Some(e) = e {
+                assert_eq!(e["signer"], bed.hostname(0).as_str(), "h{i}: {e}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "h{i}'s catalog has no bed-master.qcow2: {cat:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     // The manifest, as an administrator would copy it to the other hosts.
     let inside = manifest.strip_prefix("/var/lib/").expect("manifest under /var/lib");
     let copy = bed.host_dir(0).parent().expect("bed dir").join("bed-master.json");
