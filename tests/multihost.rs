@@ -3,7 +3,9 @@
 //! its own mount namespace (own /etc/libvirt, /var/lib/libvirt, /run, no hook), reached by
 //! `qemu+unix:///system?socket=...` URIs: remote hosts as far as virt-clone-cow can tell.
 //!
-//! (Until the multi-host test bed lands, the hosts are started here; see [`NsHost`].)
+//! Most tests start B and C here ([`NsHost`]: libvirtd only, quick); the last one runs on the
+//! multi-host test bed (`tests/support/bed.rs`, docs/bed.md), where every host has its hook and
+//! pool-helper daemon, so the master swarms to the hosts that lack it at the first start.
 
 #![allow(clippy::unwrap_used)]
 
@@ -122,18 +124,18 @@ fn names_on(uri: &str) -> Vec<String> {
 
 /// Hosts A (this machine's libvirtd, with the env's pool), B and C, each B and C with a dir pool
 /// of the env's pool name.
-struct Bed {
+struct NsBed {
     env: TestEnv,
     b: NsHost,
     c: NsHost,
 }
 
-impl Bed {
-    fn new(test: &str) -> Bed {
-        Bed::with_hook_on_b(test, false)
+impl NsBed {
+    fn new(test: &str) -> NsBed {
+        NsBed::with_hook_on_b(test, false)
     }
 
-    fn with_hook_on_b(test: &str, hook: bool) -> Bed {
+    fn with_hook_on_b(test: &str, hook: bool) -> NsBed {
         ensure_libvirtd();
         let env = TestEnv::new(&format!("mh-{test}"));
         let [b, c] = ["b", "c"]
@@ -142,7 +144,7 @@ impl Bed {
             h.virsh_ok(&["pool-define-as", &env.pool, "dir", "--target", h.pool_dir().to_str().unwrap()]);
             h.virsh_ok(&["pool-start", &env.pool]);
         }
-        Bed { env, b, c }
+        NsBed { env, b, c }
     }
 
     /// The URIs in the order `--host B --host C --host A`.
@@ -227,7 +229,7 @@ fn macs_of(uri: &str, name: &str) -> Vec<String> {
 
 #[test]
 fn six_clones_over_three_hosts_are_two_per_host_with_every_mac_unique_and_the_master_named_by_identity() {
-    let bed = Bed::new("six");
+    let bed = NsBed::new("six");
     let (tmpl, master) = bed.template(2, None);
     let web = bed.env.name("-web");
     let run = bed.clone(&["--original", &tmpl, "--name", &web, "--count", "6"]);
@@ -302,7 +304,7 @@ fn six_clones_over_three_hosts_are_two_per_host_with_every_mac_unique_and_the_ma
 
 #[test]
 fn a_network_missing_on_one_host_is_refused_before_anything_is_defined_naming_the_host() {
-    let bed = Bed::new("nonet");
+    let bed = NsBed::new("nonet");
     let net = format!("{}-net", bed.env.prefix);
     let bridge = format!("vcb{}", std::process::id() % 100_000);
     let (tmpl, master) = bed.template(1, Some(&format!("<interface type='network'><source network='{net}'/>")));
@@ -324,7 +326,7 @@ fn a_network_missing_on_one_host_is_refused_before_anything_is_defined_naming_th
 
 #[test]
 fn a_name_taken_on_one_host_is_refused_and_nothing_is_left_anywhere() {
-    let bed = Bed::new("taken");
+    let bed = NsBed::new("taken");
     let (tmpl, master) = bed.template(1, None);
     let web = bed.env.name("-web");
     // web-2 goes to C, which has a domain of that name already.
@@ -345,7 +347,7 @@ fn a_name_taken_on_one_host_is_refused_and_nothing_is_left_anywhere() {
 
 #[test]
 fn a_start_failing_on_one_host_undoes_every_host_running_clones_included() {
-    let bed = Bed::new("startfail");
+    let bed = NsBed::new("startfail");
     let (tmpl, master) = bed.template(1, None);
     // B has the master (so its clones start); C has not and runs no hook or pool-helper, so
     // QEMU finds no overlay there and the start fails.
@@ -364,7 +366,7 @@ fn a_start_failing_on_one_host_undoes_every_host_running_clones_included() {
 
 #[test]
 fn start_runs_every_hosts_clones_and_reports_each_start_time() {
-    let bed = Bed::new("start");
+    let bed = NsBed::new("start");
     let (tmpl, master) = bed.template(1, None);
     for h in [&bed.b, &bed.c] {
         std::fs::copy(&master, h.pool_dir().join("base.qcow2")).unwrap();
@@ -388,7 +390,7 @@ fn start_runs_every_hosts_clones_and_reports_each_start_time() {
 
 #[test]
 fn on_a_host_without_the_master_the_hook_makes_the_overlay_at_the_first_start() {
-    let bed = Bed::with_hook_on_b("hookdisk", true);
+    let bed = NsBed::with_hook_on_b("hookdisk", true);
     let (tmpl, master) = bed.template(1, None);
     let web = bed.env.name("-web");
     let run = cli(&["--json", "--original", &tmpl, "--name", &web, "--host", &bed.b.uri]);
@@ -416,7 +418,7 @@ fn on_a_host_without_the_master_the_hook_makes_the_overlay_at_the_first_start() 
 
 #[test]
 fn dry_run_prints_each_hosts_share_and_changes_nothing() {
-    let bed = Bed::new("dry");
+    let bed = NsBed::new("dry");
     let (tmpl, master) = bed.template(1, None);
     std::fs::copy(&master, bed.c.pool_dir().join("base.qcow2")).unwrap();
     let before = Snapshot::take(&bed.env, &tmpl, &[&master]);
@@ -441,4 +443,93 @@ fn dry_run_prints_each_hosts_share_and_changes_nothing() {
     assert_eq!(bed.remote_pool_files(), [vec![], vec!["base.qcow2".to_string()]]);
     before.assert_unchanged(&bed.env, &tmpl, &[&master]);
     assert_eq!(cow_metadata(&tmpl), md_before);
+}
+
+/// The whole story on the test bed: a template on h0 with a published master; 6 clones over h1,
+/// h2, h0 made from h0 and started; h1 and h2 fetch the master through their pool-helpers at the
+/// first start (named by identity in the clones' metadata), the hook makes the overlays.
+#[test]
+fn on_the_bed_six_started_clones_over_three_hosts_with_the_master_fetched_by_the_others() {
+    let bed = Bed::up_with(3, 100.0);
+    let bin = pool_helper_bin();
+    let ph = bin.to_str().unwrap();
+    let master = "/var/lib/libvirt/images/base.qcow2";
+    bed.exec_ok(0, &["qemu-img", "create", "-q", "-f", "qcow2", master, "64M"]);
+    bed.exec_ok(0, &["qemu-io", "-c", "write -P 0x5a 0 16M", master]);
+    bed.virsh_ok(0, &["pool-refresh", "default"]);
+    let manifest = bed.exec_ok(0, &[ph, "publish", "--pool", "default", "base.qcow2"]).trim().to_string();
+    let inside = manifest.strip_prefix("/var/lib/").unwrap();
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(bed.host_dir(0).join("varlib/upper").join(inside)).unwrap())
+            .unwrap();
+    let (sha, info_hash) = (m["sha256"].as_str().unwrap().to_string(), m["info_hash"].as_str().unwrap().to_string());
+
+    // The template: one disk on the master, one NIC on the host's network `default`.
+    let tmpl = "tmpl";
+    let xml = small_guest_xml(tmpl, master)
+        .replace("</devices>", "<interface type='network'><source network='default'/></interface></devices>");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), xml).unwrap();
+    bed.virsh_ok(0, &[std::ffi::OsStr::new("define"), file.path().as_os_str()]);
+    let md = CowMetadata {
+        template: Some(TemplateInfo {
+            masters: vec![MasterRef {
+                target: Some("vda".into()),
+                path: master.into(),
+                format: "qcow2".into(),
+                pool: Some("default".into()),
+                volume: Some("base.qcow2".into()),
+                sha256: Some(sha.clone()),
+                info_hash: Some(info_hash.clone()),
+                manifest: Some(manifest.clone()),
+                ..Default::default()
+            }],
+        }),
+        clone: None,
+    };
+    bed.virsh_ok(0, &["metadata", tmpl, NAMESPACE, "--key", "vcc", "--set", &md.to_bare_xml()]);
+
+    let uris: Vec<&str> = [1, 2, 0].iter().map(|&i| bed.hosts[i].uri.as_str()).collect();
+    let mut args = vec!["--connect", bed.hosts[0].uri.as_str(), "--json", "--original", tmpl, "--name", "web"];
+    args.extend(["--count", "6", "--start"]);
+    for u in &uris {
+        args.extend(["--host", u]);
+    }
+    let t = Instant::now();
+    let out = run(cli_path().to_str().unwrap(), &args);
+    let took = t.elapsed();
+    assert!(out.status.success(), "virt-clone-cow failed: {}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let mut macs = HashSet::new();
+    for (h, &i) in [1usize, 2, 0].iter().enumerate() {
+        let host = &report["hosts"][h];
+        assert_eq!(host["uri"], bed.hosts[i].uri.as_str());
+        assert_eq!(host["masters"][0]["present"], i == 0, "{report:#}");
+        let running = bed.virsh_ok(i, &["list", "--name", "--state-running"]);
+        let mut running: Vec<&str> = running.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        running.sort();
+        let want = [format!("web-{}", h + 1), format!("web-{}", h + 4)];
+        assert_eq!(running, want, "h{i} runs its two clones");
+        for n in &want {
+            for mac in macs_of(&bed.hosts[i].uri, n) {
+                assert!(macs.insert(mac.clone()), "MAC {mac} twice");
+            }
+        }
+        // h1 and h2 got the master from the swarm, identical, a volume of their pool.
+        let sum = bed.exec_ok(i, &["sha256sum", master]);
+        assert_eq!(sum.split_whitespace().next(), Some(sha.as_str()), "h{i}");
+        bed.virsh_ok(i, &["vol-info", "--pool", "default", "base.qcow2"]);
+    }
+    assert_eq!(macs.len(), 6);
+    let starts: Vec<Vec<f64>> = report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["clones"].as_array().unwrap().iter().map(|c| c["start_ms"].as_f64().unwrap()).collect())
+        .collect();
+    eprintln!(
+        "multihost bed timings: 6 clones over h1, h2, h0 (16 MiB of data in a 64 MiB qcow2 master, 100 Mbit/s), \
+         command {took:.1?}; starts (ms) per host, first one including the master's arrival on h1 and h2: {starts:?}"
+    );
 }
