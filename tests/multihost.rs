@@ -53,6 +53,18 @@ fn make_master(bed: &Bed) {
     bed.virsh_ok(0, &["pool-refresh", "default"]);
 }
 
+/// Publishes the master on h0 (its pool-helper seeds it); returns its SHA-256, info-hash and
+/// manifest path.
+fn publish_on_h0(bed: &Bed) -> (String, String, String) {
+    let bin = pool_helper_bin();
+    let manifest = bed.exec_ok(0, &[bin.to_str().unwrap(), "publish", "--pool", "default", "base.qcow2"]);
+    let manifest = manifest.trim().to_string();
+    let inside = manifest.strip_prefix("/var/lib/").unwrap();
+    let m = std::fs::read_to_string(bed.host_dir(0).join("varlib/upper").join(inside)).unwrap();
+    let m: Value = serde_json::from_str(&m).unwrap();
+    (m["sha256"].as_str().unwrap().to_string(), m["info_hash"].as_str().unwrap().to_string(), manifest)
+}
+
 /// The template `tmpl` on h0: one disk on the master, `nics` NICs on the network `default`, and
 /// the master's identity in its metadata when given.
 fn define_template(bed: &Bed, nics: usize, md: Option<&CowMetadata>) {
@@ -200,18 +212,26 @@ fn a_name_taken_on_one_host_is_refused_and_nothing_is_left_anywhere() {
 }
 
 #[test]
-fn a_start_failing_on_one_host_undoes_every_host_running_clones_included() {
+fn a_start_failing_on_one_host_undoes_every_host_running_clones_and_hook_made_overlays_included() {
     let bed = Bed::up(3);
     make_master(&bed);
-    define_template(&bed, 1, Some(&identity(SHA, INFO_HASH, MANIFEST)));
-    // h1 has the master, so its clone starts; h2 has not, and no daemon can find that identity:
-    // its hook gives up after 3 s and the start there fails.
-    bed.put_in_pool(1, &bed.pool_dir(0).join("base.qcow2"), "base.qcow2");
-    bed.exec_ok(2, &["sh", "-c", "printf 'fetch_timeout = 3\\n' > /etc/virt-clone-cow/hook.toml"]);
+    let (sha, info_hash, manifest) = publish_on_h0(&bed);
+    define_template(&bed, 1, Some(&identity(&sha, &info_hash, &manifest)));
+    // h1 lacks the master: its pool-helper fetches it at the first start and the hook makes the
+    // overlay, and the start succeeds. h2's hook reaches no daemon, so the start there fails.
+    bed.exec_ok(
+        2,
+        &["sh", "-c", "printf 'control_socket = \"/run/no-such-daemon.sock\"\n' > /etc/virt-clone-cow/hook.toml"],
+    );
     let before = state(&bed);
     let run = clone_from_h0(&bed, &["--original", TMPL, "--name", "web", "--count", "3", "--start"]);
     run.assert_error(1, &[&format!("host '{}'", bed.hosts[2].uri), "starting 'web-2'"]);
-    assert_eq!(state(&bed), before, "every host as it was: clones stopped and undefined, overlays removed");
+    // Every host as it was: clones stopped and undefined, overlays removed, the hook's on h1
+    // included. The master h1's pool-helper fetched stays (verified, shared by any clone).
+    let mut after = state(&bed);
+    assert_eq!(after.pools[1], ["base.qcow2"], "the hook's overlay on h1 was removed");
+    after.pools[1].clear();
+    assert_eq!(after, before);
 }
 
 #[test]
@@ -243,14 +263,9 @@ fn dry_run_prints_each_hosts_share_and_changes_nothing() {
 fn started_clones_over_three_hosts_run_with_the_master_fetched_by_the_hosts_that_lacked_it() {
     let bed = Bed::up_with(3, 100.0);
     make_master(&bed);
-    let bin = pool_helper_bin();
-    let manifest = bed.exec_ok(0, &[bin.to_str().unwrap(), "publish", "--pool", "default", "base.qcow2"]);
-    let manifest = manifest.trim();
-    let inside = manifest.strip_prefix("/var/lib/").unwrap();
-    let m = std::fs::read_to_string(bed.host_dir(0).join("varlib/upper").join(inside)).unwrap();
-    let m: Value = serde_json::from_str(&m).unwrap();
-    let sha = m["sha256"].as_str().unwrap();
-    define_template(&bed, 1, Some(&identity(sha, m["info_hash"].as_str().unwrap(), manifest)));
+    let (sha, info_hash, manifest) = publish_on_h0(&bed);
+    let sha = sha.as_str();
+    define_template(&bed, 1, Some(&identity(sha, &info_hash, &manifest)));
 
     let t = Instant::now();
     let run = clone_from_h0(&bed, &["--json", "--original", TMPL, "--name", "web", "--count", "6", "--start"]);
