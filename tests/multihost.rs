@@ -309,3 +309,50 @@ fn started_clones_over_three_hosts_run_with_the_master_fetched_by_the_hosts_that
          {starts:?}"
     );
 }
+
+#[test]
+fn pool_map_puts_the_overlays_and_the_master_in_the_mapped_pool_of_each_host() {
+    let bed = Bed::up(3);
+    make_master(&bed);
+    define_template(&bed, 1, None);
+    for i in [1, 2] {
+        bed.exec_ok(i, &["mkdir", "-p", "/var/lib/libvirt/imgs"]);
+        bed.virsh_ok(i, &["pool-define-as", "imgs", "dir", "--target", "/var/lib/libvirt/imgs"]);
+        bed.virsh_ok(i, &["pool-start", "imgs"]);
+    }
+    let (h1, h2) = (&bed.hosts[1].uri, &bed.hosts[2].uri);
+    let args = ["--connect", &bed.hosts[0].uri, "--json", "--original", TMPL, "--name", "web", "--count", "2"];
+    let run = |extra: &[&str]| {
+        let mut v = args.to_vec();
+        v.extend_from_slice(extra);
+        run(cli_path().to_str().unwrap(), &v)
+    };
+    let out = run(&["--host", h1, "--host", h2, "--pool-map", "default=imgs"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (i, n) in [(1, "web-1"), (2, "web-2")] {
+        let facts = facts_on(&bed, i, n);
+        let overlay = format!("/var/lib/libvirt/imgs/{n}-vda.qcow2");
+        assert!(matches!(&facts.disks[0].source, DiskSource::File(p) if *p == overlay), "{n} on h{i}");
+        let md = metadata_on(&bed, i, n).unwrap();
+        let m = &md.clone.unwrap().disks[0].master;
+        assert_eq!((m.path.as_str(), m.pool.as_deref()), ("/var/lib/libvirt/imgs/base.qcow2", Some("imgs")));
+    }
+    // h0 has no pool `imgs`: refused naming h0 and the pool, before anything is defined.
+    let before = state(&bed);
+    let out = run(&["--host", &bed.hosts[0].uri, "--pool-map", "default=imgs"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("host '{}': no active storage pool 'imgs'", bed.hosts[0].uri))
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(state(&bed), before);
+}
+
+#[test]
+fn an_unreachable_host_is_refused_naming_it_before_anything_is_read() {
+    let uri = "qemu+unix:///system?socket=/run/vcc-tests-no-libvirtd.sock";
+    let run = cli(&["--original", "vcct-no-such-template", "--name", "x", "--host", uri]);
+    run.assert_error(1, &[&format!("host '{uri}'"), "cannot connect to libvirt"]);
+}
