@@ -356,3 +356,41 @@ fn an_unreachable_host_is_refused_naming_it_before_anything_is_read() {
     let run = cli(&["--original", "vcct-no-such-template", "--name", "x", "--host", uri]);
     run.assert_error(1, &[&format!("host '{uri}'"), "cannot connect to libvirt"]);
 }
+
+#[test]
+fn uefi_clones_on_other_hosts_get_fresh_vars_from_the_templates_nvram_template() {
+    let bed = Bed::up(2);
+    make_master(&bed);
+    let mut spec = DomainSpec::new(TMPL, true).disk(DiskSpec::File {
+        path: MASTER.into(),
+        format: "qcow2".into(),
+        target: "vda".into(),
+    });
+    spec.nics = 0;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), spec.xml()).unwrap();
+    bed.virsh_ok(0, &[OsStr::new("define"), file.path().as_os_str()]);
+    bed.put_in_pool(1, &bed.pool_dir(0).join("base.qcow2"), "base.qcow2");
+    let (h0, h1) = (&bed.hosts[0].uri, &bed.hosts[1].uri);
+    let v = ["--connect", h0, "--json", "--original", TMPL, "--name", "web", "--count", "2", "--start"];
+    let mut v = v.to_vec();
+    v.extend(["--host", h1, "--host", h0]);
+    let out = run(cli_path().to_str().unwrap(), &v);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (h, i) in [(0, 1), (1, 0)] {
+        let c = &report["hosts"][h]["clones"][0];
+        let name = format!("web-{}", h + 1);
+        assert_eq!((c["name"].as_str(), c["started"].as_bool()), (Some(name.as_str()), Some(true)), "{report:#}");
+        assert_eq!(c["fresh_uefi_vars"], true);
+        let vars = c["nvram"].as_str().unwrap();
+        assert!(vars.ends_with(&format!("/{name}_VARS.fd")), "{vars}");
+        // libvirt made them at the start, from the template's nvram template.
+        let facts = facts_on(&bed, i, &name);
+        assert_eq!(facts.nvram.as_ref().and_then(|n| n.path.as_deref()), Some(vars));
+        assert_eq!(facts.nvram.and_then(|n| n.template).as_deref(), Some(OVMF_VARS));
+        let size = bed.exec_ok(i, &["stat", "-c", "%s", vars]);
+        let want = std::fs::metadata(OVMF_VARS).unwrap().len().to_string();
+        assert_eq!(size.trim(), want, "{vars} on h{i}");
+    }
+}
