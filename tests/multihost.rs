@@ -1,444 +1,396 @@
-//! `virt-clone-cow --host URI ...` against real libvirt hosts: host A is this machine's libvirtd
-//! (qemu:///system, which holds the template), hosts B and C are libvirtds of their own, each in
-//! its own mount namespace (own /etc/libvirt, /var/lib/libvirt, /run, no hook), reached by
-//! `qemu+unix:///system?socket=...` URIs: remote hosts as far as virt-clone-cow can tell.
-//!
-//! (Until the multi-host test bed lands, the hosts are started here; see [`NsHost`].)
+//! `virt-clone-cow --host URI ...` on the multi-host test bed (`tests/support/bed.rs`,
+//! docs/bed.md): three real libvirt hosts on this machine, each with its own libvirtd, `default`
+//! pool and network, our hook and a pool-helper daemon. The template lives on h0; the clones are
+//! made from h0 with `--host h1 --host h2 --host h0` (B, C, A). The hosts' URIs name their
+//! sockets by path (`qemu+unix:///system?socket=...`): remote hosts as far as virt-clone-cow can
+//! tell, so everything goes through libvirt.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::{Duration, Instant};
+use std::ffi::OsStr;
+use std::time::Instant;
 
 use serde_json::Value;
 use vcc_core::metadata::{CowMetadata, MasterRef, TemplateInfo, NAMESPACE};
+use vcc_core::xml::{DiskSource, DomainFacts};
 use vcc_tests::*;
 
-/// A libvirtd (with its virtlogd) in its own mount namespace, its state under `base`.
-struct NsHost {
-    base: PathBuf,
-    uri: String,
-}
-
-impl NsHost {
-    /// Starts the host; with `hook`, this build's hook is installed in its /etc/libvirt/hooks,
-    /// with a hook.toml of its own (no pool-helper daemon: a missing master cannot be fetched).
-    fn start(base: PathBuf, hook: bool) -> NsHost {
-        let _ = std::fs::remove_dir_all(&base);
-        for d in [
-            "etc/qemu/networks",
-            "etc/storage",
-            "etc/hooks/qemu.d",
-            "lib",
-            "run/libvirt",
-            "log",
-            "cache",
-            "pool",
-            "vcc",
-        ] {
-            std::fs::create_dir_all(base.join(d)).unwrap();
-        }
-        if hook {
-            std::fs::copy(target_bin("virt-clone-cow-hook"), base.join("etc/hooks/qemu.d/50-virt-clone-cow")).unwrap();
-            std::fs::write(
-                base.join("vcc/hook.toml"),
-                format!(
-                    "control_socket = \"{}/no-daemon.sock\"\nfetch_timeout = 2\nconnect_timeout = 1\n\
-                     allowed_dirs = [\"{BASE_DIR}\"]\n",
-                    base.display()
-                ),
-            )
-            .unwrap();
-        }
-        // The daemon settings only: no domains, networks, pools or hooks of this host's.
-        for e in std::fs::read_dir("/etc/libvirt").unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "conf") {
-                std::fs::copy(&p, base.join("etc").join(p.file_name().unwrap())).unwrap();
-            }
-        }
-        let b = base.to_str().unwrap();
-        // The hook's settings are the host's own too (/etc/virt-clone-cow).
-        std::fs::create_dir_all("/etc/virt-clone-cow").unwrap();
-        let script = format!(
-            "set -e; mount --bind {b}/etc /etc/libvirt; mount --bind {b}/vcc /etc/virt-clone-cow; mount --bind {b}/lib /var/lib/libvirt; \
-             mount --bind {b}/run /run; mount --bind {b}/log /var/log/libvirt; \
-             mount --bind {b}/cache /var/cache/libvirt; /usr/sbin/virtlogd -d; /usr/sbin/libvirtd -d"
-        );
-        run_ok("unshare", &["-m", "--propagation", "private", "sh", "-c", &script]);
-        let uri = format!("qemu+unix:///system?socket={b}/run/libvirt/libvirt-sock");
-        let host = NsHost { base, uri };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !host.virsh(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "the libvirtd at {} did not answer", host.uri);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        host
-    }
-
-    fn virsh(&self, args: &[&str]) -> Output {
-        let mut v = vec!["-q", "-c", &self.uri];
-        v.extend_from_slice(args);
-        run("virsh", &v)
-    }
-
-    fn virsh_ok(&self, args: &[&str]) -> String {
-        let out = self.virsh(args);
-        assert!(out.status.success(), "virsh -c {} {args:?}: {}", self.uri, String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn pool_dir(&self) -> PathBuf {
-        self.base.join("pool")
-    }
-}
-
-impl Drop for NsHost {
-    fn drop(&mut self) {
-        // Guests first (QEMU outlives libvirtd), then the daemons by their pid files.
-        for d in names_on(&self.uri) {
-            let _ = self.virsh(&["destroy", &d]);
-        }
-        for daemon in ["libvirtd", "virtlogd"] {
-            if let Ok(pid) = std::fs::read_to_string(self.base.join(format!("run/{daemon}.pid"))) {
-                let _ = run("kill", &[pid.trim()]);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.base.join("run/libvirtd.pid").exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = std::fs::remove_dir_all(&self.base);
-    }
-}
-
-/// Every domain name on the host at `uri`.
-fn names_on(uri: &str) -> Vec<String> {
-    let out = run("virsh", &["-q", "-c", uri, "list", "--all", "--name"]);
-    String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
-}
-
-/// Hosts A (this machine's libvirtd, with the env's pool), B and C, each B and C with a dir pool
-/// of the env's pool name.
-struct Bed {
-    env: TestEnv,
-    b: NsHost,
-    c: NsHost,
-}
-
-impl Bed {
-    fn new(test: &str) -> Bed {
-        Bed::with_hook_on_b(test, false)
-    }
-
-    fn with_hook_on_b(test: &str, hook: bool) -> Bed {
-        ensure_libvirtd();
-        let env = TestEnv::new(&format!("mh-{test}"));
-        let [b, c] = ["b", "c"]
-            .map(|h| NsHost::start(PathBuf::from(BASE_DIR).join(format!("{}.host-{h}", env.prefix)), hook && h == "b"));
-        for h in [&b, &c] {
-            h.virsh_ok(&["pool-define-as", &env.pool, "dir", "--target", h.pool_dir().to_str().unwrap()]);
-            h.virsh_ok(&["pool-start", &env.pool]);
-        }
-        Bed { env, b, c }
-    }
-
-    /// The URIs in the order `--host B --host C --host A`.
-    fn uris(&self) -> [&str; 3] {
-        [&self.b.uri, &self.c.uri, URI]
-    }
-
-    /// A BIOS template on A with a qcow2 master `base.qcow2` (vda) in the env's pool and
-    /// `nics` NICs; `interfaces` replaces the NICs' `type='user'` (e.g. a network source).
-    /// Its metadata records the master's identity, as `virt-clone-cow publish` would.
-    fn template(&self, nics: usize, interface: Option<&str>) -> (String, String) {
-        let name = self.env.name("-tmpl");
-        let master = self.env.in_pool("base.qcow2");
-        make_qcow2(&master, 16);
-        self.env.refresh_pool();
-        let mut spec = DomainSpec::new(&name, false).disk(DiskSpec::File {
-            path: master.clone(),
-            format: "qcow2".into(),
-            target: "vda".into(),
-        });
-        spec.nics = nics;
-        // No VNC: the hosts share this machine's ports, and each libvirtd would pick 5900.
-        let mut xml = spec.xml().replace("<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>", "");
-        if let Some(i) = interface {
-            xml = xml.replace("<interface type='user'>", i);
-        }
-        define_xml(&xml);
-        let md = CowMetadata {
-            template: Some(TemplateInfo {
-                masters: vec![MasterRef {
-                    target: Some("vda".into()),
-                    path: master.clone(),
-                    format: "qcow2".into(),
-                    pool: Some(self.env.pool.clone()),
-                    volume: Some("base.qcow2".into()),
-                    sha256: Some(SHA.into()),
-                    info_hash: Some(INFO_HASH.into()),
-                    ..Default::default()
-                }],
-            }),
-            clone: None,
-        };
-        virsh_ok(&["metadata", &name, NAMESPACE, "--key", "vcc", "--set", &md.to_bare_xml()]);
-        (name, master)
-    }
-
-    /// Runs `virt-clone-cow --json --host B --host C --host A ARGS...`.
-    fn clone(&self, args: &[&str]) -> CliRun {
-        let mut v: Vec<&str> = vec!["--json"];
-        for u in self.uris() {
-            v.extend(["--host", u]);
-        }
-        v.extend_from_slice(args);
-        cli(&v)
-    }
-
-    /// The names of this env's domains on every host, host by host.
-    fn env_domains(&self) -> [Vec<String>; 3] {
-        self.uris().map(|u| names_on(u).into_iter().filter(|n| n.starts_with(&self.env.prefix)).collect())
-    }
-
-    /// The files in the pool directory of B and C.
-    fn remote_pool_files(&self) -> [Vec<String>; 2] {
-        [&self.b, &self.c].map(|h| {
-            let mut v: Vec<String> = std::fs::read_dir(h.pool_dir())
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            v.sort();
-            v
-        })
-    }
-}
-
+/// The template's master, in h0's `default` pool.
+const MASTER: &str = "/var/lib/libvirt/images/base.qcow2";
+const TMPL: &str = "tmpl";
+/// The hosts in the order of `--host`: B, C, A.
+const ORDER: [usize; 3] = [1, 2, 0];
+/// An identity no host can fetch (no daemon has or finds it).
 const SHA: &str = "5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
 const INFO_HASH: &str = "0123456789abcdef0123456789abcdef01234567";
+const MANIFEST: &str = "/var/lib/pool-helper/manifests/base.json";
 
-fn macs_of(uri: &str, name: &str) -> Vec<String> {
-    let xml = run_ok("virsh", &["-q", "-c", uri, "dumpxml", "--inactive", name]);
-    vcc_core::xml::DomainFacts::parse(&xml).unwrap().macs.into_iter().flatten().collect()
+/// The master's identity as `virt-clone-cow publish` records it in a template.
+fn identity(sha: &str, info_hash: &str, manifest: &str) -> CowMetadata {
+    CowMetadata {
+        template: Some(TemplateInfo {
+            masters: vec![MasterRef {
+                target: Some("vda".into()),
+                path: MASTER.into(),
+                format: "qcow2".into(),
+                pool: Some("default".into()),
+                volume: Some("base.qcow2".into()),
+                sha256: Some(sha.into()),
+                info_hash: Some(info_hash.into()),
+                manifest: Some(manifest.into()),
+                ..Default::default()
+            }],
+        }),
+        clone: None,
+    }
+}
+
+/// A qcow2 master with 16 MiB of data in h0's pool.
+fn make_master(bed: &Bed) {
+    bed.exec_ok(0, &["qemu-img", "create", "-q", "-f", "qcow2", MASTER, "64M"]);
+    bed.exec_ok(0, &["qemu-io", "-c", "write -P 0x5a 0 16M", MASTER]);
+    bed.virsh_ok(0, &["pool-refresh", "default"]);
+}
+
+/// Publishes the master on h0 (its pool-helper seeds it); returns its SHA-256, info-hash and
+/// manifest path.
+fn publish_on_h0(bed: &Bed) -> (String, String, String) {
+    let bin = pool_helper_bin();
+    let manifest = bed.exec_ok(0, &[bin.to_str().unwrap(), "publish", "--pool", "default", "base.qcow2"]);
+    let manifest = manifest.trim().to_string();
+    let inside = manifest.strip_prefix("/var/lib/").unwrap();
+    let m = std::fs::read_to_string(bed.host_dir(0).join("varlib/upper").join(inside)).unwrap();
+    let m: Value = serde_json::from_str(&m).unwrap();
+    (m["sha256"].as_str().unwrap().to_string(), m["info_hash"].as_str().unwrap().to_string(), manifest)
+}
+
+/// The template `tmpl` on h0: one disk on the master, `nics` NICs on the network `default`, and
+/// the master's identity in its metadata when given.
+fn define_template(bed: &Bed, nics: usize, md: Option<&CowMetadata>) {
+    let nic = "<interface type='network'><source network='default'/></interface>";
+    let xml = small_guest_xml(TMPL, MASTER).replace("</devices>", &format!("{}</devices>", nic.repeat(nics)));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), xml).unwrap();
+    bed.virsh_ok(0, &[OsStr::new("define"), file.path().as_os_str()]);
+    if let Some(md) = md {
+        bed.virsh_ok(0, &["metadata", TMPL, NAMESPACE, "--key", "vcc", "--set", &md.to_bare_xml()]);
+    }
+}
+
+/// Runs `virt-clone-cow --connect h0 --host h1 --host h2 --host h0 ARGS...`.
+fn clone_from_h0(bed: &Bed, args: &[&str]) -> CliRun {
+    let mut v: Vec<&str> = vec!["--connect", &bed.hosts[0].uri];
+    for i in ORDER {
+        v.extend(["--host", &bed.hosts[i].uri]);
+    }
+    v.extend_from_slice(args);
+    let out = run(cli_path().to_str().unwrap(), &v);
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Every domain on host `i`, sorted.
+fn domains(bed: &Bed, i: usize) -> Vec<String> {
+    let out = bed.virsh_ok(i, &["list", "--all", "--name"]);
+    let mut v: Vec<String> = out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    v.sort();
+    v
+}
+
+/// The files in host `i`'s `default` pool, sorted.
+fn pool_files(bed: &Bed, i: usize) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(bed.pool_dir(i))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn facts_on(bed: &Bed, i: usize, name: &str) -> DomainFacts {
+    DomainFacts::parse(&bed.virsh_ok(i, &["dumpxml", "--inactive", name])).unwrap()
+}
+
+fn metadata_on(bed: &Bed, i: usize, name: &str) -> Option<CowMetadata> {
+    facts_on(bed, i, name).vcc_metadata.map(|x| CowMetadata::parse(&x).unwrap())
+}
+
+/// What a refused or undone run must leave: every host as it was.
+#[derive(Debug, PartialEq)]
+struct State {
+    domains: Vec<Vec<String>>,
+    pools: Vec<Vec<String>>,
+    template: Option<CowMetadata>,
+}
+
+fn state(bed: &Bed) -> State {
+    State {
+        domains: (0..3).map(|i| domains(bed, i)).collect(),
+        pools: (0..3).map(|i| pool_files(bed, i)).collect(),
+        template: metadata_on(bed, 0, TMPL),
+    }
 }
 
 #[test]
 fn six_clones_over_three_hosts_are_two_per_host_with_every_mac_unique_and_the_master_named_by_identity() {
-    let bed = Bed::new("six");
-    let (tmpl, master) = bed.template(2, None);
-    let web = bed.env.name("-web");
-    let run = bed.clone(&["--original", &tmpl, "--name", &web, "--count", "6"]);
+    let bed = Bed::up(3);
+    make_master(&bed);
+    define_template(&bed, 2, Some(&identity(SHA, INFO_HASH, MANIFEST)));
+    let run = clone_from_h0(&bed, &["--json", "--original", TMPL, "--name", "web", "--count", "6"]);
     run.assert_ok();
     let report = run.json();
-    let hosts = report["hosts"].as_array().unwrap();
-    assert_eq!(hosts.len(), 3, "{report:#}");
 
-    // Round-robin in the order of --host: web-1, web-4 on B; web-2, web-5 on C; web-3, web-6 on A.
-    let want: [Vec<String>; 3] = [[1, 4], [2, 5], [3, 6]].map(|ns| ns.iter().map(|i| format!("{web}-{i}")).collect());
-    let mut on_hosts = bed.env_domains();
-    for d in &mut on_hosts {
-        d.retain(|n| *n != tmpl);
-        d.sort();
-    }
-    assert_eq!(on_hosts, want, "each host has its two clones and only those");
-    for (h, uri) in bed.uris().iter().enumerate() {
-        assert_eq!(hosts[h]["uri"], *uri);
-        let names: Vec<&str> =
-            hosts[h]["clones"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-        assert_eq!(names, want[h].iter().map(String::as_str).collect::<Vec<_>>());
-    }
-
-    // Every MAC unique across the hosts (2 NICs each), as the hosts themselves have them.
-    let mut macs = Vec::new();
-    for (h, uri) in bed.uris().iter().enumerate() {
-        for n in &want[h] {
-            let m = macs_of(uri, n);
-            assert_eq!(m.len(), 2, "{n} on {uri}");
-            macs.extend(m);
-        }
-    }
-    macs.extend(macs_of(URI, &tmpl));
-    let unique: HashSet<&String> = macs.iter().collect();
-    assert_eq!(unique.len(), 14, "MACs repeat across hosts: {macs:?}");
-
-    // B and C lack the master: no overlay is made there now (the hook makes it at the first
-    // start); the clone names the master by B's path and by identity.
-    for (h, host) in [&bed.b, &bed.c].iter().enumerate() {
-        assert_eq!(hosts[h]["masters"][0]["present"], false, "{report:#}");
-        let pool_master = host.pool_dir().join("base.qcow2");
-        for n in &want[h] {
-            let xml = host.virsh_ok(&["dumpxml", "--inactive", n]);
-            let facts = vcc_core::xml::DomainFacts::parse(&xml).unwrap();
-            let overlay = host.pool_dir().join(format!("{n}-vda.qcow2"));
-            assert!(
-                matches!(&facts.disks[0].source, vcc_core::xml::DiskSource::File(p) if Path::new(p) == overlay),
-                "{xml}"
-            );
-            assert!(xml.contains(&format!("<source file='{}'", pool_master.display())), "backing store: {xml}");
-            let md = CowMetadata::parse(facts.vcc_metadata.as_deref().unwrap()).unwrap();
+    let mut macs: Vec<String> = facts_on(&bed, 0, TMPL).macs.into_iter().flatten().collect();
+    for (h, i) in ORDER.into_iter().enumerate() {
+        // Round-robin in the order of --host: web-1, web-4 on h1; web-2, web-5 on h2; web-3, web-6 on h0.
+        let want = [format!("web-{}", h + 1), format!("web-{}", h + 4)];
+        let mut have = domains(&bed, i);
+        have.retain(|d| d != TMPL);
+        assert_eq!(have, want, "h{i} has its two clones and only those");
+        let host = &report["hosts"][h];
+        assert_eq!(host["uri"], bed.hosts[i].uri.as_str());
+        assert_eq!(host["masters"][0]["present"], i == 0, "{report:#}");
+        for n in &want {
+            let facts = facts_on(&bed, i, n);
+            assert_eq!(facts.macs.iter().flatten().count(), 2, "{n}");
+            macs.extend(facts.macs.iter().flatten().cloned());
+            let overlay = format!("/var/lib/libvirt/images/{n}-vda.qcow2");
+            assert!(matches!(&facts.disks[0].source, DiskSource::File(p) if *p == overlay), "{n} on h{i}");
+            let md = metadata_on(&bed, i, n).unwrap();
             let m = &md.clone.unwrap().disks[0].master;
-            assert_eq!(m.path, pool_master.to_str().unwrap());
+            assert_eq!((m.path.as_str(), m.pool.as_deref()), (MASTER, Some("default")));
             assert_eq!((m.sha256.as_deref(), m.info_hash.as_deref()), (Some(SHA), Some(INFO_HASH)));
-            assert_eq!(m.pool.as_deref(), Some(bed.env.pool.as_str()));
+            // The publishing host's manifest path only where the master is.
+            assert_eq!(m.manifest.is_some(), i == 0, "{n} on h{i}: {m:?}");
         }
     }
-    assert_eq!(bed.remote_pool_files(), [Vec::<String>::new(), Vec::new()], "nothing made in B's and C's pools yet");
+    let unique: HashSet<&String> = macs.iter().collect();
+    assert_eq!((macs.len(), unique.len()), (14, 14), "MACs repeat across hosts: {macs:?}");
 
-    // A has the master: its overlays are made now, over A's master.
-    assert_eq!(hosts[2]["masters"][0]["present"], true);
-    for n in &want[2] {
-        let overlay = bed.env.in_pool(&format!("{n}-vda.qcow2"));
-        let info = run_ok("qemu-img", &["info", "--output=json", "-U", &overlay]);
-        let info: Value = serde_json::from_str(&info).unwrap();
-        assert_eq!(info["backing-filename"], master.as_str(), "{info:#}");
-    }
+    // h1 and h2 lack the master: nothing is made in their pools before the first start (the
+    // hook makes the overlays then). h0 has it: its overlays are made now, over it.
+    assert_eq!([pool_files(&bed, 1), pool_files(&bed, 2)], [Vec::<String>::new(), Vec::new()]);
+    assert_eq!(pool_files(&bed, 0), ["base.qcow2", "web-3-vda.qcow2", "web-6-vda.qcow2"]);
+    let info = bed.exec_ok(0, &["qemu-img", "info", "-U", "--output=json", "/var/lib/libvirt/images/web-3-vda.qcow2"]);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["backing-filename"], MASTER, "{info:#}");
     // The original is a template now, its identity kept.
-    let md = cow_metadata(&tmpl).unwrap();
-    assert_eq!(md.template.unwrap().masters[0].sha256.as_deref(), Some(SHA));
+    let t = metadata_on(&bed, 0, TMPL).unwrap().template.unwrap();
+    assert_eq!(t.masters[0].sha256.as_deref(), Some(SHA));
 }
 
 #[test]
 fn a_network_missing_on_one_host_is_refused_before_anything_is_defined_naming_the_host() {
-    let bed = Bed::new("nonet");
-    let net = format!("{}-net", bed.env.prefix);
-    let bridge = format!("vcb{}", std::process::id() % 100_000);
-    let (tmpl, master) = bed.template(1, Some(&format!("<interface type='network'><source network='{net}'/>")));
-    let net_xml = bed.env.in_work("net.xml");
-    std::fs::write(&net_xml, format!("<network><name>{net}</name><bridge name='{bridge}'/></network>")).unwrap();
-    // Defined (not started) on A and B only.
-    virsh_ok(&["net-define", &net_xml]);
-    bed.b.virsh_ok(&["net-define", &net_xml]);
-    let before = Snapshot::take(&bed.env, &tmpl, &[&master]);
-
-    let run = bed.clone(&["--original", &tmpl, "--name", &bed.env.name("-web"), "--count", "3"]);
-    let _ = virsh(&["net-undefine", &net]);
-    run.assert_error(1, &[&format!("host '{}'", bed.c.uri), &format!("network '{net}' is not defined")]);
-    assert_eq!(bed.env_domains(), [vec![], vec![], vec![tmpl.clone()]], "nothing defined anywhere");
-    assert_eq!(bed.remote_pool_files(), [Vec::<String>::new(), Vec::new()]);
-    before.assert_unchanged(&bed.env, &tmpl, &[&master]);
-    assert!(cow_metadata(&tmpl).unwrap().clone.is_none());
+    let bed = Bed::up(3);
+    make_master(&bed);
+    define_template(&bed, 1, None);
+    bed.virsh_ok(2, &["net-destroy", "default"]);
+    bed.virsh_ok(2, &["net-undefine", "default"]);
+    let before = state(&bed);
+    let run = clone_from_h0(&bed, &["--original", TMPL, "--name", "web", "--count", "3"]);
+    run.assert_error(1, &[&format!("host '{}'", bed.hosts[2].uri), "network 'default' is not defined"]);
+    assert_eq!(state(&bed), before, "nothing defined or made on any host");
 }
 
 #[test]
 fn a_name_taken_on_one_host_is_refused_and_nothing_is_left_anywhere() {
-    let bed = Bed::new("taken");
-    let (tmpl, master) = bed.template(1, None);
-    let web = bed.env.name("-web");
-    // web-2 goes to C, which has a domain of that name already.
-    let taken = format!("{web}-2");
-    let xml = bed.env.in_work("taken.xml");
-    std::fs::write(&xml, DomainSpec::new(&taken, false).xml()).unwrap();
-    bed.c.virsh_ok(&["define", &xml]);
-    let before = Snapshot::take(&bed.env, &tmpl, &[&master]);
-    let md_before = cow_metadata(&tmpl);
-
-    let run = bed.clone(&["--original", &tmpl, "--name", &web, "--count", "3"]);
-    run.assert_error(1, &[&format!("host '{}'", bed.c.uri), &format!("a domain named '{taken}' exists already")]);
-    assert_eq!(bed.env_domains(), [vec![], vec![taken.clone()], vec![tmpl.clone()]], "only what was there before");
-    assert_eq!(bed.remote_pool_files(), [Vec::<String>::new(), Vec::new()]);
-    before.assert_unchanged(&bed.env, &tmpl, &[&master]);
-    assert_eq!(cow_metadata(&tmpl), md_before, "the template's metadata is as it was");
+    let bed = Bed::up(3);
+    make_master(&bed);
+    define_template(&bed, 1, None);
+    // web-2 goes to h2, which has a domain of that name already.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), small_guest_xml("web-2", "/var/lib/libvirt/images/other.qcow2")).unwrap();
+    bed.virsh_ok(2, &[OsStr::new("define"), file.path().as_os_str()]);
+    let before = state(&bed);
+    let run = clone_from_h0(&bed, &["--original", TMPL, "--name", "web", "--count", "3"]);
+    run.assert_error(1, &[&format!("host '{}'", bed.hosts[2].uri), "a domain named 'web-2' exists already"]);
+    assert_eq!(state(&bed), before, "nothing defined or made on any host");
 }
 
 #[test]
-fn a_start_failing_on_one_host_undoes_every_host_running_clones_included() {
-    let bed = Bed::new("startfail");
-    let (tmpl, master) = bed.template(1, None);
-    // B has the master (so its clones start); C has not and runs no hook or pool-helper, so
-    // QEMU finds no overlay there and the start fails.
-    std::fs::copy(&master, bed.b.pool_dir().join("base.qcow2")).unwrap();
-    let before = Snapshot::take(&bed.env, &tmpl, &[&master]);
-    let md_before = cow_metadata(&tmpl);
-    let web = bed.env.name("-web");
-
-    let run = bed.clone(&["--original", &tmpl, "--name", &web, "--count", "3", "--start"]);
-    run.assert_error(1, &[&format!("host '{}'", bed.c.uri), &format!("starting '{web}-2'")]);
-    assert_eq!(bed.env_domains(), [vec![], vec![], vec![tmpl.clone()]], "nothing left on any host");
-    assert_eq!(bed.remote_pool_files(), [vec!["base.qcow2".to_string()], vec![]], "B's overlay was removed");
-    before.assert_unchanged(&bed.env, &tmpl, &[&master]);
-    assert_eq!(cow_metadata(&tmpl), md_before, "the template mark was removed again");
-}
-
-#[test]
-fn start_runs_every_hosts_clones_and_reports_each_start_time() {
-    let bed = Bed::new("start");
-    let (tmpl, master) = bed.template(1, None);
-    for h in [&bed.b, &bed.c] {
-        std::fs::copy(&master, h.pool_dir().join("base.qcow2")).unwrap();
-    }
-    let web = bed.env.name("-web");
-    let run = bed.clone(&["--original", &tmpl, "--name", &web, "--count", "3", "--start"]);
-    run.assert_ok();
-    let report = run.json();
-    for (h, uri) in bed.uris().iter().enumerate() {
-        let host = &report["hosts"][h];
-        assert_eq!(host["masters"][0]["present"], true, "{report:#}");
-        let c = &host["clones"][0];
-        let name = c["name"].as_str().unwrap();
-        assert_eq!(name, format!("{web}-{}", h + 1));
-        assert_eq!(c["started"], true);
-        assert!(c["start_ms"].as_f64().unwrap() > 0.0, "{report:#}");
-        let state = run_ok("virsh", &["-q", "-c", uri, "domstate", name]);
-        assert_eq!(state.trim(), "running", "{name} on {uri}");
-    }
-}
-
-#[test]
-fn on_a_host_without_the_master_the_hook_makes_the_overlay_at_the_first_start() {
-    let bed = Bed::with_hook_on_b("hookdisk", true);
-    let (tmpl, master) = bed.template(1, None);
-    let web = bed.env.name("-web");
-    let run = cli(&["--json", "--original", &tmpl, "--name", &web, "--host", &bed.b.uri]);
-    run.assert_ok();
-    let report = run.json();
-    assert_eq!(report["hosts"][0]["masters"][0]["present"], false, "{report:#}");
-    let overlay = bed.b.pool_dir().join(format!("{web}-vda.qcow2"));
-    assert!(!overlay.exists(), "nothing is made on B before the start");
-
-    // Without the master (and no pool-helper to fetch it) the start fails and makes nothing.
-    let out = bed.b.virsh(&["start", &web]);
-    assert!(!out.status.success(), "started without its master");
-    assert!(!overlay.exists());
-
-    // The master arrives (as pool-helper would put it); the next start makes the overlay over it.
-    let b_master = bed.b.pool_dir().join("base.qcow2");
-    std::fs::copy(&master, &b_master).unwrap();
-    bed.b.virsh_ok(&["start", &web]);
-    assert_eq!(bed.b.virsh_ok(&["domstate", &web]).trim(), "running");
-    let info = run_ok("qemu-img", &["info", "--output=json", "-U", overlay.to_str().unwrap()]);
-    let info: Value = serde_json::from_str(&info).unwrap();
-    assert_eq!(info["backing-filename"], b_master.to_str().unwrap(), "{info:#}");
-    assert_eq!(info["format"], "qcow2");
+fn a_start_failing_on_one_host_undoes_every_host_running_clones_and_hook_made_overlays_included() {
+    let bed = Bed::up(3);
+    make_master(&bed);
+    let (sha, info_hash, manifest) = publish_on_h0(&bed);
+    define_template(&bed, 1, Some(&identity(&sha, &info_hash, &manifest)));
+    // h1 lacks the master: its pool-helper fetches it at the first start and the hook makes the
+    // overlay, and the start succeeds. h2's hook reaches no daemon, so the start there fails.
+    bed.exec_ok(
+        2,
+        &["sh", "-c", "printf 'control_socket = \"/run/no-such-daemon.sock\"\n' > /etc/virt-clone-cow/hook.toml"],
+    );
+    let before = state(&bed);
+    let run = clone_from_h0(&bed, &["--original", TMPL, "--name", "web", "--count", "3", "--start"]);
+    run.assert_error(1, &[&format!("host '{}'", bed.hosts[2].uri), "starting 'web-2'"]);
+    // Every host as it was: clones stopped and undefined, overlays removed, the hook's on h1
+    // included. The master h1's pool-helper fetched stays (verified, shared by any clone).
+    let mut after = state(&bed);
+    assert_eq!(after.pools[1], ["base.qcow2"], "the hook's overlay on h1 was removed");
+    after.pools[1].clear();
+    assert_eq!(after, before);
 }
 
 #[test]
 fn dry_run_prints_each_hosts_share_and_changes_nothing() {
-    let bed = Bed::new("dry");
-    let (tmpl, master) = bed.template(1, None);
-    std::fs::copy(&master, bed.c.pool_dir().join("base.qcow2")).unwrap();
-    let before = Snapshot::take(&bed.env, &tmpl, &[&master]);
-    let md_before = cow_metadata(&tmpl);
-    let web = bed.env.name("-web");
-    let mut args: Vec<&str> = vec!["--original", &tmpl, "--name", &web, "--count", "5", "--dry-run"];
-    for u in bed.uris() {
-        args.extend(["--host", u]);
-    }
-    let run = cli(&args);
+    let bed = Bed::up(3);
+    make_master(&bed);
+    define_template(&bed, 1, None);
+    bed.put_in_pool(2, &bed.pool_dir(0).join("base.qcow2"), "base.qcow2");
+    let before = state(&bed);
+    let run = clone_from_h0(&bed, &["--original", TMPL, "--name", "web", "--count", "5", "--dry-run"]);
     run.assert_ok();
     let out = &run.stdout;
-    assert!(out.starts_with(&format!("Dry run: would make 5 linked clone(s) of '{tmpl}' on 3 host(s)")), "{out}");
-    for (uri, n, present) in [(bed.b.uri.as_str(), 2, false), (bed.c.uri.as_str(), 2, true), (URI, 1, true)] {
+    assert!(out.starts_with(&format!("Dry run: would make 5 linked clone(s) of '{TMPL}' on 3 host(s)")), "{out}");
+    for (i, n, present) in [(1, 2, false), (2, 2, true), (0, 1, true)] {
+        let uri = &bed.hosts[i].uri;
         assert!(out.contains(&format!("host {uri}: {n} clone(s)\n")), "{out}");
         let section = out.split(&format!("host {uri}:")).nth(1).unwrap();
         let says =
             if present { "(there: overlays through the storage API)" } else { "(missing: the host's pool-helper" };
-        assert!(section.lines().nth(1).unwrap().contains(says), "{uri}: {out}");
+        assert!(section.lines().nth(1).unwrap().contains(says), "h{i}: {out}");
     }
-    assert_eq!(bed.env_domains(), [vec![], vec![], vec![tmpl.clone()]]);
-    assert_eq!(bed.remote_pool_files(), [vec![], vec!["base.qcow2".to_string()]]);
-    before.assert_unchanged(&bed.env, &tmpl, &[&master]);
-    assert_eq!(cow_metadata(&tmpl), md_before);
+    assert_eq!(state(&bed), before);
+}
+
+/// The whole story: a template with a published master on h0; 6 clones over h1, h2, h0 made from
+/// h0 and started; h1 and h2 fetch the master through their pool-helpers at the first start
+/// (named by identity in the clones' metadata), and the hook makes the overlays.
+#[test]
+fn started_clones_over_three_hosts_run_with_the_master_fetched_by_the_hosts_that_lacked_it() {
+    let bed = Bed::up_with(3, 100.0);
+    make_master(&bed);
+    let (sha, info_hash, manifest) = publish_on_h0(&bed);
+    let sha = sha.as_str();
+    define_template(&bed, 1, Some(&identity(sha, &info_hash, &manifest)));
+
+    let t = Instant::now();
+    let run = clone_from_h0(&bed, &["--json", "--original", TMPL, "--name", "web", "--count", "6", "--start"]);
+    let took = t.elapsed();
+    run.assert_ok();
+    let report = run.json();
+
+    let mut macs = HashSet::new();
+    for (h, i) in ORDER.into_iter().enumerate() {
+        let host = &report["hosts"][h];
+        assert_eq!(host["masters"][0]["present"], i == 0, "{report:#}");
+        let running = bed.virsh_ok(i, &["list", "--name", "--state-running"]);
+        let mut running: Vec<&str> = running.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        running.sort();
+        let want = [format!("web-{}", h + 1), format!("web-{}", h + 4)];
+        assert_eq!(running, want, "h{i} runs its two clones");
+        for c in host["clones"].as_array().unwrap() {
+            assert_eq!(c["started"], true);
+            assert!(c["start_ms"].as_f64().unwrap() > 0.0, "{report:#}");
+        }
+        for n in &want {
+            for mac in facts_on(&bed, i, n).macs.into_iter().flatten() {
+                assert!(macs.insert(mac.clone()), "MAC {mac} twice");
+            }
+        }
+        // h1 and h2 got the master from the swarm, identical, a volume of their pool.
+        let sum = bed.exec_ok(i, &["sha256sum", MASTER]);
+        assert_eq!(sum.split_whitespace().next(), Some(sha), "h{i}");
+        bed.virsh_ok(i, &["vol-info", "--pool", "default", "base.qcow2"]);
+    }
+    assert_eq!(macs.len(), 6);
+    let starts: Vec<Vec<f64>> = report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["clones"].as_array().unwrap().iter().map(|c| c["start_ms"].as_f64().unwrap()).collect())
+        .collect();
+    eprintln!(
+        "multihost timings: 6 clones over h1, h2, h0 (16 MiB of data in a 64 MiB qcow2 master, 100 Mbit/s): \
+         command {took:.1?}; start_ms per host (h1, h2, h0; the first on h1 and h2 includes the master's arrival): \
+         {starts:?}"
+    );
+}
+
+#[test]
+fn pool_map_puts_the_overlays_and_the_master_in_the_mapped_pool_of_each_host() {
+    let bed = Bed::up(3);
+    make_master(&bed);
+    define_template(&bed, 1, None);
+    for i in [1, 2] {
+        bed.exec_ok(i, &["mkdir", "-p", "/var/lib/libvirt/imgs"]);
+        bed.virsh_ok(i, &["pool-define-as", "imgs", "dir", "--target", "/var/lib/libvirt/imgs"]);
+        bed.virsh_ok(i, &["pool-start", "imgs"]);
+    }
+    let (h1, h2) = (&bed.hosts[1].uri, &bed.hosts[2].uri);
+    let args = ["--connect", &bed.hosts[0].uri, "--json", "--original", TMPL, "--name", "web", "--count", "2"];
+    let run = |extra: &[&str]| {
+        let mut v = args.to_vec();
+        v.extend_from_slice(extra);
+        run(cli_path().to_str().unwrap(), &v)
+    };
+    let out = run(&["--host", h1, "--host", h2, "--pool-map", "default=imgs"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (i, n) in [(1, "web-1"), (2, "web-2")] {
+        let facts = facts_on(&bed, i, n);
+        let overlay = format!("/var/lib/libvirt/imgs/{n}-vda.qcow2");
+        assert!(matches!(&facts.disks[0].source, DiskSource::File(p) if *p == overlay), "{n} on h{i}");
+        let md = metadata_on(&bed, i, n).unwrap();
+        let m = &md.clone.unwrap().disks[0].master;
+        assert_eq!((m.path.as_str(), m.pool.as_deref()), ("/var/lib/libvirt/imgs/base.qcow2", Some("imgs")));
+    }
+    // h0 has no pool `imgs`: refused naming h0 and the pool, before anything is defined.
+    let before = state(&bed);
+    let out = run(&["--host", &bed.hosts[0].uri, "--pool-map", "default=imgs"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("host '{}': no active storage pool 'imgs'", bed.hosts[0].uri))
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(state(&bed), before);
+}
+
+#[test]
+fn an_unreachable_host_is_refused_naming_it_before_anything_is_read() {
+    let uri = "qemu+unix:///system?socket=/run/vcc-tests-no-libvirtd.sock";
+    let run = cli(&["--original", "vcct-no-such-template", "--name", "x", "--host", uri]);
+    run.assert_error(1, &[&format!("host '{uri}'"), "cannot connect to libvirt"]);
+}
+
+#[test]
+fn uefi_clones_on_other_hosts_get_fresh_vars_from_the_templates_nvram_template() {
+    let bed = Bed::up(2);
+    make_master(&bed);
+    let mut spec = DomainSpec::new(TMPL, true).disk(DiskSpec::File {
+        path: MASTER.into(),
+        format: "qcow2".into(),
+        target: "vda".into(),
+    });
+    spec.nics = 0;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), spec.xml()).unwrap();
+    bed.virsh_ok(0, &[OsStr::new("define"), file.path().as_os_str()]);
+    bed.put_in_pool(1, &bed.pool_dir(0).join("base.qcow2"), "base.qcow2");
+    let (h0, h1) = (&bed.hosts[0].uri, &bed.hosts[1].uri);
+    let v = ["--connect", h0, "--json", "--original", TMPL, "--name", "web", "--count", "2", "--start"];
+    let mut v = v.to_vec();
+    v.extend(["--host", h1, "--host", h0]);
+    let out = run(cli_path().to_str().unwrap(), &v);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (h, i) in [(0, 1), (1, 0)] {
+        let c = &report["hosts"][h]["clones"][0];
+        let name = format!("web-{}", h + 1);
+        assert_eq!((c["name"].as_str(), c["started"].as_bool()), (Some(name.as_str()), Some(true)), "{report:#}");
+        assert_eq!(c["fresh_uefi_vars"], true);
+        let vars = c["nvram"].as_str().unwrap();
+        assert!(vars.ends_with(&format!("/{name}_VARS.fd")), "{vars}");
+        // libvirt made them at the start, from the template's nvram template.
+        let facts = facts_on(&bed, i, &name);
+        assert_eq!(facts.nvram.as_ref().and_then(|n| n.path.as_deref()), Some(vars));
+        assert_eq!(facts.nvram.and_then(|n| n.template).as_deref(), Some(OVMF_VARS));
+        let size = bed.exec_ok(i, &["stat", "-c", "%s", vars]);
+        let want = std::fs::metadata(OVMF_VARS).unwrap().len().to_string();
+        assert_eq!(size.trim(), want, "{vars} on h{i}");
+    }
 }

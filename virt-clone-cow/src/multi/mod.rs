@@ -62,6 +62,8 @@ pub enum MultiError {
     },
     #[error("host '{host}': volume '{volume}' exists already in pool '{pool}' (left from an earlier clone with this name?); remove it or pick another name")]
     OverlayExists { host: String, pool: String, volume: String },
+    #[error("host '{host}': '{path}' exists already (UEFI vars left from an earlier clone with this name?); remove it or pick another name")]
+    VarsExist { host: String, path: String },
     #[error(transparent)]
     Check(#[from] CheckError),
     #[error(transparent)]
@@ -237,6 +239,13 @@ pub fn clone_to_hosts(src: &Libvirt, hosts: &[Libvirt], req: &MultiRequest) -> R
         };
         let hp = plan_host(&input, &mut taken_macs, random3)?;
         for c in &hp.plan.clones {
+            // Fresh UEFI vars: a file left at the clone's vars path would be used instead. It is
+            // seen only where a pool covers that directory (remote files are libvirt's alone).
+            if let Some(nv) = &c.nvram {
+                if lv.volume_by_path(&nv.to).map_err(on(&inv.uri))?.is_some() {
+                    return Err(MultiError::VarsExist { host: inv.uri.clone(), path: nv.to.clone() });
+                }
+            }
             for o in &c.overlays {
                 if let OverlayLocation::Volume { pool, name, .. } = &o.location {
                     if lv.volume(pool, name).map_err(on(&inv.uri))?.is_some() {

@@ -145,10 +145,21 @@ pub fn plan_host(
             return Err(MultiPlanError::VolumeDiskHookMade { host: input.uri.to_string(), target: m.target.clone() });
         }
     }
+    // A manifest path is the publishing host's: where the host must fetch the master and its
+    // identity is known, the clone names it by identity (the hook prefers a manifest).
+    let masters: Vec<Master> = input
+        .masters
+        .iter()
+        .zip(input.present.iter().chain(std::iter::repeat(&false)))
+        .map(|(m, present)| Master {
+            manifest: if !present && m.sha256.is_some() { None } else { m.manifest.clone() },
+            ..m.clone()
+        })
+        .collect();
     let pi = PlanInput {
         original_xml: input.original_xml,
         facts: input.facts,
-        masters: input.masters,
+        masters: &masters,
         names: input.names,
         taken_macs,
         disposable: input.disposable,
@@ -180,7 +191,7 @@ mod tests {
             self_contained: true,
             sha256: Some("ab".repeat(32)),
             info_hash: Some("cd".repeat(20)),
-            manifest: None,
+            manifest: Some("/var/lib/pool-helper/manifests/base.json".into()),
         }
     }
 
@@ -261,8 +272,10 @@ mod tests {
             assert_eq!(hp.made_now(0), h == 0);
             for c in &hp.plan.clones {
                 assert_eq!(c.macs.len(), 2);
-                // The master is named by path and identity in the clone's metadata.
+                // The master is named by path and identity in the clone's metadata; the publishing
+                // host's manifest path only where the master is there already.
                 assert!(c.xml.contains("/srv/a/base.qcow2") && c.xml.contains(&"ab".repeat(32)), "{}", c.xml);
+                assert_eq!(c.xml.contains("manifests/base.json"), h == 0, "{}", c.xml);
                 all.extend(c.macs.clone());
             }
         }
