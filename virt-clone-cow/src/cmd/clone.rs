@@ -278,6 +278,9 @@ fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, Clo
                 volume: Some(v.facts.name.clone()),
                 volume_disk,
                 self_contained: v.facts.backing.is_none(),
+                sha256: None,
+                info_hash: None,
+                manifest: None,
             },
             None => {
                 let DiskSource::File(path) = &d.source else { continue };
@@ -304,6 +307,9 @@ fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, Clo
                     volume: None,
                     volume_disk: false,
                     self_contained: info.backing.is_none(),
+                    sha256: None,
+                    info_hash: None,
+                    manifest: None,
                 }
             }
         };
