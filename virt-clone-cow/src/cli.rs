@@ -17,7 +17,8 @@ use virt_clone_cow::multi::MultiRequest;
     after_help = "Examples:\n  virt-clone-cow --original base --name web-1 --name web-2 --start\n  \
                   virt-clone-cow --original base --auto-clone --count 10 --json\n  \
                   virt-clone-cow --original base --name web --count 6 --host qemu+ssh://b/system --host qemu+ssh://c/system --start\n  \
-                  virt-clone-cow tree"
+                  virt-clone-cow tree\n  \
+                  virt-clone-cow publish base"
 )]
 pub struct Cli {
     /// libvirt connection URI (as virsh -c); defaults to LIBVIRT_DEFAULT_URI or libvirt's default.
@@ -43,6 +44,16 @@ pub struct Cli {
 pub enum Command {
     /// Show masters, their templates, and the clones (domains and pool volumes) that depend on each.
     Tree,
+    /// Publish a template's masters through the local pool-helper daemon and record their identity
+    /// (SHA-256, info-hash, manifest) on the template, so its clones can be started on any host.
+    Publish {
+        /// The template (a domain already cloned with virt-clone-cow).
+        #[arg(value_name = "TEMPLATE")]
+        template: String,
+        /// The pool-helper daemon's control socket.
+        #[arg(long, value_name = "PATH", default_value = virt_clone_cow::cmd::publish::DEFAULT_CONTROL_SOCKET)]
+        control_socket: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
