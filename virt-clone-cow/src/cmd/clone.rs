@@ -224,6 +224,29 @@ pub(crate) fn read_original(lv: &Libvirt, original: &str) -> Result<(String, Dom
 
 /// Finds the master behind every private disk, refusing disks that cannot be linked. Each takes
 /// the identity the original's metadata records for it (once published).
+/// Makes `original` a template without cloning it (what a first clone does: its masters
+/// read-only, the template metadata written), for `publish` of a domain never cloned yet. The
+/// returned log undoes it when dropped uncommitted.
+pub(crate) fn make_template_only<'a>(
+    lv: &'a Libvirt,
+    original: &str,
+) -> Result<crate::apply::Transaction<'a>, CloneError> {
+    let (xml, facts, masters) = read_original(lv, original)?;
+    let input = PlanInput {
+        original_xml: &xml,
+        facts: &facts,
+        masters: &masters,
+        names: &[],
+        taken_macs: &HashSet::new(),
+        disposable: false,
+        nvram_pool: None,
+    };
+    let plan = plan(&input, random3)?;
+    let mut tx = crate::apply::Transaction::new(lv);
+    crate::apply::make_template(&mut tx, &plan)?;
+    Ok(tx)
+}
+
 pub(crate) fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, CloneError> {
     let domain = &facts.name;
     let mut out = Vec::new();
