@@ -363,6 +363,41 @@ mod tests {
     }
 
     #[test]
+    fn a_master_takes_the_identity_its_template_records_by_target_and_path() {
+        let mut m = Master {
+            disk_index: 0,
+            target: "vdb".into(),
+            path: "/p/b.qcow2".into(),
+            format: "qcow2".into(),
+            virtual_size: 1,
+            pool: None,
+            volume: None,
+            volume_disk: false,
+            self_contained: true,
+            sha256: None,
+            info_hash: None,
+            manifest: None,
+        };
+        let rec = |target: &str, path: &str, sha: &str| MasterRef {
+            target: Some(target.into()),
+            path: path.into(),
+            sha256: Some(sha.into()),
+            info_hash: Some(format!("ih-{sha}")),
+            manifest: Some(format!("/m/{sha}.json")),
+            ..Default::default()
+        };
+        m.take_identity(&[rec("vda", "/p/a.qcow2", "a"), rec("vdb", "/p/b.qcow2", "b")]);
+        assert_eq!((m.sha256.as_deref(), m.info_hash.as_deref()), (Some("b"), Some("ih-b")));
+        assert_eq!(m.to_ref(false).manifest.as_deref(), Some("/m/b.json"));
+        // The path alone when the target changed; nothing when neither matches.
+        m.take_identity(&[rec("vdz", "/p/b.qcow2", "c")]);
+        assert_eq!(m.sha256.as_deref(), Some("c"));
+        let mut other = Master { path: "/p/x.qcow2".into(), sha256: None, ..m.clone() };
+        other.take_identity(&[rec("vdb", "/p/b.qcow2", "b")]);
+        assert_eq!(other.sha256, None);
+    }
+
+    #[test]
     fn auto_names_skip_taken_ones() {
         let existing: HashSet<String> = ["base-clone", "base-clone-2"].iter().map(|s| s.to_string()).collect();
         assert_eq!(auto_names("base", &existing, 3), vec!["base-clone-1", "base-clone-3", "base-clone-4"]);
