@@ -161,7 +161,7 @@ fn three_hosts_each_run_a_guest_in_isolation_and_down_leaves_nothing() {
 }
 
 #[test]
-fn a_master_published_on_one_host_is_fetched_by_the_others_through_their_daemons() {
+fn a_master_published_on_one_host_is_in_the_others_catalogs_and_fetched_by_them_through_their_daemons() {
     let bed = Bed::up_with(3, 100.0);
     let bin = pool_helper_bin();
     let ph = bin.to_str().expect("utf-8 path");
@@ -170,6 +170,20 @@ fn a_master_published_on_one_host_is_fetched_by_the_others_through_their_daemons
     bed.exec_ok(0, &["qemu-io", "-c", "write -P 0x5a 0 16M", master]);
     bed.virsh_ok(0, &["pool-refresh", "default"]);
     let manifest = bed.exec_ok(0, &[ph, "publish", "--pool", "default", "bed-master.qcow2"]).trim().to_string();
+    // Signed by h0's key, it joins h1's and h2's LAN catalogs, signer h0, within seconds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 1..3 {
+        loop {
+            let cat = bed.catalog(i);
+            let e = cat.iter().find(|e| e["name"] == "bed-master.qcow2");
+            if let Some(e) = e {
+                assert_eq!(e["signer"], bed.hostname(0).as_str(), "h{i}: {e}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "h{i}'s catalog has no bed-master.qcow2: {cat:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     // The manifest, as an administrator would copy it to the other hosts.
     let inside = manifest.strip_prefix("/var/lib/").expect("manifest under /var/lib");
     let copy = bed.host_dir(0).parent().expect("bed dir").join("bed-master.json");
@@ -201,4 +215,31 @@ fn a_master_published_on_one_host_is_fetched_by_the_others_through_their_daemons
     for i in 1..3 {
         bed.virsh_ok(i, &["vol-info", "--pool", "default", "bed-master.qcow2"]);
     }
+
+    // The whole chain on a host: plain XML on h2 naming only the path of a master h0 published
+    // (docs/many-hosts.md section 4); its start has the hook ask h2's daemon, which finds it in
+    // the catalog, fetches it from h0 and lets the overlay be made.
+    let base = "/var/lib/libvirt/images/bed-base.qcow2";
+    bed.exec_ok(0, &["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"]);
+    bed.virsh_ok(0, &["pool-refresh", "default"]);
+    bed.exec_ok(0, &[ph, "publish", "--pool", "default", "bed-base.qcow2"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !bed.catalog(2).iter().any(|e| e["name"] == "bed-base.qcow2") {
+        assert!(Instant::now() < deadline, "h2's catalog has no bed-base.qcow2");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let xml = small_guest_xml("bed-plain", "/var/lib/libvirt/images/bed-plain.qcow2").replace(
+        "</disk>",
+        &format!("<backingStore type='file'><format type='qcow2'/><source file='{base}'/></backingStore></disk>"),
+    );
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), xml).expect("write xml");
+    bed.virsh_ok(2, &[OsStr::new("define"), file.path().as_os_str()]);
+    assert!(!bed.exec(2, &["test", "-e", base]).status.success(), "h2 has the master before the start");
+    let t = Instant::now();
+    bed.virsh_ok(2, &["start", "bed-plain"]);
+    eprintln!("bed timings: start of a plain-XML guest on h2 whose master is fetched from h0: {:.1?}", t.elapsed());
+    assert_eq!(bed.virsh_ok(2, &["domstate", "bed-plain"]).trim(), "running");
+    let sum = |i| bed.exec_ok(i, &["sha256sum", base]).split_whitespace().next().unwrap_or_default().to_string();
+    assert_eq!(sum(2), sum(0));
 }

@@ -105,3 +105,43 @@ fn the_daemon_prefetches_a_master_a_defined_domain_names_by_identity_only() {
     assert_eq!(sha256(&master), sha256(&seed_master));
     assert!(virsh_ok(&["vol-list", &local_env.pool]).contains("ident.raw"));
 }
+
+#[test]
+fn the_daemon_prefetches_the_master_of_a_plain_backing_store_through_the_signed_catalog() {
+    let seed_env = TestEnv::new("pfcatseed");
+    let local_env = TestEnv::new("pfcatlocal");
+    let (key, allowed) = signer(&seed_env.work_dir, "alice@example.com");
+    let conf = seed_env.work_dir.join("pool-helper.toml");
+    std::fs::write(&conf, format!("catalog_port = {}\n", free_port())).unwrap();
+    let flag = |f: &str, p: &Path| vec![f.to_string(), p.to_string_lossy().into_owned()];
+    // This host trusts alice and watches libvirt every second; it knows no peer.
+    let mut local = PoolHelper::new(&local_env.work_dir.join("state"));
+    local.watch_interval = "1";
+    local.extra = [flag("--config", &conf), flag("--allowed-signers", &allowed)].concat();
+    local.serve();
+    // The other host signs what it publishes and announces it.
+    let seed_master = seed_env.in_pool("plain-pf.raw");
+    make_raw(&seed_master, 6);
+    seed_env.refresh_pool();
+    let mut seeder = PoolHelper::new(&seed_env.work_dir.join("state"));
+    seeder.extra = [flag("--config", &conf), flag("--signing-key", &key)].concat();
+    seeder.peers = vec![format!("127.0.0.1:{}", local.port)];
+    seeder.serve();
+    seeder.publish(&seed_env.pool, "plain-pf.raw");
+    local.wait_listed("plain-pf.raw");
+
+    // A plain domain (no metadata of ours) whose backing store is in this host's pool.
+    let master = local_env.in_pool("plain-pf.raw");
+    let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
+    let xml = format!(
+        "<domain type='{}'><name>{}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>\
+         <driver name='qemu' type='qcow2'/><source file='{overlay}'/><backingStore type='file'><format type='raw'/>\
+         <source file='{master}'/></backingStore><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        bios_domain_type(),
+        local_env.name("-vm")
+    );
+    define_xml(&xml);
+    wait_until("the prefetch by name", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
+    assert_eq!(sha256(&master), sha256(&seed_master));
+}

@@ -207,6 +207,7 @@ fn conflict(name: &str, a: &Known, b: &Known) -> CatalogError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
     use super::*;
 

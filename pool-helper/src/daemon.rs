@@ -996,6 +996,23 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn requests_for_one_identity_at_once_share_one_download() {
+        let a = Host::new();
+        let (_a, m, data) = origin(&a).await;
+        let b = peer_of(&a);
+        let (_d, sock) = b.daemon().await;
+        let asks: Vec<_> =
+            (0..4).map(|_| tokio::spawn(request(sock.clone(), ensure_identity(&identity_of(&m))))).collect();
+        for ask in asks {
+            let fin = ask.await.unwrap();
+            assert_eq!(fin["ok"], true, "{fin}");
+        }
+        assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
+        let st = status_of(&sock, "base.raw").await;
+        assert_eq!((st["state"].as_str(), st["fetches"].as_u64()), (Some("seeding"), Some(1)), "{st}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn an_identity_with_a_wrong_sha256_fails_and_leaves_nothing_in_the_pool() {
         let a = Host::new();
         let (_a, m, _) = origin(&a).await;

@@ -109,25 +109,11 @@ fn an_identity_with_a_wrong_sha256_fails_with_one_clear_line_and_nothing_in_the_
     assert!(e.starts_with("no trusted master named 'id.raw' in the LAN catalog"), "{e}");
 }
 
-fn keygen(dir: &Path, name: &str) -> PathBuf {
-    let k = dir.join(name);
-    let o = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&k)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
-    k
-}
-
 #[test]
 fn a_name_resolves_through_the_signed_catalog_and_the_master_comes_from_its_announcer() {
     let lan = Lan::new(2);
     let keys = tempfile::tempdir().unwrap();
-    let alice = keygen(keys.path(), "alice");
-    let allowed = keys.path().join("allowed_signers");
-    let public = std::fs::read_to_string(alice.with_extension("pub")).unwrap();
-    std::fs::write(&allowed, format!("alice@example.com {}\n", public.trim())).unwrap();
+    let (alice, allowed) = signer(keys.path(), "alice@example.com");
     let allowed = allowed.to_str().unwrap();
     // A signs what it publishes; B trusts alice and has no peer, tracker or manifest: the catalog
     // (A's announcement) is all it knows.

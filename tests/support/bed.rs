@@ -68,10 +68,16 @@ impl Bed {
 
     /// `n` hosts whose links are shaped to `rate_mbit` each way (0: not shaped).
     pub fn up_with(n: usize, rate_mbit: f64) -> Bed {
+        Bed::up_args(n, &["--rate-mbit", &rate_mbit.to_string()])
+    }
+
+    /// `n` hosts, with more `bed up` arguments (`--rate-mbit R`, `--no-sign`,
+    /// `--config 'KEY = VALUE'`: docs/bed.md).
+    pub fn up_args(n: usize, args: &[&str]) -> Bed {
         // Made before `up`: dropped on a failed `up`, it removes what was made.
         let mut bed = Bed { prefix: format!("vccbed{}x{}", std::process::id(), seq()), hosts: Vec::new() };
         let mut c = Command::new(bed_script());
-        c.args(["up", "--prefix", &bed.prefix, "--hosts", &n.to_string(), "--rate-mbit", &rate_mbit.to_string()]);
+        c.args(["up", "--prefix", &bed.prefix, "--hosts", &n.to_string()]).args(args);
         c.arg("--pool-helper").arg(target_bin("pool-helper"));
         c.arg("--hook").arg(target_bin("virt-clone-cow-hook"));
         let out = ok(format!("bed up --prefix {} --hosts {n}", bed.prefix), bounded(c, BED_TIMEOUT));
@@ -102,6 +108,15 @@ impl Bed {
     /// [`Bed::virsh`] that must exit 0; returns stdout.
     pub fn virsh_ok<S: AsRef<OsStr>>(&self, i: usize, args: &[S]) -> String {
         ok(format!("virsh -c {} {}", self.hosts[i].uri, cmdline("", args)), self.virsh(i, args))
+    }
+
+    /// The entries of host `i`'s LAN catalog (`pool-helper catalog --json`, inside the host).
+    pub fn catalog(&self, i: usize) -> Vec<serde_json::Value> {
+        let bin = target_bin("pool-helper");
+        let out = self.exec_ok(i, &[bin.as_os_str(), OsStr::new("catalog"), OsStr::new("--json")]);
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("catalog --json on h{i}: {e}: {out}"));
+        v["catalog"].as_array().cloned().unwrap_or_default()
     }
 
     /// Host `i`'s directory on the machine (`/run/vcc-bed/<prefix>/h<i>`).

@@ -32,8 +32,9 @@ pub struct Master {
     /// The master has no backing file of its own.
     #[serde(skip)]
     pub self_contained: bool,
-    /// The master's identity as the template's metadata records it once published (SHA-256,
-    /// info-hash, manifest): copied into every clone so any host can fetch the master.
+    /// How a host without the master gets it, once `virt-clone-cow publish` recorded it on the
+    /// template: the SHA-256, info-hash and manifest path. Planning fills them in from the
+    /// template's metadata ([`carry_identity`]), and every clone's metadata copies them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,17 +58,27 @@ impl Master {
         }
     }
 
-    /// Takes the identity (SHA-256, info-hash, manifest) recorded for this master in a
-    /// template's metadata: the entry with this disk's target, or else with this path.
-    pub fn take_identity(&mut self, recorded: &[MasterRef]) {
-        let found = recorded
-            .iter()
-            .find(|r| r.target.as_deref() == Some(self.target.as_str()) && r.path == self.path)
-            .or_else(|| recorded.iter().find(|r| r.path == self.path));
-        if let Some(r) = found {
-            self.sha256 = r.sha256.clone();
-            self.info_hash = r.info_hash.clone();
-            self.manifest = r.manifest.clone();
+    /// Whether a master element of the template's metadata describes this master: the same
+    /// path, or the same pool volume.
+    fn described_by(&self, m: &MasterRef) -> bool {
+        m.path == self.path
+            || (self.pool.is_some() && self.volume.is_some() && m.pool == self.pool && m.volume == self.volume)
+    }
+}
+
+/// Fills in each master's published identity (SHA-256, info-hash, manifest) from the template's
+/// metadata, where a master element there describes it and the master has none of its own yet.
+/// A template that was never published has none, and its clones' metadata stays as it was.
+pub fn carry_identity(masters: &mut [Master], template: Option<&TemplateInfo>) {
+    let Some(t) = template else { return };
+    for m in masters.iter_mut() {
+        if m.sha256.is_some() || m.info_hash.is_some() || m.manifest.is_some() {
+            continue;
+        }
+        if let Some(r) = t.masters.iter().find(|r| m.described_by(r)) {
+            m.sha256 = r.sha256.clone();
+            m.info_hash = r.info_hash.clone();
+            m.manifest = r.manifest.clone();
         }
     }
 }
@@ -170,6 +181,14 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
         }
     }
     let original = &input.facts.name;
+    // The original's metadata: whatever clone information it carried stays, and a master it
+    // recorded as published keeps (and passes on) its identity.
+    let mut md = match &input.facts.vcc_metadata {
+        Some(x) => CowMetadata::parse(x).map_err(PlanError::Metadata)?,
+        None => CowMetadata::default(),
+    };
+    let mut masters = input.masters.to_vec();
+    carry_identity(&mut masters, md.template.as_ref());
     let mut taken_macs = input.taken_macs.clone();
     let mut clones = Vec::with_capacity(input.names.len());
 
@@ -188,7 +207,7 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
 
         let mut overlays = Vec::new();
         let mut disk_edits = BTreeMap::new();
-        for m in input.masters {
+        for m in &masters {
             let file_name = format!("{name}-{}.qcow2", m.target);
             let dir = Path::new(&m.path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
             let path = format!("{dir}/{file_name}");
@@ -251,14 +270,10 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
         clones.push(CloneSpec { name: name.clone(), macs, overlays, nvram, xml });
     }
 
-    // The original becomes a template; whatever clone information it carried stays.
-    let mut md = match &input.facts.vcc_metadata {
-        Some(x) => CowMetadata::parse(x).map_err(PlanError::Metadata)?,
-        None => CowMetadata::default(),
-    };
-    md.template = Some(TemplateInfo { masters: input.masters.iter().map(|m| m.to_ref(true)).collect() });
+    // The original becomes a template.
+    md.template = Some(TemplateInfo { masters: masters.iter().map(|m| m.to_ref(true)).collect() });
 
-    Ok(ClonePlan { original: original.clone(), masters: input.masters.to_vec(), clones, template_metadata: md })
+    Ok(ClonePlan { original: original.clone(), masters, clones, template_metadata: md })
 }
 
 /// A locally administered unicast MAC in QEMU's range (52:54:00), unused on the host.
@@ -360,41 +375,6 @@ mod tests {
             };
             assert!(matches!(plan(&input, || [1, 2, 3]), Err(PlanError::BadName(_))), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn a_master_takes_the_identity_its_template_records_by_target_and_path() {
-        let mut m = Master {
-            disk_index: 0,
-            target: "vdb".into(),
-            path: "/p/b.qcow2".into(),
-            format: "qcow2".into(),
-            virtual_size: 1,
-            pool: None,
-            volume: None,
-            volume_disk: false,
-            self_contained: true,
-            sha256: None,
-            info_hash: None,
-            manifest: None,
-        };
-        let rec = |target: &str, path: &str, sha: &str| MasterRef {
-            target: Some(target.into()),
-            path: path.into(),
-            sha256: Some(sha.into()),
-            info_hash: Some(format!("ih-{sha}")),
-            manifest: Some(format!("/m/{sha}.json")),
-            ..Default::default()
-        };
-        m.take_identity(&[rec("vda", "/p/a.qcow2", "a"), rec("vdb", "/p/b.qcow2", "b")]);
-        assert_eq!((m.sha256.as_deref(), m.info_hash.as_deref()), (Some("b"), Some("ih-b")));
-        assert_eq!(m.to_ref(false).manifest.as_deref(), Some("/m/b.json"));
-        // The path alone when the target changed; nothing when neither matches.
-        m.take_identity(&[rec("vdz", "/p/b.qcow2", "c")]);
-        assert_eq!(m.sha256.as_deref(), Some("c"));
-        let mut other = Master { path: "/p/x.qcow2".into(), sha256: None, ..m.clone() };
-        other.take_identity(&[rec("vdb", "/p/b.qcow2", "b")]);
-        assert_eq!(other.sha256, None);
     }
 
     #[test]

@@ -322,16 +322,14 @@ pub(crate) fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<M
         };
         out.push(master);
     }
-    let recorded = facts
+    // A published template's masters carry their identity from here on (also to other hosts,
+    // where a pool map moves them to another path and pool).
+    let template = facts
         .vcc_metadata
         .as_deref()
         .and_then(|x| vcc_core::metadata::CowMetadata::parse(x).ok())
-        .and_then(|md| md.template)
-        .map(|t| t.masters)
-        .unwrap_or_default();
-    for m in &mut out {
-        m.take_identity(&recorded);
-    }
+        .and_then(|md| md.template);
+    crate::plan::carry_identity(&mut out, template.as_ref());
     // A master must not also be written through a shareable disk.
     for m in &out {
         for d in &facts.disks {
