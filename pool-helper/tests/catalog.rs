@@ -199,4 +199,23 @@ fn signed_masters_reach_every_catalog_and_unsigned_altered_or_conflicting_ones_d
             e["name"] == "cat.raw" && e["hosts"].as_array().is_some_and(|h| h.contains(&a_host.clone().into()))
         })
     });
+
+    // C fetches cat.raw by name through its catalog, and then announces it too, with A's
+    // signature: B lists C among its hosts.
+    let (_, fin) = c.request(&serde_json::json!({"op": "ensure", "pool": pc.name, "name": "cat.raw"}));
+    assert_eq!(
+        (fin["ok"].as_bool(), fin["state"].as_str()),
+        (Some(true), Some("fetched")),
+        "{fin}\n{}",
+        c.daemon_log()
+    );
+    assert!(same_file(&src, &pc.path("cat.raw")));
+    let c_host = format!("{}:{}", lan.hosts[2].1, c.port);
+    until(&b, "C announces the master it fetched", |l| {
+        l.iter().any(|e| {
+            e["name"] == "cat.raw"
+                && e["signer"] == "alice@example.com"
+                && e["hosts"].as_array().is_some_and(|h| h.contains(&c_host.clone().into()))
+        })
+    });
 }
