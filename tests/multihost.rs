@@ -394,3 +394,36 @@ fn uefi_clones_on_other_hosts_get_fresh_vars_from_the_templates_nvram_template()
         assert_eq!(size.trim(), want, "{vars} on h{i}");
     }
 }
+
+#[test]
+fn from_inside_a_host_clones_go_to_the_others_over_qemu_ssh() {
+    let bed = Bed::up(3);
+    make_master(&bed);
+    define_template(&bed, 1, Some(&identity(SHA, INFO_HASH, MANIFEST)));
+    let cli = cli_path();
+    let (b, c) = (bed.ssh_uri(1), bed.ssh_uri(2));
+    // On h0, as an administrator there would: --connect is h0's own libvirt (qemu:///system).
+    let argv = [
+        cli.to_str().unwrap(),
+        "--json",
+        "--original",
+        TMPL,
+        "--name",
+        "ssh",
+        "--count",
+        "4",
+        "--host",
+        &b,
+        "--host",
+        &c,
+    ];
+    let out = bed.exec(0, &argv);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["hosts"][0]["uri"].as_str(), report["hosts"][1]["uri"].as_str()), (Some(&*b), Some(&*c)));
+    assert_eq!(domains(&bed, 1), ["ssh-1", "ssh-3"]);
+    assert_eq!(domains(&bed, 2), ["ssh-2", "ssh-4"]);
+    assert_eq!(domains(&bed, 0), [TMPL]);
+    let md = metadata_on(&bed, 1, "ssh-1").unwrap();
+    assert_eq!(md.clone.unwrap().disks[0].master.sha256.as_deref(), Some(SHA));
+}
