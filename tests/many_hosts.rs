@@ -61,7 +61,7 @@ fn running(bed: &Bed, i: usize, prefix: &str) -> Vec<String> {
 /// Bytes host `i`'s daemon uploaded for `name` (its `status`).
 fn uploaded(bed: &Bed, i: usize, name: &str) -> u64 {
     let bin = target_bin("pool-helper");
-    let out = bed.exec_ok(i, &[bin.as_os_str(), OsStr::new("status")]);
+    let out = bed.exec_ok(i, &[bin.as_os_str(), OsStr::new("status"), OsStr::new("--json")]);
     let v: serde_json::Value =
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status on h{i}: {e}: {out}"));
     v["masters"]
