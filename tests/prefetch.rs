@@ -16,39 +16,54 @@ fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool, log: im
     }
 }
 
-#[test]
-fn the_daemon_prefetches_a_master_a_defined_domain_needs_and_refreshes_pools_with_hook_overlays() {
-    let seed_env = TestEnv::new("pfseed");
-    let local_env = TestEnv::new("pflocal");
-    // Another host publishes the master.
-    let seed_master = seed_env.in_pool("base.raw");
-    make_raw(&seed_master, 8);
-    seed_env.refresh_pool();
-    let mut seeder = PoolHelper::new(&seed_env.work_dir.join("state"));
+/// Another host: an 8 MiB raw master `base.raw` published by its daemon. Returns the env, the
+/// daemon (seeding while it lives) and the manifest's path.
+fn seeding_host(test: &str) -> (TestEnv, PoolHelper, String) {
+    let env = TestEnv::new(test);
+    make_raw(env.in_pool("base.raw"), 8);
+    env.refresh_pool();
+    let mut seeder = PoolHelper::new(&env.work_dir.join("state"));
     seeder.serve();
-    let manifest = seeder.publish(&seed_env.pool, "base.raw");
+    let manifest = seeder.publish(&env.pool, "base.raw");
+    (env, seeder, manifest)
+}
 
-    // This host: its daemon watches libvirt every second.
-    let mut local = PoolHelper::new(&local_env.work_dir.join("state"));
-    local.watch_interval = "1";
+/// This host: a daemon that looks at libvirt every `watch_interval` seconds.
+fn watching_host(test: &str, watch_interval: &'static str) -> (TestEnv, PoolHelper) {
+    let env = TestEnv::new(test);
+    let mut local = PoolHelper::new(&env.work_dir.join("state"));
+    local.watch_interval = watch_interval;
     local.serve();
-    let master = local_env.in_pool("base.raw");
-    let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
-    let name = local_env.name("-vm");
+    (env, local)
+}
+
+/// A domain whose vda is an overlay (not made yet) over `master`, a raw master missing on this host
+/// that its metadata says to fetch with `manifest` into the env's pool.
+fn needing_domain(env: &TestEnv, name: &str, master: &str, overlay: &str, manifest: &str) -> String {
     let md = format!(
         "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
          <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{}' manifest='{manifest}'/>\
          </vcc:disk></vcc:clone></vcc:cow>",
-        local_env.pool
+        env.pool
     );
-    let xml = format!(
+    format!(
         "<domain type='{}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><metadata>{md}</metadata>\
          <os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>\
          <driver name='qemu' type='qcow2'/><source file='{overlay}'/><backingStore type='file'><format type='raw'/>\
          <source file='{master}'/></backingStore><target dev='vda' bus='virtio'/></disk></devices></domain>",
         bios_domain_type()
-    );
-    define_xml(&xml);
+    )
+}
+
+#[test]
+fn the_daemon_prefetches_a_master_a_defined_domain_needs_and_refreshes_pools_with_hook_overlays() {
+    // Another host publishes the master; this host's daemon watches libvirt every second.
+    let (seed_env, _seeder, manifest) = seeding_host("pfseed");
+    let seed_master = seed_env.in_pool("base.raw");
+    let (local_env, local) = watching_host("pflocal", "1");
+    let master = local_env.in_pool("base.raw");
+    let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
+    define_xml(&needing_domain(&local_env, &local_env.name("-vm"), &master, &overlay, &manifest));
 
     // No start: the master arrives by itself, verified, and the pool lists it.
     wait_until("the prefetch", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
@@ -66,4 +81,38 @@ fn the_daemon_prefetches_a_master_a_defined_domain_needs_and_refreshes_pools_wit
         || virsh_ok(&["vol-list", &local_env.pool]).contains(&file),
         || local.log(),
     );
+}
+
+#[test]
+fn a_defined_domain_starts_the_prefetch_at_once_through_libvirts_events_not_the_polling() {
+    let (seed_env, _seeder, manifest) = seeding_host("pfevseed");
+    let seed_master = seed_env.in_pool("base.raw");
+    // This host's daemon polls only every 10 minutes: what it does within seconds comes from the event.
+    let (local_env, local) = watching_host("pfevlocal", "600");
+    // Its first look (at start) and the event registration are over once the log says so.
+    wait_until(
+        "the daemon's event registration",
+        Duration::from_secs(10),
+        || local.log().contains("watching libvirt's domain lifecycle events"),
+        || local.log(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let master = local_env.in_pool("base.raw");
+    let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
+    let xml = needing_domain(&local_env, &local_env.name("-vm"), &master, &overlay, &manifest);
+    let started = format!("prefetching {master}");
+    assert!(!local.log().contains(&started), "nothing to prefetch before the define");
+
+    let t0 = Instant::now();
+    define_xml(&xml);
+    // Polled every 10 ms, for the measure.
+    while !local.log().contains(&started) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no prefetch 5 s after the define\n{}", local.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let latency = t0.elapsed();
+    println!("define -> prefetch started: {:.0} ms (watch_interval 600 s)", latency.as_secs_f64() * 1e3);
+    assert!(latency < Duration::from_secs(1), "the prefetch started {latency:?} after the define\n{}", local.log());
+    wait_until("the prefetch", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
+    assert_eq!(sha256(&master), sha256(&seed_master));
 }
