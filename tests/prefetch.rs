@@ -28,11 +28,12 @@ fn seeding_host(test: &str) -> (TestEnv, PoolHelper, String) {
     (env, seeder, manifest)
 }
 
-/// This host: a daemon that looks at libvirt every `watch_interval` seconds.
-fn watching_host(test: &str, watch_interval: &'static str) -> (TestEnv, PoolHelper) {
+/// This host: a daemon that looks at libvirt every `watch_interval` seconds and knows `peers`.
+fn watching_host(test: &str, watch_interval: &'static str, peers: &[String]) -> (TestEnv, PoolHelper) {
     let env = TestEnv::new(test);
     let mut local = PoolHelper::new(&env.work_dir.join("state"));
     local.watch_interval = watch_interval;
+    local.peers = peers.to_vec();
     local.serve();
     (env, local)
 }
@@ -40,9 +41,14 @@ fn watching_host(test: &str, watch_interval: &'static str) -> (TestEnv, PoolHelp
 /// A domain whose vda is an overlay (not made yet) over `master`, a raw master missing on this host
 /// that its metadata says to fetch with `manifest` into the env's pool.
 fn needing_domain(env: &TestEnv, name: &str, master: &str, overlay: &str, manifest: &str) -> String {
+    needing_domain_with(env, name, master, overlay, &format!("manifest='{manifest}'"))
+}
+
+/// [`needing_domain`] with the master element's attributes that say how to get it given whole.
+fn needing_domain_with(env: &TestEnv, name: &str, master: &str, overlay: &str, how: &str) -> String {
     let md = format!(
         "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
-         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{}' manifest='{manifest}'/>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{}' {how}/>\
          </vcc:disk></vcc:clone></vcc:cow>",
         env.pool
     );
@@ -60,7 +66,7 @@ fn the_daemon_prefetches_a_master_a_defined_domain_needs_and_refreshes_pools_wit
     // Another host publishes the master; this host's daemon watches libvirt every second.
     let (seed_env, _seeder, manifest) = seeding_host("pfseed");
     let seed_master = seed_env.in_pool("base.raw");
-    let (local_env, local) = watching_host("pflocal", "1");
+    let (local_env, local) = watching_host("pflocal", "1", &[]);
     let master = local_env.in_pool("base.raw");
     let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
     define_xml(&needing_domain(&local_env, &local_env.name("-vm"), &master, &overlay, &manifest));
@@ -88,7 +94,7 @@ fn a_defined_domain_starts_the_prefetch_at_once_through_libvirts_events_not_the_
     let (seed_env, _seeder, manifest) = seeding_host("pfevseed");
     let seed_master = seed_env.in_pool("base.raw");
     // This host's daemon polls only every 10 minutes: what it does within seconds comes from the event.
-    let (local_env, local) = watching_host("pfevlocal", "600");
+    let (local_env, local) = watching_host("pfevlocal", "600", &[]);
     // Its first look (at start) and the event registration are over once the log says so.
     wait_until(
         "the daemon's event registration",
@@ -115,4 +121,26 @@ fn a_defined_domain_starts_the_prefetch_at_once_through_libvirts_events_not_the_
     assert!(latency < Duration::from_secs(1), "the prefetch started {latency:?} after the define\n{}", local.log());
     wait_until("the prefetch", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
     assert_eq!(sha256(&master), sha256(&seed_master));
+}
+
+#[test]
+fn a_clone_taken_from_the_publishing_host_gets_its_master_by_identity() {
+    // The metadata a clone made after `virt-clone-cow publish` carries: the manifest's path is on
+    // the publishing host (not here), so the daemon goes by the SHA-256 and info-hash, and finds the
+    // torrent's metadata and the data on its peer.
+    let (seed_env, seeder, manifest) = seeding_host("pfidseed");
+    let seed_master = seed_env.in_pool("base.raw");
+    let mf = vcc_tests::manifest(Path::new(&manifest));
+    let (sha, ih) = (mf["sha256"].as_str().unwrap().to_string(), mf["info_hash"].as_str().unwrap().to_string());
+    let (local_env, local) = watching_host("pfidlocal", "600", &[format!("127.0.0.1:{}", seeder.port)]);
+    let master = local_env.in_pool("base.raw");
+    let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
+    let how = format!(
+        "virtual-size='{}' sha256='{sha}' info-hash='{ih}' manifest='/var/lib/elsewhere/.pool-helper/base.raw.json'",
+        8 << 20
+    );
+    define_xml(&needing_domain_with(&local_env, &local_env.name("-vm"), &master, &overlay, &how));
+    wait_until("the prefetch by identity", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
+    assert_eq!(sha256(&master), sha256(&seed_master));
+    assert!(local.log().contains("(by identity)"), "{}", local.log());
 }

@@ -107,8 +107,10 @@ fn fetch_master(
     let m = &d.master;
     let pool = m.pool.clone();
     let wanted = match (&m.manifest, &m.sha256) {
-        (Some(path), _) => MasterRequest::by_path(pool, path.clone()),
-        (None, Some(sha)) => {
+        // A manifest file on this host; one named on the publishing host (a clone's XML taken
+        // here) gives way to the identity recorded beside it.
+        (Some(path), sha) if sha.is_none() || Path::new(path).exists() => MasterRequest::by_path(pool, path.clone()),
+        (_, Some(sha)) => {
             // The master's identity as the domain's metadata records it (trusted: the domain XML
             // is the administrator's); the daemon resolves it (catalog, or peers by magnet).
             let name = Path::new(&m.path).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
@@ -121,7 +123,7 @@ fn fetch_master(
             };
             MasterRequest::by_identity(pool, id)
         }
-        (None, None) => return Err(PrepareError::NoManifest { master: m.path.clone(), target: d.target.clone() }),
+        (_, None) => return Err(PrepareError::NoManifest { master: m.path.clone(), target: d.target.clone() }),
     };
     let req = Request::Ensure(wanted);
     let _ = writeln!(log, "virt-clone-cow-hook: {domain}: master {} is missing; asking pool-helper for it", m.path);

@@ -372,6 +372,22 @@ impl Daemon {
         }
     }
 
+    /// Fetches a master named by its identity ahead of need (the watcher, for a domain whose
+    /// metadata records a master published on another host): resolved as `ensure` resolves it
+    /// (the trusted catalog, else the torrent from peers by magnet), then as [`Daemon::prefetch`].
+    pub async fn prefetch_identity(self: &Arc<Self>, pool: &str, id: &vcc_core::control::proto::Identity) -> bool {
+        if self.lock().get(&(pool.to_string(), id.name.clone())).is_some_and(|e| e.state != MasterState::Failed) {
+            return false;
+        }
+        match crate::resolve::by_identity(&self.ctx, id).await {
+            Ok(m) => self.prefetch(pool, m),
+            Err(e) => {
+                tracing::warn!("prefetch of {} ({}) into pool '{pool}': {}", id.name, id.sha256, one_line(&e));
+                false
+            }
+        }
+    }
+
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
     fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, Refusal> {
         let mut g = self.lock();

@@ -7,12 +7,15 @@
 //! the event connection is lost (libvirtd restarted, or stopped answering keepalives) the thread
 //! reconnects after [`RECONNECT_DELAY`] and wakes the look too, for the events it missed.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use vcc_core::control::proto::Identity;
 use vcc_core::error::one_line;
+use vcc_core::metadata::MasterRef;
 use vcc_libvirt::watch::{scan, Scan};
 use vcc_libvirt::{Libvirt, LibvirtError};
 
@@ -26,6 +29,7 @@ pub const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
     let wake = Arc::new(Notify::new());
     spawn_events(uri.clone(), wake.clone());
+    let resolving = Arc::new(Mutex::new(HashSet::new()));
     tokio::spawn(async move {
         loop {
             let u = uri.clone();
@@ -44,7 +48,7 @@ pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
             })
             .await;
             match looked {
-                Ok(Ok(w)) => prefetch(&daemon, w),
+                Ok(Ok(w)) => prefetch(&daemon, w, &resolving),
                 Ok(Err(e)) => tracing::warn!("looking at libvirt for masters to prefetch: {}", one_line(&e)),
                 Err(e) => tracing::warn!("looking at libvirt for masters to prefetch: {}", one_line(&e)),
             }
@@ -83,41 +87,90 @@ fn spawn_events(uri: Option<String>, wake: Arc<Notify>) {
     }
 }
 
-/// A missing master whose domains name its pool and manifest, with the manifest read.
+/// A missing master whose domains name its pool and say how to get it.
 struct Wanted {
     path: String,
     domains: Vec<String>,
     pool: String,
-    manifest: Manifest,
+    how: How,
 }
 
-/// The missing masters whose domains name their manifest and pool, manifests loaded (blocking:
-/// each file is read bounded, within [`crate::manifest::MANIFEST_READ_TIMEOUT`]).
+/// How to get a wanted master.
+enum How {
+    /// Its manifest, read from the file the metadata names (a file on this host).
+    Manifest(Manifest),
+    /// Its identity, as the metadata records it: the manifest named is on the publishing host.
+    Identity(Identity),
+}
+
+/// The missing masters whose domains name their pool and manifest or identity, manifests loaded
+/// (blocking: each file is read bounded, within [`crate::manifest::MANIFEST_READ_TIMEOUT`]). A
+/// manifest file that is not on this host gives way to the identity, as in the hook.
 fn wanted(s: &Scan) -> Vec<Wanted> {
     let mut out = Vec::new();
     for m in &s.missing {
-        let (Some(pool), Some(path)) = (&m.master.pool, &m.master.manifest) else {
-            tracing::debug!("{} is missing but its domains name no pool and manifest", m.master.path);
+        let Some(pool) = &m.master.pool else {
+            tracing::debug!("{} is missing but its domains name no pool", m.master.path);
             continue;
         };
-        match Manifest::load(std::path::Path::new(path)) {
-            Ok(manifest) => out.push(Wanted {
-                path: m.master.path.clone(),
-                domains: m.domains.clone(),
-                pool: pool.clone(),
-                manifest,
-            }),
-            Err(e) => tracing::warn!("master {} needed by {:?}: {}", m.master.path, m.domains, one_line(&e)),
-        }
+        let how = match (&m.master.manifest, identity(&m.master)) {
+            // A manifest file on this host, or the only way the metadata gives.
+            (Some(path), id) if id.is_none() || std::path::Path::new(path).exists() => {
+                match Manifest::load(std::path::Path::new(path)) {
+                    Ok(manifest) => How::Manifest(manifest),
+                    Err(e) => {
+                        tracing::warn!("master {} needed by {:?}: {}", m.master.path, m.domains, one_line(&e));
+                        continue;
+                    }
+                }
+            }
+            (_, Some(id)) => How::Identity(id),
+            (_, None) => {
+                tracing::debug!("{} is missing but its domains say neither manifest nor identity", m.master.path);
+                continue;
+            }
+        };
+        out.push(Wanted { path: m.master.path.clone(), domains: m.domains.clone(), pool: pool.clone(), how });
     }
     out
 }
 
-/// Starts (or joins) a fetch for every wanted master.
-fn prefetch(daemon: &Arc<Daemon>, wanted: Vec<Wanted>) {
+/// The identity a master element records, if it records a SHA-256 (the file name is the name).
+fn identity(m: &MasterRef) -> Option<Identity> {
+    let name = std::path::Path::new(&m.path).file_name()?.to_string_lossy().into_owned();
+    Some(Identity {
+        name,
+        format: m.format.clone(),
+        sha256: m.sha256.clone()?,
+        info_hash: m.info_hash.clone(),
+        virtual_size: m.virtual_size,
+    })
+}
+
+/// Starts (or joins) a fetch for every wanted master. Identities are resolved in their own tasks
+/// (that may ask peers), at most one at a time per master.
+fn prefetch(daemon: &Arc<Daemon>, wanted: Vec<Wanted>, resolving: &Arc<Mutex<HashSet<(String, String)>>>) {
     for w in wanted {
-        if daemon.prefetch(&w.pool, w.manifest) {
-            tracing::info!("prefetching {} for {} before it starts", w.path, w.domains.join(", "));
+        let who = w.domains.join(", ");
+        match w.how {
+            How::Manifest(m) => {
+                if daemon.prefetch(&w.pool, m) {
+                    tracing::info!("prefetching {} for {who} before it starts", w.path);
+                }
+            }
+            How::Identity(id) => {
+                let key = (w.pool.clone(), id.sha256.clone());
+                if !resolving.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
+                    continue;
+                }
+                let (daemon, resolving) = (daemon.clone(), resolving.clone());
+                tokio::spawn(async move {
+                    if daemon.prefetch_identity(&w.pool, &id).await {
+                        tracing::info!("prefetching {} for {who} before it starts (by identity)", w.path);
+                    }
+                    resolving.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                });
+            }
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct PoolHelper {
     /// `--watch-interval`: "0" unless a test wants the daemon to look at libvirt (other tests'
     /// domains are not this instance's business).
     pub watch_interval: &'static str,
+    /// `--peer HOST:PORT` for every master (none by default).
+    pub peers: Vec<String>,
     daemon: Option<Child>,
 }
 
@@ -36,7 +38,7 @@ impl PoolHelper {
         let _ = std::fs::remove_dir_all(state);
         std::fs::create_dir_all(state).unwrap();
         let port = free_port();
-        PoolHelper { state: state.to_path_buf(), port, watch_interval: "0", daemon: None }
+        PoolHelper { state: state.to_path_buf(), port, watch_interval: "0", peers: Vec::new(), daemon: None }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -44,6 +46,9 @@ impl PoolHelper {
         c.arg("--state-dir").arg(&self.state);
         c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd"]);
         c.args(["--watch-interval", self.watch_interval]);
+        for p in &self.peers {
+            c.args(["--peer", p]);
+        }
         c.args(args).stdin(Stdio::null());
         c
     }
