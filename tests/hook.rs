@@ -615,6 +615,20 @@ fn fetching_domain_xml_with(name: &str, overlay: &str, master: &str, pool: &str,
     domain_xml(name, &backed_disk(overlay, master, "raw"), &md)
 }
 
+/// The other host: a pool `seedpool` with `base.raw` (`len` random bytes), published and seeded by
+/// its own daemon. Returns the pool, the daemon, the manifest's path and the manifest.
+fn seeding_host(env: &Env, len: usize) -> (String, PoolHelper, String, serde_json::Value) {
+    let (seed_pool, seed_dir) = dir_pool(env, "seedpool");
+    write_random(&seed_dir.join("base.raw"), len);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_pool, "base.raw");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    (seed_pool, seeder, manifest, published)
+}
+
 fn write_random(path: &Path, len: usize) {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut v = Vec::with_capacity(len + 8);
@@ -633,14 +647,7 @@ fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("fetch");
     // The other host: publishes and seeds the master.
-    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
-    write_random(&seed_dir.join("base.raw"), 24 << 20);
-    virsh_ok(&["pool-refresh", &seed_pool]);
-    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
-    seeder.serve();
-    let manifest = seeder.publish(&seed_pool, "base.raw");
-    let published: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    let (seed_pool, seeder, manifest, published) = seeding_host(&env, 24 << 20);
     // This host: a daemon (the one the installed hook asks) and a pool without the master.
     let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
     local.serve();
@@ -708,14 +715,7 @@ fn a_clone_from_the_publishing_host_starts_here_with_its_master_fetched_by_ident
     // publishing host only, so the hook asks by the SHA-256 and info-hash recorded beside it.
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("fetchid");
-    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
-    write_random(&seed_dir.join("base.raw"), 8 << 20);
-    virsh_ok(&["pool-refresh", &seed_pool]);
-    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
-    seeder.serve();
-    let manifest = seeder.publish(&seed_pool, "base.raw");
-    let published: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    let (seed_pool, seeder, _, published) = seeding_host(&env, 8 << 20);
     let sha = published["sha256"].as_str().expect("sha256").to_string();
     let ih = published["info_hash"].as_str().expect("info_hash").to_string();
     let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
