@@ -174,3 +174,56 @@ fn prefetch(daemon: &Arc<Daemon>, wanted: Vec<Wanted>, resolving: &Arc<Mutex<Has
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vcc_libvirt::watch::MissingMaster;
+
+    fn missing(master: MasterRef) -> Scan {
+        Scan { missing: vec![MissingMaster { domains: vec!["vm".into()], master }], pools_to_refresh: Vec::new() }
+    }
+
+    fn published(manifest: Option<&str>) -> MasterRef {
+        MasterRef {
+            path: "/pool/base.qcow2".into(),
+            format: "qcow2".into(),
+            virtual_size: Some(1 << 30),
+            pool: Some("default".into()),
+            sha256: Some("ab".repeat(32)),
+            info_hash: Some("cd".repeat(20)),
+            manifest: manifest.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_manifest_named_on_another_host_gives_way_to_the_identity() {
+        for manifest in [Some("/elsewhere/.pool-helper/base.qcow2.json"), None] {
+            let w = wanted(&missing(published(manifest)));
+            assert_eq!(w.len(), 1, "{manifest:?}");
+            let How::Identity(id) = &w[0].how else { panic!("by identity: {manifest:?}") };
+            assert_eq!(
+                id,
+                &Identity {
+                    name: "base.qcow2".into(),
+                    format: "qcow2".into(),
+                    sha256: "ab".repeat(32),
+                    info_hash: Some("cd".repeat(20)),
+                    virtual_size: Some(1 << 30),
+                }
+            );
+            assert_eq!((w[0].pool.as_str(), w[0].domains.as_slice()), ("default", &["vm".to_string()][..]));
+        }
+    }
+
+    #[test]
+    fn a_master_with_no_pool_or_no_way_to_get_it_is_skipped() {
+        assert!(wanted(&missing(MasterRef { pool: None, ..published(None) })).is_empty());
+        let nothing = MasterRef { sha256: None, info_hash: None, ..published(None) };
+        assert!(wanted(&missing(nothing)).is_empty());
+        // A manifest file that is not here and nothing else: logged, skipped.
+        let only_manifest = MasterRef { sha256: None, ..published(Some("/nonexistent/m.json")) };
+        assert!(wanted(&missing(only_manifest)).is_empty());
+    }
+}
