@@ -4,6 +4,8 @@
 //! clones made afterwards carry it, `tree` shows it; and the clear errors (not a template, no
 //! daemon, a master in no pool).
 
+use std::os::unix::fs::PermissionsExt;
+
 use vcc_tests::*;
 
 /// A BIOS domain `<prefix><suffix>` with one disk vda on `master` (raw, 8 MiB, made here).
@@ -33,8 +35,13 @@ fn publish_records_the_masters_identity_on_the_template_and_later_clones_carry_i
     daemon.serve();
     let sock = daemon.state.join("control.sock").to_string_lossy().into_owned();
 
-    // Not a template yet.
-    cli(&["publish", &tmpl, "--control-socket", &sock]).assert_error(1, &["is not a template", "--original"]);
+    // Not a template yet, and no daemon at that socket: says how to start one, and the domain
+    // stays as it was (not a template, its master writable).
+    let mode = std::fs::metadata(&master).unwrap().permissions().mode();
+    cli(&["publish", &tmpl, "--control-socket", &env.in_work("none.sock")])
+        .assert_error(1, &["publishing volume 'base.raw'", "pool-helper serve"]);
+    assert!(cow_metadata(&tmpl).is_none_or(|m| m.template.is_none()), "a failed publish left a template");
+    assert_eq!(std::fs::metadata(&master).unwrap().permissions().mode(), mode, "a failed publish changed the master");
 
     let before = env.name("-before");
     cli(&["--original", &tmpl, "--name", &before]).assert_ok();

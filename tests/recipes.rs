@@ -12,16 +12,29 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Once;
 use std::time::Duration;
 
 use vcc_tests::{
-    bios_domain_type, domstate, esc, install_built_hook, repo_root, run_ok, virsh_ok, wait_output, TestEnv,
+    bios_domain_type, domstate, esc, install_built_hook, random_bytes, repo_root, run_ok, sha256, virsh_ok,
+    wait_output, Pool, PoolHelper, TestEnv,
 };
 
+/// The hook's settings file, and the state dir (so the control socket) of the pool-helper daemon
+/// the installed hook asks for missing masters.
+const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.toml";
+const DAEMON_STATE: &str = "/run/vcc-tests-recipesd";
+
 /// The test's pool `vcct-recipes-<test>-<pid>` (removed on drop with its domains, also on
-/// failure), after installing the freshly built hook. The hook's settings are left as they are:
-/// the recipes need none, their files are in a pool's directory and their masters are present.
+/// failure), after installing the freshly built hook. Its settings only name this test's daemon:
+/// the recipes' files are in a pool's directory, which the hook allows by default.
 fn env(test: &str) -> TestEnv {
+    static SETTINGS: Once = Once::new();
+    SETTINGS.call_once(|| {
+        std::fs::create_dir_all("/etc/virt-clone-cow").expect("config dir");
+        std::fs::write(HOOK_CONF, format!("control_socket = \"{DAEMON_STATE}/control.sock\"\nfetch_timeout = 60\n"))
+            .expect("hook settings");
+    });
     install_built_hook();
     TestEnv::new(&format!("recipes-{test}"))
 }
@@ -109,6 +122,8 @@ fn ansible_playbook(env: &TestEnv, vars: &serde_json::Value) -> String {
         .arg(&playbook)
         .arg("-e")
         .arg(format!("@{vars_file}"))
+        // ansible-core refuses to run unless the locale's encoding is UTF-8 (LC_ALL=C fails).
+        .env("LC_ALL", "C.UTF-8")
         .env("ANSIBLE_NOCOLOR", "1")
         .env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
         .env("ANSIBLE_LOCAL_TEMP", env.in_work("ansible-tmp"))
@@ -178,6 +193,54 @@ fn the_ansible_playbook_defines_and_starts_a_domain_that_runs_on_an_overlay_the_
     assert_eq!(domstate(&name), "running");
     let ino_again = inode(&overlay);
     assert_eq!(ino, ino_again, "the overlay was replaced");
+}
+
+#[test]
+fn with_a_manifest_the_ansible_playbook_starts_a_clone_on_a_host_without_the_master() {
+    let env = env("ansiblefetch");
+    // Another host publishes and seeds the master (a pool of its own, a daemon of its own).
+    let seed_dir = env.work_dir.join("seed");
+    std::fs::create_dir_all(&seed_dir).expect("seed dir");
+    std::fs::write(seed_dir.join("debian-12.raw"), random_bytes(8 << 20, 12)).expect("master");
+    let seed_pool = Pool::at("recipes-seed", seed_dir, None);
+    seed_pool.refresh();
+    let mut seeder = PoolHelper::new(&env.work_dir.join("seeder-state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_pool.name, "debian-12.raw");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("manifest json");
+    // This host: the daemon the hook asks, and the test's pool without the master.
+    let mut local = PoolHelper::new(Path::new(DAEMON_STATE));
+    local.serve();
+    let master = env.in_pool("debian-12.raw");
+    let name = env.name("-web-8");
+    let overlay = env.in_pool(&format!("{name}.qcow2"));
+
+    let vars = serde_json::json!({
+        "vm_name": name,
+        "master": master,
+        "master_format": "raw",
+        "master_pool": env.pool,
+        "master_manifest": manifest,
+        "domain_type": bios_domain_type(),
+        "memory_mib": 64,
+        "network": "",
+    });
+    assert!(!Path::new(&master).exists());
+    let out = ansible_playbook(&env, &vars);
+    assert_eq!(recap(&out), (2, 0), "defined and started:\n{out}");
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(
+        sha256(&master),
+        published["sha256"].as_str().expect("sha256"),
+        "the fetched master is the published one"
+    );
+    let chain = assert_overlay_of(&overlay, &master, "raw");
+    assert_eq!(chain[0]["virtual-size"].as_u64(), Some(8 << 20));
+    let md = virsh_ok(&["metadata", &name, "urn:virt-clone-cow:1"]);
+    assert!(md.contains(&format!("manifest=\"{manifest}\"")), "{md}");
+    drop(local);
+    drop(seeder);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,29 +12,28 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-
-use vcc_core::control::proto::Identity;
 use vcc_core::error::one_line;
 use vcc_core::metadata::MasterRef;
 use vcc_libvirt::watch::{scan, Scan};
 use vcc_libvirt::{Libvirt, LibvirtError};
 
+use vcc_core::control::proto::{Identity, MasterRequest};
+
 use crate::daemon::Daemon;
-use crate::manifest::Manifest;
 
 /// How long the event thread waits before connecting again.
 pub const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
 /// Looks every `interval`, and when a domain is defined, until the process ends.
 pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
+    let resolving = Resolving::default();
     let wake = Arc::new(Notify::new());
     spawn_events(uri.clone(), wake.clone());
-    let resolving = Arc::new(Mutex::new(HashSet::new()));
     tokio::spawn(async move {
         loop {
             let u = uri.clone();
-            // libvirt and the manifest files named in domains' metadata are read here, off the
-            // async workers; each manifest bounded ([`Manifest::load`]).
+            // libvirt is read here, off the async workers; manifest files named in domains'
+            // metadata are read when the request is resolved (bounded, off the workers too).
             let looked = tokio::task::spawn_blocking(move || -> Result<Vec<Wanted>, LibvirtError> {
                 let lv = Libvirt::open(u.as_deref())?;
                 let s = scan(&lv)?;
@@ -44,11 +43,11 @@ pub fn spawn(daemon: Arc<Daemon>, uri: Option<String>, interval: Duration) {
                         Err(e) => tracing::warn!("{}", one_line(&e)),
                     }
                 }
-                Ok(wanted(&s))
+                Ok(wanted(&lv, &s))
             })
             .await;
             match looked {
-                Ok(Ok(w)) => prefetch(&daemon, w, &resolving),
+                Ok(Ok(w)) => prefetch(&daemon, &resolving, w),
                 Ok(Err(e)) => tracing::warn!("looking at libvirt for masters to prefetch: {}", one_line(&e)),
                 Err(e) => tracing::warn!("looking at libvirt for masters to prefetch: {}", one_line(&e)),
             }
@@ -87,102 +86,101 @@ fn spawn_events(uri: Option<String>, wake: Arc<Notify>) {
     }
 }
 
-/// A missing master whose domains name its pool and say how to get it.
+/// A missing master and how to ask for it.
 struct Wanted {
     path: String,
     domains: Vec<String>,
-    pool: String,
-    how: How,
+    request: MasterRequest,
 }
 
-/// How to get a wanted master.
-enum How {
-    /// Its manifest, read from the file the metadata names (a file on this host).
-    Manifest(Manifest),
-    /// Its identity, as the metadata records it: the manifest named is on the publishing host.
-    Identity(Identity),
-}
-
-/// The missing masters whose domains name their pool and manifest or identity, manifests loaded
-/// (blocking: each file is read bounded, within [`crate::manifest::MANIFEST_READ_TIMEOUT`]). A
-/// manifest file that is not on this host gives way to the identity, as in the hook.
-fn wanted(s: &Scan) -> Vec<Wanted> {
+/// The missing masters and how to name each, as the hook would (docs/many-hosts.md): the manifest
+/// file their metadata names, else their identity, else (a plain `<backingStore>`) the file name
+/// in the pool whose directory holds it, resolved through the trusted catalog. Blocking: it asks
+/// libvirt for the pools' directories.
+fn wanted(lv: &Libvirt, s: &Scan) -> Vec<Wanted> {
+    let mut pool_dirs: Option<Vec<(String, String)>> = None;
     let mut out = Vec::new();
     for m in &s.missing {
-        let Some(pool) = &m.master.pool else {
-            tracing::debug!("{} is missing but its domains name no pool", m.master.path);
+        let r = &m.master;
+        let path = std::path::Path::new(&r.path);
+        let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut pool = r.pool.clone();
+        if pool.is_none() {
+            let dirs = pool_dirs.get_or_insert_with(|| match lv.pool_targets() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!("listing storage pools: {}", one_line(&e));
+                    Vec::new()
+                }
+            });
+            let parent = path.parent().unwrap_or(std::path::Path::new("/"));
+            let holding: Vec<&String> =
+                dirs.iter().filter(|(_, d)| std::path::Path::new(d) == parent).map(|(n, _)| n).collect();
+            if let [one] = holding.as_slice() {
+                pool = Some((*one).clone());
+            }
+        }
+        let Some(pool) = pool else {
+            tracing::debug!("{} is missing but no pool holds its directory", r.path);
             continue;
         };
-        let how = match (&m.master.manifest, identity(&m.master)) {
-            // A manifest file on this host, or the only way the metadata gives.
-            (Some(path), id) if id.is_none() || std::path::Path::new(path).exists() => {
-                match Manifest::load(std::path::Path::new(path)) {
-                    Ok(manifest) => How::Manifest(manifest),
-                    Err(e) => {
-                        tracing::warn!("master {} needed by {:?}: {}", m.master.path, m.domains, one_line(&e));
-                        continue;
-                    }
-                }
-            }
-            (_, Some(id)) => How::Identity(id),
-            (_, None) => {
-                tracing::debug!("{} is missing but its domains say neither manifest nor identity", m.master.path);
-                continue;
-            }
-        };
-        out.push(Wanted { path: m.master.path.clone(), domains: m.domains.clone(), pool: pool.clone(), how });
+        let request = request_for(r, name, pool);
+        out.push(Wanted { path: r.path.clone(), domains: m.domains.clone(), request });
     }
     out
 }
 
-/// The identity a master element records, if it records a SHA-256 (the file name is the name).
-fn identity(m: &MasterRef) -> Option<Identity> {
-    let name = std::path::Path::new(&m.path).file_name()?.to_string_lossy().into_owned();
-    Some(Identity {
-        name,
-        format: m.format.clone(),
-        sha256: m.sha256.clone()?,
-        info_hash: m.info_hash.clone(),
-        virtual_size: m.virtual_size,
-    })
+/// How to ask for a missing master, as the hook asks: the manifest file its metadata names when
+/// that file is on this host (or nothing else is recorded), else its identity, else (a plain
+/// `<backingStore>`) its file name `name`, resolved through the trusted catalog. A clone's XML
+/// taken from the publishing host names the manifest there, and carries the identity beside it.
+fn request_for(r: &MasterRef, name: String, pool: String) -> MasterRequest {
+    match (&r.manifest, &r.sha256) {
+        (Some(manifest), sha256) if sha256.is_none() || std::path::Path::new(manifest).exists() => {
+            MasterRequest::by_path(Some(pool), manifest.clone())
+        }
+        (_, Some(sha256)) => {
+            let id = Identity {
+                name,
+                format: r.format.clone(),
+                sha256: sha256.clone(),
+                info_hash: r.info_hash.clone(),
+                virtual_size: r.virtual_size,
+            };
+            MasterRequest::by_identity(Some(pool), id)
+        }
+        (_, None) => MasterRequest::by_name(Some(pool), name),
+    }
 }
 
-/// Starts (or joins) a fetch for every wanted master. Identities are resolved in their own tasks
-/// (that may ask peers), at most one at a time per master.
-fn prefetch(daemon: &Arc<Daemon>, wanted: Vec<Wanted>, resolving: &Arc<Mutex<HashSet<(String, String)>>>) {
+/// The masters being resolved now (a resolution may wait for peers longer than an interval).
+type Resolving = Arc<Mutex<HashSet<String>>>;
+
+/// Starts (or joins) a fetch for every wanted master, each resolved in a task of its own.
+fn prefetch(daemon: &Arc<Daemon>, resolving: &Resolving, wanted: Vec<Wanted>) {
     for w in wanted {
-        let who = w.domains.join(", ");
-        match w.how {
-            How::Manifest(m) => {
-                if daemon.prefetch(&w.pool, m) {
-                    tracing::info!("prefetching {} for {who} before it starts", w.path);
-                }
-            }
-            How::Identity(id) => {
-                let key = (w.pool.clone(), id.sha256.clone());
-                if !resolving.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
-                    continue;
-                }
-                let (daemon, resolving) = (daemon.clone(), resolving.clone());
-                tokio::spawn(async move {
-                    if daemon.prefetch_identity(&w.pool, &id).await {
-                        tracing::info!("prefetching {} for {who} before it starts (by identity)", w.path);
-                    }
-                    resolving.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                });
-            }
+        if !resolving.lock().unwrap_or_else(|p| p.into_inner()).insert(w.path.clone()) {
+            continue;
         }
+        let (daemon, resolving) = (daemon.clone(), resolving.clone());
+        tokio::spawn(async move {
+            match daemon.prefetch_request(&w.request).await {
+                Ok(true) => tracing::info!("prefetching {} for {} before it starts", w.path, w.domains.join(", ")),
+                Ok(false) => {}
+                // A plain backing store that the catalog does not (yet) name is common: quieter.
+                Err(e) if w.request.name.is_some() => {
+                    tracing::debug!("master {} needed by {}: {e}", w.path, w.domains.join(", "))
+                }
+                Err(e) => tracing::warn!("master {} needed by {}: {e}", w.path, w.domains.join(", ")),
+            }
+            resolving.lock().unwrap_or_else(|p| p.into_inner()).remove(&w.path);
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vcc_libvirt::watch::MissingMaster;
-
-    fn missing(master: MasterRef) -> Scan {
-        Scan { missing: vec![MissingMaster { domains: vec!["vm".into()], master }], pools_to_refresh: Vec::new() }
-    }
 
     fn published(manifest: Option<&str>) -> MasterRef {
         MasterRef {
@@ -197,33 +195,32 @@ mod tests {
         }
     }
 
+    fn ask(r: &MasterRef) -> MasterRequest {
+        request_for(r, "base.qcow2".into(), "default".into())
+    }
+
     #[test]
     fn a_manifest_named_on_another_host_gives_way_to_the_identity() {
+        let id = Identity {
+            name: "base.qcow2".into(),
+            format: "qcow2".into(),
+            sha256: "ab".repeat(32),
+            info_hash: Some("cd".repeat(20)),
+            virtual_size: Some(1 << 30),
+        };
         for manifest in [Some("/elsewhere/.pool-helper/base.qcow2.json"), None] {
-            let w = wanted(&missing(published(manifest)));
-            assert_eq!(w.len(), 1, "{manifest:?}");
-            let How::Identity(id) = &w[0].how else { panic!("by identity: {manifest:?}") };
-            assert_eq!(
-                id,
-                &Identity {
-                    name: "base.qcow2".into(),
-                    format: "qcow2".into(),
-                    sha256: "ab".repeat(32),
-                    info_hash: Some("cd".repeat(20)),
-                    virtual_size: Some(1 << 30),
-                }
-            );
-            assert_eq!((w[0].pool.as_str(), w[0].domains.as_slice()), ("default", &["vm".to_string()][..]));
+            assert_eq!(ask(&published(manifest)), MasterRequest::by_identity(Some("default".into()), id.clone()));
         }
     }
 
     #[test]
-    fn a_master_with_no_pool_or_no_way_to_get_it_is_skipped() {
-        assert!(wanted(&missing(MasterRef { pool: None, ..published(None) })).is_empty());
-        let nothing = MasterRef { sha256: None, info_hash: None, ..published(None) };
-        assert!(wanted(&missing(nothing)).is_empty());
-        // A manifest file that is not here and nothing else: logged, skipped.
-        let only_manifest = MasterRef { sha256: None, ..published(Some("/nonexistent/m.json")) };
-        assert!(wanted(&missing(only_manifest)).is_empty());
+    fn a_manifest_file_here_or_alone_is_asked_for_by_its_path() {
+        let here = tempfile::NamedTempFile::new().unwrap();
+        let path = here.path().to_string_lossy().into_owned();
+        assert_eq!(ask(&published(Some(&path))), MasterRequest::by_path(Some("default".into()), path));
+        let alone = MasterRef { sha256: None, ..published(Some("/nonexistent/m.json")) };
+        assert_eq!(ask(&alone), MasterRequest::by_path(Some("default".into()), "/nonexistent/m.json"));
+        let plain = MasterRef { sha256: None, info_hash: None, ..published(None) };
+        assert_eq!(ask(&plain), MasterRequest::by_name(Some("default".into()), "base.qcow2"));
     }
 }

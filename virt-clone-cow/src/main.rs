@@ -70,6 +70,13 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             output::print(cli.json, &report, || report.render())
         }
         None => {
+            if let Some(req) = cli.clone.to_multi_request().map_err(Failure::Usage)? {
+                let src = Libvirt::open(cli.connect.as_deref())?;
+                let hosts = virt_clone_cow::multi::connect_hosts(&req.hosts)?;
+                virt_clone_cow::apply::catch_interrupts();
+                let report = virt_clone_cow::multi::clone_to_hosts(&src, &hosts, &req)?;
+                return output::print(cli.json, &report, || report.render());
+            }
             let req = cli.clone.to_request().map_err(Failure::Usage)?;
             let lv = Libvirt::open(cli.connect.as_deref())?;
             // Ctrl-C or a kill during the run undoes it instead of leaving half the clones.

@@ -27,6 +27,12 @@ variable "master_format" {
   default = "qcow2"
 }
 
+variable "master_pool" {
+  description = "The storage pool the master belongs in: pool-helper fetches a missing master into it"
+  type        = string
+  default     = "default"
+}
+
 variable "master_manifest" {
   description = "A pool-helper manifest of the master, for hosts that may lack it (empty: the master is on every host)"
   type        = string
@@ -61,7 +67,8 @@ resource "libvirt_domain" "web" {
       <vcc:cow xmlns:vcc="urn:virt-clone-cow:1" version="1">
         <vcc:clone original="${basename(var.master)}" disposable="no">
           <vcc:disk target="vda" overlay="${local.images}/web-${count.index}.qcow2">
-            <vcc:master path="${var.master}" format="${var.master_format}" manifest="${var.master_manifest}"/>
+            <vcc:master path="${var.master}" format="${var.master_format}"
+                      pool="${var.master_pool}" manifest="${var.master_manifest}"/>
           </vcc:disk>
         </vcc:clone>
       </vcc:cow>

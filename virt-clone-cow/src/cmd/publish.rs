@@ -43,10 +43,14 @@ pub struct PublishRequestArgs {
 pub enum PublishError {
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
-    #[error(
-        "'{0}' is not a template: clone it first (virt-clone-cow --original '{0}' --name NEW), which makes it one"
-    )]
+    #[error("'{0}' did not become a template")]
     NotTemplate(String),
+    #[error("making '{domain}' a template")]
+    MakeTemplate {
+        domain: String,
+        #[source]
+        source: crate::cmd::clone::CloneError,
+    },
     #[error("template '{0}' records no master that one of its disks uses; nothing to publish")]
     NoMasters(String),
     #[error("master {path} of '{domain}' (disk {target}) is in no storage pool; define a pool over its directory (virsh pool-define-as) so pool-helper can publish it")]
@@ -101,6 +105,17 @@ pub fn publish_template(lv: &Libvirt, req: &PublishRequestArgs) -> Result<Publis
     let xml = lv.domain_xml(name)?;
     let facts = DomainFacts::parse(&xml).map_err(|source| PublishError::Xml { domain: name.clone(), source })?;
     let mut md = lv.cow_metadata(name)?.unwrap_or_default();
+    // A domain never cloned becomes a template here, as a first clone would make it; undone
+    // (dropped uncommitted) when the publish fails.
+    let made = match md.template {
+        Some(_) => None,
+        None => {
+            let tx = crate::cmd::clone::make_template_only(lv, name)
+                .map_err(|source| PublishError::MakeTemplate { domain: name.clone(), source })?;
+            md = lv.cow_metadata(name)?.unwrap_or_default();
+            Some(tx)
+        }
+    };
     let Some(template) = md.template.as_mut() else {
         return Err(PublishError::NotTemplate(name.clone()));
     };
@@ -149,6 +164,9 @@ pub fn publish_template(lv: &Libvirt, req: &PublishRequestArgs) -> Result<Publis
         });
     }
     lv.set_cow_metadata(name, Some(&md))?;
+    if let Some(tx) = made {
+        tx.commit();
+    }
     Ok(PublishReport {
         template: name.clone(),
         masters: out,
