@@ -602,12 +602,31 @@ fn drop_pool(name: &str) {
 /// A domain on "this host" whose master is published by another pool-helper instance: its
 /// metadata names the manifest and the pool the master belongs in.
 fn fetching_domain_xml(name: &str, overlay: &str, master: &str, pool: &str, manifest: &str) -> String {
+    fetching_domain_xml_with(name, overlay, master, pool, &format!("manifest='{manifest}'"))
+}
+
+/// [`fetching_domain_xml`] with the master element's attributes that say how to get it given whole.
+fn fetching_domain_xml_with(name: &str, overlay: &str, master: &str, pool: &str, how: &str) -> String {
     let md = format!(
         "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
-         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{pool}' manifest='{manifest}'/>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{pool}' {how}/>\
          </vcc:disk></vcc:clone></vcc:cow>"
     );
     domain_xml(name, &backed_disk(overlay, master, "raw"), &md)
+}
+
+/// The other host: a pool `seedpool` with `base.raw` (`len` random bytes), published and seeded by
+/// its own daemon. Returns the pool, the daemon, the manifest's path and the manifest.
+fn seeding_host(env: &Env, len: usize) -> (String, PoolHelper, String, serde_json::Value) {
+    let (seed_pool, seed_dir) = dir_pool(env, "seedpool");
+    write_random(&seed_dir.join("base.raw"), len);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_pool, "base.raw");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    (seed_pool, seeder, manifest, published)
 }
 
 fn write_random(path: &Path, len: usize) {
@@ -653,14 +672,7 @@ fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("fetch");
     // The other host: publishes and seeds the master.
-    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
-    write_random(&seed_dir.join("base.raw"), 24 << 20);
-    virsh_ok(&["pool-refresh", &seed_pool]);
-    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
-    seeder.serve();
-    let manifest = seeder.publish(&seed_pool, "base.raw");
-    let published: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    let (seed_pool, seeder, manifest, published) = seeding_host(&env, 24 << 20);
     // This host: a daemon (the one the installed hook asks) and a pool without the master.
     let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
     local.serve();
@@ -806,4 +818,38 @@ fn with_no_peer_holding_the_master_the_start_fails_within_the_bound_naming_it() 
     assert!(!Path::new(&overlay).exists());
     assert!(!Path::new(&master).exists(), "nothing partial in the pool");
     assert_eq!(domstate(&name), "shut off");
+}
+
+#[test]
+fn a_clone_from_the_publishing_host_starts_here_with_its_master_fetched_by_identity() {
+    // The metadata `virt-clone-cow publish` then a clone give: the manifest named is on the
+    // publishing host only, so the hook asks by the SHA-256 and info-hash recorded beside it.
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("fetchid");
+    let (seed_pool, seeder, _, published) = seeding_host(&env, 8 << 20);
+    let sha = published["sha256"].as_str().expect("sha256").to_string();
+    let ih = published["info_hash"].as_str().expect("info_hash").to_string();
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.peers = vec![format!("127.0.0.1:{}", seeder.port)];
+    local.serve();
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("base.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    let how = format!(
+        "virtual-size='{}' sha256='{sha}' info-hash='{ih}' manifest='/var/lib/elsewhere/.pool-helper/base.raw.json'",
+        8 << 20
+    );
+    env.define(&fetching_domain_xml_with(&name, &overlay, &master, &pool, &how));
+
+    let o = virsh(&["start", &name]);
+    let log = local.log();
+    drop(local);
+    drop(seeder);
+    drop_pool(&pool);
+    drop_pool(&seed_pool);
+    assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(sha256(&master), sha, "the master matches its identity");
+    assert_eq!(qemu_img_info_qcow2(&overlay)["full-backing-filename"].as_str(), Some(master.as_str()));
 }

@@ -145,3 +145,80 @@ fn the_daemon_prefetches_the_master_of_a_plain_backing_store_through_the_signed_
     wait_until("the prefetch by name", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
     assert_eq!(sha256(&master), sha256(&seed_master));
 }
+
+/// Another host: an 8 MiB raw master `file` published by its daemon. Returns the env, the daemon
+/// (seeding while it lives) and the manifest's path.
+fn seeding_host(test: &str, file: &str) -> (TestEnv, PoolHelper, String) {
+    let env = TestEnv::new(test);
+    make_raw(env.in_pool(file), 8);
+    env.refresh_pool();
+    let mut seeder = PoolHelper::new(&env.work_dir.join("state"));
+    seeder.serve();
+    let manifest = seeder.publish(&env.pool, file);
+    (env, seeder, manifest)
+}
+
+#[test]
+fn a_defined_domain_starts_the_prefetch_at_once_through_libvirts_events_not_the_polling() {
+    let (seed_env, _seeder, manifest) = seeding_host("pfevseed", "base.raw");
+    let seed_master = seed_env.in_pool("base.raw");
+    // This host's daemon polls only every 10 minutes: what it does within seconds comes from the event.
+    let local_env = TestEnv::new("pfevlocal");
+    let mut local = PoolHelper::new(&local_env.work_dir.join("state"));
+    local.watch_interval = "600";
+    local.serve();
+    wait_until(
+        "the daemon's event registration",
+        Duration::from_secs(10),
+        || local.log().contains("watching libvirt's domain lifecycle events"),
+        || local.log(),
+    );
+    // Its first look (at start) is over by then.
+    std::thread::sleep(Duration::from_millis(500));
+    let master = local_env.in_pool("base.raw");
+    let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
+    let started = format!("prefetching {master}");
+    assert!(!local.log().contains(&started), "nothing to prefetch before the define");
+
+    let t0 = Instant::now();
+    define_clone(
+        &local_env.name("-vm"),
+        &overlay,
+        &master,
+        &format!("pool='{}' manifest='{manifest}'", local_env.pool),
+    );
+    // Polled every 10 ms, for the measure.
+    while !local.log().contains(&started) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no prefetch 5 s after the define\n{}", local.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let latency = t0.elapsed();
+    println!("define -> prefetch started: {:.0} ms (watch_interval 600 s)", latency.as_secs_f64() * 1e3);
+    assert!(latency < Duration::from_secs(1), "the prefetch started {latency:?} after the define\n{}", local.log());
+    wait_until("the prefetch", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
+    assert_eq!(sha256(&master), sha256(&seed_master));
+}
+
+#[test]
+fn a_clone_taken_from_the_publishing_host_gets_its_master_by_identity_not_the_manifest_named_there() {
+    // The metadata a clone made after `virt-clone-cow publish` carries: the manifest's path is on
+    // the publishing host (not here), so the daemon goes by the SHA-256 and info-hash beside it.
+    let (seed_env, seeder, manifest) = seeding_host("pfelseed", "far.raw");
+    let mf = vcc_tests::manifest(Path::new(&manifest));
+    let local_env = TestEnv::new("pfellocal");
+    let mut local = PoolHelper::new(&local_env.work_dir.join("state"));
+    local.watch_interval = "1";
+    local.peers = vec![format!("127.0.0.1:{}", seeder.port)];
+    local.serve();
+    let master = local_env.in_pool("far.raw");
+    let overlay = local_env.in_pool(&format!("{}-vda.qcow2", local_env.name("-vm")));
+    let how = format!(
+        "pool='{}' sha256='{}' info-hash='{}' manifest='/var/lib/elsewhere/.pool-helper/far.raw.json'",
+        local_env.pool,
+        mf["sha256"].as_str().unwrap(),
+        mf["info_hash"].as_str().unwrap()
+    );
+    define_clone(&local_env.name("-vm"), &overlay, &master, &how);
+    wait_until("the prefetch by identity", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
+    assert_eq!(sha256(&master), sha256(&seed_env.in_pool("far.raw")));
+}

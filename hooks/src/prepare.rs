@@ -109,8 +109,10 @@ fn fetch_master(
     // definitions, never libvirt).
     let pool = m.pool.clone().or_else(|| pool_holding(&cfg.pool_config_dir, Path::new(&m.path)));
     let wanted = match (&m.manifest, &m.sha256) {
-        (Some(path), _) => MasterRequest::by_path(pool, path.clone()),
-        (None, Some(sha)) => {
+        // A manifest file on this host; one named on the publishing host (a clone's XML taken
+        // here) gives way to the identity recorded beside it.
+        (Some(path), sha) if sha.is_none() || Path::new(path).exists() => MasterRequest::by_path(pool, path.clone()),
+        (_, Some(sha)) => {
             // The master's identity as the domain's metadata records it (trusted: the domain XML
             // is the administrator's); the daemon resolves it (catalog, or peers by magnet).
             let name = Path::new(&m.path).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
@@ -123,7 +125,7 @@ fn fetch_master(
             };
             MasterRequest::by_identity(pool, id)
         }
-        (None, None) => {
+        (_, None) => {
             // A plain <backingStore>: the pool whose directory holds it (from the pool definitions,
             // never libvirt), and the file name as the volume name, resolved by the daemon
             // through the trusted LAN catalog.
