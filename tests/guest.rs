@@ -75,3 +75,28 @@ fn two_clones_of_one_master_both_boot() {
     assert_eq!(domstate(&a), "running");
     assert_eq!(domstate(&b), "running");
 }
+
+#[test]
+fn realistic_guest_boots_to_a_login_prompt() {
+    let master = realistic_master();
+    let env = TestEnv::new("guest-real");
+    let (name, log) = define_clone(&env, master, "-r");
+
+    let (line, took) = start_and_wait_up(&name, &log, Duration::from_secs(600));
+    let read = disk_read_bytes(&name, "vda");
+    println!(
+        "realistic guest ({}) up in {:.2} s from `virsh start` (guest uptime {} s); boot read {read} bytes \
+         ({:.1} MiB) of a 2048 MiB disk",
+        guest_domain_type(),
+        took.as_secs_f64(),
+        up_field(&line, "uptime").unwrap_or("?"),
+        read as f64 / 1048576.0
+    );
+    assert_eq!(up_field(&line, "uuid"), Some(domuuid(&name).as_str()), "up line: {line}");
+    assert_eq!(up_field(&line, "host"), Some("vcc-realistic"), "up line: {line}");
+    // systemd's serial getty on ttyS0 (console=ttyS0) offers a login.
+    let prompt = wait_for_text(&log, "vcc-realistic login:", Duration::from_secs(120));
+    println!("login prompt {:.2} s after the up line", prompt.as_secs_f64());
+    assert!(read > 16 * 1048576, "boot read only {read} bytes");
+    assert!(read < 1024 * 1048576, "boot read {read} bytes");
+}

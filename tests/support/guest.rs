@@ -174,12 +174,36 @@ pub fn wait_for_up(serial_log: &Path, timeout: Duration) -> (String, Duration) {
         }
         if start.elapsed() >= timeout {
             let bytes = std::fs::read(serial_log).unwrap_or_default();
-            let text = String::from_utf8_lossy(&bytes);
-            let tail: String = text.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
-            panic!("no {UP_MARKER:?} line in {} after {timeout:?}; its end:\n{tail}", serial_log.display());
+            panic!(
+                "no {UP_MARKER:?} line in {} after {timeout:?}; its end:\n{}",
+                serial_log.display(),
+                log_tail(&bytes)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Polls a serial log every 50 ms until it contains `text`, up to `timeout`; returns the time
+/// waited. Panics (with the log's tail) if it does not appear in time.
+pub fn wait_for_text(serial_log: &Path, text: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let bytes = std::fs::read(serial_log).unwrap_or_default();
+        if String::from_utf8_lossy(&bytes).contains(text) {
+            return start.elapsed();
+        }
+        if start.elapsed() >= timeout {
+            panic!("no {text:?} in {} after {timeout:?}; its end:\n{}", serial_log.display(), log_tail(&bytes));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn log_tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let skip = text.chars().count().saturating_sub(2000);
+    text.chars().skip(skip).collect()
 }
 
 /// Starts a defined domain and waits for its "up" line; returns the line and the time from
