@@ -2,6 +2,8 @@
 //! `tests/guest/build-guest`, boots from qcow2 overlays through the real libvirtd
 //! (qemu:///system), from its disk (SeaBIOS, syslinux), and says it is up on its serial console.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::time::Duration;
 
