@@ -224,6 +224,20 @@ pub(crate) fn read_original(lv: &Libvirt, original: &str) -> Result<(String, Dom
 
 /// Finds the master behind every private disk, refusing disks that cannot be linked. Each takes
 /// the identity the original's metadata records for it (once published).
+/// The original's own plan, with no clones: its template metadata and masters.
+pub(crate) fn template_plan(xml: &str, facts: &DomainFacts, masters: &[Master]) -> Result<ClonePlan, PlanError> {
+    let input = PlanInput {
+        original_xml: xml,
+        facts,
+        masters,
+        names: &[],
+        taken_macs: &HashSet::new(),
+        disposable: false,
+        nvram_pool: None,
+    };
+    plan(&input, random3)
+}
+
 /// Makes `original` a template without cloning it (what a first clone does: its masters
 /// read-only, the template metadata written), for `publish` of a domain never cloned yet. The
 /// returned log undoes it when dropped uncommitted.
@@ -232,16 +246,7 @@ pub(crate) fn make_template_only<'a>(
     original: &str,
 ) -> Result<crate::apply::Transaction<'a>, CloneError> {
     let (xml, facts, masters) = read_original(lv, original)?;
-    let input = PlanInput {
-        original_xml: &xml,
-        facts: &facts,
-        masters: &masters,
-        names: &[],
-        taken_macs: &HashSet::new(),
-        disposable: false,
-        nvram_pool: None,
-    };
-    let plan = plan(&input, random3)?;
+    let plan = template_plan(&xml, &facts, &masters)?;
     let mut tx = crate::apply::Transaction::new(lv);
     crate::apply::make_template(&mut tx, &plan)?;
     Ok(tx)

@@ -262,19 +262,8 @@ pub fn clone_to_hosts(src: &Libvirt, hosts: &[Libvirt], req: &MultiRequest) -> R
     }
 
     // The original's own plan: no clones there, only its template metadata and masters.
-    let template = crate::plan::plan(
-        &crate::plan::PlanInput {
-            original_xml: &xml,
-            facts: &facts,
-            masters: &masters,
-            names: &[],
-            taken_macs: &HashSet::new(),
-            disposable: false,
-            nvram_pool: None,
-        },
-        random3,
-    )
-    .map_err(|source| MultiPlanError::Plan { host: src.uri().to_string(), source })?;
+    let template = crate::cmd::clone::template_plan(&xml, &facts, &masters)
+        .map_err(|source| MultiPlanError::Plan { host: src.uri().to_string(), source })?;
 
     let starts = if req.dry_run { BTreeMap::new() } else { apply_all(src, hosts, &template, &plans, req.start)? };
     Ok(report(src, &req.original, &plans, &starts, req.dry_run, t0))
