@@ -12,14 +12,21 @@ use vcc_tests::*;
 const POOL_DIR: &str = "/var/lib/libvirt/images";
 
 /// A template `name` on host `i`: a qcow2 master of `mib` MiB (half of it data) in the pool
-/// `default`, and a small guest whose disk is that volume.
-fn make_template(bed: &Bed, i: usize, name: &str, mib: u64) -> String {
+/// `default`, and a small guest whose disk is that volume (`volume_disk`: as `<disk
+/// type='volume'>`, else as a file disk).
+fn make_template(bed: &Bed, i: usize, name: &str, mib: u64, volume_disk: bool) -> String {
     let vol = format!("{name}.qcow2");
     let master = format!("{POOL_DIR}/{vol}");
     bed.exec_ok(i, &["qemu-img", "create", "-q", "-f", "qcow2", &master, &format!("{mib}M")]);
     bed.exec_ok(i, &["qemu-io", "-f", "qcow2", "-c", &format!("write -P 0x5a 0 {}M", mib / 2), &master]);
     bed.virsh_ok(i, &["pool-refresh", "default"]);
-    let xml = small_guest_xml(name, &master);
+    let mut xml = small_guest_xml(name, &master);
+    if volume_disk {
+        xml = xml
+            .replace("<disk type='file'", "<disk type='volume'")
+            .replace(&format!("<source file='{master}'/>"), &format!("<source pool='default' volume='{vol}'/>"));
+        assert!(xml.contains("volume='"), "{xml}");
+    }
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), xml).expect("write xml");
     bed.virsh_ok(i, &[OsStr::new("define"), file.path().as_os_str()]);
@@ -78,7 +85,7 @@ fn a_template_published_on_a_is_in_every_catalog_and_cloned_onto_b_c_and_a_with_
     let bed = Bed::up_with(3, 100.0);
     let vcc = target_bin("virt-clone-cow");
     let vcc = vcc.to_str().expect("utf-8 path");
-    let master = make_template(&bed, 0, "tpl", 64);
+    let master = make_template(&bed, 0, "tpl", 64, true);
     let vol = "tpl.qcow2";
 
     // Publish on A: the template's metadata records the master's identity.
@@ -139,6 +146,12 @@ fn a_template_published_on_a_is_in_every_catalog_and_cloned_onto_b_c_and_a_with_
         }
     }
     assert_eq!(all_macs.len(), n_macs, "MACs repeat across hosts: {all_macs:?}");
+    // The template's disk is a volume disk: clones stay volume disks where the master was (A), and
+    // are file disks over the pool's directory where the hook made the overlay (B, C).
+    for (i, kind) in [(0, "volume"), (1, "file"), (2, "file")] {
+        let xml = bed.virsh_ok(i, &["dumpxml", &running(&bed, i, "web")[0]]);
+        assert!(xml.contains(&format!("<disk type='{kind}' device='disk'>")), "h{i}: {xml}");
+    }
     for i in 1..3 {
         assert_eq!(sha256_on(&bed, i, &master), sha, "h{i}'s fetched master");
     }
@@ -158,7 +171,7 @@ fn a_template_published_on_a_is_in_every_catalog_and_cloned_onto_b_c_and_a_with_
 fn a_plain_xml_naming_only_the_master_path_starts_on_another_host() {
     let bed = Bed::up_with(3, 100.0);
     let vcc = target_bin("virt-clone-cow");
-    let master = make_template(&bed, 0, "plain-tpl", 32);
+    let master = make_template(&bed, 0, "plain-tpl", 32, false);
     bed.exec_ok(0, &[vcc.to_str().expect("utf-8 path"), "publish", "plain-tpl"]);
     wait_in_catalog(&bed, 1, "plain-tpl.qcow2", Duration::from_secs(10));
 

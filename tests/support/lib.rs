@@ -5,6 +5,7 @@
 //! One module per concern, everything re-exported at the top so a test imports what it uses:
 //! - [`process`]: running programs from argument vectors, bounded waits, this build's binaries;
 //! - [`files`]: hashes, modes, images made with qemu-img, pseudo-random data, manifests;
+//! - [`guest`]: real bootable guests built from Debian's packages, booted and timed;
 //! - [`libvirt`]: virsh, test domains, [`TestEnv`] (a pool and work directory removed on drop),
 //!   [`Pool`] (a temporary dir pool);
 //! - [`cli`]: the `virt-clone-cow` binary;
@@ -22,6 +23,7 @@
 pub mod bed;
 pub mod cli;
 pub mod files;
+pub mod guest;
 pub mod hostile_peer;
 pub mod libvirt;
 pub mod netns;
@@ -32,6 +34,7 @@ pub mod process;
 pub use bed::*;
 pub use cli::*;
 pub use files::*;
+pub use guest::*;
 pub use hostile_peer::{attack, misbehaviours, rounds, Act, HostilePeer};
 pub use libvirt::*;
 pub use netns::*;

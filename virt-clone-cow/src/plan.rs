@@ -29,6 +29,10 @@ pub struct Master {
     /// The disk is `type='volume'` in the domain XML.
     #[serde(skip)]
     pub volume_disk: bool,
+    /// The clone's disk is written as a file disk although the original's is a volume disk
+    /// (a host where the hook makes the overlay at start).
+    #[serde(skip)]
+    pub as_file_disk: bool,
     /// The master has no backing file of its own.
     #[serde(skip)]
     pub self_contained: bool,
@@ -217,11 +221,13 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
                 }
                 None => OverlayLocation::File { path: path.clone() },
             };
-            let source_attr = if m.volume_disk { ("volume", file_name) } else { ("file", path) };
+            let to_file = m.volume_disk && m.as_file_disk;
+            let source_attr = if m.volume_disk && !to_file { ("volume", file_name) } else { ("file", path) };
             disk_edits.insert(
                 m.disk_index,
                 DiskEdit {
                     source_attr,
+                    to_file,
                     backing: BackingEdit {
                         path: m.path.clone(),
                         format: m.format.clone(),

@@ -87,7 +87,11 @@ fn edits_for(facts: &DomainFacts) -> (DomainEdits, CowMetadata) {
         });
         disks.insert(
             d.index,
-            DiskEdit { source_attr, backing: BackingEdit { path: master, format, self_contained: true } },
+            DiskEdit {
+                source_attr,
+                to_file: false,
+                backing: BackingEdit { path: master, format, self_contained: true },
+            },
         );
     }
     let md = CowMetadata {
@@ -616,6 +620,7 @@ fn plan_on_a_real_capture_makes_overlays_for_file_and_volume_disks_and_keeps_sha
         pool: pool.map(String::from),
         volume: None,
         volume_disk,
+        as_file_disk: false,
         self_contained: true,
         sha256: None,
         info_hash: None,
@@ -783,6 +788,7 @@ fn scratch_master(i: usize, target: &str, path: &str, pool: Option<&str>, volume
         pool: pool.map(String::from),
         volume: volume.map(String::from),
         volume_disk: false,
+        as_file_disk: false,
         self_contained: true,
         sha256: None,
         info_hash: None,

@@ -15,8 +15,6 @@ pub enum MultiPlanError {
     MasterNotInPool { target: String, path: String },
     #[error("disk {target} is a volume disk of pool '{pool}', which --pool-map maps to '{to}'; only file disks can change pool (virsh edit: <disk type='file'>)")]
     VolumeDiskRemapped { target: String, pool: String, to: String },
-    #[error("host '{host}': disk {target} is a volume disk and the master is not there yet; its overlay is made by the hook at start, which libvirt's volume lookup does not see: use a file disk (<disk type='file'>) in the template")]
-    VolumeDiskHookMade { host: String, target: String },
     #[error("host '{host}'")]
     Plan {
         host: String,
@@ -140,11 +138,6 @@ pub fn plan_host(
     taken_macs: &mut HashSet<String>,
     random: impl FnMut() -> [u8; 3],
 ) -> Result<HostPlan, MultiPlanError> {
-    for (m, present) in input.masters.iter().zip(&input.present) {
-        if m.volume_disk && !present && !input.names.is_empty() {
-            return Err(MultiPlanError::VolumeDiskHookMade { host: input.uri.to_string(), target: m.target.clone() });
-        }
-    }
     // A manifest path is the publishing host's: where the host must fetch the master and its
     // identity is known, the clone names it by identity (the hook prefers a manifest).
     let masters: Vec<Master> = input
@@ -153,6 +146,8 @@ pub fn plan_host(
         .zip(input.present.iter().chain(std::iter::repeat(&false)))
         .map(|(m, present)| Master {
             manifest: if !present && m.sha256.is_some() { None } else { m.manifest.clone() },
+            // The hook makes the overlay at start, after libvirt's volume lookup: a file disk.
+            as_file_disk: m.volume_disk && !present,
             ..m.clone()
         })
         .collect();
@@ -188,6 +183,7 @@ mod tests {
             pool: pool.map(String::from),
             volume: pool.map(|_| "base.qcow2".to_string()),
             volume_disk,
+            as_file_disk: false,
             self_contained: true,
             sha256: Some("ab".repeat(32)),
             info_hash: Some("cd".repeat(20)),
@@ -285,20 +281,36 @@ mod tests {
     }
 
     #[test]
-    fn a_volume_disk_whose_master_is_missing_on_a_host_is_refused_naming_the_host() {
-        let facts = DomainFacts::parse(XML).unwrap();
+    fn a_volume_disk_whose_master_is_missing_on_a_host_becomes_a_file_disk_there_and_stays_a_volume_elsewhere() {
+        let xml = "<domain type='kvm'><name>t</name><devices>\
+            <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>\
+            <source pool='a' volume='base.qcow2'/><target dev='vda'/></disk></devices></domain>";
+        let facts = DomainFacts::parse(xml).unwrap();
         let masters = vec![master(Some("a"), true)];
         let names = vec!["web-1".to_string()];
-        let input = HostInput {
-            uri: "qemu+ssh://c/system",
-            original_xml: XML,
-            facts: &facts,
-            masters: &masters,
-            present: vec![false],
-            names: &names,
-            disposable: false,
+        let clone_xml = |present: bool| {
+            let input = HostInput {
+                uri: "qemu+ssh://c/system",
+                original_xml: xml,
+                facts: &facts,
+                masters: &masters,
+                present: vec![present],
+                names: &names,
+                disposable: false,
+            };
+            plan_host(&input, &mut HashSet::new(), || [1, 2, 3]).unwrap().plan.clones[0].xml.clone()
         };
-        let e = plan_host(&input, &mut HashSet::new(), || [1, 2, 3]).unwrap_err().to_string();
-        assert!(e.starts_with("host 'qemu+ssh://c/system': disk vda is a volume disk"), "{e}");
+        // Missing: the hook makes the overlay at start, after libvirt's volume lookup.
+        let missing = clone_xml(false);
+        assert!(missing.contains("<disk type=\"file\"") || missing.contains("<disk type='file'"), "{missing}");
+        assert!(missing.contains("<source file='/srv/a/web-1-vda.qcow2'/>"), "{missing}");
+        assert!(!missing.contains("<source pool="), "{missing}");
+        // Present: the overlay is a volume made now, and the disk stays a volume disk.
+        let present = clone_xml(true);
+        assert!(
+            present.contains("volume='web-1-vda.qcow2'") || present.contains("volume=\"web-1-vda.qcow2\""),
+            "{present}"
+        );
+        assert!(present.contains("pool='a'") || present.contains("pool=\"a\""), "{present}");
     }
 }
