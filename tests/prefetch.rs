@@ -222,3 +222,36 @@ fn a_clone_taken_from_the_publishing_host_gets_its_master_by_identity_not_the_ma
     wait_until("the prefetch by identity", Duration::from_secs(60), || Path::new(&master).exists(), || local.log());
     assert_eq!(sha256(&master), sha256(&seed_env.in_pool("far.raw")));
 }
+
+#[test]
+fn after_libvirtd_restarts_the_daemon_hears_defines_again() {
+    // A bed host: its own libvirtd, which this test may stop and start again, and its pool-helper
+    // looking at libvirt only every 10 minutes apart from the events.
+    let bed = Bed::up_args(1, &["--config", "watch_interval = 600"]);
+    let log_path = bed.host_dir(0).join("log/pool-helper.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let heard = |name: &str| log().contains(&format!("domain '{name}' defined"));
+    let define = |name: &str, vol: &str| {
+        let t0 = Instant::now();
+        bed.define_small_guest(0, name, vol);
+        while !heard(name) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the define of '{name}' was not heard\n{}", log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t0.elapsed()
+    };
+    wait_until("the event registration", Duration::from_secs(10), || log().contains("watching libvirt's"), log);
+    let before = define("evr-a", "evr-a.qcow2");
+
+    // libvirtd stops (by its pid, inside the host) and starts again.
+    let pid = bed.exec_ok(0, &["cat", "/run/libvirt/libvirtd.pid"]).trim().to_string();
+    bed.exec_ok(0, &["kill", "-TERM", &pid]);
+    wait_until("the lost connection", Duration::from_secs(30), || log().contains("lost libvirt's domain events"), log);
+    bed.exec_ok(0, &["/usr/sbin/libvirtd", "-d", "-p", "/run/libvirt/libvirtd.pid"]);
+    wait_until("libvirtd back", Duration::from_secs(30), || bed.virsh(0, &["version"]).status.success(), log);
+    let registrations = || log().matches("watching libvirt's domain lifecycle events").count();
+    wait_until("the reconnection", Duration::from_secs(30), || registrations() >= 2, log);
+    let after = define("evr-b", "evr-b.qcow2");
+    println!("define -> heard by pool-helper: {before:?} before the restart, {after:?} after");
+    assert!(after < Duration::from_secs(1) && before < Duration::from_secs(1), "{before:?} {after:?}");
+}

@@ -66,7 +66,7 @@ fn spawn_events(uri: Option<String>, wake: Arc<Notify>) {
     let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(move || loop {
         let w = wake.clone();
         let on_defined = move |name: &str| {
-            tracing::debug!("domain '{name}' defined: looking for its masters now");
+            tracing::info!("domain '{name}' defined: looking for its masters now");
             w.notify_one();
         };
         match vcc_libvirt::events::watch_defined(uri.as_deref(), Default::default(), on_defined) {

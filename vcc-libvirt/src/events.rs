@@ -172,3 +172,20 @@ unsafe extern "C" fn free_close_flag(opaque: *mut c_void) {
         drop(unsafe { Arc::from_raw(opaque as *const AtomicBool) });
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_libvirtd_that_is_not_there_is_an_error_at_once_not_a_wait() {
+        let uri = "qemu+unix:///system?socket=/nonexistent-vcc-events/libvirt-sock";
+        let t0 = std::time::Instant::now();
+        let e = watch_defined(Some(uri), Keepalive::default(), |_| {}).unwrap_err();
+        assert!(matches!(e, LibvirtError::Connect { .. }), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t0.elapsed());
+        // The event loop is registered once; a second try registers nothing again and fails alike.
+        assert!(matches!(watch_defined(Some(uri), Keepalive::default(), |_| {}), Err(LibvirtError::Connect { .. })));
+    }
+}
