@@ -162,7 +162,9 @@ fn three_hosts_each_run_a_guest_in_isolation_and_down_leaves_nothing() {
 
 #[test]
 fn a_master_published_on_one_host_is_in_the_others_catalogs_and_fetched_by_them_through_their_daemons() {
-    let bed = Bed::up_with(3, 100.0);
+    // The watcher is off: on a DEFINED event it would fetch the master before the start below
+    // (tests/many_hosts.rs covers that); here the hook's own path, start -> daemon -> catalog.
+    let bed = Bed::up_args(3, &["--rate-mbit", "100", "--config", "watch_interval = 0"]);
     let bin = pool_helper_bin();
     let ph = bin.to_str().expect("utf-8 path");
     let master = "/var/lib/libvirt/images/bed-master.qcow2";
