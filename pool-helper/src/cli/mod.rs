@@ -2,6 +2,7 @@
 
 pub mod catalog;
 pub mod fetch;
+pub mod progress;
 pub mod publish;
 pub mod serve;
 pub mod status;
