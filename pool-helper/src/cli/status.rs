@@ -87,6 +87,9 @@ fn print_status_line(m: &MasterStatus) {
         "{:<10} {}/{}  {}%  peers {}  down {} B/s  up {} B/s  uploaded {} B",
         m.state, m.pool, m.name, pct, m.peers, m.down_bps, m.up_bps, m.uploaded_bytes
     );
+    if !m.domains.is_empty() {
+        print!("  waiting: {}", m.domains.join(","));
+    }
     match &m.error {
         Some(e) => println!("  error: {e}"),
         None => println!(),
