@@ -310,7 +310,7 @@ fn serve_refuses_to_start_with_a_signing_key_or_allowed_signers_it_cannot_use() 
 /// the domain the hook names, `status` lists it until its request ends; and `pool-helper fetch`
 /// with a stdout that is not a terminal prints JSON Lines progress, then the path as its last line.
 #[test]
-fn a_domain_waiting_for_a_master_shows_in_the_log_and_in_status_and_fetch_prints_json_lines() {
+fn a_waiting_domain_shows_in_the_log_and_status_and_fetch_shows_progress_on_a_pipe_and_a_terminal() {
     let pa = Pool::new("a");
     let size = 16 << 20;
     let src = pa.raw_master("wait.raw", size);
@@ -373,4 +373,25 @@ fn a_domain_waiting_for_a_master_shows_in_the_log_and_in_status_and_fetch_prints
         assert!(v["percent"].as_u64().unwrap() <= 100 && v["peers"].is_u64() && v["down_bps"].is_u64(), "{l}");
     }
     assert!(same_file(&src, &pc.path("wait.raw")));
+
+    // On a terminal (a pty from script(1), 100 columns): a progress bar, no JSON Lines, the path.
+    let pd = Pool::new("d");
+    let mut d = Instance::new(&[]);
+    d.serve();
+    let c = d.cmd(&["fetch", "--pool", &pd.name, man.to_str().unwrap()]);
+    let argv: Vec<String> = std::iter::once(c.get_program())
+        .chain(c.get_args())
+        .map(|a| format!("'{}'", a.to_str().unwrap().replace('\'', r"'\''")))
+        .collect();
+    let o = std::process::Command::new("script")
+        .args(["-qec", &format!("stty cols 100 rows 30; exec {}", argv.join(" ")), "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{tty}");
+    assert!(tty.contains("ETA") && tty.contains("MiB") && tty.contains("peer(s)"), "a bar: {tty:?}");
+    assert!(!tty.contains("\"event\""), "no JSON Lines on a terminal: {tty:?}");
+    assert!(tty.contains(pd.path("wait.raw").to_str().unwrap()), "{tty:?}");
+    assert!(same_file(&src, &pd.path("wait.raw")));
 }
