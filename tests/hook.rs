@@ -660,6 +660,9 @@ fn start_over_fetched_master(
         drop_pool(p);
     }
     assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
+    // The wait was told where an administrator looks: the daemon's log names the domain.
+    assert!(log.contains(&format!("into pool '{}' in ", pools[0])), "{log}");
+    assert!(log.contains(&format!("for the start of domain '{name}'")), "the daemon's log names the domain: {log}");
     assert_eq!(domstate(name), "running");
     assert_eq!(sha256(master), want, "the master is the published one");
     let info = qemu_img_info_qcow2(overlay);

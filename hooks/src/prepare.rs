@@ -142,7 +142,7 @@ fn fetch_master(
             }
         }
     };
-    let req = Request::Ensure(wanted);
+    let req = Request::Ensure(wanted.for_domain(domain));
     let _ = writeln!(log, "virt-clone-cow-hook: {domain}: master {} is missing; asking pool-helper for it", m.path);
     let mut last_print = Instant::now();
     let got = request_path(&cfg.control_socket, cfg.connect_timeout, deadline, &req, |p| {
@@ -328,7 +328,7 @@ mod tests {
         };
         let (line, e) = ask(m, Config::default());
         let want = format!(
-            r#"{{"op":"ensure","pool":"default","identity":{{"name":"base.qcow2","format":"qcow2","sha256":"{}","info_hash":"{}","virtual_size":1073741824}}}}"#,
+            r#"{{"op":"ensure","pool":"default","identity":{{"name":"base.qcow2","format":"qcow2","sha256":"{}","info_hash":"{}","virtual_size":1073741824}},"domain":"vm"}}"#,
             "ab".repeat(32),
             "cd".repeat(20)
         );
@@ -352,12 +352,12 @@ mod tests {
             ..Default::default()
         };
         let (line, _) = ask(plain(&images.join("debian-12.qcow2")), cfg.clone());
-        assert_eq!(line.as_deref(), Some(r#"{"op":"ensure","pool":"imgs","name":"debian-12.qcow2"}"#));
+        assert_eq!(line.as_deref(), Some(r#"{"op":"ensure","pool":"imgs","name":"debian-12.qcow2","domain":"vm"}"#));
         // An identity whose metadata names no pool goes into that pool too.
         let id = MasterRef { sha256: Some("ab".repeat(32)), ..plain(&images.join("debian-12.qcow2")) };
         let (line, _) = ask(id, cfg.clone());
         let want = format!(
-            r#"{{"op":"ensure","pool":"imgs","identity":{{"name":"debian-12.qcow2","format":"qcow2","sha256":"{}"}}}}"#,
+            r#"{{"op":"ensure","pool":"imgs","identity":{{"name":"debian-12.qcow2","format":"qcow2","sha256":"{}"}},"domain":"vm"}}"#,
             "ab".repeat(32)
         );
         assert_eq!(line.as_deref(), Some(want.as_str()));

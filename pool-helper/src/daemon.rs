@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -22,6 +22,7 @@ use crate::manifest::Manifest;
 use crate::records::{self, RecordState};
 use crate::resolve;
 use crate::torrent::{Handle, Progress, TorrentState};
+use crate::waits;
 use vcc_core::control::proto::{
     self, Event, Final, FinalState, MasterListEntry, MasterRequest, MasterState, MasterStatus, Masters, PublishRequest,
     Request,
@@ -86,6 +87,8 @@ struct Entry {
     handle: Option<Handle>,
     error: Option<String>,
     fetches: u32,
+    /// The domains whose start waits for this master now ([`crate::waits`]).
+    domains: Vec<String>,
     /// Bytes uploaded while this host was still downloading (the download torrent is gone).
     uploaded_base: u64,
     progress: watch::Sender<Option<Progress>>,
@@ -103,6 +106,7 @@ impl Entry {
             handle: None,
             error: None,
             fetches: 0,
+            domains: Vec::new(),
             uploaded_base: 0,
             progress: watch::channel(None).0,
             done: watch::channel(None).0,
@@ -276,7 +280,7 @@ impl Daemon {
             match &r.state {
                 RecordState::Pending => {
                     tracing::info!(name = %r.manifest.name, "resuming an interrupted fetch");
-                    let _ = self.start_fetch(key, r.pool.clone(), r.manifest.clone());
+                    let _ = self.start_fetch(key, r.pool.clone(), r.manifest.clone(), None);
                     continue;
                 }
                 RecordState::Failed { error } => {
@@ -363,7 +367,7 @@ impl Daemon {
                 return false;
             }
         }
-        match self.start_fetch(key, pool.to_string(), m) {
+        match self.start_fetch(key, pool.to_string(), m, None) {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!("prefetch into pool '{pool}': {}", one_line(&e));
@@ -381,9 +385,17 @@ impl Daemon {
     }
 
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
-    fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, Refusal> {
+    /// `domain`: the domain whose start waits for it (logged, and listed by `status` until
+    /// [`Daemon::stop_waiting`]).
+    fn start_fetch(
+        self: &Arc<Self>,
+        key: Key,
+        pool: String,
+        m: Manifest,
+        domain: Option<&str>,
+    ) -> Result<Watches, Refusal> {
         let mut g = self.lock();
-        if let Some(e) = g.get(&key).filter(|e| e.holds_name()) {
+        if let Some(e) = g.get_mut(&key).filter(|e| e.holds_name()) {
             if e.manifest.sha256 != m.sha256 {
                 return Err(Refusal::OtherSha256 { pool, name: m.name, sha256: e.manifest.sha256.clone() });
             }
@@ -394,6 +406,11 @@ impl Daemon {
                 )));
                 return Ok((e.progress.subscribe(), d));
             }
+            if let Some(d) = domain {
+                waits::add(&mut e.domains, d);
+                let p = e.progress.borrow().as_ref().map(|p| format!(": {}", p.event())).unwrap_or_default();
+                tracing::info!("domain '{d}' waits for '{}' in pool '{pool}', already {}{p}", m.name, e.state);
+            }
             return Ok((e.progress.subscribe(), e.done.subscribe()));
         }
         // Nothing holds the name (nothing known, a failure, or a seed whose file vanished from
@@ -402,7 +419,16 @@ impl Daemon {
         let fetches = g.get(&key).map(|e| e.fetches).unwrap_or(0) + 1;
         // A seed whose file vanished from the pool: drop it before fetching again.
         let stale = g.get_mut(&key).and_then(|e| e.handle.take());
-        let e = Entry { fetches, ..Entry::new(m.clone(), pool.clone(), MasterState::Fetching) };
+        let mut e = Entry { fetches, ..Entry::new(m.clone(), pool.clone(), MasterState::Fetching) };
+        if let Some(d) = domain {
+            waits::add(&mut e.domains, d);
+        }
+        tracing::info!(
+            "fetch of '{}' ({}) into pool '{pool}' started{}",
+            m.name,
+            vcc_core::units::human_bytes(m.size),
+            waits::for_domains(&e.domains)
+        );
         let (ptx, dtx) = (e.progress.clone(), e.done.clone());
         let (prx, drx) = (ptx.subscribe(), dtx.subscribe());
         g.insert(key.clone(), e);
@@ -412,7 +438,7 @@ impl Daemon {
         let fetched = m.clone();
         tokio::spawn(async move {
             let work = {
-                let me = me.clone();
+                let (me, key2) = (me.clone(), key.clone());
                 async move {
                     #[cfg(test)]
                     me.fault_point(tests::Stage::Download).await;
@@ -420,8 +446,15 @@ impl Daemon {
                         me.ctx.torrents.remove(&h).await;
                     }
                     let total = m.size;
+                    let every = waits::Every::new(waits::LOG_EVERY);
+                    let me2 = me.clone();
                     let on_event = move |ev: fetch::Event| match ev {
                         fetch::Event::Progress(p) => {
+                            if every.due(Instant::now()) {
+                                let fors =
+                                    me2.lock().get(&key2).map(|e| waits::for_domains(&e.domains)).unwrap_or_default();
+                                tracing::info!("fetching '{}' into pool '{}'{fors}: {}", key2.1, key2.0, p.event());
+                            }
                             let _ = ptx.send(Some(p));
                         }
                         fetch::Event::Started { have_bytes, total_bytes } => {
@@ -452,14 +485,27 @@ impl Daemon {
                     Ok::<(Outcome, Result<Option<Handle>, FetchError>), FetchError>((outcome, seeded))
                 }
             };
+            let t0 = Instant::now();
             let res = caught("download", work).await;
             let uploaded = last.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
             let fin = {
                 let mut g = me.lock();
                 // Only the entry of this fetch (a `seed` request may have replaced it).
                 let mut e = g.get_mut(&key).filter(|e| e.done.same_channel(&dtx));
+                let fors = e.as_ref().map(|e| waits::for_domains(&e.domains)).unwrap_or_default();
                 if let Some(e) = e.as_mut() {
                     e.uploaded_base = uploaded;
+                }
+                let (name, pool) = (&key.1, &key.0);
+                match &res {
+                    Ok((Outcome::Fetched(_), _)) => {
+                        let secs = t0.elapsed().as_secs_f64();
+                        tracing::info!("fetched '{name}' into pool '{pool}' in {secs:.1} s{fors}")
+                    }
+                    Ok((Outcome::Present(_), _)) => {
+                        tracing::info!("'{name}' is already in pool '{pool}', verified{fors}")
+                    }
+                    Err(_) => {}
                 }
                 match res {
                     Ok((outcome, Ok(h))) => {
@@ -483,7 +529,7 @@ impl Daemon {
                     }
                     Err(err) => {
                         let msg = one_line(&err);
-                        tracing::warn!("fetch failed: {msg}");
+                        tracing::warn!("fetch of '{name}' into pool '{pool}' failed{fors}: {msg}");
                         if let Some(e) = e {
                             e.state = MasterState::Failed;
                             e.error = Some(msg.clone());
@@ -505,6 +551,7 @@ impl Daemon {
                 let p =
                     e.handle.as_ref().map(|h| h.progress()).or_else(|| e.progress.borrow().clone()).unwrap_or_default();
                 MasterStatus {
+                    domains: e.domains.clone(),
                     name: e.manifest.name.clone(),
                     pool: e.pool.clone(),
                     sha256: e.manifest.sha256.clone(),
@@ -707,15 +754,42 @@ impl Daemon {
         mr: MasterRequest,
         always: bool,
     ) -> std::io::Result<()> {
+        let domain = mr.domain.as_deref().and_then(proto::domain_label);
         let started = self.master_of(&mr).await.and_then(|(pool, m)| {
             let key = (pool.clone(), m.name.clone());
             let (size, name) = (m.size, m.name.clone());
-            self.start_fetch(key, pool, m).map(|w| (w, size, name))
+            self.start_fetch(key.clone(), pool, m, domain.as_deref()).map(|w| (w, size, name, key))
         });
-        let ((mut prx, mut drx), size, name) = match started {
+        let ((prx, drx), size, name, key) = match started {
             Ok(x) => x,
             Err(e) => return write_final(&mut w, &Final::error(one_line(&e))).await,
         };
+        let res = self.follow(&mut w, prx, drx, size, &name, &mr, always).await;
+        if let Some(d) = &domain {
+            self.stop_waiting(&key, d);
+        }
+        res
+    }
+
+    /// `domain` no longer waits for the master of `key` (its request ended, answered or not).
+    fn stop_waiting(&self, key: &Key, domain: &str) {
+        if let Some(e) = self.lock().get_mut(key) {
+            waits::remove(&mut e.domains, domain);
+        }
+    }
+
+    /// Streams a fetch's progress to the client, then its final line.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow(
+        &self,
+        w: &mut tokio::net::unix::OwnedWriteHalf,
+        mut prx: watch::Receiver<Option<Progress>>,
+        mut drx: watch::Receiver<Option<Final>>,
+        size: u64,
+        name: &str,
+        mr: &MasterRequest,
+        always: bool,
+    ) -> std::io::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sent_any = false;
@@ -725,16 +799,16 @@ impl Daemon {
                 if always && !sent_any {
                     let ev =
                         Event::Progress(proto::Progress { done_bytes: size, total_bytes: size, peers: 0, down_bps: 0 });
-                    write_line(&mut w, &ev).await?;
+                    write_line(w, &ev).await?;
                 }
-                return write_final(&mut w, &f).await;
+                return write_final(w, &f).await;
             }
             tokio::select! {
                 changed = drx.changed() => {
                     if changed.is_err() {
                         // Every sender is gone without a final line (never expected): say so.
-                        let (pool, name) = (mr.pool.clone().unwrap_or_default(), name.clone());
-                        return write_final(&mut w, &Final::error(one_line(&Refusal::NoAnswer { pool, name }))).await;
+                        let (pool, name) = (mr.pool.clone().unwrap_or_default(), name.to_string());
+                        return write_final(w, &Final::error(one_line(&Refusal::NoAnswer { pool, name }))).await;
                     }
                 }
                 _ = tick.tick() => {
@@ -742,7 +816,7 @@ impl Daemon {
                     if let Some(p) = p {
                         let ev = Event::Progress(p.event());
                         // A client that went away does not stop the download.
-                        write_line(&mut w, &ev).await?;
+                        write_line(w, &ev).await?;
                         sent_any = true;
                     }
                 }

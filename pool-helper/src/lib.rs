@@ -26,4 +26,5 @@ pub mod sign;
 pub mod staging;
 pub mod torrent;
 pub mod verify;
+pub mod waits;
 pub mod watcher;

@@ -1,12 +1,14 @@
 //! pool-helper: parses arguments, sets up logging, runs, maps errors to exit codes
 //! (0 ok, 1 failed, 2 usage).
 use clap::Parser;
-use pool_helper::cli::{run, Cli};
+use pool_helper::cli::{run, Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
+    // The daemon logs at info by default: what it fetches, and for which domain's start.
+    let serve = matches!(cli.cmd, Command::Serve(_));
     vcc_core::log::init(
-        cli.global.verbose,
+        if serve { cli.global.verbose.max(1) } else { cli.global.verbose },
         &vcc_core::log::Setup {
             program: "pool-helper",
             levels: &["warn", "info,librqbit=warn", "debug", "trace"],

@@ -305,3 +305,93 @@ fn serve_refuses_to_start_with_a_signing_key_or_allowed_signers_it_cannot_use() 
         assert!(last.starts_with("pool-helper: ") && last.contains(says), "{err}");
     }
 }
+
+/// A start that waits for a master is visible while it waits (issue 12, item 5): the daemon logs
+/// the domain the hook names, `status` lists it until its request ends; and `pool-helper fetch`
+/// with a stdout that is not a terminal prints JSON Lines progress, then the path as its last line.
+#[test]
+fn a_waiting_domain_shows_in_the_log_and_status_and_fetch_shows_progress_on_a_pipe_and_a_terminal() {
+    let pa = Pool::new("a");
+    let size = 16 << 20;
+    let src = pa.raw_master("wait.raw", size);
+    let mut a = Instance::new(&["--upload-limit", "4000000"]);
+    a.serve();
+    let man = a.publish(&pa, "wait.raw");
+    a.wait_seeding("wait.raw");
+    let pb = Pool::new("b");
+    let mut b = Instance::new(&[]);
+    b.serve();
+    // As the hook asks: the domain's name in the request.
+    let req =
+        serde_json::json!({"op": "ensure", "pool": pb.name, "manifest": manifest(&man), "domain": "vm-wait\u{1b}"});
+    let (s, r) = (b.socket(), req.clone());
+    let waiter = std::thread::spawn(move || request(&s, &r));
+    let t0 = std::time::Instant::now();
+    let seen = loop {
+        let st = b.master_status("wait.raw");
+        if st["domains"] == serde_json::json!(["vm-wait?"]) {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "no waiting domain in status: {st}\n{}",
+            b.daemon_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(seen["state"], "fetching", "{seen}");
+    let text = b.run_ok(&["status"]);
+    let line = text.lines().find(|l| l.contains("wait.raw")).unwrap_or_default().to_string();
+    assert!(line.starts_with("fetching") && line.contains("waiting: vm-wait?"), "{text}");
+    let (_, fin) = waiter.join().unwrap();
+    assert_eq!(fin["state"], "fetched", "{fin}\n{}", b.daemon_log());
+    assert!(same_file(&src, &pb.path("wait.raw")));
+    let after = b.master_status("wait.raw");
+    assert!(after.get("domains").is_none() && after["state"] == "seeding", "nobody waits any more: {after}");
+    let log = b.daemon_log();
+    let has = |s: &str| log.lines().any(|l| l.contains("INFO") && l.contains(s));
+    assert!(
+        has("fetch of 'wait.raw' (16.0 MiB) into pool") && has("started for the start of domain 'vm-wait?'"),
+        "{log}"
+    );
+    assert!(has("fetching 'wait.raw' into pool") && log.contains("for the start of domain 'vm-wait?': "), "{log}");
+    assert!(has("fetched 'wait.raw' into pool") && log.contains(" s for the start of domain 'vm-wait?'"), "{log}");
+
+    // The CLI, its stdout a pipe: JSON Lines progress, then the path as its last line.
+    let pc = Pool::new("c");
+    let mut c = Instance::new(&[]);
+    c.serve();
+    let out = c.run_ok(&["fetch", "--pool", &pc.name, man.to_str().unwrap()]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.last().copied(), pc.path("wait.raw").to_str(), "{out}");
+    assert!(lines.len() >= 2, "progress before the path: {out}");
+    for l in &lines[..lines.len() - 1] {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert_eq!(v["event"], "progress", "{l}");
+        assert!(v["state"] == "downloading" || v["state"] == "verifying", "{l}");
+        assert_eq!(v["total_bytes"], size as u64, "{l}");
+        assert!(v["percent"].as_u64().unwrap() <= 100 && v["peers"].is_u64() && v["down_bps"].is_u64(), "{l}");
+    }
+    assert!(same_file(&src, &pc.path("wait.raw")));
+
+    // On a terminal (a pty from script(1), 100 columns): a progress bar, no JSON Lines, the path.
+    let pd = Pool::new("d");
+    let mut d = Instance::new(&[]);
+    d.serve();
+    let c = d.cmd(&["fetch", "--pool", &pd.name, man.to_str().unwrap()]);
+    let argv: Vec<String> = std::iter::once(c.get_program())
+        .chain(c.get_args())
+        .map(|a| format!("'{}'", a.to_str().unwrap().replace('\'', r"'\''")))
+        .collect();
+    let o = std::process::Command::new("script")
+        .args(["-qec", &format!("stty cols 100 rows 30; exec {}", argv.join(" ")), "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{tty}");
+    assert!(tty.contains("ETA") && tty.contains("MiB") && tty.contains("peer(s)"), "a bar: {tty:?}");
+    assert!(!tty.contains("\"event\""), "no JSON Lines on a terminal: {tty:?}");
+    assert!(tty.contains(pd.path("wait.raw").to_str().unwrap()), "{tty:?}");
+    assert!(same_file(&src, &pd.path("wait.raw")));
+}

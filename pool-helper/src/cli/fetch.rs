@@ -1,10 +1,12 @@
 //! `pool-helper fetch --pool POOL MANIFEST`
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use clap::Args;
 
+use super::progress::{Phase, Shower};
 use super::{runtime, CliError};
 use crate::config::Config;
 use crate::fetch::{self, Ctx};
@@ -30,39 +32,48 @@ pub struct FetchArgs {
     pub session: super::SessionArgs,
 }
 
+/// Where the fetch's progress goes: [`Shower`] (bar, JSON Lines), or with `--json` every event.
 struct Reporter {
-    json: bool,
-    tty: bool,
+    show: Mutex<Shower>,
 }
 
 impl Reporter {
+    fn new(json: bool) -> Self {
+        let show = Shower::new(json, std::io::stderr().is_terminal(), std::io::stdout().is_terminal());
+        Reporter { show: Mutex::new(show) }
+    }
+    fn show(&self) -> std::sync::MutexGuard<'_, Shower> {
+        self.show.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn json(&self) -> bool {
+        self.show().json()
+    }
     fn progress(&self, p: &proto::Progress) {
-        if self.json {
+        if self.json() {
             self.event(&Event::Progress(p.clone()));
-        } else if self.tty {
-            let pct = (p.done_bytes * 100).checked_div(p.total_bytes).unwrap_or(0);
-            let bar = "#".repeat((pct / 4) as usize);
-            eprint!(
-                "\r[{bar:<25}] {pct:>3}%  {:.1}/{:.1} MiB  {} peers  {:.1} MiB/s ",
-                p.done_bytes as f64 / 1048576.0,
-                p.total_bytes as f64 / 1048576.0,
-                p.peers,
-                p.down_bps as f64 / 1048576.0
-            );
-            let _ = std::io::stderr().flush();
+        } else {
+            self.show().progress(Phase::Downloading, p);
+        }
+    }
+    fn started(&self, have_bytes: u64, total_bytes: u64) {
+        self.event(&Event::Started { have_bytes, total_bytes });
+        self.show().started(have_bytes, total_bytes);
+    }
+    fn verifying(&self, total_bytes: u64) {
+        self.event(&Event::Verifying);
+        if !self.json() {
+            self.show().verifying(total_bytes);
         }
     }
     /// With `--json`, one JSON Lines event.
     fn event(&self, ev: &Event) {
-        if self.json {
+        if self.json() {
             println!("{}", serde_json::to_string(ev).unwrap_or_default());
         }
     }
     fn done(&self, state: FinalState, path: &str) {
-        if self.tty && !self.json {
-            eprintln!();
-        }
-        if self.json {
+        self.show().finish();
+        if self.json() {
             println!("{}", serde_json::to_string(&proto::Final::done(state, path)).unwrap_or_default());
         } else {
             println!("{path}");
@@ -72,7 +83,7 @@ impl Reporter {
 
 pub fn run(cfg: &Config, a: &FetchArgs, json: bool) -> Result<(), CliError> {
     let m = Manifest::load(&a.manifest)?;
-    let rep = Reporter { json, tty: std::io::stderr().is_terminal() };
+    let rep = Reporter::new(json);
     if !a.in_process {
         // No bound on the wait: the user asked for this download and sees its progress.
         if let Some(c) = client::try_connect(&cfg.control_socket, None)? {
@@ -81,9 +92,12 @@ pub fn run(cfg: &Config, a: &FetchArgs, json: bool) -> Result<(), CliError> {
                 proto::Request::Fetch(proto::MasterRequest::by_path(Some(a.pool.clone()), path.display().to_string()));
             let f = c.call(&req, None, |ev| match ev {
                 Event::Progress(p) => rep.progress(p),
+                Event::Started { have_bytes, total_bytes } => rep.started(*have_bytes, *total_bytes),
+                Event::Verifying => rep.verifying(m.size),
                 Event::Unknown => {}
-                other => rep.event(other),
-            })?;
+            });
+            rep.show().finish();
+            let f = f?;
             if !f.ok {
                 return Err(CliError::Failed(f.error.unwrap_or_else(|| "the daemon reported a failure".into())));
             }
@@ -95,9 +109,9 @@ pub fn run(cfg: &Config, a: &FetchArgs, json: bool) -> Result<(), CliError> {
         let torrents = Torrents::start(cfg).await?;
         let ctx = Ctx::new(cfg.clone(), torrents);
         let on_event = |ev: fetch::Event| match ev {
-            fetch::Event::Started { have_bytes, total_bytes } => rep.event(&Event::Started { have_bytes, total_bytes }),
+            fetch::Event::Started { have_bytes, total_bytes } => rep.started(have_bytes, total_bytes),
             fetch::Event::Progress(p) => rep.progress(&p.event()),
-            fetch::Event::Verifying => rep.event(&Event::Verifying),
+            fetch::Event::Verifying => rep.verifying(m.size),
         };
         let res = ctx.fetch(&a.pool, &m, &on_event).await;
         ctx.torrents.stop().await;
@@ -107,9 +121,7 @@ pub fn run(cfg: &Config, a: &FetchArgs, json: bool) -> Result<(), CliError> {
                 Ok(())
             }
             Err(e) => {
-                if rep.tty && !json {
-                    eprintln!();
-                }
+                rep.show().finish();
                 Err(CliError::Fetch(e))
             }
         }

@@ -2,6 +2,7 @@
 
 pub mod catalog;
 pub mod fetch;
+pub mod progress;
 pub mod publish;
 pub mod serve;
 pub mod status;
@@ -198,8 +199,8 @@ pub enum Command {
     Fetch(fetch::FetchArgs),
     /// Run the daemon: seed every master, answer the control socket.
     Serve(ServeArgs),
-    /// What is seeded, fetching (progress, peers, rates) and failed, and why.
-    Status,
+    /// What is seeded, fetching (progress, peers, rates, the domains whose start waits) and failed, and why.
+    Status(status::StatusArgs),
     /// Masters known to the daemon: names, paths, states.
     List,
     /// What the LAN offers: signed masters other daemons announce (name, sha256, info-hash, signer, hosts).
@@ -215,7 +216,7 @@ impl Command {
                 ServeArgs { announce: a.announce.clone(), session: a.session.clone(), ..Default::default() }
             }
             Command::Serve(a) => a.clone(),
-            Command::Status | Command::List | Command::Catalog => ServeArgs::default(),
+            Command::Status(_) | Command::List | Command::Catalog => ServeArgs::default(),
         }
     }
 }
@@ -288,7 +289,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Publish(a) => publish::run(&cfg, &a, cli.global.json),
         Command::Fetch(a) => fetch::run(&cfg, &a, cli.global.json),
         Command::Serve(_) => serve::run(cfg),
-        Command::Status => status::run(&cfg, cli.global.json, false),
+        Command::Status(a) => status::watch(&cfg, cli.global.json, a.watch),
         Command::List => status::run(&cfg, cli.global.json, true),
         Command::Catalog => catalog::run(&cfg, cli.global.json),
     }
@@ -328,6 +329,18 @@ mod tests {
         assert!(lists(&publish, "--advertise") && lists(&publish, "--tracker") && !lists(&publish, "--dht"));
         // The global options only (eight of them, two lines each), no BitTorrent ones.
         assert!(status.lines().count() < 30, "{status}");
+    }
+
+    #[test]
+    fn status_watch_takes_an_optional_period() {
+        let watch = |args: &[&str]| match parse(args).cmd {
+            Command::Status(a) => a.watch,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(watch(&["status"]), None);
+        assert_eq!(watch(&["status", "--watch"]), Some(2));
+        assert_eq!(watch(&["status", "--watch", "5"]), Some(5));
+        assert_eq!(watch(&["--json", "status", "--watch"]), Some(2));
     }
 
     #[test]

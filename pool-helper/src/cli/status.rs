@@ -1,5 +1,9 @@
 //! `pool-helper status` and `pool-helper list`
 
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use clap::Args;
 use serde::Serialize;
 
 use super::CliError;
@@ -7,6 +11,34 @@ use crate::config::Config;
 use crate::records;
 use vcc_core::control::client;
 use vcc_core::control::proto::{MasterListEntry, MasterStatus, Masters, Request};
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct StatusArgs {
+    /// Show it again every SECS seconds [default: 2] until interrupted (on a terminal: redrawn).
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+    pub watch: Option<u64>,
+}
+
+/// `status`, once or (`--watch`) every `secs` seconds (at least 1) until interrupted; with
+/// `--watch`, a daemon that does not answer is a line in the display, not the end.
+pub fn watch(cfg: &Config, json: bool, secs: Option<u64>) -> Result<(), CliError> {
+    let Some(secs) = secs else { return run(cfg, json, false) };
+    let tty = std::io::stdout().is_terminal() && !json;
+    loop {
+        if tty {
+            // Home and clear: the display is redrawn in place.
+            print!("\x1b[H\x1b[2J");
+        }
+        if let Err(e) = run(cfg, json, false) {
+            println!("pool-helper: {}", vcc_core::error::one_line(&e));
+        }
+        if !json && !tty {
+            println!();
+        }
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_secs(secs.max(1)));
+    }
+}
 
 /// `--json` output: `{"masters":[…]}`.
 #[derive(Serialize)]
@@ -87,6 +119,9 @@ fn print_status_line(m: &MasterStatus) {
         "{:<10} {}/{}  {}%  peers {}  down {} B/s  up {} B/s  uploaded {} B",
         m.state, m.pool, m.name, pct, m.peers, m.down_bps, m.up_bps, m.uploaded_bytes
     );
+    if !m.domains.is_empty() {
+        print!("  waiting: {}", m.domains.join(","));
+    }
     match &m.error {
         Some(e) => println!("  error: {e}"),
         None => println!(),

@@ -102,9 +102,36 @@ pub struct MasterRequest {
     /// through the trusted LAN catalog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The domain whose start waits for this master (the hook sends it): named in the daemon's
+    /// log and in `status`. A label only: it changes nothing about the fetch, and older daemons
+    /// ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+/// Longest domain name a request's `domain` keeps (longer ones are cut, with `…`).
+pub const MAX_DOMAIN_LABEL_CHARS: usize = 128;
+
+/// `domain` as the daemon shows it: control characters become `?`, and it is cut at
+/// [`MAX_DOMAIN_LABEL_CHARS`] characters; an empty one is none.
+pub fn domain_label(domain: &str) -> Option<String> {
+    if domain.is_empty() {
+        return None;
+    }
+    let mut out: String =
+        domain.chars().take(MAX_DOMAIN_LABEL_CHARS).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if domain.chars().nth(MAX_DOMAIN_LABEL_CHARS).is_some() {
+        out.push('…');
+    }
+    Some(out)
 }
 
 impl MasterRequest {
+    /// This request, on behalf of the start of `domain`.
+    pub fn for_domain(self, domain: impl Into<String>) -> Self {
+        MasterRequest { domain: Some(domain.into()), ..self }
+    }
+
     /// A master named by the path of its manifest file.
     pub fn by_path(pool: Option<String>, manifest_path: impl Into<String>) -> Self {
         MasterRequest { pool, manifest_path: Some(manifest_path.into()), ..Self::empty() }
@@ -126,7 +153,7 @@ impl MasterRequest {
     }
 
     fn empty() -> Self {
-        MasterRequest { pool: None, manifest: None, manifest_path: None, identity: None, name: None }
+        MasterRequest { pool: None, manifest: None, manifest_path: None, identity: None, name: None, domain: None }
     }
 }
 
@@ -214,6 +241,9 @@ pub enum FinalState {
 /// One master as `status` reports it. Fields in alphabetical order (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MasterStatus {
+    /// The domains whose start waits for this master now (requests carrying `domain`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
     pub done_bytes: u64,
     pub down_bps: u64,
     pub error: Option<String>,
@@ -392,6 +422,35 @@ mod tests {
         assert_eq!(serde_json::to_string(&Final::error("a\nb")).unwrap(), r#"{"ok":false,"error":"a; b"}"#);
     }
 
+    #[test]
+    fn a_request_may_name_the_domain_that_waits_and_old_requests_still_parse() {
+        let r: Request = round_trips(r#"{"op":"ensure","pool":"default","name":"m.raw","domain":"vm1"}"#);
+        assert_eq!(r, Request::Ensure(MasterRequest::by_name(Some("default".into()), "m.raw").for_domain("vm1")));
+        let r: Request = round_trips(r#"{"op":"ensure","pool":"default","name":"m.raw"}"#);
+        assert!(matches!(r, Request::Ensure(MasterRequest { domain: None, .. })));
+    }
+
+    #[test]
+    fn a_domain_label_has_no_control_characters_and_a_bounded_length() {
+        assert_eq!(domain_label("vm-1"), Some("vm-1".into()));
+        assert_eq!(domain_label(""), None);
+        assert_eq!(domain_label("a\nb\x1b[31m"), Some("a?b?[31m".into()));
+        let long = "é".repeat(1000);
+        let l = domain_label(&long).unwrap();
+        assert_eq!(l.chars().count(), MAX_DOMAIN_LABEL_CHARS + 1);
+        assert!(l.ends_with('…'));
+    }
+
+    #[test]
+    fn status_lists_waiting_domains_only_when_there_are_some() {
+        let mut e = status_entry();
+        assert!(!serde_json::to_string(&e).unwrap().contains("domains"));
+        e.domains = vec!["vm1".into()];
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(line.starts_with(r#"{"domains":["vm1"],"done_bytes""#), "{line}");
+        assert_eq!(round_trips::<MasterStatus>(&line), e);
+    }
+
     fn status_entry() -> MasterStatus {
         MasterStatus {
             name: "debian-12.qcow2".into(),
@@ -407,6 +466,7 @@ mod tests {
             uploaded_bytes: 20,
             error: None,
             fetches: 1,
+            domains: Vec::new(),
         }
     }
 
