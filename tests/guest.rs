@@ -14,9 +14,13 @@ const BOOT_LIMIT: Duration = Duration::from_secs(240);
 
 /// Defines a guest on a fresh overlay of `master` in the env's pool; returns (name, serial log).
 fn define_clone(env: &TestEnv, master: &Path, suffix: &str) -> (String, std::path::PathBuf) {
+    define_clone_of(env, master, "qcow2", suffix)
+}
+
+fn define_clone_of(env: &TestEnv, master: &Path, format: &str, suffix: &str) -> (String, std::path::PathBuf) {
     let name = env.name(suffix);
     let overlay = env.pool_dir.join(format!("{suffix}.qcow2"));
-    make_overlay(master, &overlay);
+    make_overlay_of(master, format, &overlay);
     let log = env.work_dir.join(format!("{suffix}.serial.log"));
     define_xml(&guest_xml(&name, guest_domain_type(), &overlay, &log));
     (name, log)
@@ -52,6 +56,19 @@ fn tiny_guest_boots_from_an_overlay_and_reads_only_its_boot_files() {
 
     virsh_ok(&["destroy", &name]);
     assert_eq!(sha256(master), master_sum, "the master changed");
+}
+
+#[test]
+fn tiny_guest_boots_from_an_overlay_of_the_raw_master() {
+    let master = tiny_master_raw();
+    assert_eq!(std::fs::metadata(master).unwrap().len(), 256 * 1048576);
+    let env = TestEnv::new("guest-raw");
+    let (name, log) = define_clone_of(&env, master, "raw", "-w");
+    let (line, took) = start_and_wait_up(&name, &log, BOOT_LIMIT);
+    println!("tiny guest on a raw master ({}) up in {:.2} s", guest_domain_type(), took.as_secs_f64());
+    assert_eq!(up_field(&line, "uuid"), Some(domuuid(&name).as_str()), "up line: {line}");
+    let read = disk_read_bytes(&name, "vda");
+    assert!(read > 4 * 1048576 && read < 17 * 1048576, "boot read {read} bytes");
 }
 
 #[test]
