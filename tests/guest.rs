@@ -78,12 +78,15 @@ fn two_clones_of_one_master_both_boot() {
     let (a, log_a) = define_clone(&env, master, "-a");
     let (b, log_b) = define_clone(&env, master, "-b");
 
+    let t0 = std::time::Instant::now();
     virsh_ok(&["start", &a]);
     virsh_ok(&["start", &b]);
-    let (line_a, took_a) = wait_for_up(&log_a, BOOT_LIMIT);
-    let (line_b, took_b) = wait_for_up(&log_b, BOOT_LIMIT);
+    let (line_a, _) = wait_for_up(&log_a, BOOT_LIMIT);
+    let took_a = t0.elapsed();
+    let (line_b, _) = wait_for_up(&log_b, BOOT_LIMIT);
+    let took_b = t0.elapsed();
     println!(
-        "two clones ({}) of one master up: {:.2} s and {:.2} s after both were started (waited for in turn)",
+        "two clones ({}) of one master up: {:.2} s and {:.2} s after the first `virsh start` (seen in turn)",
         guest_domain_type(),
         took_a.as_secs_f64(),
         took_b.as_secs_f64()
