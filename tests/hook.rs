@@ -246,7 +246,7 @@ fn a_missing_master_with_no_manifest_says_so() {
     let o = virsh(&["start", &name]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&master) && err.contains("no pool-helper manifest"), "{err}");
+    assert!(err.contains(&master) && err.contains("names no manifest or identity"), "{err}");
     assert!(!Path::new(&overlay).exists());
 }
 
@@ -602,12 +602,31 @@ fn drop_pool(name: &str) {
 /// A domain on "this host" whose master is published by another pool-helper instance: its
 /// metadata names the manifest and the pool the master belongs in.
 fn fetching_domain_xml(name: &str, overlay: &str, master: &str, pool: &str, manifest: &str) -> String {
+    fetching_domain_xml_with(name, overlay, master, pool, &format!("manifest='{manifest}'"))
+}
+
+/// [`fetching_domain_xml`] with the master element's attributes that say how to get it given whole.
+fn fetching_domain_xml_with(name: &str, overlay: &str, master: &str, pool: &str, how: &str) -> String {
     let md = format!(
         "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
-         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{pool}' manifest='{manifest}'/>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{pool}' {how}/>\
          </vcc:disk></vcc:clone></vcc:cow>"
     );
     domain_xml(name, &backed_disk(overlay, master, "raw"), &md)
+}
+
+/// The other host: a pool `seedpool` with `base.raw` (`len` random bytes), published and seeded by
+/// its own daemon. Returns the pool, the daemon, the manifest's path and the manifest.
+fn seeding_host(env: &Env, len: usize) -> (String, PoolHelper, String, serde_json::Value) {
+    let (seed_pool, seed_dir) = dir_pool(env, "seedpool");
+    write_random(&seed_dir.join("base.raw"), len);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_pool, "base.raw");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    (seed_pool, seeder, manifest, published)
 }
 
 fn write_random(path: &Path, len: usize) {
@@ -623,19 +642,37 @@ fn write_random(path: &Path, len: usize) {
     std::fs::write(path, v).expect("write master");
 }
 
+/// Starts `name` (its master missing: the hook has the daemon fetch it), then stops the daemons
+/// (the first is the one the hook asked: its log is shown) and drops the pools; the domain must
+/// run over `master`, whose SHA-256 is `want`.
+fn start_over_fetched_master(
+    name: &str,
+    overlay: &str,
+    master: &str,
+    want: &str,
+    daemons: Vec<PoolHelper>,
+    pools: &[&str],
+) {
+    let o = virsh(&["start", name]);
+    let log = daemons.first().map(PoolHelper::log).unwrap_or_default();
+    drop(daemons);
+    for p in pools {
+        drop_pool(p);
+    }
+    assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(domstate(name), "running");
+    assert_eq!(sha256(master), want, "the master is the published one");
+    let info = qemu_img_info_qcow2(overlay);
+    assert_eq!(info["full-backing-filename"].as_str(), Some(master));
+    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+}
+
 #[test]
 fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("fetch");
     // The other host: publishes and seeds the master.
-    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
-    write_random(&seed_dir.join("base.raw"), 24 << 20);
-    virsh_ok(&["pool-refresh", &seed_pool]);
-    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
-    seeder.serve();
-    let manifest = seeder.publish(&seed_pool, "base.raw");
-    let published: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    let (seed_pool, seeder, manifest, published) = seeding_host(&env, 24 << 20);
     // This host: a daemon (the one the installed hook asks) and a pool without the master.
     let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
     local.serve();
@@ -646,17 +683,103 @@ fn a_start_fetches_the_missing_master_from_a_peer_then_makes_the_overlay() {
     env.define(&fetching_domain_xml(&name, &overlay, &master, &pool, &manifest));
     assert!(!Path::new(&master).exists());
 
+    let want = published["sha256"].as_str().expect("sha256");
+    start_over_fetched_master(&name, &overlay, &master, want, vec![local, seeder], &[&pool, &seed_pool]);
+}
+
+#[test]
+fn a_start_fetches_a_master_named_by_identity_only_then_makes_the_overlay() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("fetchid");
+    // The other host publishes and seeds the master; this host has no manifest file for it.
+    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
+    write_random(&seed_dir.join("ident.raw"), 12 << 20);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.serve();
+    let manifest = seeder.publish(&seed_pool, "ident.raw");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    std::fs::remove_file(&manifest).expect("no manifest file anywhere the daemon could read");
+    // This host's daemon knows the other host only as a peer address.
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.peers = vec![format!("127.0.0.1:{}", seeder.port)];
+    local.serve();
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("ident.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    let md = format!(
+        "<vcc:cow xmlns:vcc='urn:virt-clone-cow:1' version='1'><vcc:clone original='t' disposable='no'>\
+         <vcc:disk target='vda' overlay='{overlay}'><vcc:master path='{master}' format='raw' pool='{pool}' \
+         sha256='{}' info-hash='{}'/></vcc:disk></vcc:clone></vcc:cow>",
+        published["sha256"].as_str().expect("sha256"),
+        published["info_hash"].as_str().expect("info_hash"),
+    );
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), &md));
+    assert!(!Path::new(&master).exists());
+
+    let want = published["sha256"].as_str().expect("sha256");
+    start_over_fetched_master(&name, &overlay, &master, want, vec![local, seeder], &[&pool, &seed_pool]);
+}
+
+#[test]
+fn a_plain_backing_store_of_a_missing_master_is_asked_for_by_name_in_the_pool_holding_it() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("plainname");
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.serve();
+    // A pool defined the usual way (its definition in /etc/libvirt/storage), the master absent,
+    // no metadata of ours: the hook finds the pool from its definition and asks for the name.
+    let (pool, pool_dir) = dir_pool(&env, "plainpool");
+    let master = pool_dir.join("plain.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
     let o = virsh(&["start", &name]);
     drop(local);
-    drop(seeder);
     drop_pool(&pool);
-    drop_pool(&seed_pool);
-    assert!(o.status.success(), "virsh start: {}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(domstate(&name), "running");
-    assert_eq!(sha256(&master), published["sha256"].as_str().expect("sha256"), "the master matches the manifest");
-    let info = qemu_img_info_qcow2(&overlay);
-    assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
-    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+    assert!(!o.status.success(), "nothing names the master: the start must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The daemon got the pool and the name: its catalog (nobody announced anything) has none.
+    let said = format!("no trusted master named 'plain.raw' in the LAN catalog (for pool '{pool}')");
+    assert!(err.contains(&master) && err.contains(&said), "{err}");
+    assert!(!Path::new(&overlay).exists());
+    assert_eq!(domstate(&name), "shut off");
+}
+
+#[test]
+fn a_plain_backing_store_of_a_master_another_host_published_signed_starts_after_the_fetch() {
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("plaincat");
+    let (key, allowed) = vcc_tests::signer(&env.dir, "alice@example.com");
+    // Both daemons announce and listen on a catalog port of their own (not the default's).
+    let conf = env.dir.join("pool-helper.toml");
+    std::fs::write(&conf, format!("catalog_port = {}\n", vcc_tests::free_port())).expect("config");
+    let flag = |f: &str, p: &Path| vec![f.to_string(), p.to_string_lossy().into_owned()];
+    // This host's daemon trusts alice and knows nothing else.
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.extra = [flag("--config", &conf), flag("--allowed-signers", &allowed)].concat();
+    local.serve();
+    // The other host signs what it publishes and announces it (to this host too).
+    let mut seeder = PoolHelper::new(&env.dir.join("seeder-state"));
+    seeder.extra = [flag("--config", &conf), flag("--signing-key", &key)].concat();
+    seeder.peers = vec![format!("127.0.0.1:{}", local.port)];
+    seeder.serve();
+    let (seed_pool, seed_dir) = dir_pool(&env, "seedpool");
+    write_random(&seed_dir.join("plain-cat.raw"), 8 << 20);
+    virsh_ok(&["pool-refresh", &seed_pool]);
+    seeder.publish(&seed_pool, "plain-cat.raw");
+    local.wait_listed("plain-cat.raw");
+    // A plain XML: the backing store's path in a pool of this host, no metadata of ours.
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("plain-cat.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    env.define(&domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""));
+
+    let want = sha256(seed_dir.join("plain-cat.raw"));
+    start_over_fetched_master(&name, &overlay, &master, &want, vec![local, seeder], &[&pool, &seed_pool]);
 }
 
 #[test]
@@ -695,4 +818,38 @@ fn with_no_peer_holding_the_master_the_start_fails_within_the_bound_naming_it() 
     assert!(!Path::new(&overlay).exists());
     assert!(!Path::new(&master).exists(), "nothing partial in the pool");
     assert_eq!(domstate(&name), "shut off");
+}
+
+#[test]
+fn a_clone_from_the_publishing_host_starts_here_with_its_master_fetched_by_identity() {
+    // The metadata `virt-clone-cow publish` then a clone give: the manifest named is on the
+    // publishing host only, so the hook asks by the SHA-256 and info-hash recorded beside it.
+    let _turn = HOOK_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("fetchid");
+    let (seed_pool, seeder, _, published) = seeding_host(&env, 8 << 20);
+    let sha = published["sha256"].as_str().expect("sha256").to_string();
+    let ih = published["info_hash"].as_str().expect("info_hash").to_string();
+    let mut local = PoolHelper::new(Path::new(HOOK_DAEMON_STATE));
+    local.peers = vec![format!("127.0.0.1:{}", seeder.port)];
+    local.serve();
+    let (pool, pool_dir) = dir_pool(&env, "localpool");
+    let master = pool_dir.join("base.raw").to_string_lossy().into_owned();
+    let overlay = env.path("vm.qcow2");
+    let name = env.name("vm");
+    let how = format!(
+        "virtual-size='{}' sha256='{sha}' info-hash='{ih}' manifest='/var/lib/elsewhere/.pool-helper/base.raw.json'",
+        8 << 20
+    );
+    env.define(&fetching_domain_xml_with(&name, &overlay, &master, &pool, &how));
+
+    let o = virsh(&["start", &name]);
+    let log = local.log();
+    drop(local);
+    drop(seeder);
+    drop_pool(&pool);
+    drop_pool(&seed_pool);
+    assert!(o.status.success(), "virsh start: {}\n{log}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(domstate(&name), "running");
+    assert_eq!(sha256(&master), sha, "the master matches its identity");
+    assert_eq!(qemu_img_info_qcow2(&overlay)["full-backing-filename"].as_str(), Some(master.as_str()));
 }

@@ -423,7 +423,7 @@ mod tests {
             ),
             1
         );
-        assert!(String::from_utf8_lossy(&log).contains("no pool-helper manifest"));
+        assert!(String::from_utf8_lossy(&log).contains("names no manifest or identity"));
     }
 
     #[test]
@@ -444,6 +444,6 @@ mod tests {
             1
         );
         let log = String::from_utf8(log).unwrap();
-        assert!(log.contains("/nonexistent/s.qcow2") && log.contains("no pool-helper manifest"), "{log}");
+        assert!(log.contains("/nonexistent/s.qcow2") && log.contains("names no manifest or identity"), "{log}");
     }
 }

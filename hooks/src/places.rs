@@ -127,16 +127,41 @@ impl Places {
 /// [`MAX_POOL_FILES`] files of at most [`MAX_POOL_XML_BYTES`] each, regular files only, opened
 /// without blocking. Anything unreadable is skipped (a pool the hook cannot read is not allowed).
 pub fn pool_dirs(dir: &Path) -> Vec<PathBuf> {
+    file_pools(dir).into_iter().map(|(_, d)| d).collect()
+}
+
+/// The file pools defined in `dir` (`*.xml`, read as [`pool_dirs`] does): name and directory.
+pub fn file_pools(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     entries
         .flatten()
         .filter(|e| e.file_name().as_encoded_bytes().ends_with(b".xml"))
         .take(MAX_POOL_FILES)
         .filter_map(|e| read_small_file(&e.path()))
-        .filter_map(|xml| vcc_core::xml::volume::pool_file_dir(&xml))
-        .filter(|p| p.starts_with('/'))
-        .map(PathBuf::from)
+        .filter_map(|xml| {
+            let d = vcc_core::xml::volume::pool_file_dir(&xml).filter(|p| p.starts_with('/'))?;
+            Some((vcc_core::xml::volume::pool_name(&xml).unwrap_or_default(), PathBuf::from(d)))
+        })
         .collect()
+}
+
+/// The name of the file pool defined in `dir` whose directory holds `path` directly (compared
+/// as written, then with symlinks resolved); None when no pool, or more than one, does.
+pub fn pool_holding(dir: &Path, path: &Path) -> Option<String> {
+    let parent = path.parent()?;
+    let pools: Vec<(String, PathBuf)> = file_pools(dir).into_iter().filter(|(n, _)| !n.is_empty()).collect();
+    let pick = |same: &dyn Fn(&Path) -> bool| {
+        let mut names: Vec<&String> = pools.iter().filter(|(_, d)| same(d)).map(|(n, _)| n).collect();
+        names.dedup();
+        match names.as_slice() {
+            [one] => Some((*one).clone()),
+            _ => None,
+        }
+    };
+    pick(&|d| d == parent).or_else(|| {
+        let real = std::fs::canonicalize(parent).ok()?;
+        pick(&|d| std::fs::canonicalize(d).is_ok_and(|r| r == real))
+    })
 }
 
 /// A regular file's text, opened non-blocking (a FIFO cannot hold the hook), at most
@@ -278,6 +303,31 @@ mod tests {
         let none = Places::with_dirs(Vec::new(), &f.cfg);
         assert!(none.master(&f.allowed.join("m.raw")).is_err());
         assert!(none.overlay(&f.allowed.join("vm.qcow2")).is_err());
+    }
+
+    #[test]
+    fn the_pool_holding_a_master_is_found_by_its_directory() {
+        let f = Fixture::new();
+        let defs = f._tmp.path().join("storage");
+        std::fs::create_dir_all(&defs).unwrap();
+        let def = |name: &str, kind: &str, path: &Path| {
+            format!("<pool type='{kind}'><name>{name}</name><target><path>{}</path></target></pool>", path.display())
+        };
+        let images = f._tmp.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let via = f._tmp.path().join("via");
+        symlink(&images, &via).unwrap();
+        std::fs::write(defs.join("default.xml"), def("default", "dir", &images)).unwrap();
+        std::fs::write(defs.join("lvm.xml"), def("vg", "logical", &f.allowed)).unwrap();
+        std::fs::write(defs.join("notes.txt"), def("txt", "dir", &f.allowed)).unwrap();
+        assert_eq!(pool_holding(&defs, &images.join("m.qcow2")).as_deref(), Some("default"));
+        assert_eq!(pool_holding(&defs, &via.join("m.qcow2")).as_deref(), Some("default"), "symlinks resolved");
+        // Only pools of files, defined in *.xml, holding the file directly.
+        assert_eq!(pool_holding(&defs, &f.allowed.join("m.qcow2")), None);
+        assert_eq!(pool_holding(&defs, &images.join("sub/m.qcow2")), None);
+        // Two pools of one directory: ambiguous, none chosen.
+        std::fs::write(defs.join("other.xml"), def("other", "dir", &images)).unwrap();
+        assert_eq!(pool_holding(&defs, &images.join("m.qcow2")), None);
     }
 
     #[test]

@@ -14,12 +14,12 @@ use vcc_core::control::client::{request_path, ClientError};
 use vcc_core::control::proto::{Identity, MasterRequest, Request};
 
 use crate::config::Config;
-use crate::places::{PlaceError, Places};
+use crate::places::{pool_holding, PlaceError, Places};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
-    #[error("master '{master}' of disk {target} is missing on this host, and the domain names no pool-helper manifest to fetch it with; copy the master here, or record its manifest (virt-clone-cow metadata, master/@manifest)")]
-    NoManifest { master: String, target: String },
+    #[error("master '{master}' of disk {target} is missing on this host; the domain names no manifest or identity to fetch it with, and no storage pool defined in {pools} holds its directory (to look its name up in the LAN catalog); copy the master here, define a pool for its directory, or record its identity (virt-clone-cow metadata, master/@sha256 and @info-hash)")]
+    NoManifest { master: String, target: String, pools: String },
     #[error("master '{master}' of disk {target} is missing on this host and could not be fetched")]
     Fetch {
         master: String,
@@ -105,10 +105,14 @@ fn fetch_master(
     log: &mut dyn Write,
 ) -> Result<(), PrepareError> {
     let m = &d.master;
-    let pool = m.pool.clone();
+    // The pool the metadata names, else the one whose directory holds the master (from the pool
+    // definitions, never libvirt).
+    let pool = m.pool.clone().or_else(|| pool_holding(&cfg.pool_config_dir, Path::new(&m.path)));
     let wanted = match (&m.manifest, &m.sha256) {
-        (Some(path), _) => MasterRequest::by_path(pool, path.clone()),
-        (None, Some(sha)) => {
+        // A manifest file on this host; one named on the publishing host (a clone's XML taken
+        // here) gives way to the identity recorded beside it.
+        (Some(path), sha) if sha.is_none() || Path::new(path).exists() => MasterRequest::by_path(pool, path.clone()),
+        (_, Some(sha)) => {
             // The master's identity as the domain's metadata records it (trusted: the domain XML
             // is the administrator's); the daemon resolves it (catalog, or peers by magnet).
             let name = Path::new(&m.path).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
@@ -121,7 +125,22 @@ fn fetch_master(
             };
             MasterRequest::by_identity(pool, id)
         }
-        (None, None) => return Err(PrepareError::NoManifest { master: m.path.clone(), target: d.target.clone() }),
+        (_, None) => {
+            // A plain <backingStore>: the pool whose directory holds it (from the pool definitions,
+            // never libvirt), and the file name as the volume name, resolved by the daemon
+            // through the trusted LAN catalog.
+            let name = Path::new(&m.path).file_name().map(|f| f.to_string_lossy().into_owned());
+            match (pool, name) {
+                (Some(pool), Some(name)) => MasterRequest::by_name(Some(pool), name),
+                _ => {
+                    return Err(PrepareError::NoManifest {
+                        master: m.path.clone(),
+                        target: d.target.clone(),
+                        pools: cfg.pool_config_dir.display().to_string(),
+                    })
+                }
+            }
+        }
     };
     let req = Request::Ensure(wanted);
     let _ = writeln!(log, "virt-clone-cow-hook: {domain}: master {} is missing; asking pool-helper for it", m.path);
@@ -260,6 +279,92 @@ mod tests {
             assert!(msg.contains("add \"/etc\" to `allowed_dirs` in /etc/virt-clone-cow/hook.toml"), "{msg}");
             assert!(!d.overlay.exists() && !allowed.join("fine.qcow2").exists(), "{msg}");
         }
+    }
+
+    /// Runs `prepare` on one disk whose master is missing, against a stand-in daemon that answers
+    /// every request with an error; returns the request line it got (None: no request) and the
+    /// error.
+    fn ask(master: MasterRef, cfg: Config) -> (Option<String>, String) {
+        use std::io::{BufRead, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("control.sock");
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let server = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        let mut line = String::new();
+                        BufReader::new(&s).read_line(&mut line).unwrap();
+                        let _ = writeln!(s, r#"{{"ok":false,"error":"stand-in"}}"#);
+                        return Some(line.trim().to_string());
+                    }
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                    Err(_) => return None,
+                }
+            }
+        });
+        let d = ManagedDisk { target: "vda".into(), overlay: dir.path().join("o.qcow2"), master, recorded: false };
+        let cfg = Config { control_socket: sock.clone(), fetch_timeout: Duration::from_secs(5), ..cfg };
+        let e = prepare("vm", &[d], &cfg, true, &mut Vec::new()).unwrap_err();
+        // Wake the stand-in if nothing was asked.
+        let _ = std::os::unix::net::UnixStream::connect(&sock).map(|mut s| writeln!(s));
+        let line = server.join().unwrap().filter(|l| !l.is_empty());
+        (line, vcc_core::error::one_line(&e))
+    }
+
+    #[test]
+    fn a_master_named_by_identity_is_asked_for_by_identity() {
+        let m = MasterRef {
+            path: "/var/lib/libvirt/images/base.qcow2".into(),
+            format: "qcow2".into(),
+            virtual_size: Some(1 << 30),
+            pool: Some("default".into()),
+            sha256: Some("ab".repeat(32)),
+            info_hash: Some("cd".repeat(20)),
+            ..Default::default()
+        };
+        let (line, e) = ask(m, Config::default());
+        let want = format!(
+            r#"{{"op":"ensure","pool":"default","identity":{{"name":"base.qcow2","format":"qcow2","sha256":"{}","info_hash":"{}","virtual_size":1073741824}}}}"#,
+            "ab".repeat(32),
+            "cd".repeat(20)
+        );
+        assert_eq!(line.as_deref(), Some(want.as_str()));
+        assert!(e.contains("stand-in"), "{e}");
+    }
+
+    #[test]
+    fn a_plain_backing_store_is_asked_for_by_name_in_the_pool_holding_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (defs, images) = (dir.path().join("storage"), dir.path().join("images"));
+        std::fs::create_dir_all(&defs).unwrap();
+        std::fs::create_dir_all(&images).unwrap();
+        let pool =
+            format!("<pool type='dir'><name>imgs</name><target><path>{}</path></target></pool>", images.display());
+        std::fs::write(defs.join("imgs.xml"), pool).unwrap();
+        let cfg = Config { pool_config_dir: defs.clone(), ..Config::default() };
+        let plain = |path: &Path| MasterRef {
+            path: path.to_string_lossy().into_owned(),
+            format: "qcow2".into(),
+            ..Default::default()
+        };
+        let (line, _) = ask(plain(&images.join("debian-12.qcow2")), cfg.clone());
+        assert_eq!(line.as_deref(), Some(r#"{"op":"ensure","pool":"imgs","name":"debian-12.qcow2"}"#));
+        // An identity whose metadata names no pool goes into that pool too.
+        let id = MasterRef { sha256: Some("ab".repeat(32)), ..plain(&images.join("debian-12.qcow2")) };
+        let (line, _) = ask(id, cfg.clone());
+        let want = format!(
+            r#"{{"op":"ensure","pool":"imgs","identity":{{"name":"debian-12.qcow2","format":"qcow2","sha256":"{}"}}}}"#,
+            "ab".repeat(32)
+        );
+        assert_eq!(line.as_deref(), Some(want.as_str()));
+        // Outside every pool: nothing asked, and the error says what to do.
+        let (line, e) = ask(plain(&dir.path().join("elsewhere.qcow2")), cfg);
+        assert_eq!(line, None);
+        assert!(e.contains("no storage pool defined in") && e.contains("master/@sha256 and @info-hash"), "{e}");
     }
 
     #[test]

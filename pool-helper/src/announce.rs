@@ -32,7 +32,7 @@ pub const MAX_DATAGRAM: usize = 8 * 1024;
 /// The format version of announcements.
 pub const VERSION: u32 = 1;
 /// Announcements right after a master is added: at 0, 1 and 2 s.
-const BURST: [Duration; 3] = [Duration::ZERO, Duration::from_secs(1), Duration::from_secs(1)];
+const BURST: u32 = 3;
 /// At most one log line per this long about refused announcements.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How long resolving a peer's host name may take.
@@ -216,28 +216,34 @@ impl Announcer {
     }
 
     /// Announces everything every interval, and three times in the two seconds after a master
-    /// is added.
+    /// is added (at once, then 1 and 2 s later).
     pub async fn run(self: Arc<Self>) {
+        let mut burst_left = 0u32;
         loop {
-            for pause in BURST {
-                tokio::time::sleep(pause).await;
-                self.send_all().await;
+            let wait = if burst_left > 0 { Duration::from_secs(1) } else { self.interval };
+            if tokio::time::timeout(wait, self.kick.notified()).await.is_ok() {
+                burst_left = BURST;
             }
-            let _ =
-                tokio::time::timeout(self.interval.saturating_sub(Duration::from_secs(2)), self.kick.notified()).await;
+            burst_left = burst_left.saturating_sub(1);
+            self.send_all().await;
         }
     }
 }
 
 /// Binds the listening socket: `catalog_port` on every address (shared with other daemons of
-/// this host), member of [`GROUP`].
+/// this host), member of [`GROUP`] when the host can join it.
 pub fn bind_listener(port: u16) -> Result<UdpSocket, AnnounceError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| AnnounceError::Listen { port, source };
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
     s.set_reuse_address(true).map_err(err)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).into()).map_err(err)?;
-    s.join_multicast_v4(&GROUP, &Ipv4Addr::UNSPECIFIED).map_err(err)?;
+    // A host without a multicast route still hears its peers' unicast announcements.
+    if let Err(e) = s.join_multicast_v4(&GROUP, &Ipv4Addr::UNSPECIFIED) {
+        tracing::warn!(
+            "catalog: cannot join multicast group {GROUP} ({e}): hearing only announcements sent to this host"
+        );
+    }
     s.set_nonblocking(true).map_err(err)?;
     UdpSocket::from_std(s.into()).map_err(err)
 }
@@ -292,21 +298,10 @@ mod tests {
     use super::*;
 
     fn manifest(name: &str) -> Manifest {
-        let info_hash = "b".repeat(40);
-        Manifest {
-            version: crate::manifest::MANIFEST_VERSION,
-            name: name.into(),
-            format: "raw".into(),
-            size: 1 << 20,
-            virtual_size: 1 << 20,
-            sha256: "a".repeat(64),
-            magnet: format!("magnet:?xt=urn:btih:{info_hash}"),
-            info_hash,
-            piece_length: 1 << 18,
-            peers: vec!["10.0.0.1:6881".into()],
-            trackers: vec![],
-            torrent_hex: Some("00".repeat(100_000)),
-        }
+        let mut m = crate::catalog::tests::manifest(name, 'a', 'b');
+        m.peers = vec!["10.0.0.1:6881".into()];
+        m.torrent_hex = Some("00".repeat(100_000));
+        m
     }
 
     fn datagram(k: &SigningKey, text: &str) -> Vec<u8> {
@@ -382,5 +377,75 @@ mod tests {
         assert_eq!(a.lock().len(), 1);
         let none = Announcer::new(&cfg, None).unwrap();
         assert!(!none.add_own(&manifest("ok.raw")).unwrap(), "no key, nothing announced");
+    }
+
+    fn free_udp_port() -> u16 {
+        std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Through real sockets on this host: a master added is announced at once to each peer's
+    /// host (here this one), whose listener checks it and puts it in the catalog.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_master_added_reaches_a_peers_listener_within_half_a_second_and_is_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let port = free_udp_port();
+        let f: crate::config::FileConfig =
+            toml::from_str(&format!("catalog_port = {port}\nannounce_interval = 4\npeers = [\"127.0.0.1:6881\"]"))
+                .unwrap();
+        let o = crate::config::Overrides {
+            state_dir: Some(tmp.path().into()),
+            advertise: Some("127.0.0.1".into()),
+            ..Default::default()
+        };
+        let cfg = Config::merge(f, &o).unwrap();
+        let k = SigningKey::from_seed(&[7; 32]);
+        let allowed = Arc::new(AllowedSigners::parse(&format!("alice {}", k.public_line())).unwrap());
+        let catalog = Arc::new(Catalog::new());
+        tokio::spawn(listen(bind_listener(port).unwrap(), allowed.clone(), catalog.clone(), Duration::from_secs(4)));
+        let a = Announcer::new(&cfg, Some(k)).unwrap();
+        tokio::spawn(a.clone().run());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = Instant::now();
+        assert!(a.add_own(&manifest("heard.raw")).unwrap());
+        let start = Instant::now();
+        while catalog.by_name("heard.raw").unwrap().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(3), "not heard");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let heard = t0.elapsed();
+        assert!(heard < Duration::from_millis(500), "heard after {heard:?}");
+        let e = &catalog.entries()[0];
+        assert_eq!((e.signer.as_str(), e.hosts.as_slice()), ("alice", &[format!("127.0.0.1:{}", cfg.listen_port)][..]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_burst_is_three_datagrams_in_two_seconds_then_one_per_interval() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A plain socket at the catalog port of a peer on this host: it counts what arrives.
+        let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = sink.local_addr().unwrap().port();
+        let f: crate::config::FileConfig =
+            toml::from_str(&format!("catalog_port = {port}\nannounce_interval = 4\npeers = [\"127.0.0.1:6881\"]"))
+                .unwrap();
+        let o = crate::config::Overrides { state_dir: Some(tmp.path().into()), ..Default::default() };
+        let a = Announcer::new(&Config::merge(f, &o).unwrap(), Some(SigningKey::from_seed(&[7; 32]))).unwrap();
+        tokio::spawn(a.clone().run());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = Instant::now();
+        a.add_own(&manifest("m.raw")).unwrap();
+        let mut at = Vec::new();
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        while t0.elapsed() < Duration::from_millis(6500) {
+            if let Ok(Ok((n, _))) = tokio::time::timeout(Duration::from_millis(100), sink.recv_from(&mut buf)).await {
+                let got: Announcement = serde_json::from_slice(&buf[..n]).unwrap();
+                assert!(got.manifest.contains("m.raw"));
+                at.push(t0.elapsed().as_millis());
+            }
+        }
+        // 0, 1, 2 s, then 6 s (the interval after the burst's last).
+        assert_eq!(at.len(), 4, "{at:?}");
+        for (t, want) in at.iter().zip([0u128, 1000, 2000, 6000]) {
+            assert!(t.abs_diff(want) < 300, "{at:?}");
+        }
     }
 }

@@ -207,10 +207,12 @@ fn conflict(name: &str, a: &Known, b: &Known) -> CatalogError {
 }
 
 #[cfg(test)]
-mod tests {
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
     use super::*;
 
-    fn manifest(name: &str, sha: char, ih: char) -> Manifest {
+    /// A valid manifest whose hashes repeat `sha` and `ih` (other modules' tests use it too).
+    pub(crate) fn manifest(name: &str, sha: char, ih: char) -> Manifest {
         let info_hash: String = std::iter::repeat_n(ih, 40).collect();
         Manifest {
             version: crate::manifest::MANIFEST_VERSION,

@@ -372,6 +372,14 @@ impl Daemon {
         }
     }
 
+    /// [`Daemon::prefetch`] for a master named in any way a request can name it (the watcher:
+    /// identities from domains' metadata, plain backing stores by pool and name). Resolving may
+    /// ask peers for the torrent (bounded by `stall_timeout`). Err: why it cannot be resolved.
+    pub async fn prefetch_request(self: &Arc<Self>, mr: &MasterRequest) -> Result<bool, String> {
+        let (pool, m) = self.master_of(mr).await.map_err(|e| one_line(&e))?;
+        Ok(self.prefetch(&pool, m))
+    }
+
     /// Starts a fetch for `key` or joins the running one. Returns the watches to follow.
     fn start_fetch(self: &Arc<Self>, key: Key, pool: String, m: Manifest) -> Result<Watches, Refusal> {
         let mut g = self.lock();
@@ -985,6 +993,23 @@ mod tests {
         // Asked again: it is here, without asking any peer.
         let fin = request(sock.clone(), ensure_identity(&identity_of(&m))).await;
         assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("present")), "{fin}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn requests_for_one_identity_at_once_share_one_download() {
+        let a = Host::new();
+        let (_a, m, data) = origin(&a).await;
+        let b = peer_of(&a);
+        let (_d, sock) = b.daemon().await;
+        let asks: Vec<_> =
+            (0..4).map(|_| tokio::spawn(request(sock.clone(), ensure_identity(&identity_of(&m))))).collect();
+        for ask in asks {
+            let fin = ask.await.unwrap();
+            assert_eq!(fin["ok"], true, "{fin}");
+        }
+        assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
+        let st = status_of(&sock, "base.raw").await;
+        assert_eq!((st["state"].as_str(), st["fetches"].as_u64()), (Some("seeding"), Some(1)), "{st}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -221,6 +221,7 @@ pub fn manifest_from_torrent(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -264,6 +264,14 @@ fn publish_goes_through_the_running_daemon_which_seeds_at_once_and_answers_error
     let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(m["peers"][0], a.addr(), "{m}");
     assert_eq!(m["sha256"], fin["manifest"]["sha256"]);
+    // A --signing-key the daemon does not use is not silently dropped.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("k");
+    let kg = std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).output();
+    assert!(kg.unwrap().status.success());
+    let o = a.run(&["--signing-key", key.to_str().unwrap(), "publish", "--pool", &pa.name, "pub.raw"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("the daemon published 'pub.raw' unsigned"), "{err}");
     let listed: Vec<_> = a.status().into_iter().filter(|m| m["name"] == "pub.raw").collect();
     assert_eq!(listed.len(), 1, "published twice, one master: {listed:?}");
 
@@ -278,4 +286,22 @@ fn publish_goes_through_the_running_daemon_which_seeds_at_once_and_answers_error
     let (_, fin) = a.request(&serde_json::json!({"op": "publish", "pool": "no-such-pool-xyz", "volume": "pub.raw"}));
     assert_eq!(fin["ok"], false, "{fin}");
     assert!(fin["error"].as_str().unwrap().contains("no-such-pool-xyz"), "{fin}");
+}
+
+#[test]
+fn serve_refuses_to_start_with_a_signing_key_or_allowed_signers_it_cannot_use() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("allowed_signers");
+    std::fs::write(&bad, "alice ssh-rsa AAAAB3NzaC1yc2E\n").unwrap();
+    for (flag, file, says) in [
+        ("--signing-key", d.path().join("missing_key"), "cannot read signing key"),
+        ("--allowed-signers", bad.clone(), "line 1: key type 'ssh-rsa': only ssh-ed25519 keys are supported"),
+    ] {
+        let h = Instance::new(&[flag, file.to_str().unwrap()]);
+        let o = h.run(&["serve"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(last.starts_with("pool-helper: ") && last.contains(says), "{err}");
+    }
 }

@@ -13,12 +13,14 @@
 //! - [`peers`]: third-party BitTorrent clients (aria2c, python3-libtorrent through `lt.py`);
 //! - [`hostile_peer`]: a BitTorrent peer that speaks the wire protocol wrongly on purpose;
 //! - [`netns`]: hosts as network namespaces ([`Lan`]), made by `tests/lab/netlab.py`, the
-//!   harness the lab and swarm-bench use too.
+//!   harness the lab and swarm-bench use too;
+//! - [`bed`]: several libvirt hosts on this machine ([`Bed`]), made by `tests/bed/bed`.
 //!
 //! External programs always run from argument vectors.
 
 #![allow(clippy::unwrap_used)]
 
+pub mod bed;
 pub mod cli;
 pub mod files;
 pub mod guest;
@@ -29,6 +31,7 @@ pub mod peers;
 pub mod pool_helpers;
 pub mod process;
 
+pub use bed::*;
 pub use cli::*;
 pub use files::*;
 pub use guest::*;

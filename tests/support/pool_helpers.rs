@@ -28,6 +28,10 @@ pub struct PoolHelper {
     /// `--watch-interval`: "0" unless a test wants the daemon to look at libvirt (other tests'
     /// domains are not this instance's business).
     pub watch_interval: &'static str,
+    /// `--peer` for every master (a host that knows another by its address only).
+    pub peers: Vec<String>,
+    /// More flags before the subcommand (`--config`, `--signing-key`, `--allowed-signers`, ...).
+    pub extra: Vec<String>,
     daemon: Option<Child>,
 }
 
@@ -36,7 +40,14 @@ impl PoolHelper {
         let _ = std::fs::remove_dir_all(state);
         std::fs::create_dir_all(state).unwrap();
         let port = free_port();
-        PoolHelper { state: state.to_path_buf(), port, watch_interval: "0", daemon: None }
+        PoolHelper {
+            state: state.to_path_buf(),
+            port,
+            watch_interval: "0",
+            peers: Vec::new(),
+            extra: Vec::new(),
+            daemon: None,
+        }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -44,6 +55,10 @@ impl PoolHelper {
         c.arg("--state-dir").arg(&self.state);
         c.args(["--listen-port", &self.port.to_string(), "--advertise", "127.0.0.1", "--no-lsd"]);
         c.args(["--watch-interval", self.watch_interval]);
+        for p in &self.peers {
+            c.args(["--peer", p]);
+        }
+        c.args(&self.extra);
         c.args(args).stdin(Stdio::null());
         c
     }
@@ -69,6 +84,35 @@ impl PoolHelper {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default()
     }
+
+    /// Waits (at most 20 s) until the daemon's LAN catalog lists a master named `name`.
+    pub fn wait_listed(&self, name: &str) {
+        let t0 = Instant::now();
+        loop {
+            let (_, c) = request(&self.state.join("control.sock"), &serde_json::json!({"op": "catalog"}));
+            if c["catalog"].as_array().is_some_and(|l| l.iter().any(|e| e["name"] == name)) {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "{name} not in the catalog: {c}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// An ed25519 key in `dir` made by ssh-keygen (`signing_key`), and an allowed-signers file
+/// trusting it as `principal` (`allowed_signers`).
+pub fn signer(dir: &Path, principal: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join("signing-key");
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", principal, "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&o.stderr));
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let allowed = dir.join("allowed_signers");
+    std::fs::write(&allowed, format!("{principal} {}\n", public.trim())).unwrap();
+    (key, allowed)
 }
 
 impl Drop for PoolHelper {

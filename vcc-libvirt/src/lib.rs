@@ -4,6 +4,7 @@
 //! daemon. Errors are classified by libvirt error code, never by message text. The hook does not
 //! depend on this crate: it never calls libvirt.
 
+pub mod events;
 pub mod watch;
 
 use virt::connect::Connect;
@@ -81,6 +82,20 @@ pub struct Volume {
     pub facts: VolumeFacts,
 }
 
+/// Whether a libvirt URI reaches the daemon of this host, whose files we may touch: no host part,
+/// and no `socket=` parameter (a socket may belong to a daemon with its own filesystem, such as a
+/// test bed host in its own mount namespace), and no transport other than the local socket.
+pub fn uri_is_local(uri: &str) -> bool {
+    let Some((scheme, rest)) = uri.split_once("://") else { return true };
+    let transport_local = match scheme.split_once('+') {
+        None => true,
+        Some((_, t)) => t == "unix",
+    };
+    let query = rest.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let socket = query.split('&').any(|kv| kv.split('=').next() == Some("socket"));
+    rest.starts_with('/') && transport_local && !socket
+}
+
 /// An open libvirt connection.
 pub struct Libvirt {
     conn: Connect,
@@ -110,13 +125,10 @@ impl Libvirt {
         &self.uri
     }
 
-    /// Whether the daemon runs on this host (no host part in the URI), so files can be touched
-    /// directly. Remote connections work through the storage API only.
+    /// Whether the daemon runs on this host, so files can be touched directly. Remote
+    /// connections work through the storage API only. See [`uri_is_local`].
     pub fn is_local(&self) -> bool {
-        match self.uri.split_once("://") {
-            Some((_, rest)) => rest.starts_with('/'),
-            None => true,
-        }
+        uri_is_local(&self.uri)
     }
 
     fn domain(&self, name: &str) -> Result<Domain> {
@@ -339,8 +351,55 @@ impl Libvirt {
         Ok(vcc_core::xml::volume::pool_target_path(&xml))
     }
 
+    /// Name and whether it is active, for every network defined on the host.
+    pub fn networks(&self) -> Result<Vec<(String, bool)>> {
+        let nets = self.conn.list_all_networks(0).map_err(call("listing networks"))?;
+        nets.iter()
+            .map(|n| {
+                let name = n.name().map_err(call("reading a network's name"))?;
+                let active = n.is_active().map_err(call(format!("reading the state of network '{name}'")))?;
+                Ok((name, active))
+            })
+            .collect()
+    }
+
+    /// Names of the host's network interfaces (bridges included) as libvirt's interface API
+    /// lists them, active or not.
+    pub fn interfaces(&self) -> Result<Vec<String>> {
+        let ifaces = self.conn.list_all_interfaces(0).map_err(call("listing host interfaces"))?;
+        ifaces.iter().map(|i| i.name().map_err(call("reading an interface's name"))).collect()
+    }
+
+    /// The host's capabilities XML (guest architectures, emulators).
+    pub fn capabilities(&self) -> Result<String> {
+        self.conn.capabilities().map_err(call("reading the host's capabilities"))
+    }
+
     /// Refreshes a pool so it lists what changed in its directory.
     pub fn refresh_pool(&self, pool: &str) -> Result<()> {
         self.pool(pool)?.refresh(0).map_err(call(format!("refreshing storage pool '{pool}'")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uri_is_local;
+
+    #[test]
+    fn only_uris_of_this_hosts_daemon_are_local() {
+        for local in ["qemu:///system", "qemu+unix:///system", "qemu:///session", "test:///default", ""] {
+            assert!(uri_is_local(local), "{local}");
+        }
+        for remote in [
+            "qemu+ssh://root@b/system",
+            "qemu+tls://b/system",
+            "qemu+ssh:///system",
+            "qemu+unix:///system?socket=/run/bed/b/libvirt-sock",
+            "qemu:///system?socket=/x",
+            "qemu+ext:///system?command=/bin/x",
+            "qemu://b/system",
+        ] {
+            assert!(!uri_is_local(remote), "{remote}");
+        }
     }
 }

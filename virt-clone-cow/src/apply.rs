@@ -74,7 +74,7 @@ pub struct CloneOutcome {
 }
 
 #[derive(Debug)]
-enum Undo {
+pub(crate) enum Undo {
     File(PathBuf),
     /// A file that starting the clone may create (serial log, UEFI vars): removed if it was.
     StartedFile(PathBuf),
@@ -84,6 +84,12 @@ enum Undo {
     },
     Domain(String),
     Running(String),
+    /// A volume that the hook may have made at start (an overlay over a master fetched then): the
+    /// pool is refreshed and the volume deleted if it is there.
+    HookVolume {
+        pool: String,
+        name: String,
+    },
     Mode {
         path: String,
         mode: u32,
@@ -98,17 +104,38 @@ enum Undo {
     },
 }
 
-/// An undo log over one libvirt connection.
+/// An undo log over one or more libvirt connections (hosts); each step names its host.
 #[derive(Debug)]
 pub struct Transaction<'a> {
-    lv: &'a Libvirt,
-    undo: Vec<Undo>,
+    hosts: Vec<&'a Libvirt>,
+    undo: Vec<(usize, Undo)>,
     done: bool,
 }
 
 impl<'a> Transaction<'a> {
     pub fn new(lv: &'a Libvirt) -> Self {
-        Transaction { lv, undo: Vec::new(), done: false }
+        Transaction::over(vec![lv])
+    }
+
+    /// One log over several hosts: host 0 holds the original, the others are numbered as given.
+    /// Undoing it undoes every host's steps, newest first.
+    pub fn over(hosts: Vec<&'a Libvirt>) -> Self {
+        Transaction { hosts, undo: Vec::new(), done: false }
+    }
+
+    /// The connection to the original's host.
+    pub(crate) fn lv(&self) -> &'a Libvirt {
+        self.hosts[0]
+    }
+
+    /// Records a step done on the original's host.
+    pub(crate) fn push(&mut self, u: Undo) {
+        self.undo.push((0, u));
+    }
+
+    /// Records a step done on host `host` (an index into the hosts given to [`Transaction::over`]).
+    pub(crate) fn push_on(&mut self, host: usize, u: Undo) {
+        self.undo.push((host, u));
     }
 
     /// Keeps everything.
@@ -120,11 +147,19 @@ impl<'a> Transaction<'a> {
     /// error is what the user needs to see.
     pub fn rollback(&mut self) {
         self.done = true;
-        while let Some(u) = self.undo.pop() {
+        while let Some((host, u)) = self.undo.pop() {
+            let Some(lv) = self.hosts.get(host).copied() else { continue };
             let r: Result<(), Box<dyn std::error::Error>> = match &u {
-                Undo::Running(n) => self.lv.destroy(n).map_err(Into::into),
-                Undo::Domain(n) => self.lv.undefine(n).map_err(Into::into),
-                Undo::Volume { pool, name } => self.lv.delete_volume(pool, name).map_err(Into::into),
+                Undo::Running(n) => lv.destroy(n).map_err(Into::into),
+                Undo::Domain(n) => lv.undefine(n).map_err(Into::into),
+                Undo::Volume { pool, name } => lv.delete_volume(pool, name).map_err(Into::into),
+                Undo::HookVolume { pool, name } => lv
+                    .refresh_pool(pool)
+                    .and_then(|()| match lv.volume(pool, name)? {
+                        Some(_) => lv.delete_volume(pool, name),
+                        None => Ok(()),
+                    })
+                    .map_err(Into::into),
                 // Already gone (the hook discards a disposable clone's overlay when it stops): fine.
                 Undo::File(p) => match std::fs::remove_file(p) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -134,20 +169,20 @@ impl<'a> Transaction<'a> {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
                     _ => Ok(()),
                 },
-                Undo::Autostart(n) => self.lv.set_autostart(n, true).map_err(Into::into),
+                Undo::Autostart(n) => lv.set_autostart(n, true).map_err(Into::into),
                 Undo::Mode { path, mode } => {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(Into::into)
                 }
                 Undo::Metadata { domain, previous: None, saved_xml } => {
-                    self.lv.define(saved_xml, domain).map(|_| ()).map_err(Into::into)
+                    lv.define(saved_xml, domain).map(|_| ()).map_err(Into::into)
                 }
                 Undo::Metadata { domain, previous, .. } => {
-                    self.lv.set_cow_metadata(domain, previous.as_ref()).map_err(Into::into)
+                    lv.set_cow_metadata(domain, previous.as_ref()).map_err(Into::into)
                 }
             };
             match r {
-                Ok(()) => tracing::debug!("undone: {u:?}"),
-                Err(e) => tracing::warn!("could not undo {u:?}: {}", vcc_core::error::one_line(&*e)),
+                Ok(()) => tracing::debug!("undone on {}: {u:?}", lv.uri()),
+                Err(e) => tracing::warn!("could not undo {u:?} on {}: {}", lv.uri(), vcc_core::error::one_line(&*e)),
             }
         }
     }
@@ -180,7 +215,7 @@ pub fn catch_interrupts() {
     }
 }
 
-fn check_interrupt() -> Result<(), ApplyError> {
+pub(crate) fn check_interrupt() -> Result<(), ApplyError> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         Err(ApplyError::Interrupted)
     } else {
@@ -211,7 +246,7 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
             let t0 = Instant::now();
             make_clone(&mut tx, c, opts.overlay)?;
             let uuid = lv.define(&c.xml, &c.name)?;
-            tx.undo.push(Undo::Domain(c.name.clone()));
+            tx.push(Undo::Domain(c.name.clone()));
             outcomes.push(CloneOutcome { name: c.name.clone(), uuid, started: false, define_ms: ms(t0.elapsed()) });
         }
         check_interrupt()?;
@@ -225,11 +260,11 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
                         .map(|f| f.char_paths.into_iter().chain(f.nvram.and_then(|n| n.path)).collect::<Vec<_>>())
                         .unwrap_or_default();
                     for p in paths.into_iter().filter(|p| !Path::new(p).exists()) {
-                        tx.undo.push(Undo::StartedFile(PathBuf::from(p)));
+                        tx.push(Undo::StartedFile(PathBuf::from(p)));
                     }
                 }
                 lv.start(&o.name)?;
-                tx.undo.push(Undo::Running(o.name.clone()));
+                tx.push(Undo::Running(o.name.clone()));
                 o.started = true;
             }
         }
@@ -247,7 +282,7 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
@@ -262,22 +297,13 @@ fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> 
                     target: o.target.clone(),
                     source,
                 })?;
-                tx.undo.push(Undo::File(PathBuf::from(path)));
+                tx.push(Undo::File(PathBuf::from(path)));
             }
             OverlayLocation::Volume { pool, name, .. } => {
-                let xml = overlay_volume_xml(name, &backing, opts);
-                let mut made = tx.lv.create_volume(pool, &xml, name);
-                if opts.extended_l2 && made.as_ref().is_err_and(refuses_extended_l2) {
-                    // QEMU older than 5.2 (or libvirt older than 8.0): the plain layout.
-                    let plain = overlay_volume_xml(name, &backing, opts.plain());
-                    made = tx.lv.create_volume(pool, &plain, name);
-                }
-                made.map_err(|source| ApplyError::OverlayVolume {
-                    clone: c.name.clone(),
-                    target: o.target.clone(),
-                    source,
+                create_overlay_volume(tx.lv(), pool, name, &backing, opts).map_err(|source| {
+                    ApplyError::OverlayVolume { clone: c.name.clone(), target: o.target.clone(), source }
                 })?;
-                tx.undo.push(Undo::Volume { pool: pool.clone(), name: name.clone() });
+                tx.push(Undo::Volume { pool: pool.clone(), name: name.clone() });
             }
         }
     }
@@ -287,17 +313,36 @@ fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> 
     Ok(())
 }
 
+/// Makes an overlay volume over `backing` in `pool` through the storage API, in the plain layout
+/// when libvirt or its qemu-img refuses extended L2 entries.
+pub(crate) fn create_overlay_volume(
+    lv: &Libvirt,
+    pool: &str,
+    name: &str,
+    backing: &BackingSpec<'_>,
+    opts: OverlayOptions,
+) -> Result<(), LibvirtError> {
+    let xml = overlay_volume_xml(name, backing, opts);
+    let mut made = lv.create_volume(pool, &xml, name);
+    if opts.extended_l2 && made.as_ref().is_err_and(refuses_extended_l2) {
+        // QEMU older than 5.2 (or libvirt older than 8.0): the plain layout.
+        let plain = overlay_volume_xml(name, backing, opts.plain());
+        made = lv.create_volume(pool, &plain, name);
+    }
+    made.map(|_| ())
+}
+
 fn copy_nvram(tx: &mut Transaction<'_>, nv: &NvramPlan) -> Result<(), ApplyError> {
     if let Some(pool) = &nv.pool {
         let name = Path::new(&nv.to).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         let xml =
             format!("<volume><name>{}</name><capacity>0</capacity></volume>", quick_xml::escape::escape(name.as_str()));
-        tx.lv.copy_volume(pool, &xml, &name, &nv.from).map_err(|source| ApplyError::NvramVolume {
+        tx.lv().copy_volume(pool, &xml, &name, &nv.from).map_err(|source| ApplyError::NvramVolume {
             from: nv.from.clone(),
             to: nv.to.clone(),
             source,
         })?;
-        tx.undo.push(Undo::Volume { pool: pool.clone(), name });
+        tx.push(Undo::Volume { pool: pool.clone(), name });
         return Ok(());
     }
     if !Path::new(&nv.from).exists() {
@@ -312,7 +357,7 @@ fn copy_nvram(tx: &mut Transaction<'_>, nv: &NvramPlan) -> Result<(), ApplyError
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(ApplyError::NvramExists(nv.to.clone())),
         Err(e) => return Err(err(e)),
     };
-    tx.undo.push(Undo::File(PathBuf::from(&nv.to)));
+    tx.push(Undo::File(PathBuf::from(&nv.to)));
     std::io::copy(&mut src, &mut dst).map_err(err)?;
     dst.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).map_err(err)?;
     dst.sync_all().map_err(err)?;
@@ -328,13 +373,13 @@ fn refuses_extended_l2(e: &LibvirtError) -> bool {
 
 /// Marks the original as a template and makes its masters read-only (local files only: over a
 /// remote connection libvirt has no call for a volume's mode).
-fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), ApplyError> {
+pub(crate) fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), ApplyError> {
     if plan.masters.is_empty() {
         // Nothing is shared with the clones (no private disk): the original stays an ordinary
         // domain that may start.
         return Ok(());
     }
-    if tx.lv.is_local() {
+    if tx.lv().is_local() {
         for m in &plan.masters {
             let meta =
                 std::fs::metadata(&m.path).map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
@@ -342,18 +387,18 @@ fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Result<(), Apply
             if mode & 0o222 != 0 {
                 std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(mode & !0o222))
                     .map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
-                tx.undo.push(Undo::Mode { path: m.path.clone(), mode });
+                tx.push(Undo::Mode { path: m.path.clone(), mode });
             }
         }
     }
     // A template must not start at boot either (its masters would change under the clones).
-    if tx.lv.autostart(&plan.original)? {
-        tx.lv.set_autostart(&plan.original, false)?;
-        tx.undo.push(Undo::Autostart(plan.original.clone()));
+    if tx.lv().autostart(&plan.original)? {
+        tx.lv().set_autostart(&plan.original, false)?;
+        tx.push(Undo::Autostart(plan.original.clone()));
     }
-    let previous = tx.lv.cow_metadata(&plan.original)?;
-    let saved_xml = tx.lv.domain_xml(&plan.original)?;
-    tx.lv.set_cow_metadata(&plan.original, Some(&plan.template_metadata))?;
-    tx.undo.push(Undo::Metadata { domain: plan.original.clone(), previous, saved_xml });
+    let previous = tx.lv().cow_metadata(&plan.original)?;
+    let saved_xml = tx.lv().domain_xml(&plan.original)?;
+    tx.lv().set_cow_metadata(&plan.original, Some(&plan.template_metadata))?;
+    tx.push(Undo::Metadata { domain: plan.original.clone(), previous, saved_xml });
     Ok(())
 }

@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 
 use virt_clone_cow::cmd::clone::{CloneRequest, NameRequest};
+use virt_clone_cow::multi::MultiRequest;
 
 /// Linked (copy-on-write) clones of libvirt domains.
 ///
@@ -15,7 +16,9 @@ use virt_clone_cow::cmd::clone::{CloneRequest, NameRequest};
     version,
     after_help = "Examples:\n  virt-clone-cow --original base --name web-1 --name web-2 --start\n  \
                   virt-clone-cow --original base --auto-clone --count 10 --json\n  \
-                  virt-clone-cow tree"
+                  virt-clone-cow --original base --name web --count 6 --host qemu+ssh://b/system --host qemu+ssh://c/system --start\n  \
+                  virt-clone-cow tree\n  \
+                  virt-clone-cow publish base"
 )]
 pub struct Cli {
     /// libvirt connection URI (as virsh -c); defaults to LIBVIRT_DEFAULT_URI or libvirt's default.
@@ -41,6 +44,16 @@ pub struct Cli {
 pub enum Command {
     /// Show masters, their templates, and the clones (domains and pool volumes) that depend on each.
     Tree,
+    /// Publish a template's masters through the local pool-helper daemon and record their identity
+    /// (SHA-256, info-hash, manifest) on the template, so its clones can be started on any host.
+    Publish {
+        /// The template (a domain already cloned with virt-clone-cow).
+        #[arg(value_name = "TEMPLATE")]
+        template: String,
+        /// The pool-helper daemon's control socket.
+        #[arg(long, value_name = "PATH", default_value = virt_clone_cow::cmd::publish::DEFAULT_CONTROL_SOCKET)]
+        control_socket: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +85,16 @@ pub struct CloneArgs {
     /// Mark the clones disposable: the libvirt hook discards their changes when they stop.
     #[arg(long)]
     pub disposable: bool,
+
+    /// Define the clones on this libvirt host instead of the original's (repeat: the clones are
+    /// dealt round-robin over the hosts). The original is read from --connect.
+    #[arg(long = "host", value_name = "URI")]
+    pub hosts: Vec<String>,
+
+    /// With --host: the overlays of masters in pool SRC go to pool DST on the hosts (default:
+    /// the pool of the same name). Repeatable.
+    #[arg(long = "pool-map", value_name = "SRC=DST", requires = "hosts")]
+    pub pool_map: Vec<String>,
 }
 
 impl CloneArgs {
@@ -84,6 +107,26 @@ impl CloneArgs {
             || self.start
             || self.dry_run
             || self.disposable
+            || !self.hosts.is_empty()
+            || !self.pool_map.is_empty()
+    }
+
+    /// The multi-host request, when --host was given.
+    pub fn to_multi_request(&self) -> Result<Option<MultiRequest>, String> {
+        if self.hosts.is_empty() {
+            return Ok(None);
+        }
+        let r = self.to_request()?;
+        virt_clone_cow::multi::plan::parse_pool_map(&self.pool_map)?;
+        Ok(Some(MultiRequest {
+            original: r.original,
+            names: r.names,
+            hosts: self.hosts.clone(),
+            pool_map: self.pool_map.clone(),
+            start: r.start,
+            dry_run: r.dry_run,
+            disposable: r.disposable,
+        }))
     }
 
     /// Turns the flags into a request, or says which flags are wrong.
@@ -131,6 +174,24 @@ mod tests {
         assert!(parse(&["-o", "b"]).unwrap_err().contains("--auto-clone"));
         assert!(parse(&["--name", "x"]).unwrap_err().contains("--original"));
         assert!(parse(&["-o", "b", "--name", "x", "--auto-clone"]).is_err());
+    }
+
+    #[test]
+    fn hosts_and_pool_maps_make_a_multi_host_request() {
+        let cli = |args: &[&str]| {
+            let mut v = vec!["virt-clone-cow"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).map_err(|e| e.to_string())
+        };
+        let c = cli(&["-o", "t", "--name", "web", "--count", "6", "--host", "qemu:///system", "--host", "h2"]).unwrap();
+        let m = c.clone.to_multi_request().unwrap().unwrap();
+        assert_eq!(m.hosts, ["qemu:///system", "h2"]);
+        assert_eq!(m.names, NameRequest::Numbered { base: "web".into(), count: 6 });
+        assert!(cli(&["-o", "t", "--name", "w"]).unwrap().clone.to_multi_request().unwrap().is_none());
+        let bad = cli(&["-o", "t", "--name", "w", "--host", "h", "--pool-map", "nodst"]).unwrap();
+        assert!(bad.clone.to_multi_request().unwrap_err().contains("SRC=DST"));
+        assert!(cli(&["-o", "t", "--name", "w", "--pool-map", "a=b"]).is_err(), "--pool-map needs --host");
+        assert!(cli(&["--host", "h", "tree"]).unwrap().clone.any_given(), "main refuses --host with `tree`");
     }
 
     #[test]

@@ -34,4 +34,5 @@
 pub mod apply;
 pub mod cmd;
 pub mod lock;
+pub mod multi;
 pub mod plan;

@@ -11,6 +11,7 @@ use clap::Parser;
 
 use cli::{Cli, Command};
 use vcc_libvirt::Libvirt;
+use virt_clone_cow::cmd::publish::{publish_template, PublishLimits, PublishRequestArgs};
 use virt_clone_cow::cmd::{clone::clone_domain, tree::build_tree};
 
 fn main() -> ExitCode {
@@ -49,16 +50,33 @@ impl<E: std::error::Error + 'static> From<E> for Failure {
 }
 
 fn run(cli: &Cli) -> Result<(), Failure> {
-    match cli.command {
-        Some(Command::Tree) if cli.clone.any_given() => {
-            Err(Failure::Usage("clone flags (--original, --name, ...) cannot be used with `tree`".into()))
+    match &cli.command {
+        Some(_) if cli.clone.any_given() => {
+            Err(Failure::Usage("clone flags (--original, --name, ...) cannot be used with a subcommand".into()))
         }
         Some(Command::Tree) => {
             let lv = Libvirt::open(cli.connect.as_deref())?;
             let tree = build_tree(&lv)?;
             output::print(cli.json, &tree, || tree.render())
         }
+        Some(Command::Publish { template, control_socket }) => {
+            let lv = Libvirt::open(cli.connect.as_deref())?;
+            let req = PublishRequestArgs {
+                template: template.clone(),
+                control_socket: control_socket.clone(),
+                limits: PublishLimits::default(),
+            };
+            let report = publish_template(&lv, &req)?;
+            output::print(cli.json, &report, || report.render())
+        }
         None => {
+            if let Some(req) = cli.clone.to_multi_request().map_err(Failure::Usage)? {
+                let src = Libvirt::open(cli.connect.as_deref())?;
+                let hosts = virt_clone_cow::multi::connect_hosts(&req.hosts)?;
+                virt_clone_cow::apply::catch_interrupts();
+                let report = virt_clone_cow::multi::clone_to_hosts(&src, &hosts, &req)?;
+                return output::print(cli.json, &report, || report.render());
+            }
             let req = cli.clone.to_request().map_err(Failure::Usage)?;
             let lv = Libvirt::open(cli.connect.as_deref())?;
             // Ctrl-C or a kill during the run undoes it instead of leaving half the clones.

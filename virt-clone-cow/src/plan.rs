@@ -29,9 +29,22 @@ pub struct Master {
     /// The disk is `type='volume'` in the domain XML.
     #[serde(skip)]
     pub volume_disk: bool,
+    /// The clone's disk is written as a file disk although the original's is a volume disk
+    /// (a host where the hook makes the overlay at start).
+    #[serde(skip)]
+    pub as_file_disk: bool,
     /// The master has no backing file of its own.
     #[serde(skip)]
     pub self_contained: bool,
+    /// How a host without the master gets it, once `virt-clone-cow publish` recorded it on the
+    /// template: the SHA-256, info-hash and manifest path. Planning fills them in from the
+    /// template's metadata ([`carry_identity`]), and every clone's metadata copies them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info_hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
 }
 
 impl Master {
@@ -43,7 +56,33 @@ impl Master {
             virtual_size: Some(self.virtual_size),
             pool: self.pool.clone(),
             volume: self.volume.clone(),
-            ..Default::default()
+            sha256: self.sha256.clone(),
+            info_hash: self.info_hash.clone(),
+            manifest: self.manifest.clone(),
+        }
+    }
+
+    /// Whether a master element of the template's metadata describes this master: the same
+    /// path, or the same pool volume.
+    fn described_by(&self, m: &MasterRef) -> bool {
+        m.path == self.path
+            || (self.pool.is_some() && self.volume.is_some() && m.pool == self.pool && m.volume == self.volume)
+    }
+}
+
+/// Fills in each master's published identity (SHA-256, info-hash, manifest) from the template's
+/// metadata, where a master element there describes it and the master has none of its own yet.
+/// A template that was never published has none, and its clones' metadata stays as it was.
+pub fn carry_identity(masters: &mut [Master], template: Option<&TemplateInfo>) {
+    let Some(t) = template else { return };
+    for m in masters.iter_mut() {
+        if m.sha256.is_some() || m.info_hash.is_some() || m.manifest.is_some() {
+            continue;
+        }
+        if let Some(r) = t.masters.iter().find(|r| m.described_by(r)) {
+            m.sha256 = r.sha256.clone();
+            m.info_hash = r.info_hash.clone();
+            m.manifest = r.manifest.clone();
         }
     }
 }
@@ -146,6 +185,14 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
         }
     }
     let original = &input.facts.name;
+    // The original's metadata: whatever clone information it carried stays, and a master it
+    // recorded as published keeps (and passes on) its identity.
+    let mut md = match &input.facts.vcc_metadata {
+        Some(x) => CowMetadata::parse(x).map_err(PlanError::Metadata)?,
+        None => CowMetadata::default(),
+    };
+    let mut masters = input.masters.to_vec();
+    carry_identity(&mut masters, md.template.as_ref());
     let mut taken_macs = input.taken_macs.clone();
     let mut clones = Vec::with_capacity(input.names.len());
 
@@ -164,7 +211,7 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
 
         let mut overlays = Vec::new();
         let mut disk_edits = BTreeMap::new();
-        for m in input.masters {
+        for m in &masters {
             let file_name = format!("{name}-{}.qcow2", m.target);
             let dir = Path::new(&m.path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
             let path = format!("{dir}/{file_name}");
@@ -174,11 +221,13 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
                 }
                 None => OverlayLocation::File { path: path.clone() },
             };
-            let source_attr = if m.volume_disk { ("volume", file_name) } else { ("file", path) };
+            let to_file = m.volume_disk && m.as_file_disk;
+            let source_attr = if m.volume_disk && !to_file { ("volume", file_name) } else { ("file", path) };
             disk_edits.insert(
                 m.disk_index,
                 DiskEdit {
                     source_attr,
+                    to_file,
                     backing: BackingEdit {
                         path: m.path.clone(),
                         format: m.format.clone(),
@@ -227,14 +276,10 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
         clones.push(CloneSpec { name: name.clone(), macs, overlays, nvram, xml });
     }
 
-    // The original becomes a template; whatever clone information it carried stays.
-    let mut md = match &input.facts.vcc_metadata {
-        Some(x) => CowMetadata::parse(x).map_err(PlanError::Metadata)?,
-        None => CowMetadata::default(),
-    };
-    md.template = Some(TemplateInfo { masters: input.masters.iter().map(|m| m.to_ref(true)).collect() });
+    // The original becomes a template.
+    md.template = Some(TemplateInfo { masters: masters.iter().map(|m| m.to_ref(true)).collect() });
 
-    Ok(ClonePlan { original: original.clone(), masters: input.masters.to_vec(), clones, template_metadata: md })
+    Ok(ClonePlan { original: original.clone(), masters, clones, template_metadata: md })
 }
 
 /// A locally administered unicast MAC in QEMU's range (52:54:00), unused on the host.

@@ -87,7 +87,11 @@ fn edits_for(facts: &DomainFacts) -> (DomainEdits, CowMetadata) {
         });
         disks.insert(
             d.index,
-            DiskEdit { source_attr, backing: BackingEdit { path: master, format, self_contained: true } },
+            DiskEdit {
+                source_attr,
+                to_file: false,
+                backing: BackingEdit { path: master, format, self_contained: true },
+            },
         );
     }
     let md = CowMetadata {
@@ -616,7 +620,11 @@ fn plan_on_a_real_capture_makes_overlays_for_file_and_volume_disks_and_keeps_sha
         pool: pool.map(String::from),
         volume: None,
         volume_disk,
+        as_file_disk: false,
         self_contained: true,
+        sha256: None,
+        info_hash: None,
+        manifest: None,
     };
     let masters = vec![
         m(0, "vda", "/var/lib/vcc-scratch/pool/base.qcow2", "qcow2", Some("scratch"), false),
@@ -767,4 +775,98 @@ fn only_per_domain_char_paths_are_renamed_host_devices_and_connect_sockets_stay(
             && out.contains("/var/log/c1-console.log"),
         "{out}"
     );
+}
+
+/// A qcow2 master of 1 GiB on the odd-name capture's disk `i`.
+fn scratch_master(i: usize, target: &str, path: &str, pool: Option<&str>, volume: Option<&str>) -> Master {
+    Master {
+        disk_index: i,
+        target: target.into(),
+        path: path.into(),
+        format: "qcow2".into(),
+        virtual_size: 1 << 30,
+        pool: pool.map(String::from),
+        volume: volume.map(String::from),
+        volume_disk: false,
+        as_file_disk: false,
+        self_contained: true,
+        sha256: None,
+        info_hash: None,
+        manifest: None,
+    }
+}
+
+/// The plan for one clone `c1` of `original`.
+fn plan_one(original: &str, masters: &[Master]) -> virt_clone_cow::plan::ClonePlan {
+    let facts = DomainFacts::parse(original).unwrap();
+    let names = vec!["c1".to_string()];
+    let input = PlanInput {
+        original_xml: original,
+        facts: &facts,
+        masters,
+        names: &names,
+        taken_macs: &HashSet::new(),
+        disposable: false,
+        nvram_pool: None,
+    };
+    let mut n = 0u8;
+    plan(&input, || {
+        n += 1;
+        [0xbb, 0, n]
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_published_masters_identity_passes_from_the_template_to_every_clone_and_stays_on_the_template() {
+    // The odd-name capture as a template whose vda master was published (`virt-clone-cow publish`).
+    let sha = "ab".repeat(32);
+    let ih = "cd".repeat(20);
+    let md = format!(
+        "  <metadata>\n    <vcc:cow xmlns:vcc=\"urn:virt-clone-cow:1\" version=\"1\">\n      <vcc:template>\n        \
+         <vcc:master target=\"vda\" path=\"/var/lib/vcc-scratch/pool/base.qcow2\" format=\"qcow2\" \
+         virtual-size=\"1073741824\" pool=\"scratch\" volume=\"base.qcow2\" sha256=\"{sha}\" info-hash=\"{ih}\" \
+         manifest=\"/var/lib/vcc-scratch/pool/.pool-helper/base.qcow2.json\" future=\"kept\"/>\n      \
+         </vcc:template>\n    </vcc:cow>\n  </metadata>\n"
+    );
+    let uuid_end = ODD_NAME.find("</uuid>\n").unwrap() + "</uuid>\n".len();
+    let original = format!("{}{md}{}", &ODD_NAME[..uuid_end], &ODD_NAME[uuid_end..]);
+    let masters = vec![
+        scratch_master(0, "vda", "/var/lib/vcc-scratch/pool/base.qcow2", Some("scratch"), Some("base.qcow2")),
+        scratch_master(2, "vdc", "/var/lib/vcc-scratch/outside.raw", None, None),
+    ];
+    let p = plan_one(&original, &masters);
+    let c = &p.clones[0];
+    assert_only_expected_lines_changed(&original, &c.xml, &[0, 2].into());
+    let clone_md = CowMetadata::parse(DomainFacts::parse(&c.xml).unwrap().vcc_metadata.as_deref().unwrap()).unwrap();
+    assert!(clone_md.template.is_none(), "a clone is no template");
+    let disks = clone_md.clone.unwrap().disks;
+    let vda = &disks.iter().find(|d| d.target == "vda").unwrap().master;
+    assert_eq!(vda.sha256.as_deref(), Some(sha.as_str()));
+    assert_eq!(vda.info_hash.as_deref(), Some(ih.as_str()));
+    assert_eq!(vda.manifest.as_deref(), Some("/var/lib/vcc-scratch/pool/.pool-helper/base.qcow2.json"));
+    assert_eq!((vda.pool.as_deref(), vda.volume.as_deref()), (Some("scratch"), Some("base.qcow2")));
+    let vdc = &disks.iter().find(|d| d.target == "vdc").unwrap().master;
+    assert_eq!((&vdc.sha256, &vdc.info_hash, &vdc.manifest), (&None, &None, &None), "an unpublished master: none");
+    // The template keeps its identity when it is cloned again.
+    let t = p.template_metadata.template.as_ref().unwrap();
+    let tvda = t.masters.iter().find(|m| m.target.as_deref() == Some("vda")).unwrap();
+    assert_eq!(tvda.sha256.as_deref(), Some(sha.as_str()));
+    assert_eq!(tvda.info_hash.as_deref(), Some(ih.as_str()));
+    assert!(t.masters.iter().find(|m| m.target.as_deref() == Some("vdc")).unwrap().sha256.is_none());
+}
+
+#[test]
+fn an_unpublished_template_gives_clones_the_metadata_of_before() {
+    let masters = [scratch_master(0, "vda", "/var/lib/vcc-scratch/pool/base.qcow2", None, None)];
+    let p = plan_one(ODD_NAME, &masters);
+    let (_, block) = split_metadata(&p.clones[0].xml);
+    let block = block.unwrap();
+    assert!(
+        block.contains(
+            "<vcc:master path='/var/lib/vcc-scratch/pool/base.qcow2' format='qcow2' virtual-size='1073741824'/>"
+        ),
+        "{block}"
+    );
+    assert!(!block.contains("sha256") && !block.contains("info-hash") && !block.contains("manifest"), "{block}");
 }

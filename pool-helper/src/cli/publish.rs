@@ -30,6 +30,14 @@ pub fn run(cfg: &Config, a: &PublishArgs, json: bool) -> Result<(), CliError> {
             let (Some(m), Some(p)) = (f.manifest, f.manifest_path) else {
                 return Err(CliError::Failed("the daemon's answer to publish lacks the manifest".into()));
             };
+            // The daemon signs with its own `signing_key`: say so when ours was not used.
+            if cfg.signing_key.is_some() && !std::path::Path::new(&format!("{p}.sig")).exists() {
+                tracing::warn!(
+                    "the daemon published '{}' unsigned: it has no signing_key (set it in its config; --signing-key \
+                     applies only when no daemon runs)",
+                    a.volume
+                );
+            }
             // Printed as the manifest file has it (a Value would sort the keys).
             (crate::manifest::Manifest::from_value(m)?, p)
         }

@@ -31,6 +31,10 @@ pub struct BackingEdit {
 pub struct DiskEdit {
     /// New `source` attributes: `file` for file disks, `volume` (same pool) for volume disks.
     pub source_attr: (&'static str, String),
+    /// A volume disk becomes a file disk (`type='file'`, `<source file=...>`): where the overlay
+    /// is made at start by the hook, which libvirt's volume lookup (done before the hook runs)
+    /// would not find. `source_attr` is then `file`.
+    pub to_file: bool,
     pub backing: BackingEdit,
 }
 
@@ -305,7 +309,10 @@ impl<'e> State<'e> {
         let s = &self.stack;
         if at(s, &["domain", "devices", "disk"]) {
             self.disk = self.edits.disks.get(&self.disk_index);
-            return Ok(None);
+            return Ok(match self.disk {
+                Some(edit) if edit.to_file => Some(set_attrs(e, &[("type", Some("file"))])?),
+                _ => None,
+            });
         }
         if at(s, &["domain", "devices", "interface"]) {
             return Ok(None);
@@ -320,7 +327,11 @@ impl<'e> State<'e> {
                         self.source_indent = ws;
                     }
                     let (k, v) = &edit.source_attr;
-                    Some(set_attrs(e, &[(k, Some(v.as_str()))])?)
+                    if edit.to_file {
+                        Some(set_attrs(e, &[("pool", None), ("volume", None), ("file", Some(v.as_str()))])?)
+                    } else {
+                        Some(set_attrs(e, &[(k, Some(v.as_str()))])?)
+                    }
                 }
                 _ => None,
             });

@@ -103,6 +103,16 @@ fn scaled(t: &str, unit: &str) -> Result<u64, XmlError> {
 
 /// `<pool><target><path>` of a storage pool's XML.
 pub fn pool_target_path(xml: &str) -> Option<String> {
+    pool_text(xml, &["pool", "target", "path"])
+}
+
+/// `<pool><name>` of a storage pool's XML.
+pub fn pool_name(xml: &str) -> Option<String> {
+    pool_text(xml, &["pool", "name"])
+}
+
+/// The trimmed text of the first element at `path` (from the root).
+fn pool_text(xml: &str, path: &[&str]) -> Option<String> {
     let mut r = reader(xml);
     let mut stack: Vec<String> = Vec::new();
     let mut text = String::new();
@@ -114,7 +124,7 @@ pub fn pool_target_path(xml: &str) -> Option<String> {
             }
             Event::Text(t) => text.push_str(&t.unescape().ok()?),
             Event::End(_) => {
-                if at(&stack, &["pool", "target", "path"]) {
+                if at(&stack, path) {
                     return Some(text.trim().to_string());
                 }
                 stack.pop();

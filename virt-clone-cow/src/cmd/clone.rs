@@ -144,15 +144,7 @@ pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, Clo
 /// Reads the original and the host, checks everything that can be checked before any change, and
 /// returns the plan.
 pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneError> {
-    let xml = lv.domain_xml(&req.original)?;
-    if lv.is_active(&req.original)? {
-        return Err(CloneError::OriginalRunning(req.original.clone()));
-    }
-    if lv.has_managed_save(&req.original)? {
-        return Err(CloneError::OriginalSaved(req.original.clone()));
-    }
-    let facts = DomainFacts::parse(&xml).map_err(|source| CloneError::Xml { domain: req.original.clone(), source })?;
-    let masters = resolve_masters(lv, &facts)?;
+    let (xml, facts, masters) = read_original(lv, &req.original)?;
 
     let domains = lv.list_domains()?;
     let existing: HashSet<String> = domains.iter().map(|d| d.name.clone()).collect();
@@ -216,8 +208,51 @@ pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneErr
     Ok(plan)
 }
 
-/// Finds the master behind every private disk, refusing disks that cannot be linked.
-fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, CloneError> {
+/// The original's XML, facts and masters, once it is known to be shut off with no saved state.
+pub(crate) fn read_original(lv: &Libvirt, original: &str) -> Result<(String, DomainFacts, Vec<Master>), CloneError> {
+    let xml = lv.domain_xml(original)?;
+    if lv.is_active(original)? {
+        return Err(CloneError::OriginalRunning(original.to_string()));
+    }
+    if lv.has_managed_save(original)? {
+        return Err(CloneError::OriginalSaved(original.to_string()));
+    }
+    let facts = DomainFacts::parse(&xml).map_err(|source| CloneError::Xml { domain: original.to_string(), source })?;
+    let masters = resolve_masters(lv, &facts)?;
+    Ok((xml, facts, masters))
+}
+
+/// Finds the master behind every private disk, refusing disks that cannot be linked. Each takes
+/// the identity the original's metadata records for it (once published).
+/// The original's own plan, with no clones: its template metadata and masters.
+pub(crate) fn template_plan(xml: &str, facts: &DomainFacts, masters: &[Master]) -> Result<ClonePlan, PlanError> {
+    let input = PlanInput {
+        original_xml: xml,
+        facts,
+        masters,
+        names: &[],
+        taken_macs: &HashSet::new(),
+        disposable: false,
+        nvram_pool: None,
+    };
+    plan(&input, random3)
+}
+
+/// Makes `original` a template without cloning it (what a first clone does: its masters
+/// read-only, the template metadata written), for `publish` of a domain never cloned yet. The
+/// returned log undoes it when dropped uncommitted.
+pub(crate) fn make_template_only<'a>(
+    lv: &'a Libvirt,
+    original: &str,
+) -> Result<crate::apply::Transaction<'a>, CloneError> {
+    let (xml, facts, masters) = read_original(lv, original)?;
+    let plan = template_plan(&xml, &facts, &masters)?;
+    let mut tx = crate::apply::Transaction::new(lv);
+    crate::apply::make_template(&mut tx, &plan)?;
+    Ok(tx)
+}
+
+pub(crate) fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, CloneError> {
     let domain = &facts.name;
     let mut out = Vec::new();
     for d in facts.private_disks() {
@@ -277,7 +312,11 @@ fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, Clo
                 pool: Some(v.pool.clone()),
                 volume: Some(v.facts.name.clone()),
                 volume_disk,
+                as_file_disk: false,
                 self_contained: v.facts.backing.is_none(),
+                sha256: None,
+                info_hash: None,
+                manifest: None,
             },
             None => {
                 let DiskSource::File(path) = &d.source else { continue };
@@ -303,12 +342,24 @@ fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, Clo
                     pool: None,
                     volume: None,
                     volume_disk: false,
+                    as_file_disk: false,
                     self_contained: info.backing.is_none(),
+                    sha256: None,
+                    info_hash: None,
+                    manifest: None,
                 }
             }
         };
         out.push(master);
     }
+    // A published template's masters carry their identity from here on (also to other hosts,
+    // where a pool map moves them to another path and pool).
+    let template = facts
+        .vcc_metadata
+        .as_deref()
+        .and_then(|x| vcc_core::metadata::CowMetadata::parse(x).ok())
+        .and_then(|md| md.template);
+    crate::plan::carry_identity(&mut out, template.as_ref());
     // A master must not also be written through a shareable disk.
     for m in &out {
         for d in &facts.disks {
@@ -328,40 +379,7 @@ fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<Master>, Clo
 }
 
 fn report(plan: &ClonePlan, outcomes: &[CloneOutcome], dry_run: bool, t0: Instant) -> CloneReport {
-    let clones = plan
-        .clones
-        .iter()
-        .map(|c| {
-            let o = outcomes.iter().find(|o| o.name == c.name);
-            CloneEntry {
-                name: c.name.clone(),
-                uuid: o.map(|o| o.uuid.clone()),
-                started: o.is_some_and(|o| o.started),
-                macs: c.macs.clone(),
-                disks: c
-                    .overlays
-                    .iter()
-                    .map(|ov| {
-                        let (pool, volume) = match &ov.location {
-                            OverlayLocation::Volume { pool, name, .. } => (Some(pool.clone()), Some(name.clone())),
-                            OverlayLocation::File { .. } => (None, None),
-                        };
-                        DiskReport {
-                            target: ov.target.clone(),
-                            overlay: ov.location.path().to_string(),
-                            format: "qcow2",
-                            backing: ov.master.path.clone(),
-                            backing_format: ov.master.format.clone(),
-                            pool,
-                            volume,
-                        }
-                    })
-                    .collect(),
-                nvram: c.nvram.as_ref().map(|n| n.to.clone()),
-                define_ms: o.map(|o| o.define_ms),
-            }
-        })
-        .collect();
+    let clones = plan.clones.iter().map(|c| clone_entry(c, outcomes.iter().find(|o| o.name == c.name))).collect();
     CloneReport {
         original: plan.original.clone(),
         dry_run,
@@ -371,8 +389,39 @@ fn report(plan: &ClonePlan, outcomes: &[CloneOutcome], dry_run: bool, t0: Instan
     }
 }
 
+/// One clone as the report shows it (`o`: what was made, None in a dry run).
+pub(crate) fn clone_entry(c: &crate::plan::CloneSpec, o: Option<&CloneOutcome>) -> CloneEntry {
+    CloneEntry {
+        name: c.name.clone(),
+        uuid: o.map(|o| o.uuid.clone()),
+        started: o.is_some_and(|o| o.started),
+        macs: c.macs.clone(),
+        disks: c
+            .overlays
+            .iter()
+            .map(|ov| {
+                let (pool, volume) = match &ov.location {
+                    OverlayLocation::Volume { pool, name, .. } => (Some(pool.clone()), Some(name.clone())),
+                    OverlayLocation::File { .. } => (None, None),
+                };
+                DiskReport {
+                    target: ov.target.clone(),
+                    overlay: ov.location.path().to_string(),
+                    format: "qcow2",
+                    backing: ov.master.path.clone(),
+                    backing_format: ov.master.format.clone(),
+                    pool,
+                    volume,
+                }
+            })
+            .collect(),
+        nvram: c.nvram.as_ref().map(|n| n.to.clone()),
+        define_ms: o.map(|o| o.define_ms),
+    }
+}
+
 /// Three random bytes from the kernel, for MAC addresses.
-fn random3() -> [u8; 3] {
+pub(crate) fn random3() -> [u8; 3] {
     let mut b = [0u8; 3];
     let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
     if ok.is_err() {

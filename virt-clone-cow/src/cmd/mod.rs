@@ -1,4 +1,5 @@
 //! The commands: each owns its request type, its errors and its report.
 
 pub mod clone;
+pub mod publish;
 pub mod tree;

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
 
-use vcc_core::metadata::CowMetadata;
+use vcc_core::metadata::{CowMetadata, MasterRef};
 use vcc_core::overlay::image_info;
 use vcc_core::units::human_bytes;
 use vcc_core::xml::{BackingDecl, DiskSource, DomainFacts};
@@ -41,9 +41,28 @@ pub struct MasterNode {
     pub pool: Option<String>,
     /// Domains marked as templates for this master.
     pub templates: Vec<String>,
+    /// How other hosts get this master, when a template or clone records it as published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published: Option<Published>,
     pub clones: Vec<CloneNode>,
     /// Total bytes the clones' overlays take.
     pub clones_allocation: u64,
+}
+
+/// A published master's identity, as the domains' metadata records it (`virt-clone-cow publish`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Published {
+    pub sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info_hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+}
+
+impl Published {
+    fn of(m: &MasterRef) -> Option<Published> {
+        Some(Published { sha256: m.sha256.clone()?, info_hash: m.info_hash.clone(), manifest: m.manifest.clone() })
+    }
 }
 
 /// The whole tree, masters sorted by path.
@@ -72,6 +91,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
                     virtual_size: vol.map(|v| v.facts.capacity),
                     pool: vol.map(|v| v.pool.clone()),
                     templates: Vec::new(),
+                    published: None,
                     clones: Vec::new(),
                     clones_allocation: 0,
                 }
@@ -89,6 +109,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
                 node(&mut masters, &m.path, Some(m.format.clone()));
                 if let Some(n) = masters.get_mut(&m.path) {
                     n.templates.push(facts.name.clone());
+                    n.published = n.published.take().or_else(|| Published::of(m));
                 }
             }
         }
@@ -117,6 +138,8 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             node(&mut masters, &master, master_format);
             let clone_md = md.clone.as_ref();
             if let Some(n) = masters.get_mut(&master) {
+                let recorded = clone_md.and_then(|c| c.disks.iter().find(|d| Some(&d.target) == disk.target.as_ref()));
+                n.published = n.published.take().or_else(|| recorded.and_then(|d| Published::of(&d.master)));
                 n.clones.push(CloneNode {
                     domain: Some(facts.name.clone()),
                     target: disk.target.clone(),
@@ -189,6 +212,9 @@ impl Tree {
             }
             if !m.templates.is_empty() {
                 facts.push(format!("template: {}", m.templates.join(", ")));
+            }
+            if let Some(p) = &m.published {
+                facts.push(format!("published sha256 {}", p.sha256.get(..16).unwrap_or(&p.sha256)));
             }
             if !facts.is_empty() {
                 s.push_str(&format!("  ({})", facts.join(", ")));
