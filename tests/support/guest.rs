@@ -40,6 +40,12 @@ impl GuestKind {
 /// `tests/guest/build-guest KIND`; returns the qcow2 master's path. Bounded: 10 min for tiny,
 /// 40 min for realistic (debootstrap).
 pub fn build_guest(kind: GuestKind) -> PathBuf {
+    build_guest_as(kind, "qcow2")
+}
+
+/// [`build_guest`] with the master's format: `qcow2` or `raw` (`--format`; a raw master of a
+/// cached qcow2 one is converted, not rebuilt).
+pub fn build_guest_as(kind: GuestKind, format: &str) -> PathBuf {
     let script = repo_root().join("tests/guest/build-guest");
     let limit = match kind {
         GuestKind::Tiny => Duration::from_secs(600),
@@ -47,6 +53,7 @@ pub fn build_guest(kind: GuestKind) -> PathBuf {
     };
     let child = Command::new(&script)
         .arg(kind.as_str())
+        .args(["--format", format])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -73,6 +80,12 @@ pub fn tiny_master() -> &'static Path {
     M.get_or_init(|| build_guest(GuestKind::Tiny))
 }
 
+/// The tiny master as a raw file, built or found once per test process.
+pub fn tiny_master_raw() -> &'static Path {
+    static M: OnceLock<PathBuf> = OnceLock::new();
+    M.get_or_init(|| build_guest_as(GuestKind::Tiny, "raw"))
+}
+
 /// The realistic master, built or found once per test process.
 pub fn realistic_master() -> &'static Path {
     static M: OnceLock<PathBuf> = OnceLock::new();
@@ -81,6 +94,11 @@ pub fn realistic_master() -> &'static Path {
 
 /// Makes a qcow2 overlay (compat 1.1) of a qcow2 master at `path`.
 pub fn make_overlay(master: &Path, path: &Path) {
+    make_overlay_of(master, "qcow2", path);
+}
+
+/// Makes a qcow2 overlay (compat 1.1) of a master of format `master_format` at `path`.
+pub fn make_overlay_of(master: &Path, master_format: &str, path: &Path) {
     run_ok(
         "qemu-img",
         &[
@@ -93,7 +111,7 @@ pub fn make_overlay(master: &Path, path: &Path) {
             "-b".as_ref(),
             master.as_os_str(),
             "-F".as_ref(),
-            "qcow2".as_ref(),
+            master_format.as_ref(),
             path.as_os_str(),
         ],
     );
