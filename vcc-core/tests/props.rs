@@ -295,7 +295,7 @@ fn metadata() -> impl Strategy<Value = CowMetadata> {
         master,
     });
     let clone = (xml_text(), any::<bool>(), proptest::collection::vec(disk, 0..3))
-        .prop_map(|(original, disposable, disks)| CloneInfo { original, disposable, disks });
+        .prop_map(|(original, disposable, disks)| CloneInfo { original, disposable, disks, reflinks: Vec::new() });
     let template = proptest::collection::vec(master_ref(), 0..3).prop_map(|masters| TemplateInfo { masters });
     (proptest::option::of(template), proptest::option::of(clone))
         .prop_map(|(template, clone)| CowMetadata { template, clone })
