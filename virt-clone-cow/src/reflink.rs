@@ -51,7 +51,10 @@ pub fn fs_name(path: &Path) -> String {
     if rc != 0 {
         return "an unknown filesystem".into();
     }
-    fs_type_name(st.f_type as i64)
+    // f_type's C type differs between architectures (i64 on x86_64, u32 on s390x).
+    #[allow(clippy::unnecessary_cast)]
+    let magic = st.f_type as i64;
+    fs_type_name(magic)
 }
 
 #[allow(unsafe_code)]

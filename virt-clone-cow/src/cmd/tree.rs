@@ -294,3 +294,51 @@ impl Tree {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clone_node(domain: &str, overlay: &str, allocation: u64, link: &'static str) -> CloneNode {
+        CloneNode {
+            domain: Some(domain.into()),
+            target: Some("vda".into()),
+            overlay: overlay.into(),
+            pool: None,
+            volume: None,
+            allocation: Some(allocation),
+            running: false,
+            managed: true,
+            disposable: false,
+            link,
+        }
+    }
+
+    #[test]
+    fn tree_says_which_clones_are_linked_and_which_reflinked() {
+        let mut m = MasterNode {
+            path: "/p/base.raw".into(),
+            format: Some("raw".into()),
+            virtual_size: Some(1 << 30),
+            pool: None,
+            templates: vec!["base".into()],
+            published: None,
+            clones: vec![
+                clone_node("web-1", "/p/web-1-vda.qcow2", 4096, "linked"),
+                clone_node("db-1", "/p/db-1-vda.raw", 1 << 30, "reflinked"),
+            ],
+            clones_allocation: 4096,
+        };
+        let text = Tree { masters: vec![m.clone()] }.render();
+        let line = |who: &str| text.lines().find(|l| l.contains(who)).unwrap().to_string();
+        assert!(!line("web-1").contains("reflinked"), "{text}");
+        assert!(line("db-1").contains("reflinked copy, independent"), "{text}");
+        assert!(text.contains("1 linked clone disk(s), 4.0 KiB in overlays; 1 reflinked (no backing file)"), "{text}");
+        let json = serde_json::to_value(Tree { masters: vec![m.clone()] }).unwrap();
+        assert_eq!(json["masters"][0]["clones"][1]["link"], "reflinked");
+        assert_eq!(json["masters"][0]["clones"][0]["link"], "linked");
+        // Only linked clones: the summary as before.
+        m.clones.pop();
+        assert!(Tree { masters: vec![m] }.render().contains("   1 clone disk(s), 4.0 KiB in overlays"));
+    }
+}
