@@ -262,7 +262,11 @@ impl Tree {
                     (Some(d), None) => d.clone(),
                     (None, _) => "(no domain)".to_string(),
                 };
-                let size = c.allocation.map(human_bytes).unwrap_or_else(|| "?".into());
+                let mut size = c.allocation.map(human_bytes).unwrap_or_else(|| "?".into());
+                if c.link == "reflinked" {
+                    // Allocated, but shared with the master (and other copies) until written.
+                    size.push_str(" shared");
+                }
                 let mut flags = Vec::new();
                 if c.running {
                     flags.push("running");
@@ -332,7 +336,7 @@ mod tests {
         let text = Tree { masters: vec![m.clone()] }.render();
         let line = |who: &str| text.lines().find(|l| l.contains(who)).unwrap().to_string();
         assert!(!line("web-1").contains("reflinked"), "{text}");
-        assert!(line("db-1").contains("reflinked copy, independent"), "{text}");
+        assert!(line("db-1").contains("1.0 GiB shared  reflinked copy, independent"), "{text}");
         assert!(text.contains("1 linked clone disk(s), 4.0 KiB in overlays; 1 reflinked (no backing file)"), "{text}");
         let json = serde_json::to_value(Tree { masters: vec![m.clone()] }).unwrap();
         assert_eq!(json["masters"][0]["clones"][1]["link"], "reflinked");
