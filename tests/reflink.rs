@@ -271,9 +271,8 @@ fn reflink_is_refused_on_ext4_and_tmpfs_and_nothing_changes() {
     // ext4: the env's pool directory (/var/lib/vcc-tests is checked to be ext4 here).
     let fs_type = run_ok("stat", &["-f", "-c", "%T", BASE_DIR]);
     let tmpfs = env.mount_tmpfs("tmpfs", "16M");
-    let mut places = vec![(PathBuf::from(env.in_pool("base.raw")), "tmpfs-or-ext")];
-    places.push((tmpfs.join("base.raw"), "tmpfs"));
-    for (i, (master, _)) in places.iter().enumerate() {
+    let places = [PathBuf::from(env.in_pool("base.raw")), tmpfs.join("base.raw")];
+    for (i, master) in places.iter().enumerate() {
         make_raw(master, 8);
         env.refresh_pool();
         let tmpl = env.name(&format!("-t{i}"));
@@ -306,4 +305,54 @@ fn reflink_is_refused_on_ext4_and_tmpfs_and_nothing_changes() {
         // The same clone without --reflink is a linked clone, as before.
         cli(&["--original", &tmpl, "--name", &env.name(&format!("-l{i}"))]).assert_ok();
     }
+}
+
+#[test]
+fn a_reflink_run_that_fails_halfway_leaves_no_copy_no_volume_and_no_domain() {
+    use vcc_core::overlay::OverlayOptions;
+    use vcc_libvirt::Libvirt;
+    use virt_clone_cow::apply::{apply, ApplyError, ApplyOptions};
+    use virt_clone_cow::cmd::clone::{make_plan, CloneRequest};
+    use virt_clone_cow::reflink::ReflinkError;
+
+    let env = TestEnv::new("rlundo");
+    let fs = LoopFs::new(&env.prefix, "xfs", "600M");
+    // A qcow2 master in the pool, as a volume disk: FICLONE, then a pool refresh.
+    let master = fs.in_pool("base.qcow2");
+    make_qcow2(&master, 8);
+    virsh_ok(&["pool-refresh", fs.pool()]);
+    let tmpl = env.name("-t");
+    let spec = DomainSpec::new(&tmpl, false).disk(DiskSpec::File {
+        path: master.to_string_lossy().into(),
+        format: "qcow2".into(),
+        target: "vda".into(),
+    });
+    define_xml(&spec.xml());
+    let before = Snapshot::take(&env, &tmpl, &[master.to_str().unwrap()]);
+    let pool_files = list_dir(fs.mount.join("pool"));
+
+    let names = vec![env.name("-a"), env.name("-b")];
+    let lv = Libvirt::open(Some(URI)).unwrap();
+    let plan = make_plan(&lv, &CloneRequest { reflink: true, ..CloneRequest::named(&tmpl, names.clone()) }).unwrap();
+    assert!(plan.reflink);
+    // Another process takes the second clone's copy path between planning and applying.
+    let squatter = PathBuf::from(plan.clones[1].overlays[0].location.path());
+    std::fs::write(&squatter, b"not yours").unwrap();
+
+    let err = apply(&lv, &plan, ApplyOptions { start: false, overlay: OverlayOptions::detect() }).unwrap_err();
+    assert!(
+        matches!(&err, ApplyError::Reflink { source: ReflinkError::Exists(p), .. } if Path::new(p) == squatter),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read(&squatter).unwrap(), b"not yours", "the other process's file is untouched");
+    std::fs::remove_file(&squatter).unwrap();
+    // The first clone's copy, its volume and its domain are gone; nothing temporary is left.
+    before.assert_unchanged(&env, &tmpl, &[master.to_str().unwrap()]);
+    assert_eq!(list_dir(fs.mount.join("pool")), pool_files, "the pool directory is as it was");
+    virsh_ok(&["pool-refresh", fs.pool()]);
+    let vols = virsh_ok(&["vol-list", fs.pool()]);
+    assert!(!names.iter().any(|n| vols.contains(n.as_str())), "a copy is still a volume:\n{vols}");
+    assert!(names.iter().all(|n| !domain_exists(n)));
+    drop(env);
+    drop(fs);
 }

@@ -37,6 +37,21 @@ pub struct CloneRequest {
     pub reflink: bool,
 }
 
+impl CloneRequest {
+    /// Linked clones of `original` with exactly these names, nothing started: the defaults of the
+    /// command line (`CloneRequest { reflink: true, ..CloneRequest::named(o, n) }`).
+    pub fn named(original: &str, names: Vec<String>) -> Self {
+        CloneRequest {
+            original: original.to_string(),
+            names: NameRequest::Names(names),
+            start: false,
+            dry_run: false,
+            disposable: false,
+            reflink: false,
+        }
+    }
+}
+
 /// Why a clone run failed. Each says what is wrong and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum CloneError {
