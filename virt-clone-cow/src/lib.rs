@@ -13,6 +13,8 @@
 //! * [`apply`]: carrying out a plan so that a failure leaves nothing behind.
 //! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
 //! * [`lock`]: one run per original at a time.
+//! * [`pool_types`]: which storage pool types get overlays, and what the others are told.
+//! * [`reflink`]: reflinked full copies (`--reflink`) on xfs and btrfs.
 //!
 //! ```no_run
 //! use vcc_libvirt::Libvirt;
@@ -24,6 +26,7 @@
 //!     start: false,
 //!     dry_run: false,
 //!     disposable: false,
+//!     reflink: false,
 //! };
 //! let report = clone_domain(&lv, &req)?;
 //! println!("{}", serde_json::to_string_pretty(&report)?);
@@ -36,3 +39,5 @@ pub mod cmd;
 pub mod lock;
 pub mod multi;
 pub mod plan;
+pub mod pool_types;
+pub mod reflink;
