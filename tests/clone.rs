@@ -575,13 +575,15 @@ fn vars_file_appearing_after_planning_fails_the_second_clone_and_rolls_back_the_
         start: false,
         dry_run: false,
         disposable: false,
+        sysprep: false,
     };
     let plan = make_plan(&lv, &req).unwrap();
     // Another process takes the second clone's vars path between planning and applying.
     let squatter = plan.clones[1].nvram.as_ref().expect("the plan copies the vars").to.clone();
     std::fs::write(&squatter, b"not yours").unwrap();
 
-    let err = apply(&lv, &plan, ApplyOptions { start: false, overlay: OverlayOptions::detect() }).unwrap_err();
+    let err = apply(&lv, &plan, ApplyOptions { start: false, overlay: OverlayOptions::detect(), sysprep: false })
+        .unwrap_err();
     assert!(matches!(err, ApplyError::NvramExists(ref p) if *p == squatter), "{err:?}");
     assert_eq!(std::fs::read(&squatter).unwrap(), b"not yours", "the other process's file is untouched");
     std::fs::remove_file(&squatter).unwrap();

@@ -86,6 +86,13 @@ pub struct CloneArgs {
     #[arg(long)]
     pub disposable: bool,
 
+    /// Reset each clone's guest identity before it is defined: virt-sysprep (guestfs-tools) on its
+    /// overlays removes the template's machine-id, SSH host keys, DHCP leases and network
+    /// hostnames, sets the hostname to the clone's name and writes a fresh /etc/machine-id.
+    /// Local connections only; not with --host.
+    #[arg(long, conflicts_with = "hosts")]
+    pub sysprep: bool,
+
     /// Define the clones on this libvirt host instead of the original's (repeat: the clones are
     /// dealt round-robin over the hosts). The original is read from --connect.
     #[arg(long = "host", value_name = "URI")]
@@ -107,6 +114,7 @@ impl CloneArgs {
             || self.start
             || self.dry_run
             || self.disposable
+            || self.sysprep
             || !self.hosts.is_empty()
             || !self.pool_map.is_empty()
     }
@@ -143,7 +151,14 @@ impl CloneArgs {
             }
             _ => NameRequest::Names(self.names.clone()),
         };
-        Ok(CloneRequest { original, names, start: self.start, dry_run: self.dry_run, disposable: self.disposable })
+        Ok(CloneRequest {
+            original,
+            names,
+            start: self.start,
+            dry_run: self.dry_run,
+            disposable: self.disposable,
+            sysprep: self.sysprep,
+        })
     }
 }
 
@@ -192,6 +207,9 @@ mod tests {
         assert!(bad.clone.to_multi_request().unwrap_err().contains("SRC=DST"));
         assert!(cli(&["-o", "t", "--name", "w", "--pool-map", "a=b"]).is_err(), "--pool-map needs --host");
         assert!(cli(&["--host", "h", "tree"]).unwrap().clone.any_given(), "main refuses --host with `tree`");
+        let e = cli(&["-o", "t", "--name", "w", "--sysprep", "--host", "h"]).unwrap_err();
+        assert!(e.contains("--sysprep") && e.contains("--host"), "--sysprep is for local clones: {e}");
+        assert!(cli(&["-o", "t", "--name", "w", "--sysprep"]).unwrap().clone.to_request().unwrap().sysprep);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! * [`apply`]: carrying out a plan so that a failure leaves nothing behind.
 //! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
 //! * [`lock`]: one run per original at a time.
+//! * [`sysprep`]: `--sysprep`, each clone's own guest identity (virt-sysprep on its overlays).
 //!
 //! ```no_run
 //! use vcc_libvirt::Libvirt;
@@ -24,6 +25,7 @@
 //!     start: false,
 //!     dry_run: false,
 //!     disposable: false,
+//!     sysprep: false,
 //! };
 //! let report = clone_domain(&lv, &req)?;
 //! println!("{}", serde_json::to_string_pretty(&report)?);
@@ -36,3 +38,4 @@ pub mod cmd;
 pub mod lock;
 pub mod multi;
 pub mod plan;
+pub mod sysprep;
