@@ -89,8 +89,9 @@ pub struct CloneArgs {
     /// Reset each clone's guest identity before it is defined: virt-sysprep (guestfs-tools) on its
     /// overlays removes the template's machine-id, SSH host keys, DHCP leases and network
     /// hostnames, sets the hostname to the clone's name and writes a fresh /etc/machine-id.
-    /// Local connections only; not with --host.
-    #[arg(long, conflicts_with = "hosts")]
+    /// Local connections only; not with --host, nor with --disposable (whose overlays, and the
+    /// identity in them, are discarded at every start).
+    #[arg(long, conflicts_with_all = ["hosts", "disposable"])]
     pub sysprep: bool,
 
     /// Define the clones on this libvirt host instead of the original's (repeat: the clones are
@@ -209,6 +210,8 @@ mod tests {
         assert!(cli(&["--host", "h", "tree"]).unwrap().clone.any_given(), "main refuses --host with `tree`");
         let e = cli(&["-o", "t", "--name", "w", "--sysprep", "--host", "h"]).unwrap_err();
         assert!(e.contains("--sysprep") && e.contains("--host"), "--sysprep is for local clones: {e}");
+        let e = cli(&["-o", "t", "--name", "w", "--disposable", "--sysprep"]).unwrap_err();
+        assert!(e.contains("--sysprep") && e.contains("--disposable"), "a disposable clone loses it at start: {e}");
         assert!(cli(&["-o", "t", "--name", "w", "--sysprep"]).unwrap().clone.to_request().unwrap().sysprep);
     }
 
