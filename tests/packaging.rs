@@ -3,6 +3,7 @@
 //! the unit's exact ExecStart line tells systemd it is ready (READY=1 on $NOTIFY_SOCKET) once
 //! `pool-helper status` answers.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -110,7 +111,13 @@ const STATE: &str = "/var/lib/pool-helper";
 const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.toml";
 
 fn apt_get(args: &[&str]) {
-    let o = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").output().unwrap();
+    // Never a conffile prompt (stdin is closed): a hook.toml another test wrote meanwhile is kept.
+    let o = Command::new("apt-get")
+        .args(["-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .unwrap();
     assert!(
         o.status.success(),
         "apt-get {args:?}: {}{}",
@@ -145,7 +152,6 @@ impl Drop for Machine {
             let _ = Command::new("apt-get").args(["purge", "-y", "virt-clone-cow"]).output();
         }
         if let Some(bytes) = self.hook.take() {
-            use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::write(HOOK, bytes);
             let _ = std::fs::set_permissions(HOOK, std::fs::Permissions::from_mode(0o755));
         }
@@ -184,8 +190,19 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
         ],
     );
     assert_eq!(words.trim(), "--original", "virt-clone-cow --ori<TAB>");
-    let link = std::fs::read_link(HOOK).expect("the hook is a link");
-    assert_eq!(link, Path::new("/usr/libexec/virt-clone-cow/virt-clone-cow-hook"));
+    // The hook is a copy (AppArmor: a link into /usr/libexec is not under /etc/libvirt/hooks/**),
+    // and every configure, an upgrade's too, copies the packaged binary again.
+    let packaged = "/usr/libexec/virt-clone-cow/virt-clone-cow-hook";
+    let assert_hook_is_the_packaged_binary = || {
+        let meta = std::fs::symlink_metadata(HOOK).expect("the hook is installed");
+        assert!(meta.file_type().is_file(), "the hook is a regular file, not a link");
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+        assert_eq!(sha256(HOOK), sha256(packaged), "the hook is the packaged binary");
+    };
+    assert_hook_is_the_packaged_binary();
+    std::fs::write(HOOK, b"#!/bin/sh\nexit 0\n").unwrap();
+    apt_get(&["install", "--reinstall", "-y", &deb]);
+    assert_hook_is_the_packaged_binary();
     run_ok("/usr/bin/virt-clone-cow", &["--version"]);
     run_ok("/usr/bin/pool-helper", &["--version"]);
     assert!(Path::new("/etc/pool-helper/config.toml").is_file());

@@ -69,6 +69,8 @@ pub enum ApplyError {
     OriginalStarted(String),
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Sysprep(#[from] crate::sysprep::SysprepError),
     #[error("making the master '{path}' read-only")]
     Protect {
         path: String,
@@ -83,8 +85,11 @@ pub struct CloneOutcome {
     pub name: String,
     pub uuid: String,
     pub started: bool,
-    /// Time to create the overlays, copy the vars and define the domain.
+    /// Time to create the overlays, copy the vars, run virt-sysprep and define the domain.
     pub define_ms: f64,
+    /// With `sysprep`: what virt-sysprep gave the clone.
+    #[serde(skip)]
+    pub sysprep: Option<crate::sysprep::Identity>,
 }
 
 #[derive(Debug)]
@@ -242,6 +247,8 @@ pub(crate) fn check_interrupt() -> Result<(), ApplyError> {
 pub struct ApplyOptions {
     pub start: bool,
     pub overlay: OverlayOptions,
+    /// Run virt-sysprep on each clone's overlays before it is defined ([`crate::sysprep`]).
+    pub sysprep: bool,
 }
 
 /// Carries out `plan`. On error, nothing it did remains.
@@ -262,9 +269,25 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
             check_interrupt()?;
             let t0 = Instant::now();
             make_clone(&mut tx, c, opts.overlay)?;
+            let sysprep = if opts.sysprep && c.overlays.is_empty() {
+                tracing::warn!("'{}' has no private disk: nothing for virt-sysprep to reset", c.name);
+                None
+            } else if opts.sysprep {
+                let overlays: Vec<&str> = c.overlays.iter().map(|o| o.location.path()).collect();
+                Some(crate::sysprep::run(&c.name, &overlays)?)
+            } else {
+                None
+            };
+            check_interrupt()?;
             let uuid = lv.define(&c.xml, &c.name)?;
             tx.push(Undo::Domain(c.name.clone()));
-            outcomes.push(CloneOutcome { name: c.name.clone(), uuid, started: false, define_ms: ms(t0.elapsed()) });
+            outcomes.push(CloneOutcome {
+                name: c.name.clone(),
+                uuid,
+                started: false,
+                define_ms: ms(t0.elapsed()),
+                sysprep,
+            });
         }
         // Not a template, the original could start while it was copied: the copies may be torn.
         if plan.reflink && lv.is_active(&plan.original)? {

@@ -89,8 +89,15 @@ pub struct CloneArgs {
     /// Make each disk a reflinked full copy of the master instead of an overlay (as virt-clone
     /// --reflink): constant time on xfs (reflink=1) and btrfs, no backing chain, and the original
     /// stays an ordinary domain. Refused where the filesystem cannot share extents.
-    #[arg(long, conflicts_with_all = ["disposable", "hosts"])]
+    #[arg(long, conflicts_with_all = ["disposable", "hosts", "sysprep"])]
     pub reflink: bool,
+    /// Reset each clone's guest identity before it is defined: virt-sysprep (guestfs-tools) on its
+    /// overlays removes the template's machine-id, SSH host keys, DHCP leases and network
+    /// hostnames, sets the hostname to the clone's name and writes a fresh /etc/machine-id.
+    /// Local connections only; not with --host, nor with --disposable (whose overlays, and the
+    /// identity in them, are discarded at every start).
+    #[arg(long, conflicts_with_all = ["hosts", "disposable"])]
+    pub sysprep: bool,
 
     /// Define the clones on this libvirt host instead of the original's (repeat: the clones are
     /// dealt round-robin over the hosts). The original is read from --connect.
@@ -114,6 +121,7 @@ impl CloneArgs {
             || self.dry_run
             || self.disposable
             || self.reflink
+            || self.sysprep
             || !self.hosts.is_empty()
             || !self.pool_map.is_empty()
     }
@@ -157,6 +165,7 @@ impl CloneArgs {
             dry_run: self.dry_run,
             disposable: self.disposable,
             reflink: self.reflink,
+            sysprep: self.sysprep,
         })
     }
 }
@@ -211,6 +220,11 @@ mod tests {
         assert!(bad.clone.to_multi_request().unwrap_err().contains("SRC=DST"));
         assert!(cli(&["-o", "t", "--name", "w", "--pool-map", "a=b"]).is_err(), "--pool-map needs --host");
         assert!(cli(&["--host", "h", "tree"]).unwrap().clone.any_given(), "main refuses --host with `tree`");
+        let e = cli(&["-o", "t", "--name", "w", "--sysprep", "--host", "h"]).unwrap_err();
+        assert!(e.contains("--sysprep") && e.contains("--host"), "--sysprep is for local clones: {e}");
+        let e = cli(&["-o", "t", "--name", "w", "--disposable", "--sysprep"]).unwrap_err();
+        assert!(e.contains("--sysprep") && e.contains("--disposable"), "a disposable clone loses it at start: {e}");
+        assert!(cli(&["-o", "t", "--name", "w", "--sysprep"]).unwrap().clone.to_request().unwrap().sysprep);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! * [`lock`]: one run per original at a time.
 //! * [`pool_types`]: which storage pool types get overlays, and what the others are told.
 //! * [`reflink`]: reflinked full copies (`--reflink`) on xfs and btrfs.
+//! * [`sysprep`]: `--sysprep`, each clone's own guest identity (virt-sysprep on its overlays).
 //!
 //! ```no_run
 //! use vcc_libvirt::Libvirt;
@@ -27,6 +28,7 @@
 //!     dry_run: false,
 //!     disposable: false,
 //!     reflink: false,
+//!     sysprep: false,
 //! };
 //! let report = clone_domain(&lv, &req)?;
 //! println!("{}", serde_json::to_string_pretty(&report)?);
@@ -41,3 +43,4 @@ pub mod multi;
 pub mod plan;
 pub mod pool_types;
 pub mod reflink;
+pub mod sysprep;
