@@ -392,9 +392,18 @@ impl TestEnv {
         let _ = virsh(&["pool-destroy", &self.pool]);
         let _ = virsh(&["pool-undefine", &self.pool]);
         for d in [&self.pool_dir, &self.work_dir] {
-            // Masters were made read-only; root removes them anyway.
+            // Masters were made read-only (root removes them anyway) and immutable (not even root).
+            clear_immutable(d);
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+}
+
+/// Clears the immutable attribute virt-clone-cow sets on masters (`chattr -R -i`), on every file
+/// under `dir`, so that the directory can be removed. Never panics.
+pub fn clear_immutable(dir: &Path) {
+    if dir.is_dir() {
+        let _ = run("chattr", &[OsStr::new("-R"), OsStr::new("-f"), OsStr::new("-i"), dir.as_os_str()]);
     }
 }
 
@@ -540,7 +549,8 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let _ = virsh(&["pool-destroy", &self.name]);
         let _ = virsh(&["pool-undefine", &self.name]);
-        // Masters were made read-only: make them removable by the TempDir.
+        // Masters were made read-only and immutable: make them removable by the TempDir.
+        clear_immutable(&self.dir);
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             for e in rd.flatten() {
                 let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644));

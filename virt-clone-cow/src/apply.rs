@@ -95,6 +95,8 @@ pub(crate) enum Undo {
         mode: u32,
     },
     Autostart(String),
+    /// A master this run made immutable.
+    Immutable(PathBuf),
     /// `saved_xml`: the persistent XML before the change. With no previous metadata it is
     /// defined again, because removing the element leaves an empty `<metadata/>` behind.
     Metadata {
@@ -170,6 +172,7 @@ impl<'a> Transaction<'a> {
                     _ => Ok(()),
                 },
                 Undo::Autostart(n) => lv.set_autostart(n, true).map_err(Into::into),
+                Undo::Immutable(p) => vcc_core::protect::release(p).map(drop).map_err(Into::into),
                 Undo::Mode { path, mode } => {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(Into::into)
                 }
@@ -250,6 +253,14 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
             outcomes.push(CloneOutcome { name: c.name.clone(), uuid, started: false, define_ms: ms(t0.elapsed()) });
         }
         check_interrupt()?;
+        // The masters have dependants now: immutable until the last one goes (crate::protection).
+        if !plan.clones.is_empty() {
+            for m in &plan.masters {
+                if crate::protection::hold_master(lv, &m.path) == (crate::protection::Outcome::Held { newly: true }) {
+                    tx.push(Undo::Immutable(PathBuf::from(&m.path)));
+                }
+            }
+        }
         if opts.start {
             for (o, c) in outcomes.iter_mut().zip(&plan.clones) {
                 check_interrupt()?;

@@ -13,6 +13,7 @@
 //! * [`apply`]: carrying out a plan so that a failure leaves nothing behind.
 //! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
 //! * [`lock`]: one run per original at a time.
+//! * [`holds`], [`protection`]: who needs which master; masters immutable while clones depend on them.
 //!
 //! ```no_run
 //! use vcc_libvirt::Libvirt;
@@ -33,6 +34,8 @@
 
 pub mod apply;
 pub mod cmd;
+pub mod holds;
 pub mod lock;
 pub mod multi;
 pub mod plan;
+pub mod protection;

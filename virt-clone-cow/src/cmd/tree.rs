@@ -6,8 +6,12 @@ use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
 
+use crate::cmd::gc::{gc, GcArgs, Unused};
+use crate::cmd::publish::DEFAULT_CONTROL_SOCKET;
+use crate::holds::{describe_all, Holder};
 use vcc_core::metadata::{CowMetadata, MasterRef};
 use vcc_core::overlay::image_info;
+use vcc_core::protect::{self, Protection};
 use vcc_core::units::human_bytes;
 use vcc_core::xml::{BackingDecl, DiskSource, DomainFacts};
 use vcc_libvirt::{Libvirt, LibvirtError, Volume};
@@ -47,6 +51,11 @@ pub struct MasterNode {
     pub clones: Vec<CloneNode>,
     /// Total bytes the clones' overlays take.
     pub clones_allocation: u64,
+    /// Why the master is held: everything on this host that needs it (`crate::holds`).
+    pub held_by: Vec<Holder>,
+    /// How it is protected (local connections): `immutable`, `read-only-mode` or `none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protection: Option<Protection>,
 }
 
 /// A published master's identity, as the domains' metadata records it (`virt-clone-cow publish`).
@@ -69,6 +78,8 @@ impl Published {
 #[derive(Debug, Clone, Serialize)]
 pub struct Tree {
     pub masters: Vec<MasterNode>,
+    /// What `virt-clone-cow gc --yes` would remove (masters nothing needs).
+    pub unused: Vec<Unused>,
 }
 
 /// Builds the tree from every domain and every volume of the active pools.
@@ -94,6 +105,8 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
                     published: None,
                     clones: Vec::new(),
                     clones_allocation: 0,
+                    held_by: Vec::new(),
+                    protection: None,
                 }
             })
             .format
@@ -176,12 +189,24 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             });
         }
     }
+    let holds = crate::holds::scan(lv, &volumes)?;
     let mut masters: Vec<MasterNode> = masters.into_values().collect();
     for m in &mut masters {
+        m.held_by = holds.of(&m.path).to_vec();
+        m.protection = if lv.is_local() { protect::protection(std::path::Path::new(&m.path)).ok() } else { None };
         m.clones_allocation = m.clones.iter().filter_map(|c| c.allocation).sum();
         m.clones.sort_by(|a, b| (&a.domain, &a.target, &a.overlay).cmp(&(&b.domain, &b.target, &b.overlay)));
     }
-    Ok(Tree { masters })
+    // What gc would free (marked masters, and pool-helper's at its default socket if it runs).
+    let args = GcArgs { yes: false, masters: Vec::new(), control_socket: DEFAULT_CONTROL_SOCKET.into() };
+    let unused = match gc(lv, &args) {
+        Ok(r) => r.unused,
+        Err(e) => {
+            tracing::warn!("cannot tell what gc would free: {}", vcc_core::error::one_line(&e));
+            Vec::new()
+        }
+    };
+    Ok(Tree { masters, unused })
 }
 
 fn local_allocation(lv: &Libvirt, path: &str) -> Option<u64> {
@@ -194,10 +219,10 @@ fn local_allocation(lv: &Libvirt, path: &str) -> Option<u64> {
 impl Tree {
     /// The tree as text, one master per block.
     pub fn render(&self) -> String {
-        if self.masters.is_empty() {
-            return "No linked clones: no domain disk or pool volume has a backing file.\n".to_string();
-        }
         let mut s = String::new();
+        if self.masters.is_empty() {
+            s.push_str("No linked clones: no domain disk or pool volume has a backing file.\n");
+        }
         for m in &self.masters {
             s.push_str(&m.path);
             let mut facts = Vec::new();
@@ -215,6 +240,9 @@ impl Tree {
             }
             if let Some(p) = &m.published {
                 facts.push(format!("published sha256 {}", p.sha256.get(..16).unwrap_or(&p.sha256)));
+            }
+            if let Some(p) = m.protection.filter(|p| *p != Protection::None) {
+                facts.push(p.as_str().to_string());
             }
             if !facts.is_empty() {
                 s.push_str(&format!("  ({})", facts.join(", ")));
@@ -244,6 +272,16 @@ impl Tree {
                     m.clones.len(),
                     human_bytes(m.clones_allocation)
                 ));
+            }
+            if !m.held_by.is_empty() {
+                s.push_str(&format!("   held by {}\n", describe_all(&m.held_by)));
+            }
+        }
+        if !self.unused.is_empty() {
+            let bytes: u64 = self.unused.iter().map(|u| u.bytes).sum();
+            s.push_str(&format!("gc would free {} master(s), {}:\n", self.unused.len(), human_bytes(bytes)));
+            for u in &self.unused {
+                s.push_str(&format!("  {}  {}\n", u.path, human_bytes(u.bytes)));
             }
         }
         s
