@@ -15,7 +15,7 @@ use std::process::Output;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::files::{list_dir, mode, random_bytes, sha256};
+use crate::files::{list_dir, make_raw, mode, random_bytes, sha256};
 use crate::process::{run, run_ok, uid};
 
 /// The libvirt connection every test uses.
@@ -397,6 +397,20 @@ impl TestEnv {
             let _ = std::fs::remove_dir_all(d);
         }
     }
+}
+
+/// A BIOS domain `<prefix><suffix>` with one disk vda on `master` (raw, 8 MiB, made here).
+pub fn raw_domain(env: &TestEnv, suffix: &str, master: &str) -> String {
+    let name = env.name(suffix);
+    make_raw(master, 8);
+    env.refresh_pool();
+    let spec = DomainSpec::new(&name, false).disk(DiskSpec::File {
+        path: master.into(),
+        format: "raw".into(),
+        target: "vda".into(),
+    });
+    define_xml(&spec.xml());
+    name
 }
 
 /// Clears the immutable attribute virt-clone-cow sets on masters (`chattr -R -i`), on every file

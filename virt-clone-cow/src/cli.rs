@@ -64,6 +64,9 @@ pub enum Command {
         /// Only these masters (paths); one still needed fails the run, naming what needs it.
         #[arg(value_name = "MASTER")]
         masters: Vec<String>,
+        /// Only masters in this storage pool.
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
         /// The pool-helper daemon's control socket (its seeded masters are candidates too).
         #[arg(long, value_name = "PATH", default_value = virt_clone_cow::cmd::publish::DEFAULT_CONTROL_SOCKET)]
         control_socket: std::path::PathBuf,

@@ -70,9 +70,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let report = publish_template(&lv, &req)?;
             output::print(cli.json, &report, || report.render())
         }
-        Some(Command::Gc { yes, masters, control_socket }) => {
+        Some(Command::Gc { yes, masters, pool, control_socket }) => {
             let lv = Libvirt::open(cli.connect.as_deref())?;
-            let args = GcArgs { yes: *yes, masters: masters.clone(), control_socket: control_socket.clone() };
+            let args = GcArgs {
+                yes: *yes,
+                masters: masters.clone(),
+                pool: pool.clone(),
+                control_socket: control_socket.clone(),
+            };
             let report = gc(&lv, &args)?;
             output::print(cli.json, &report, || report.render())
         }

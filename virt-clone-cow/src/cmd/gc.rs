@@ -34,6 +34,8 @@ pub struct GcArgs {
     pub yes: bool,
     /// Only these masters (paths); each must be unused, or the run fails naming what needs it.
     pub masters: Vec<String>,
+    /// Only masters in this storage pool.
+    pub pool: Option<String>,
     pub control_socket: PathBuf,
 }
 
@@ -182,7 +184,7 @@ pub fn gc(lv: &Libvirt, args: &GcArgs) -> Result<GcReport, GcError> {
         pool_helper,
     };
     for (k, (v, found_by)) in &cands {
-        if wanted.as_ref().is_some_and(|w| !w.contains(k)) {
+        if wanted.as_ref().is_some_and(|w| !w.contains(k)) || args.pool.as_ref().is_some_and(|p| *p != v.pool) {
             continue;
         }
         let who = holds.of(&v.facts.path);

@@ -198,7 +198,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
         m.clones.sort_by(|a, b| (&a.domain, &a.target, &a.overlay).cmp(&(&b.domain, &b.target, &b.overlay)));
     }
     // What gc would free (marked masters, and pool-helper's at its default socket if it runs).
-    let args = GcArgs { yes: false, masters: Vec::new(), control_socket: DEFAULT_CONTROL_SOCKET.into() };
+    let args = GcArgs { yes: false, masters: Vec::new(), pool: None, control_socket: DEFAULT_CONTROL_SOCKET.into() };
     let unused = match gc(lv, &args) {
         Ok(r) => r.unused,
         Err(e) => {
