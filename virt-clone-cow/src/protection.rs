@@ -104,9 +104,12 @@ pub enum Sync {
     Unchanged,
 }
 
-/// Makes a master we marked match its dependants: held while it has any, released when not.
+/// Makes a master ours match its dependants: held while it has any, released when not. Ours:
+/// it carries our mark, or a clone's metadata names it (a master fetched by pool-helper for
+/// clones defined over `--host`, which no local clone run marked).
 pub fn sync_one(lv: &Libvirt, holds: &Holds, path: &str) -> Sync {
-    if !lv.is_local() || protect::mark(Path::new(path)).is_none() {
+    let recorded = holds.of(path).iter().any(|h| matches!(h, crate::holds::Holder::Recorded { .. }));
+    if !lv.is_local() || (protect::mark(Path::new(path)).is_none() && !recorded) {
         return Sync::Unchanged;
     }
     if holds.dependants(path).is_empty() {
