@@ -48,6 +48,12 @@ pub enum GcError {
     Held { path: String, who: String },
     #[error("{path} is not a master virt-clone-cow or pool-helper knows in an active storage pool (see `virt-clone-cow gc`)")]
     Unknown { path: String },
+    #[error("asking pool-helper at {socket} which masters it seeds")]
+    List {
+        socket: String,
+        #[source]
+        source: ClientError,
+    },
     #[error("telling pool-helper to stop seeding {path}")]
     Forget {
         path: String,
@@ -159,8 +165,8 @@ fn candidates<'v>(
 pub fn gc(lv: &Libvirt, args: &GcArgs) -> Result<GcReport, GcError> {
     let volumes = lv.list_volumes()?;
     let holds = crate::holds::scan(lv, &volumes)?;
-    let forget_err = |source| GcError::Forget { path: args.control_socket.display().to_string(), source };
-    let (cands, pool_helper) = candidates(lv, &holds, &volumes, &args.control_socket).map_err(forget_err)?;
+    let list_err = |source| GcError::List { socket: args.control_socket.display().to_string(), source };
+    let (cands, pool_helper) = candidates(lv, &holds, &volumes, &args.control_socket).map_err(list_err)?;
     let wanted: Option<Vec<String>> =
         (!args.masters.is_empty()).then(|| args.masters.iter().map(|p| holds.key(p)).collect());
     if let Some(w) = &wanted {
