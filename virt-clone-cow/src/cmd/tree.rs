@@ -189,13 +189,16 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             });
         }
     }
-    let holds = crate::holds::scan(lv, &volumes)?;
     let mut masters: Vec<MasterNode> = masters.into_values().collect();
+    for m in &mut masters {
+        m.clones_allocation = m.clones.iter().filter_map(|c| c.allocation).sum();
+        m.clones.sort_by(|a, b| (&a.domain, &a.target, &a.overlay).cmp(&(&b.domain, &b.target, &b.overlay)));
+    }
+    // Why each master is held, and how it is protected (crate::holds, vcc_core::protect).
+    let holds = crate::holds::scan(lv, &volumes)?;
     for m in &mut masters {
         m.held_by = holds.of(&m.path).to_vec();
         m.protection = if lv.is_local() { protect::protection(std::path::Path::new(&m.path)).ok() } else { None };
-        m.clones_allocation = m.clones.iter().filter_map(|c| c.allocation).sum();
-        m.clones.sort_by(|a, b| (&a.domain, &a.target, &a.overlay).cmp(&(&b.domain, &b.target, &b.overlay)));
     }
     // What gc would free (marked masters, and pool-helper's at its default socket if it runs).
     let args = GcArgs { yes: false, masters: Vec::new(), pool: None, control_socket: DEFAULT_CONTROL_SOCKET.into() };
