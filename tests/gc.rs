@@ -160,3 +160,21 @@ fn gc_removes_exactly_the_unused_master_and_pool_helper_stops_seeding_it() {
     assert_eq!(records.iter().filter(|f| f.ends_with(".json")).count(), 2, "{records:?}");
     assert!(unused(&env, &["--control-socket", &sock]).0.is_empty());
 }
+
+#[test]
+fn a_flag_an_administrator_set_is_kept_through_clones_and_gc() {
+    let env = TestEnv::new("gcadmin");
+    let master = env.in_pool("base.raw");
+    let tmpl = raw_domain(&env, "-tmpl", &master);
+    // Immutable but still with its write bits: cloning must not try to chmod it.
+    run_ok("chattr", &["+i", &master]);
+    assert!(mode(&master) & 0o200 != 0);
+    let clone = env.name("-c1");
+    cli(&["--original", &tmpl, "--name", &clone]).assert_ok();
+    assert!(immutable(&master));
+    assert_eq!(protect::mark(Path::new(&master)), None, "marked as ours");
+    virsh_ok(&["undefine", "--remove-all-storage", &clone]);
+    let (listed, r) = unused(&env, &["--yes"]);
+    assert!(listed.is_empty() && r["released"] == serde_json::json!([]), "{r:#}");
+    assert!(immutable(&master), "gc cleared a flag it did not set");
+}

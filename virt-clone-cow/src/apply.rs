@@ -395,7 +395,9 @@ pub(crate) fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Resul
             let meta =
                 std::fs::metadata(&m.path).map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
             let mode = meta.permissions().mode() & 0o7777;
-            if mode & 0o222 != 0 {
+            // An immutable master (held for earlier clones) cannot be chmodded, nor written.
+            let immutable = vcc_core::protect::is_immutable(Path::new(&m.path)).ok().flatten() == Some(true);
+            if mode & 0o222 != 0 && !immutable {
                 std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(mode & !0o222))
                     .map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
                 tx.push(Undo::Mode { path: m.path.clone(), mode });
