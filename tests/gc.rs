@@ -178,3 +178,20 @@ fn a_flag_an_administrator_set_is_kept_through_clones_and_gc() {
     assert!(listed.is_empty() && r["released"] == serde_json::json!([]), "{r:#}");
     assert!(immutable(&master), "gc cleared a flag it did not set");
 }
+
+#[test]
+fn a_master_only_root_could_read_is_given_to_qemus_user_and_the_clone_starts() {
+    let env = TestEnv::new("gcdac");
+    let master = env.in_pool("base.raw");
+    let tmpl = raw_domain(&env, "-tmpl", &master);
+    std::fs::set_permissions(&master, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let clone = env.name("-c1");
+    cli(&["--original", &tmpl, "--name", &clone]).assert_ok();
+    assert!(immutable(&master));
+    let meta = std::fs::metadata(&master).unwrap();
+    assert_ne!(meta.uid(), 0, "still root's: QEMU could not read it once immutable");
+    // libvirt cannot chown an immutable file at start; QEMU reads it as its owner.
+    virsh_ok(&["start", &clone]);
+    assert_eq!(domstate(&clone), "running");
+    virsh_ok(&["destroy", &clone]);
+}
