@@ -105,9 +105,32 @@ impl Holds {
     }
 }
 
-/// `who` as one line: `clone web-1 (vda), template base`.
+/// `who` as one line: `clone web-1 (vda), template base`. A domain is named once: its recorded
+/// metadata is not repeated beside its clone disk, nor its own disk beside its template mark.
 pub fn describe_all<'a>(who: impl IntoIterator<Item = &'a Holder>) -> String {
-    who.into_iter().map(Holder::describe).collect::<Vec<_>>().join(", ")
+    fn clone_of(h: &Holder) -> Option<&str> {
+        match h {
+            Holder::Clone { domain, .. } => Some(domain),
+            _ => None,
+        }
+    }
+    fn named(h: &Holder) -> Option<&str> {
+        match h {
+            Holder::Clone { domain, .. } | Holder::Template { domain } | Holder::Recorded { domain } => Some(domain),
+            _ => None,
+        }
+    }
+    let who: Vec<&Holder> = who.into_iter().collect();
+    let said = |d: &str, strong: fn(&Holder) -> Option<&str>| who.iter().any(|h| strong(h) == Some(d));
+    who.iter()
+        .filter(|h| match h {
+            Holder::Recorded { domain } => !said(domain, clone_of),
+            Holder::Disk { domain } => !said(domain, named),
+            _ => true,
+        })
+        .map(|h| h.describe())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The backing file of an image: from its pool volume, or (local files) from qemu-img.
@@ -210,5 +233,12 @@ mod tests {
         assert_eq!(h.of("/p/m"), [c.clone(), t]);
         assert_eq!(h.dependants("/p/m"), [&c]);
         assert!(h.of("/p/other").is_empty());
+        // One domain is named once.
+        let r1 = Holder::Recorded { domain: "web-1".into() };
+        let t1 = Holder::Template { domain: "other".into() };
+        assert_eq!(
+            describe_all([&c, &r1, &r, &t1, &d]),
+            "clone web-1 (vda, running), clone web-2 (its metadata names it), template other"
+        );
     }
 }
