@@ -14,6 +14,8 @@
 //! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
 //! * [`lock`]: one run per original at a time.
 //! * [`holds`], [`protection`]: who needs which master; masters immutable while clones depend on them.
+//! * [`pool_types`]: which storage pool types get overlays, and what the others are told.
+//! * [`reflink`]: reflinked full copies (`--reflink`) on xfs and btrfs.
 //!
 //! ```no_run
 //! use vcc_libvirt::Libvirt;
@@ -25,6 +27,7 @@
 //!     start: false,
 //!     dry_run: false,
 //!     disposable: false,
+//!     reflink: false,
 //! };
 //! let report = clone_domain(&lv, &req)?;
 //! println!("{}", serde_json::to_string_pretty(&report)?);
@@ -38,4 +41,6 @@ pub mod holds;
 pub mod lock;
 pub mod multi;
 pub mod plan;
+pub mod pool_types;
 pub mod protection;
+pub mod reflink;

@@ -91,12 +91,18 @@ fn edits_for(facts: &DomainFacts) -> (DomainEdits, CowMetadata) {
                 source_attr,
                 to_file: false,
                 backing: BackingEdit { path: master, format, self_contained: true },
+                copy: false,
             },
         );
     }
     let md = CowMetadata {
         template: None,
-        clone: Some(CloneInfo { original: facts.name.clone(), disposable: true, disks: md_disks }),
+        clone: Some(CloneInfo {
+            original: facts.name.clone(),
+            disposable: true,
+            disks: md_disks,
+            ..Default::default()
+        }),
     };
     let edits = DomainEdits {
         name: CLONE.to_string(),
@@ -641,6 +647,7 @@ fn plan_on_a_real_capture_makes_overlays_for_file_and_volume_disks_and_keeps_sha
         taken_macs: &taken,
         disposable: false,
         nvram_pool: None,
+        reflink: false,
     };
     let mut n = 0u8;
     let p = plan(&input, || {
@@ -760,6 +767,7 @@ fn only_per_domain_char_paths_are_renamed_host_devices_and_connect_sockets_stay(
         taken_macs: &HashSet::new(),
         disposable: false,
         nvram_pool: None,
+        reflink: false,
     };
     let p = plan(&input, || [1, 2, 3]).unwrap();
     let out = &p.clones[0].xml;
@@ -808,6 +816,7 @@ fn plan_one(original: &str, masters: &[Master]) -> virt_clone_cow::plan::ClonePl
         taken_macs: &HashSet::new(),
         disposable: false,
         nvram_pool: None,
+        reflink: false,
     };
     let mut n = 0u8;
     plan(&input, || {
