@@ -373,17 +373,21 @@ mod tests {
                 clone_node("db-1", "/p/db-1-vda.raw", 1 << 30, "reflinked"),
             ],
             clones_allocation: 4096,
+            held_by: Vec::new(),
+            protection: None,
         };
-        let text = Tree { masters: vec![m.clone()] }.render();
+        let text = Tree { masters: vec![m.clone()], unused: Vec::new() }.render();
         let line = |who: &str| text.lines().find(|l| l.contains(who)).unwrap().to_string();
         assert!(!line("web-1").contains("reflinked"), "{text}");
         assert!(line("db-1").contains("1.0 GiB shared  reflinked copy, independent"), "{text}");
         assert!(text.contains("1 linked clone disk(s), 4.0 KiB in overlays; 1 reflinked (no backing file)"), "{text}");
-        let json = serde_json::to_value(Tree { masters: vec![m.clone()] }).unwrap();
+        let json = serde_json::to_value(Tree { masters: vec![m.clone()], unused: Vec::new() }).unwrap();
         assert_eq!(json["masters"][0]["clones"][1]["link"], "reflinked");
         assert_eq!(json["masters"][0]["clones"][0]["link"], "linked");
         // Only linked clones: the summary as before.
         m.clones.pop();
-        assert!(Tree { masters: vec![m] }.render().contains("   1 clone disk(s), 4.0 KiB in overlays"));
+        assert!(Tree { masters: vec![m], unused: Vec::new() }
+            .render()
+            .contains("   1 clone disk(s), 4.0 KiB in overlays"));
     }
 }
