@@ -545,6 +545,8 @@ fn failure_starting_the_clones_rolls_back_definitions_template_mark_and_master_m
     run.assert_error(1, &[&format!("starting domain '{}'", names[0])]);
     before.assert_unchanged(&env, &tmpl, &[&master]);
     assert!(cow_metadata(&tmpl).is_none(), "the template mark was removed again");
+    let immutable = vcc_core::protect::is_immutable(std::path::Path::new(&master)).unwrap();
+    assert_eq!(immutable, Some(false), "the master made immutable for the clones stayed so");
 }
 
 #[test]

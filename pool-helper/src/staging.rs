@@ -177,9 +177,19 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Makes a published master read-only (0444).
+/// Makes a published master read-only (0444). A master virt-clone-cow made immutable while
+/// clones depend on it (`vcc_core::protect`) cannot be chmodded, and needs not be: nothing can
+/// write it.
 pub fn make_read_only(path: &Path) -> Result<(), StagingError> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(io("cannot make read-only", path))
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)) {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EPERM)
+                && vcc_core::protect::is_immutable(path).ok().flatten() == Some(true) =>
+        {
+            Ok(())
+        }
+        r => r.map_err(io("cannot make read-only", path)),
+    }
 }
 
 /// Writes a small file atomically (temp file, fsync, rename).

@@ -114,6 +114,8 @@ pub(crate) enum Undo {
         mode: u32,
     },
     Autostart(String),
+    /// A master this run made immutable.
+    Immutable(PathBuf),
     /// `saved_xml`: the persistent XML before the change. With no previous metadata it is
     /// defined again, because removing the element leaves an empty `<metadata/>` behind.
     Metadata {
@@ -189,6 +191,7 @@ impl<'a> Transaction<'a> {
                     _ => Ok(()),
                 },
                 Undo::Autostart(n) => lv.set_autostart(n, true).map_err(Into::into),
+                Undo::Immutable(p) => vcc_core::protect::release(p).map(drop).map_err(Into::into),
                 Undo::Mode { path, mode } => {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(Into::into)
                 }
@@ -294,6 +297,15 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
             return Err(ApplyError::OriginalStarted(plan.original.clone()));
         }
         check_interrupt()?;
+        // The masters have dependants now: immutable until the last one goes (crate::protection).
+        // Reflinked copies depend on nothing.
+        if !plan.clones.is_empty() && !plan.reflink {
+            for m in &plan.masters {
+                if crate::protection::hold_master(lv, &m.path) == (crate::protection::Outcome::Held { newly: true }) {
+                    tx.push(Undo::Immutable(PathBuf::from(&m.path)));
+                }
+            }
+        }
         if opts.start {
             for (o, c) in outcomes.iter_mut().zip(&plan.clones) {
                 check_interrupt()?;
@@ -431,7 +443,9 @@ pub(crate) fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Resul
             let meta =
                 std::fs::metadata(&m.path).map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
             let mode = meta.permissions().mode() & 0o7777;
-            if mode & 0o222 != 0 {
+            // An immutable master (held for earlier clones) cannot be chmodded, nor written.
+            let immutable = vcc_core::protect::is_immutable(Path::new(&m.path)).ok().flatten() == Some(true);
+            if mode & 0o222 != 0 && !immutable {
                 std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(mode & !0o222))
                     .map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
                 tx.push(Undo::Mode { path: m.path.clone(), mode });

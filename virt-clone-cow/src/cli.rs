@@ -18,6 +18,7 @@ use virt_clone_cow::multi::MultiRequest;
                   virt-clone-cow --original base --auto-clone --count 10 --json\n  \
                   virt-clone-cow --original base --name web --count 6 --host qemu+ssh://b/system --host qemu+ssh://c/system --start\n  \
                   virt-clone-cow tree\n  \
+                  virt-clone-cow gc --yes\n  \
                   virt-clone-cow publish base"
 )]
 pub struct Cli {
@@ -51,6 +52,22 @@ pub enum Command {
         #[arg(value_name = "TEMPLATE")]
         template: String,
         /// The pool-helper daemon's control socket.
+        #[arg(long, value_name = "PATH", default_value = virt_clone_cow::cmd::publish::DEFAULT_CONTROL_SOCKET)]
+        control_socket: std::path::PathBuf,
+    },
+    /// List masters no template, clone or overlay needs and the space each frees; with --yes,
+    /// remove them (pool-helper stops seeding them) and release or renew masters' protection.
+    Gc {
+        /// Remove them; without it nothing changes.
+        #[arg(long)]
+        yes: bool,
+        /// Only these masters (paths); one still needed fails the run, naming what needs it.
+        #[arg(value_name = "MASTER")]
+        masters: Vec<String>,
+        /// Only masters in this storage pool.
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+        /// The pool-helper daemon's control socket (its seeded masters are candidates too).
         #[arg(long, value_name = "PATH", default_value = virt_clone_cow::cmd::publish::DEFAULT_CONTROL_SOCKET)]
         control_socket: std::path::PathBuf,
     },

@@ -13,6 +13,7 @@
 //! * [`apply`]: carrying out a plan so that a failure leaves nothing behind.
 //! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
 //! * [`lock`]: one run per original at a time.
+//! * [`holds`], [`protection`]: who needs which master; masters immutable while clones depend on them.
 //! * [`pool_types`]: which storage pool types get overlays, and what the others are told.
 //! * [`reflink`]: reflinked full copies (`--reflink`) on xfs and btrfs.
 //! * [`sysprep`]: `--sysprep`, each clone's own guest identity (virt-sysprep on its overlays).
@@ -38,9 +39,11 @@
 
 pub mod apply;
 pub mod cmd;
+pub mod holds;
 pub mod lock;
 pub mod multi;
 pub mod plan;
 pub mod pool_types;
+pub mod protection;
 pub mod reflink;
 pub mod sysprep;
