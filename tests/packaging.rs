@@ -208,8 +208,23 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
     assert!(Path::new("/etc/pool-helper/config.toml").is_file());
     assert!(Path::new(HOOK_CONF).is_file(), "the hook's settings are installed");
 
-    // State as the daemon leaves it, and a master in a pool: purge removes the one, not the other.
+    // The main job with the installed binaries: /usr/bin/virt-clone-cow clones a domain on the
+    // local libvirt and starts the clone (libvirt runs the installed hook at that start), its disk
+    // an overlay on the template's master.
     let env = TestEnv::new("pkg");
+    let tmpl_master = env.in_pool("tmpl.raw");
+    let tmpl = raw_domain(&env, "-tmpl", &tmpl_master);
+    let clone = env.name("-c1");
+    run_ok("/usr/bin/virt-clone-cow", &["--original", tmpl.as_str(), "--name", clone.as_str(), "--start"]);
+    assert_eq!(domstate(&clone), "running", "the clone made by the installed virt-clone-cow runs");
+    let disks = facts(&clone).disks;
+    let vda = disks.iter().find(|d| d.target.as_deref() == Some("vda")).expect("the clone has a vda");
+    let vcc_core::xml::DiskSource::File(overlay) = &vda.source else { panic!("a file overlay: {vda:?}") };
+    let info = qemu_img_info(overlay, "qcow2");
+    assert_eq!(info["backing-filename"].as_str(), Some(tmpl_master.as_str()), "{overlay}: an overlay on the master");
+    virsh_ok(&["destroy", &clone]);
+
+    // State as the daemon leaves it, and a master in a pool: purge removes the one, not the other.
     let master = env.in_pool("master.raw");
     std::fs::write(&master, b"master").unwrap();
     std::fs::create_dir_all(format!("{STATE}/masters")).unwrap();
