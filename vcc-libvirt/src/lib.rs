@@ -351,6 +351,12 @@ impl Libvirt {
         Ok(vcc_core::xml::volume::pool_target_path(&xml))
     }
 
+    /// The directory of files of a dir, fs or netfs pool; None for other pool types.
+    pub fn pool_file_dir(&self, pool: &str) -> Result<Option<String>> {
+        let xml = self.pool(pool)?.xml_desc(0).map_err(call(format!("reading the XML of storage pool '{pool}'")))?;
+        Ok(vcc_core::xml::volume::pool_file_dir(&xml))
+    }
+
     /// Name and whether it is active, for every network defined on the host.
     pub fn networks(&self) -> Result<Vec<(String, bool)>> {
         let nets = self.conn.list_all_networks(0).map_err(call("listing networks"))?;

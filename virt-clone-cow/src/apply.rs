@@ -288,8 +288,7 @@ pub(crate) fn ms(d: Duration) -> f64 {
 
 fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> Result<(), ApplyError> {
     for o in &c.overlays {
-        let backing =
-            BackingSpec { path: &o.master.path, format: &o.master.format, virtual_size: o.master.virtual_size };
+        let backing = BackingSpec { path: &o.master.path, format: &o.master.format, virtual_size: o.size };
         match &o.location {
             OverlayLocation::File { path } => {
                 create_file_overlay(Path::new(path), &backing, opts).map_err(|source| ApplyError::Overlay {

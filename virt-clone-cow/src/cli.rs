@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 
 use virt_clone_cow::cmd::clone::{CloneRequest, NameRequest};
 use virt_clone_cow::multi::MultiRequest;
+use virt_clone_cow::placement::{parse_disk_size, OverlayRequest};
 
 /// Linked (copy-on-write) clones of libvirt domains.
 ///
@@ -95,6 +96,16 @@ pub struct CloneArgs {
     /// the pool of the same name). Repeatable.
     #[arg(long = "pool-map", value_name = "SRC=DST", requires = "hosts")]
     pub pool_map: Vec<String>,
+
+    /// Make each overlay SIZE large (20G, 512M; at least its master's size): the guest sees a
+    /// larger disk. TARGET=SIZE (vdb=50G) sizes one disk; repeatable.
+    #[arg(long = "disk-size", value_name = "[TARGET=]SIZE")]
+    pub disk_sizes: Vec<String>,
+
+    /// Put the overlays in this storage pool (dir, fs or netfs) instead of beside their masters,
+    /// e.g. masters on shared storage, overlays on local disk.
+    #[arg(long, value_name = "POOL")]
+    pub overlay_pool: Option<String>,
 }
 
 impl CloneArgs {
@@ -109,6 +120,8 @@ impl CloneArgs {
             || self.disposable
             || !self.hosts.is_empty()
             || !self.pool_map.is_empty()
+            || !self.disk_sizes.is_empty()
+            || self.overlay_pool.is_some()
     }
 
     /// The multi-host request, when --host was given.
@@ -117,6 +130,11 @@ impl CloneArgs {
             return Ok(None);
         }
         let r = self.to_request()?;
+        if !r.overlay.is_default() {
+            return Err("--disk-size and --overlay-pool do not work with --host yet (there the hook may make the \
+                        overlay at start, beside its master and at its size); --pool-map places overlays on hosts"
+                .into());
+        }
         virt_clone_cow::multi::plan::parse_pool_map(&self.pool_map)?;
         Ok(Some(MultiRequest {
             original: r.original,
@@ -143,7 +161,18 @@ impl CloneArgs {
             }
             _ => NameRequest::Names(self.names.clone()),
         };
-        Ok(CloneRequest { original, names, start: self.start, dry_run: self.dry_run, disposable: self.disposable })
+        let overlay = OverlayRequest {
+            disk_sizes: self.disk_sizes.iter().map(|s| parse_disk_size(s)).collect::<Result<_, _>>()?,
+            pool: self.overlay_pool.clone(),
+        };
+        Ok(CloneRequest {
+            original,
+            names,
+            start: self.start,
+            dry_run: self.dry_run,
+            disposable: self.disposable,
+            overlay,
+        })
     }
 }
 
@@ -174,6 +203,30 @@ mod tests {
         assert!(parse(&["-o", "b"]).unwrap_err().contains("--auto-clone"));
         assert!(parse(&["--name", "x"]).unwrap_err().contains("--original"));
         assert!(parse(&["-o", "b", "--name", "x", "--auto-clone"]).is_err());
+    }
+
+    #[test]
+    fn disk_sizes_and_an_overlay_pool_become_part_of_the_request() {
+        let r = parse(&[
+            "-o",
+            "b",
+            "--name",
+            "x",
+            "--disk-size",
+            "20G",
+            "--disk-size",
+            "vdb=1T",
+            "--overlay-pool",
+            "local",
+        ])
+        .unwrap();
+        assert_eq!(r.overlay.disk_sizes.len(), 2);
+        assert_eq!(r.overlay.disk_sizes[1].bytes, 1 << 40);
+        assert_eq!(r.overlay.pool.as_deref(), Some("local"));
+        assert!(parse(&["-o", "b", "--name", "x", "--disk-size", "big"]).unwrap_err().contains("not a size"));
+        let with_host =
+            Cli::try_parse_from(["virt-clone-cow", "-o", "t", "-n", "w", "--host", "h", "--disk-size", "2G"]);
+        assert!(with_host.unwrap().clone.to_multi_request().unwrap_err().contains("--host"));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! * [`apply`]: carrying out a plan so that a failure leaves nothing behind.
 //! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
 //! * [`lock`]: one run per original at a time.
+//! * [`placement`]: overlays larger than their masters, or in another pool.
 //!
 //! ```no_run
 //! use vcc_libvirt::Libvirt;
@@ -24,6 +25,7 @@
 //!     start: false,
 //!     dry_run: false,
 //!     disposable: false,
+//!     overlay: Default::default(),
 //! };
 //! let report = clone_domain(&lv, &req)?;
 //! println!("{}", serde_json::to_string_pretty(&report)?);
@@ -35,4 +37,5 @@ pub mod apply;
 pub mod cmd;
 pub mod lock;
 pub mod multi;
+pub mod placement;
 pub mod plan;

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::placement::Placement;
 use vcc_core::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, TemplateInfo};
 use vcc_core::xml::{rewrite_domain, BackingEdit, DiskEdit, DomainEdits, DomainFacts, XmlError};
 
@@ -93,7 +94,7 @@ pub fn carry_identity(masters: &mut [Master], template: Option<&TemplateInfo>) {
 pub enum OverlayLocation {
     /// A file outside any pool, made with qemu-img.
     File { path: String },
-    /// A volume in the master's pool, made through the libvirt storage API.
+    /// A volume in the master's pool (or `--overlay-pool`), made through the libvirt storage API.
     Volume { pool: String, name: String, path: String },
 }
 
@@ -110,6 +111,8 @@ impl OverlayLocation {
 pub struct OverlayPlan {
     pub target: String,
     pub location: OverlayLocation,
+    /// Its virtual size in bytes: the master's, or larger with `--disk-size`.
+    pub size: u64,
     pub master: Master,
 }
 
@@ -174,7 +177,17 @@ pub enum PlanError {
 }
 
 /// Makes the plan. `random` supplies 3 random bytes per MAC.
-pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Result<ClonePlan, PlanError> {
+pub fn plan(input: &PlanInput<'_>, random: impl FnMut() -> [u8; 3]) -> Result<ClonePlan, PlanError> {
+    plan_with(input, &Placement::default(), random)
+}
+
+/// Makes the plan with overlays placed and sized as `placement` says (`--overlay-pool`,
+/// `--disk-size`); [`plan`] puts them beside their masters, at their masters' size.
+pub fn plan_with(
+    input: &PlanInput<'_>,
+    placement: &Placement,
+    mut random: impl FnMut() -> [u8; 3],
+) -> Result<ClonePlan, PlanError> {
     let mut seen = HashSet::new();
     for n in input.names {
         if n.is_empty() || n.contains('/') || n.chars().any(char::is_control) {
@@ -213,9 +226,17 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
         let mut disk_edits = BTreeMap::new();
         for m in &masters {
             let file_name = format!("{name}-{}.qcow2", m.target);
-            let dir = Path::new(&m.path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let (dir, pool) = match &placement.pool {
+                Some(p) => (p.dir.clone(), Some(p.name.clone())),
+                None => (
+                    Path::new(&m.path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
+                    m.pool.clone(),
+                ),
+            };
+            // A volume disk names its overlay's pool when that is not the master's.
+            let other_pool = pool.clone().filter(|p| m.pool.as_ref() != Some(p));
             let path = format!("{dir}/{file_name}");
-            let location = match &m.pool {
+            let location = match &pool {
                 Some(pool) => {
                     OverlayLocation::Volume { pool: pool.clone(), name: file_name.clone(), path: path.clone() }
                 }
@@ -228,6 +249,7 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
                 DiskEdit {
                     source_attr,
                     to_file,
+                    pool: other_pool.filter(|_| m.volume_disk && !to_file),
                     backing: BackingEdit {
                         path: m.path.clone(),
                         format: m.format.clone(),
@@ -235,7 +257,8 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
                     },
                 },
             );
-            overlays.push(OverlayPlan { target: m.target.clone(), location, master: m.clone() });
+            let size = placement.size_for(m);
+            overlays.push(OverlayPlan { target: m.target.clone(), location, size, master: m.clone() });
         }
 
         let nvram = input.facts.nvram.as_ref().and_then(|nv| nv.path.as_ref()).map(|from| NvramPlan {

@@ -35,6 +35,9 @@ pub struct DiskEdit {
     /// is made at start by the hook, which libvirt's volume lookup (done before the hook runs)
     /// would not find. `source_attr` is then `file`.
     pub to_file: bool,
+    /// A volume disk's overlay is in another pool than its master (`--overlay-pool`): the new
+    /// `pool` attribute of its `<source>`.
+    pub pool: Option<String>,
     pub backing: BackingEdit,
 }
 
@@ -329,6 +332,8 @@ impl<'e> State<'e> {
                     let (k, v) = &edit.source_attr;
                     if edit.to_file {
                         Some(set_attrs(e, &[("pool", None), ("volume", None), ("file", Some(v.as_str()))])?)
+                    } else if let Some(pool) = &edit.pool {
+                        Some(set_attrs(e, &[("pool", Some(pool.as_str())), (k, Some(v.as_str()))])?)
                     } else {
                         Some(set_attrs(e, &[(k, Some(v.as_str()))])?)
                     }

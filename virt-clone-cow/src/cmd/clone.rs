@@ -32,6 +32,8 @@ pub struct CloneRequest {
     pub dry_run: bool,
     /// Mark the clones disposable: the hook discards their overlays when they stop.
     pub disposable: bool,
+    /// Overlays larger than their masters, or in another pool (`--disk-size`, `--overlay-pool`).
+    pub overlay: crate::placement::OverlayRequest,
 }
 
 /// Why a clone run failed. Each says what is wrong and what to do.
@@ -81,6 +83,8 @@ pub enum CloneError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
+    Placement(#[from] crate::placement::PlacementError),
+    #[error(transparent)]
     Apply(#[from] ApplyError),
 }
 
@@ -92,6 +96,8 @@ pub struct DiskReport {
     pub format: &'static str,
     pub backing: String,
     pub backing_format: String,
+    /// The overlay's virtual size in bytes.
+    pub virtual_size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -145,6 +151,7 @@ pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, Clo
 /// returns the plan.
 pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneError> {
     let (xml, facts, masters) = read_original(lv, &req.original)?;
+    let placement = crate::placement::resolve(lv, &req.overlay, &req.original, &masters, req.disposable)?;
 
     let domains = lv.list_domains()?;
     let existing: HashSet<String> = domains.iter().map(|d| d.name.clone()).collect();
@@ -176,7 +183,7 @@ pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneErr
         disposable: req.disposable,
         nvram_pool,
     };
-    let mut plan = plan(&input, random3)?;
+    let mut plan = crate::plan::plan_with(&input, &placement, random3)?;
 
     // Nothing may be overwritten: check every path the plan would create.
     for c in &mut plan.clones {
@@ -410,6 +417,7 @@ pub(crate) fn clone_entry(c: &crate::plan::CloneSpec, o: Option<&CloneOutcome>) 
                     format: "qcow2",
                     backing: ov.master.path.clone(),
                     backing_format: ov.master.format.clone(),
+                    virtual_size: ov.size,
                     pool,
                     volume,
                 }
