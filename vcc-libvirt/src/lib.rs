@@ -4,6 +4,7 @@
 //! daemon. Errors are classified by libvirt error code, never by message text. The hook does not
 //! depend on this crate: it never calls libvirt.
 
+pub mod blockjob;
 pub mod events;
 pub mod watch;
 

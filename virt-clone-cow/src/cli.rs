@@ -19,6 +19,7 @@ use virt_clone_cow::placement::{parse_disk_size, OverlayRequest};
                   virt-clone-cow --original base --auto-clone --count 10 --json\n  \
                   virt-clone-cow --original base --name web --count 6 --host qemu+ssh://b/system --host qemu+ssh://c/system --start\n  \
                   virt-clone-cow tree\n  \
+                  virt-clone-cow flatten web-1\n  \
                   virt-clone-cow publish base"
 )]
 pub struct Cli {
@@ -54,6 +55,22 @@ pub enum Command {
         /// The pool-helper daemon's control socket.
         #[arg(long, value_name = "PATH", default_value = virt_clone_cow::cmd::publish::DEFAULT_CONTROL_SOCKET)]
         control_socket: std::path::PathBuf,
+    },
+    /// Turn a linked clone's overlays into standalone disks, so it no longer depends on its
+    /// master: live with libvirt's block pull when it runs, else by a standalone copy put in
+    /// place of each overlay (all disks or none).
+    Flatten {
+        /// The clone (a domain made by virt-clone-cow).
+        #[arg(value_name = "CLONE")]
+        clone: String,
+        /// Flatten only this disk (its target, like vda); repeatable. Default: every linked disk.
+        #[arg(long = "disk", value_name = "TARGET")]
+        disks: Vec<String>,
+        /// Longest wait, in seconds, for one disk's block pull or copy; a pull still running then
+        /// is stopped and the disk keeps its master.
+        #[arg(long, value_name = "SECS", default_value_t = virt_clone_cow::cmd::flatten::DEFAULT_TIMEOUT.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
     },
 }
 

@@ -1,5 +1,6 @@
 //! The commands: each owns its request type, its errors and its report.
 
 pub mod clone;
+pub mod flatten;
 pub mod publish;
 pub mod tree;
