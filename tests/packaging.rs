@@ -105,6 +105,8 @@ fn the_units_exec_start_serves_and_notifies_ready() {
 }
 
 const HOOK: &str = "/etc/libvirt/hooks/qemu.d/50-virt-clone-cow";
+/// The same hook for Xen through libvirt's libxl driver (docs/xen.md).
+const LIBXL_HOOK: &str = "/etc/libvirt/hooks/libxl.d/50-virt-clone-cow";
 const STATE: &str = "/var/lib/pool-helper";
 /// The hook's settings, a conffile of the package; tests/hook.rs writes its own there.
 const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.toml";
@@ -124,6 +126,7 @@ fn apt_get(args: &[&str]) {
 /// reloaded.
 struct Machine {
     hook: Option<Vec<u8>>,
+    libxl_hook: Option<Vec<u8>>,
     hook_conf: Option<Vec<u8>>,
 }
 
@@ -135,7 +138,7 @@ impl Machine {
         if hook_conf.is_some() {
             std::fs::remove_file(HOOK_CONF).expect("move the tests' hook.toml aside");
         }
-        Machine { hook: std::fs::read(HOOK).ok(), hook_conf }
+        Machine { hook: std::fs::read(HOOK).ok(), libxl_hook: std::fs::read(LIBXL_HOOK).ok(), hook_conf }
     }
 }
 
@@ -144,10 +147,12 @@ impl Drop for Machine {
         if Command::new("dpkg").args(["-s", "virt-clone-cow"]).output().is_ok_and(|o| o.status.success()) {
             let _ = Command::new("apt-get").args(["purge", "-y", "virt-clone-cow"]).output();
         }
-        if let Some(bytes) = self.hook.take() {
+        for (path, bytes) in [(HOOK, self.hook.take()), (LIBXL_HOOK, self.libxl_hook.take())] {
             use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::write(HOOK, bytes);
-            let _ = std::fs::set_permissions(HOOK, std::fs::Permissions::from_mode(0o755));
+            let Some(bytes) = bytes else { continue };
+            let _ = std::fs::create_dir_all(Path::new(path).parent().unwrap_or(Path::new("/")));
+            let _ = std::fs::write(path, bytes);
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
         }
         if let Some(bytes) = self.hook_conf.take() {
             let _ = std::fs::create_dir_all("/etc/virt-clone-cow");
@@ -184,8 +189,10 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
         ],
     );
     assert_eq!(words.trim(), "--original", "virt-clone-cow --ori<TAB>");
-    let link = std::fs::read_link(HOOK).expect("the hook is a link");
-    assert_eq!(link, Path::new("/usr/libexec/virt-clone-cow/virt-clone-cow-hook"));
+    for hook in [HOOK, LIBXL_HOOK] {
+        let link = std::fs::read_link(hook).unwrap_or_else(|e| panic!("the hook {hook} is a link: {e}"));
+        assert_eq!(link, Path::new("/usr/libexec/virt-clone-cow/virt-clone-cow-hook"));
+    }
     run_ok("/usr/bin/virt-clone-cow", &["--version"]);
     run_ok("/usr/bin/pool-helper", &["--version"]);
     assert!(Path::new("/etc/pool-helper/config.toml").is_file());
@@ -200,6 +207,7 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
     std::fs::create_dir_all(format!("{STATE}/librqbit")).unwrap();
     apt_get(&["purge", "-y", "virt-clone-cow"]);
     assert!(std::fs::symlink_metadata(HOOK).is_err(), "the hook is gone");
+    assert!(std::fs::symlink_metadata(LIBXL_HOOK).is_err(), "the libxl hook is gone");
     assert!(!Path::new(STATE).exists() && !Path::new("/etc/pool-helper").exists(), "our state is gone");
     assert!(!Path::new(HOOK_CONF).exists(), "purge removes the hook's settings");
     assert_eq!(std::fs::read(&master).unwrap(), b"master", "a master is never removed");

@@ -174,6 +174,8 @@ pub enum PlanError {
     Xml(#[from] XmlError),
     #[error("the original's metadata cannot be read")]
     Metadata(#[source] XmlError),
+    #[error("'{0}' is a Xen domain: disposable clones are not offered there (libxl runs no hook on `virsh restore`, so the hook could not tell a fresh start from a restored guest); clone it without --disposable")]
+    XenDisposable(String),
 }
 
 /// Makes the plan. `random` supplies 3 random bytes per MAC.
@@ -198,6 +200,12 @@ pub fn plan_with(
         }
     }
     let original = &input.facts.name;
+    // libxl (`<domain type='xen'>`): overlays go through the qdisk backend, MACs in Xen's range.
+    let xen = input.facts.domain_type == "xen";
+    if xen && input.disposable && !input.names.is_empty() {
+        return Err(PlanError::XenDisposable(original.clone()));
+    }
+    let mac_prefix = if xen { XEN_MAC_PREFIX } else { QEMU_MAC_PREFIX };
     // The original's metadata: whatever clone information it carried stays, and a master it
     // recorded as published keeps (and passes on) its identity.
     let mut md = match &input.facts.vcc_metadata {
@@ -216,7 +224,7 @@ pub fn plan_with(
             .macs
             .iter()
             .map(|_| {
-                let mac = new_mac(&mut taken_macs, &mut random);
+                let mac = new_mac(mac_prefix, &mut taken_macs, &mut random);
                 macs.push(mac.clone());
                 Some(mac)
             })
@@ -250,6 +258,7 @@ pub fn plan_with(
                     source_attr,
                     to_file,
                     pool: other_pool.filter(|_| m.volume_disk && !to_file),
+                    driver_name: xen.then(|| "qemu".to_string()),
                     backing: BackingEdit {
                         path: m.path.clone(),
                         format: m.format.clone(),
@@ -305,11 +314,16 @@ pub fn plan_with(
     Ok(ClonePlan { original: original.clone(), masters, clones, template_metadata: md })
 }
 
-/// A locally administered unicast MAC in QEMU's range (52:54:00), unused on the host.
-fn new_mac(taken: &mut HashSet<String>, random: &mut impl FnMut() -> [u8; 3]) -> String {
+/// The MAC prefix libvirt's QEMU driver gives new NICs (locally administered unicast).
+pub const QEMU_MAC_PREFIX: &str = "52:54:00";
+/// The prefix libvirt's libxl driver gives new NICs: the Xen project's OUI.
+pub const XEN_MAC_PREFIX: &str = "00:16:3e";
+
+/// A MAC with `prefix` (three bytes), unused on the host.
+fn new_mac(prefix: &str, taken: &mut HashSet<String>, random: &mut impl FnMut() -> [u8; 3]) -> String {
     loop {
         let [a, b, c] = random();
-        let mac = format!("52:54:00:{a:02x}:{b:02x}:{c:02x}");
+        let mac = format!("{prefix}:{a:02x}:{b:02x}:{c:02x}");
         if taken.insert(mac.clone()) {
             return mac;
         }
@@ -434,7 +448,7 @@ mod tests {
         let mut taken: HashSet<String> = ["52:54:00:00:00:01".to_string()].into();
         let mut seq = [[0u8, 0, 1], [0, 0, 1], [0, 0, 2], [0, 0, 2], [0, 0, 3]].into_iter();
         let mut rnd = || seq.next().unwrap_or([9, 9, 9]);
-        assert_eq!(new_mac(&mut taken, &mut rnd), "52:54:00:00:00:02");
-        assert_eq!(new_mac(&mut taken, &mut rnd), "52:54:00:00:00:03");
+        assert_eq!(new_mac(QEMU_MAC_PREFIX, &mut taken, &mut rnd), "52:54:00:00:00:02");
+        assert_eq!(new_mac(QEMU_MAC_PREFIX, &mut taken, &mut rnd), "52:54:00:00:00:03");
     }
 }

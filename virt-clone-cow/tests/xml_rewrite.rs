@@ -91,6 +91,7 @@ fn edits_for(facts: &DomainFacts) -> (DomainEdits, CowMetadata) {
                 source_attr,
                 to_file: false,
                 pool: None,
+                driver_name: None,
                 backing: BackingEdit { path: master, format, self_contained: true },
             },
         );

@@ -38,6 +38,9 @@ pub struct DiskEdit {
     /// A volume disk's overlay is in another pool than its master (`--overlay-pool`): the new
     /// `pool` attribute of its `<source>`.
     pub pool: Option<String>,
+    /// A new `name` for the disk's `<driver>`: `qemu` on Xen, where only the qdisk backend
+    /// (libxl's driver name `qemu`) opens qcow2 (`phy` and `file` take raw images only).
+    pub driver_name: Option<String>,
     pub backing: BackingEdit,
 }
 
@@ -323,7 +326,10 @@ impl<'e> State<'e> {
         if depth == 4 && at(&s[..3], &["domain", "devices", "disk"]) {
             let Some(edit) = self.disk else { return Ok(None) };
             return Ok(match s[3].as_str() {
-                "driver" => Some(set_attrs(e, &[("type", Some("qcow2"))])?),
+                "driver" => match &edit.driver_name {
+                    Some(n) => Some(set_attrs(e, &[("name", Some(n.as_str())), ("type", Some("qcow2"))])?),
+                    None => Some(set_attrs(e, &[("type", Some("qcow2"))])?),
+                },
                 "source" => {
                     self.source_depth = Some(depth);
                     if let Some(ws) = ws_before {
