@@ -66,8 +66,9 @@ pub enum Command {
         /// Flatten only this disk (its target, like vda); repeatable. Default: every linked disk.
         #[arg(long = "disk", value_name = "TARGET")]
         disks: Vec<String>,
-        /// Longest wait, in seconds, for one disk's block pull or copy; a pull still running then
-        /// is stopped and the disk keeps its master.
+        /// Longest wait, in seconds, for one disk's block pull or qemu-img copy; a pull still
+        /// running then is stopped and the disk keeps its master (a copy through libvirt's storage
+        /// API has no bound a client can set).
         #[arg(long, value_name = "SECS", default_value_t = virt_clone_cow::cmd::flatten::DEFAULT_TIMEOUT.as_secs(),
               value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
