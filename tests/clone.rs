@@ -565,6 +565,7 @@ fn vars_file_appearing_after_planning_fails_the_second_clone_and_rolls_back_the_
         dry_run: false,
         disposable: false,
         overlay: Default::default(),
+        reflink: false,
     };
     let plan = make_plan(&lv, &req).unwrap();
     // Another process takes the second clone's vars path between planning and applying.

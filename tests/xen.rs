@@ -77,6 +77,7 @@ fn clone_xml(original: &str, name: &str, disposable: bool) -> Result<String, Pla
         taken_macs: &taken,
         disposable,
         nvram_pool: None,
+        reflink: false,
     };
     let mut n = 0u8;
     plan(&input, || {

@@ -129,6 +129,19 @@ pub fn allocate(f: &File, size: u64) -> std::io::Result<()> {
     }
 }
 
+/// Asks the kernel to start writing out every dirty page of `f` now, without waiting for it
+/// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE` over the whole file).
+pub fn start_writeback(f: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is open for the duration of the call; offset 0 and length 0 mean the whole file.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// fsyncs `staged`, makes it read-only (0444) and renames it to `<pool_dir>/<name>` without
 /// replacing anything, then fsyncs the pool directory. Returns the final path.
 pub fn publish(staged: &Path, pool_dir: &Path, name: &str) -> Result<PathBuf, StagingError> {

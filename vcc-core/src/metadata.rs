@@ -87,6 +87,22 @@ pub struct CloneInfo {
     /// Discard the overlay when the guest stops, so every start is fresh (the hook acts on it).
     pub disposable: bool,
     pub disks: Vec<CloneDisk>,
+    /// Disks that are reflinked copies (`--reflink`): standalone images, no master dependency.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reflinks: Vec<ReflinkDisk>,
+}
+
+/// One disk of a clone made with `--reflink`: a full copy of `from` sharing its extents (on xfs or
+/// btrfs), with no backing file. Nothing depends on `from` any more; it is recorded for `tree`.
+/// Kept apart from [`CloneInfo::disks`] so that readers that know only overlays (the hook) leave
+/// these disks alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReflinkDisk {
+    pub target: String,
+    /// The copy (file or pool volume path).
+    pub path: String,
+    /// The image it was copied from, at cloning time.
+    pub from: MasterRef,
 }
 
 /// Present on templates: the masters its clones depend on.
@@ -140,6 +156,15 @@ impl CowMetadata {
                 s.push_str(&master_xml(p, &d.master));
                 s.push_str(&format!("</{p}disk>"));
             }
+            for d in &c.reflinks {
+                s.push_str(&format!(
+                    "<{p}reflink target='{}' path='{}'>",
+                    escape(d.target.as_str()),
+                    escape(d.path.as_str())
+                ));
+                s.push_str(&master_xml(p, &d.from));
+                s.push_str(&format!("</{p}reflink>"));
+            }
             s.push_str(&format!("</{p}clone>"));
         }
         s.push_str(&format!("</{p}cow>"));
@@ -152,6 +177,7 @@ impl CowMetadata {
         let mut md = CowMetadata::default();
         let mut in_template = false;
         let mut disk: Option<(String, String)> = None;
+        let mut reflink: Option<(String, String)> = None;
         loop {
             let ev = r.read_event().map_err(|e| crate::xml::syntax(&r, e))?;
             match ev {
@@ -169,10 +195,14 @@ impl CowMetadata {
                                 original: a("original")?.unwrap_or_default(),
                                 disposable: a("disposable")?.as_deref() == Some("yes"),
                                 disks: Vec::new(),
+                                reflinks: Vec::new(),
                             });
                         }
                         "disk" => {
                             disk = Some((a("target")?.unwrap_or_default(), a("overlay")?.unwrap_or_default()));
+                        }
+                        "reflink" => {
+                            reflink = Some((a("target")?.unwrap_or_default(), a("path")?.unwrap_or_default()));
                         }
                         "master" => {
                             let m = MasterRef {
@@ -190,6 +220,8 @@ impl CowMetadata {
                                 if let Some(t) = md.template.as_mut() {
                                     t.masters.push(m);
                                 }
+                            } else if let (Some((target, path)), Some(c)) = (reflink.take(), md.clone.as_mut()) {
+                                c.reflinks.push(ReflinkDisk { target, path, from: m });
                             } else if let (Some((target, overlay)), Some(c)) = (disk.take(), md.clone.as_mut()) {
                                 c.disks.push(CloneDisk { target, overlay, master: m });
                             }
@@ -250,7 +282,12 @@ mod tests {
             clone: Some(CloneInfo {
                 original: "tmpl \"1\"".into(),
                 disposable: true,
-                disks: vec![CloneDisk { target: "vda".into(), overlay: "/pool/c-vda.qcow2".into(), master }],
+                disks: vec![CloneDisk {
+                    target: "vda".into(),
+                    overlay: "/pool/c-vda.qcow2".into(),
+                    master: master.clone(),
+                }],
+                reflinks: vec![ReflinkDisk { target: "vdb".into(), path: "/pool/c-vdb.raw".into(), from: master }],
             }),
         }
     }

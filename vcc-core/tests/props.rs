@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 
 use vcc_core::control::proto::{Answer, Identity, MasterRequest, Request};
-use vcc_core::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, TemplateInfo};
+use vcc_core::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, ReflinkDisk, TemplateInfo};
 use vcc_core::xml::{rewrite_domain, DomainEdits, DomainFacts};
 
 /// Cases per property: `PROPTEST_CASES`, else 256.
@@ -294,8 +294,11 @@ fn metadata() -> impl Strategy<Value = CowMetadata> {
         overlay,
         master,
     });
-    let clone = (xml_text(), any::<bool>(), proptest::collection::vec(disk, 0..3))
-        .prop_map(|(original, disposable, disks)| CloneInfo { original, disposable, disks });
+    let reflink =
+        (xml_text(), xml_text(), master_ref()).prop_map(|(target, path, from)| ReflinkDisk { target, path, from });
+    let clone =
+        (xml_text(), any::<bool>(), proptest::collection::vec(disk, 0..3), proptest::collection::vec(reflink, 0..3))
+            .prop_map(|(original, disposable, disks, reflinks)| CloneInfo { original, disposable, disks, reflinks });
     let template = proptest::collection::vec(master_ref(), 0..3).prop_map(|masters| TemplateInfo { masters });
     (proptest::option::of(template), proptest::option::of(clone))
         .prop_map(|(template, clone)| CowMetadata { template, clone })

@@ -33,6 +33,20 @@ pub enum ApplyError {
         #[source]
         source: LibvirtError,
     },
+    #[error("making the reflinked copy for disk {target} of '{clone}'")]
+    Reflink {
+        clone: String,
+        target: String,
+        #[source]
+        source: crate::reflink::ReflinkError,
+    },
+    #[error("making the reflinked copy for disk {target} of '{clone}'")]
+    ReflinkVolume {
+        clone: String,
+        target: String,
+        #[source]
+        source: LibvirtError,
+    },
     #[error("copying the UEFI vars '{from}' to '{to}'")]
     Nvram {
         from: String,
@@ -237,7 +251,10 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
     let result = (|| {
         // Protect first: once marked (and its masters read-only) the original cannot be started
         // through the hook, and a start that slipped in since planning is caught here.
-        make_template(&mut tx, plan)?;
+        // Reflinked copies depend on nothing: the original stays an ordinary domain.
+        if !plan.reflink {
+            make_template(&mut tx, plan)?;
+        }
         if lv.is_active(&plan.original)? {
             return Err(ApplyError::OriginalStarted(plan.original.clone()));
         }
@@ -248,6 +265,10 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
             let uuid = lv.define(&c.xml, &c.name)?;
             tx.push(Undo::Domain(c.name.clone()));
             outcomes.push(CloneOutcome { name: c.name.clone(), uuid, started: false, define_ms: ms(t0.elapsed()) });
+        }
+        // Not a template, the original could start while it was copied: the copies may be torn.
+        if plan.reflink && lv.is_active(&plan.original)? {
+            return Err(ApplyError::OriginalStarted(plan.original.clone()));
         }
         check_interrupt()?;
         if opts.start {
@@ -287,7 +308,10 @@ pub(crate) fn ms(d: Duration) -> f64 {
 }
 
 fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> Result<(), ApplyError> {
-    for o in &c.overlays {
+    for o in c.overlays.iter().filter(|o| o.reflink) {
+        crate::reflink::make_copy(tx, &c.name, o)?;
+    }
+    for o in c.overlays.iter().filter(|o| !o.reflink) {
         let backing = BackingSpec { path: &o.master.path, format: &o.master.format, virtual_size: o.size };
         match &o.location {
             OverlayLocation::File { path } => {

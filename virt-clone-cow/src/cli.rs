@@ -105,6 +105,12 @@ pub struct CloneArgs {
     #[arg(long)]
     pub disposable: bool,
 
+    /// Make each disk a reflinked full copy of the master instead of an overlay (as virt-clone
+    /// --reflink): constant time on xfs (reflink=1) and btrfs, no backing chain, and the original
+    /// stays an ordinary domain. Refused where the filesystem cannot share extents.
+    #[arg(long, conflicts_with_all = ["disposable", "hosts"])]
+    pub reflink: bool,
+
     /// Define the clones on this libvirt host instead of the original's (repeat: the clones are
     /// dealt round-robin over the hosts). The original is read from --connect.
     #[arg(long = "host", value_name = "URI")]
@@ -117,12 +123,12 @@ pub struct CloneArgs {
 
     /// Make each overlay SIZE large (20G, 512M; at least its master's size): the guest sees a
     /// larger disk. TARGET=SIZE (vdb=50G) sizes one disk; repeatable.
-    #[arg(long = "disk-size", value_name = "[TARGET=]SIZE")]
+    #[arg(long = "disk-size", value_name = "[TARGET=]SIZE", conflicts_with = "reflink")]
     pub disk_sizes: Vec<String>,
 
     /// Put the overlays in this storage pool (dir, fs or netfs) instead of beside their masters,
     /// e.g. masters on shared storage, overlays on local disk.
-    #[arg(long, value_name = "POOL")]
+    #[arg(long, value_name = "POOL", conflicts_with = "reflink")]
     pub overlay_pool: Option<String>,
 }
 
@@ -136,6 +142,7 @@ impl CloneArgs {
             || self.start
             || self.dry_run
             || self.disposable
+            || self.reflink
             || !self.hosts.is_empty()
             || !self.pool_map.is_empty()
             || !self.disk_sizes.is_empty()
@@ -190,6 +197,7 @@ impl CloneArgs {
             dry_run: self.dry_run,
             disposable: self.disposable,
             overlay,
+            reflink: self.reflink,
         })
     }
 }
@@ -221,6 +229,11 @@ mod tests {
         assert!(parse(&["-o", "b"]).unwrap_err().contains("--auto-clone"));
         assert!(parse(&["--name", "x"]).unwrap_err().contains("--original"));
         assert!(parse(&["-o", "b", "--name", "x", "--auto-clone"]).is_err());
+        assert!(parse(&["-o", "b", "--name", "x", "--reflink"]).unwrap().reflink);
+        assert!(!parse(&["-o", "b", "--name", "x"]).unwrap().reflink);
+        // A reflinked copy is nothing the hook discards, and it stays on the master's filesystem.
+        assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--disposable"]).is_err());
+        assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--host", "h"]).is_err());
     }
 
     #[test]
@@ -245,6 +258,9 @@ mod tests {
         let with_host =
             Cli::try_parse_from(["virt-clone-cow", "-o", "t", "-n", "w", "--host", "h", "--disk-size", "2G"]);
         assert!(with_host.unwrap().clone.to_multi_request().unwrap_err().contains("--host"));
+        // A reflinked copy is the master's size, beside it.
+        assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--disk-size", "2G"]).is_err());
+        assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--overlay-pool", "p"]).is_err());
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
 //! * [`lock`]: one run per original at a time.
 //! * [`placement`]: overlays larger than their masters, or in another pool.
+//! * [`pool_types`]: which storage pool types get overlays, and what the others are told.
+//! * [`reflink`]: reflinked full copies (`--reflink`) on xfs and btrfs.
 //!
 //! ```no_run
 //! use vcc_libvirt::Libvirt;
@@ -26,6 +28,7 @@
 //!     dry_run: false,
 //!     disposable: false,
 //!     overlay: Default::default(),
+//!     reflink: false,
 //! };
 //! let report = clone_domain(&lv, &req)?;
 //! println!("{}", serde_json::to_string_pretty(&report)?);
@@ -39,3 +42,5 @@ pub mod lock;
 pub mod multi;
 pub mod placement;
 pub mod plan;
+pub mod pool_types;
+pub mod reflink;

@@ -22,10 +22,20 @@ pub fn print<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce() -> 
 
 pub fn render_clone_report(r: &CloneReport) -> String {
     let mut s = String::new();
+    let reflinked = r.clones.iter().flat_map(|c| &c.disks).any(|d| d.reflinked);
     if r.dry_run {
         s.push_str(&format!(
-            "Dry run: would make {} linked clone(s) of '{}' (nothing changed):\n",
+            "Dry run: would make {} {} clone(s) of '{}' (nothing changed):\n",
             r.clones.len(),
+            if reflinked { "reflinked" } else { "linked" },
+            r.original
+        ));
+    } else if reflinked {
+        s.push_str(&format!(
+            "Made {} reflinked clone(s) of '{}' in {:.0} ms (full copies sharing extents; '{}' stays an ordinary domain).\n",
+            r.clones.len(),
+            r.original,
+            r.elapsed_ms,
             r.original
         ));
     } else {
@@ -46,7 +56,14 @@ pub fn render_clone_report(r: &CloneReport) -> String {
             state
         ));
         for d in &c.disks {
-            s.push_str(&format!("    {}  {}  -> {} ({})\n", d.target, d.overlay, d.backing, d.backing_format));
+            if d.reflinked {
+                s.push_str(&format!(
+                    "    {}  {}  reflinked copy of {} ({})\n",
+                    d.target, d.overlay, d.backing, d.format
+                ));
+            } else {
+                s.push_str(&format!("    {}  {}  -> {} ({})\n", d.target, d.overlay, d.backing, d.backing_format));
+            }
         }
         if !c.macs.is_empty() {
             s.push_str(&format!("    mac  {}\n", c.macs.join(", ")));

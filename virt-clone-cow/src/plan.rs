@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::placement::Placement;
-use vcc_core::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, TemplateInfo};
+use vcc_core::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, ReflinkDisk, TemplateInfo};
 use vcc_core::xml::{rewrite_domain, BackingEdit, DiskEdit, DomainEdits, DomainFacts, XmlError};
 
 /// A master image behind one of the original's private disks, as resolved on the host.
@@ -114,6 +114,9 @@ pub struct OverlayPlan {
     /// Its virtual size in bytes: the master's, or larger with `--disk-size`.
     pub size: u64,
     pub master: Master,
+    /// Not an overlay but a reflinked full copy of the master, in its format (`--reflink`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reflink: bool,
 }
 
 /// Copying the original's UEFI vars for a clone.
@@ -144,6 +147,10 @@ pub struct ClonePlan {
     pub original: String,
     pub masters: Vec<Master>,
     pub clones: Vec<CloneSpec>,
+    /// The clones' disks are reflinked copies: nothing depends on the masters, and the original
+    /// does not become a template.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reflink: bool,
     /// The original's metadata once it is a template.
     #[serde(skip)]
     pub template_metadata: CowMetadata,
@@ -161,6 +168,8 @@ pub struct PlanInput<'a> {
     pub disposable: bool,
     /// The pool holding the original's UEFI vars, if they are a pool volume.
     pub nvram_pool: Option<String>,
+    /// Reflinked full copies instead of overlays (`--reflink`).
+    pub reflink: bool,
 }
 
 /// Why a plan cannot be made.
@@ -233,7 +242,9 @@ pub fn plan_with(
         let mut overlays = Vec::new();
         let mut disk_edits = BTreeMap::new();
         for m in &masters {
-            let file_name = format!("{name}-{}.qcow2", m.target);
+            // A reflinked copy keeps the master's format (qcow2 or raw, checked when resolved).
+            let ext = if input.reflink { m.format.as_str() } else { "qcow2" };
+            let file_name = format!("{name}-{}.{ext}", m.target);
             let (dir, pool) = match &placement.pool {
                 Some(p) => (p.dir.clone(), Some(p.name.clone())),
                 None => (
@@ -250,7 +261,8 @@ pub fn plan_with(
                 }
                 None => OverlayLocation::File { path: path.clone() },
             };
-            let to_file = m.volume_disk && m.as_file_disk;
+            // A reflinked copy exists before the start: a volume disk stays one.
+            let to_file = !input.reflink && m.volume_disk && m.as_file_disk;
             let source_attr = if m.volume_disk && !to_file { ("volume", file_name) } else { ("file", path) };
             disk_edits.insert(
                 m.disk_index,
@@ -264,10 +276,17 @@ pub fn plan_with(
                         format: m.format.clone(),
                         self_contained: m.self_contained,
                     },
+                    copy: input.reflink,
                 },
             );
             let size = placement.size_for(m);
-            overlays.push(OverlayPlan { target: m.target.clone(), location, size, master: m.clone() });
+            overlays.push(OverlayPlan {
+                target: m.target.clone(),
+                location,
+                size,
+                master: m.clone(),
+                reflink: input.reflink,
+            });
         }
 
         let nvram = input.facts.nvram.as_ref().and_then(|nv| nv.path.as_ref()).map(|from| NvramPlan {
@@ -286,10 +305,20 @@ pub fn plan_with(
                 disposable: input.disposable,
                 disks: overlays
                     .iter()
+                    .filter(|o| !o.reflink)
                     .map(|o| CloneDisk {
                         target: o.target.clone(),
                         overlay: o.location.path().to_string(),
                         master: o.master.to_ref(false),
+                    })
+                    .collect(),
+                reflinks: overlays
+                    .iter()
+                    .filter(|o| o.reflink)
+                    .map(|o| ReflinkDisk {
+                        target: o.target.clone(),
+                        path: o.location.path().to_string(),
+                        from: o.master.to_ref(false),
                     })
                     .collect(),
             }),
@@ -311,7 +340,7 @@ pub fn plan_with(
     // The original becomes a template.
     md.template = Some(TemplateInfo { masters: masters.iter().map(|m| m.to_ref(true)).collect() });
 
-    Ok(ClonePlan { original: original.clone(), masters, clones, template_metadata: md })
+    Ok(ClonePlan { original: original.clone(), masters, clones, reflink: input.reflink, template_metadata: md })
 }
 
 /// The MAC prefix libvirt's QEMU driver gives new NICs (locally administered unicast).
@@ -415,9 +444,73 @@ mod tests {
                 taken_macs: &HashSet::new(),
                 disposable: false,
                 nvram_pool: None,
+                reflink: false,
             };
             assert!(matches!(plan(&input, || [1, 2, 3]), Err(PlanError::BadName(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_reflink_plan_copies_each_disk_in_its_format_with_no_backing_chain() {
+        let xml = "<domain type='kvm'><name>t</name><devices>\
+            <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/p/t.raw'/><backingStore/>\
+            <target dev='vda'/></disk>\
+            <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='x' volume='d.qcow2'/>\
+            <target dev='vdb'/></disk></devices></domain>";
+        let facts = DomainFacts::parse(xml).unwrap();
+        let m = |i: usize, t: &str, path: &str, format: &str, pool: Option<&str>| Master {
+            disk_index: i,
+            target: t.into(),
+            path: path.into(),
+            format: format.into(),
+            virtual_size: 1 << 20,
+            pool: pool.map(Into::into),
+            volume: pool.map(|_| "d.qcow2".into()),
+            volume_disk: pool.is_some(),
+            as_file_disk: pool.is_some(),
+            self_contained: true,
+            sha256: None,
+            info_hash: None,
+            manifest: None,
+        };
+        let masters = [m(0, "vda", "/p/t.raw", "raw", None), m(1, "vdb", "/x/d.qcow2", "qcow2", Some("x"))];
+        let input = PlanInput {
+            original_xml: xml,
+            facts: &facts,
+            masters: &masters,
+            names: &["c".to_string()],
+            taken_macs: &HashSet::new(),
+            disposable: false,
+            nvram_pool: None,
+            reflink: true,
+        };
+        let p = plan(&input, || [1, 2, 3]).unwrap();
+        assert!(p.reflink);
+        let c = &p.clones[0];
+        assert!(c.overlays.iter().all(|o| o.reflink));
+        assert_eq!(c.overlays[0].location, OverlayLocation::File { path: "/p/c-vda.raw".into() });
+        assert_eq!(
+            c.overlays[1].location,
+            OverlayLocation::Volume { pool: "x".into(), name: "c-vdb.qcow2".into(), path: "/x/c-vdb.qcow2".into() }
+        );
+        let f = DomainFacts::parse(&c.xml).unwrap();
+        assert_eq!(f.disks[0].format.as_deref(), Some("raw"), "a copy keeps its format");
+        assert_eq!(f.disks[0].source, vcc_core::xml::DiskSource::File("/p/c-vda.raw".into()));
+        assert_eq!(f.disks[0].backing, vcc_core::xml::BackingDecl::None, "{}", c.xml);
+        assert_eq!(f.disks[1].format.as_deref(), Some("qcow2"));
+        assert_eq!(
+            f.disks[1].source,
+            vcc_core::xml::DiskSource::Volume { pool: "x".into(), volume: "c-vdb.qcow2".into() },
+            "a volume disk stays one: the copy exists before the start"
+        );
+        assert_eq!(f.disks[1].backing, vcc_core::xml::BackingDecl::None);
+        let md = CowMetadata::parse(f.vcc_metadata.as_deref().unwrap()).unwrap().clone.unwrap();
+        assert!(md.disks.is_empty(), "nothing for the hook to manage");
+        assert_eq!(md.reflinks.len(), 2);
+        assert_eq!(md.reflinks[0].path, "/p/c-vda.raw");
+        assert_eq!(md.reflinks[0].from.path, "/p/t.raw");
+        // A clone that nothing depends on is nothing the hook manages.
+        assert!(vcc_core::managed::needs(&f).disks.is_empty());
     }
 
     #[test]

@@ -93,12 +93,18 @@ fn edits_for(facts: &DomainFacts) -> (DomainEdits, CowMetadata) {
                 pool: None,
                 driver_name: None,
                 backing: BackingEdit { path: master, format, self_contained: true },
+                copy: false,
             },
         );
     }
     let md = CowMetadata {
         template: None,
-        clone: Some(CloneInfo { original: facts.name.clone(), disposable: true, disks: md_disks }),
+        clone: Some(CloneInfo {
+            original: facts.name.clone(),
+            disposable: true,
+            disks: md_disks,
+            ..Default::default()
+        }),
     };
     let edits = DomainEdits {
         name: CLONE.to_string(),
@@ -643,6 +649,7 @@ fn plan_on_a_real_capture_makes_overlays_for_file_and_volume_disks_and_keeps_sha
         taken_macs: &taken,
         disposable: false,
         nvram_pool: None,
+        reflink: false,
     };
     let mut n = 0u8;
     let p = plan(&input, || {
@@ -762,6 +769,7 @@ fn only_per_domain_char_paths_are_renamed_host_devices_and_connect_sockets_stay(
         taken_macs: &HashSet::new(),
         disposable: false,
         nvram_pool: None,
+        reflink: false,
     };
     let p = plan(&input, || [1, 2, 3]).unwrap();
     let out = &p.clones[0].xml;
@@ -810,6 +818,7 @@ fn plan_one(original: &str, masters: &[Master]) -> virt_clone_cow::plan::ClonePl
         taken_macs: &HashSet::new(),
         disposable: false,
         nvram_pool: None,
+        reflink: false,
     };
     let mut n = 0u8;
     plan(&input, || {

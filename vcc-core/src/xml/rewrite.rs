@@ -42,6 +42,10 @@ pub struct DiskEdit {
     /// (libxl's driver name `qemu`) opens qcow2 (`phy` and `file` take raw images only).
     pub driver_name: Option<String>,
     pub backing: BackingEdit,
+    /// The disk becomes a standalone copy (a reflinked clone) rather than an overlay: its driver
+    /// type stays (the copy has the master's format) and its `<backingStore>` becomes an empty
+    /// one (no backing file); `backing` is then unused.
+    pub copy: bool,
 }
 
 /// Everything the rewrite changes.
@@ -261,7 +265,12 @@ impl<'e> State<'e> {
     fn after_end(&mut self, depth: usize) {
         if self.source_depth == Some(depth) {
             self.source_depth = None;
-            if let Some(edit) = self.disk {
+            if self.disk.is_some_and(|e| e.copy) {
+                // A standalone copy: the chain ends here, nothing to probe.
+                let mut s = String::from_utf8_lossy(&self.source_indent).into_owned();
+                s.push_str("<backingStore/>");
+                self.raw(s.as_bytes());
+            } else if let Some(edit) = self.disk {
                 let b = &edit.backing;
                 let mut s = String::new();
                 s.push_str(&String::from_utf8_lossy(&self.source_indent));
@@ -326,6 +335,7 @@ impl<'e> State<'e> {
         if depth == 4 && at(&s[..3], &["domain", "devices", "disk"]) {
             let Some(edit) = self.disk else { return Ok(None) };
             return Ok(match s[3].as_str() {
+                "driver" if edit.copy => None,
                 "driver" => match &edit.driver_name {
                     Some(n) => Some(set_attrs(e, &[("name", Some(n.as_str())), ("type", Some("qcow2"))])?),
                     None => Some(set_attrs(e, &[("type", Some("qcow2"))])?),

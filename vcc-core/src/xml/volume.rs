@@ -135,6 +135,20 @@ fn pool_text(xml: &str, path: &[&str]) -> Option<String> {
     }
 }
 
+/// The type of a storage pool (`<pool type=...>`), if the XML can be read.
+pub fn pool_type(xml: &str) -> Option<String> {
+    let mut r = reader(xml);
+    loop {
+        match r.read_event().ok()? {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                return if super::elem_name(e) == "pool" { attr(e, "type").ok()? } else { None };
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
 /// The directory of files a storage pool's XML defines: `<pool type='dir'|'fs'|'netfs'>`'s
 /// `<target><path>`. `None` for other pool types (their target is a device directory such as
 /// `/dev/vg0`, never a place for image files) and for XML that cannot be read.

@@ -34,6 +34,25 @@ pub struct CloneRequest {
     pub disposable: bool,
     /// Overlays larger than their masters, or in another pool (`--disk-size`, `--overlay-pool`).
     pub overlay: crate::placement::OverlayRequest,
+    /// Reflinked full copies instead of overlays (xfs with reflink=1, btrfs): no backing chain,
+    /// and the original stays an ordinary domain.
+    pub reflink: bool,
+}
+
+impl CloneRequest {
+    /// Linked clones of `original` with exactly these names, nothing started: the defaults of the
+    /// command line (`CloneRequest { reflink: true, ..CloneRequest::named(o, n) }`).
+    pub fn named(original: &str, names: Vec<String>) -> Self {
+        CloneRequest {
+            original: original.to_string(),
+            names: NameRequest::Names(names),
+            start: false,
+            dry_run: false,
+            disposable: false,
+            reflink: false,
+            overlay: Default::default(),
+        }
+    }
 }
 
 /// Why a clone run failed. Each says what is wrong and what to do.
@@ -78,6 +97,15 @@ pub enum CloneError {
         #[source]
         source: XmlError,
     },
+    #[error("disk {target} of '{domain}' cannot be reflinked")]
+    Reflink {
+        domain: String,
+        target: String,
+        #[source]
+        source: crate::reflink::ReflinkError,
+    },
+    #[error(transparent)]
+    PoolType(#[from] crate::pool_types::PoolTypeRefused),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
     #[error(transparent)]
@@ -93,11 +121,16 @@ pub enum CloneError {
 pub struct DiskReport {
     pub target: String,
     pub overlay: String,
-    pub format: &'static str,
+    /// `qcow2` for an overlay; the master's format for a reflinked copy.
+    pub format: String,
+    /// The master (for a reflinked copy: the image it was copied from, not a backing file).
     pub backing: String,
     pub backing_format: String,
     /// The overlay's virtual size in bytes.
     pub virtual_size: u64,
+    /// A reflinked full copy (`--reflink`) with no backing file, not an overlay.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reflinked: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -152,6 +185,15 @@ pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, Clo
 pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneError> {
     let (xml, facts, masters) = read_original(lv, &req.original)?;
     let placement = crate::placement::resolve(lv, &req.overlay, &req.original, &masters, req.disposable)?;
+    if req.reflink {
+        for m in &masters {
+            crate::reflink::check_master(lv, m).map_err(|source| CloneError::Reflink {
+                domain: req.original.clone(),
+                target: m.target.clone(),
+                source,
+            })?;
+        }
+    }
 
     let domains = lv.list_domains()?;
     let existing: HashSet<String> = domains.iter().map(|d| d.name.clone()).collect();
@@ -182,6 +224,7 @@ pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneErr
         taken_macs: &taken_macs,
         disposable: req.disposable,
         nvram_pool,
+        reflink: req.reflink,
     };
     let mut plan = crate::plan::plan_with(&input, &placement, random3)?;
 
@@ -241,6 +284,7 @@ pub(crate) fn template_plan(xml: &str, facts: &DomainFacts, masters: &[Master]) 
         taken_macs: &HashSet::new(),
         disposable: false,
         nvram_pool: None,
+        reflink: false,
     };
     plan(&input, random3)
 }
@@ -309,6 +353,11 @@ pub(crate) fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<M
             }
             DiskSource::None => continue,
         };
+        if let Some(v) = &vol {
+            // Only pools of files hold overlays: any other type is refused with what to do.
+            let kind = lv.pool_type(&v.pool)?.unwrap_or_default();
+            crate::pool_types::check(domain, &target, &v.pool, &kind)?;
+        }
         let master = match vol {
             Some(v) => Master {
                 disk_index: d.index,
@@ -390,7 +439,7 @@ fn report(plan: &ClonePlan, outcomes: &[CloneOutcome], dry_run: bool, t0: Instan
     CloneReport {
         original: plan.original.clone(),
         dry_run,
-        template: !dry_run,
+        template: !dry_run && !plan.reflink,
         clones,
         elapsed_ms: (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3,
     }
@@ -414,10 +463,11 @@ pub(crate) fn clone_entry(c: &crate::plan::CloneSpec, o: Option<&CloneOutcome>) 
                 DiskReport {
                     target: ov.target.clone(),
                     overlay: ov.location.path().to_string(),
-                    format: "qcow2",
+                    format: if ov.reflink { ov.master.format.clone() } else { "qcow2".into() },
                     backing: ov.master.path.clone(),
                     backing_format: ov.master.format.clone(),
                     virtual_size: ov.size,
+                    reflinked: ov.reflink,
                     pool,
                     volume,
                 }

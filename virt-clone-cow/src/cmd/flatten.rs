@@ -198,12 +198,13 @@ pub fn flatten(lv: &Libvirt, req: &FlattenRequest) -> Result<FlattenReport, Flat
 }
 
 /// Removes the flattened disks from the clone's metadata (and the clone element once no disk is
-/// linked); returns the targets still linked.
+/// linked or reflinked); returns the targets still linked.
 pub fn forget_disks(md: &mut CowMetadata, flat: &[&str]) -> Vec<String> {
     let Some(c) = md.clone.as_mut() else { return Vec::new() };
     c.disks.retain(|d| !flat.contains(&d.target.as_str()));
     let left: Vec<String> = c.disks.iter().map(|d| d.target.clone()).collect();
-    if left.is_empty() {
+    // Reflinked disks (`--reflink`) are recorded for `tree` and stay.
+    if left.is_empty() && c.reflinks.is_empty() {
         md.clone = None;
     }
     left
@@ -521,12 +522,31 @@ mod tests {
                 original: "t".into(),
                 disposable: false,
                 disks: vec![disk("vda"), disk("vdb")],
+                reflinks: Vec::new(),
             }),
         };
         assert_eq!(forget_disks(&mut md, &["vda"]), ["vdb"]);
         assert_eq!(md.clone.as_ref().unwrap().disks, [disk("vdb")]);
         assert!(forget_disks(&mut md, &["vdb"]).is_empty());
         assert_eq!(md, CowMetadata::default(), "no linked disk: not a clone any more");
+
+        // A clone with a reflinked disk keeps its element (tree shows the copy).
+        let reflinked = vcc_core::metadata::ReflinkDisk {
+            target: "vdc".into(),
+            path: "/p/c-vdc.raw".into(),
+            from: MasterRef { path: "/p/vdc.raw".into(), format: "raw".into(), ..Default::default() },
+        };
+        let mut md = CowMetadata {
+            template: None,
+            clone: Some(vcc_core::metadata::CloneInfo {
+                original: "t".into(),
+                disposable: false,
+                disks: vec![disk("vda")],
+                reflinks: vec![reflinked.clone()],
+            }),
+        };
+        assert!(forget_disks(&mut md, &["vda"]).is_empty());
+        assert_eq!(md.clone.unwrap().reflinks, [reflinked]);
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct CloneNode {
     /// Made by virt-clone-cow (has our clone metadata).
     pub managed: bool,
     pub disposable: bool,
+    /// `linked` (a qcow2 overlay backed by the master) or `reflinked` (a full copy made with
+    /// `--reflink` that shares the master's extents but does not depend on it).
+    pub link: &'static str,
 }
 
 /// A master and everything that depends on it.
@@ -45,7 +48,8 @@ pub struct MasterNode {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub published: Option<Published>,
     pub clones: Vec<CloneNode>,
-    /// Total bytes the clones' overlays take.
+    /// Total bytes the linked clones' overlays take (reflinked copies are not counted: their
+    /// extents are shared and nothing depends on the master).
     pub clones_allocation: u64,
 }
 
@@ -100,6 +104,15 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             .get_or_insert_with(|| format.unwrap_or_default());
     };
 
+    // A disk's image path, and its volume when a pool holds it.
+    let disk_path = |disk: &vcc_core::xml::Disk| match &disk.source {
+        DiskSource::File(p) => Some((p.clone(), by_path.get(p.as_str()).copied())),
+        DiskSource::Volume { pool, volume } => {
+            by_pool_name.get(&(pool.as_str(), volume.as_str())).map(|v| (v.facts.path.clone(), Some(*v)))
+        }
+        _ => None,
+    };
+
     for d in lv.list_domains()? {
         let Ok(facts) = DomainFacts::parse(&d.xml) else { continue };
         let md = facts.vcc_metadata.as_deref().and_then(|x| CowMetadata::parse(x).ok()).unwrap_or_default();
@@ -114,14 +127,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             }
         }
         for disk in facts.private_disks() {
-            let (path, vol) = match &disk.source {
-                DiskSource::File(p) => (p.clone(), by_path.get(p.as_str()).copied()),
-                DiskSource::Volume { pool, volume } => match by_pool_name.get(&(pool.as_str(), volume.as_str())) {
-                    Some(v) => (v.facts.path.clone(), Some(*v)),
-                    None => continue,
-                },
-                _ => continue,
-            };
+            let Some((path, vol)) = disk_path(disk) else { continue };
             used_paths.insert(path.clone());
             let backing = match (vol.and_then(|v| v.facts.backing.clone()), &disk.backing) {
                 (Some(b), _) => Some(b),
@@ -141,15 +147,27 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
                 let recorded = clone_md.and_then(|c| c.disks.iter().find(|d| Some(&d.target) == disk.target.as_ref()));
                 n.published = n.published.take().or_else(|| recorded.and_then(|d| Published::of(&d.master)));
                 n.clones.push(CloneNode {
-                    domain: Some(facts.name.clone()),
-                    target: disk.target.clone(),
-                    overlay: path.clone(),
-                    pool: vol.map(|v| v.pool.clone()),
-                    volume: vol.map(|v| v.facts.name.clone()),
                     allocation,
-                    running: d.active,
                     managed: clone_md.is_some(),
                     disposable: clone_md.is_some_and(|c| c.disposable),
+                    ..domain_disk(&facts.name, disk, &path, vol, d.active)
+                });
+            }
+        }
+        // Disks made with --reflink: recorded in our metadata only (no backing file says so).
+        for r in md.clone.iter().flat_map(|c| &c.reflinks) {
+            let Some(disk) = facts.private_disks().find(|d| d.target.as_ref() == Some(&r.target)) else { continue };
+            let Some((path, vol)) = disk_path(disk) else { continue };
+            if path != r.path {
+                continue; // the disk was changed since (virsh edit): no longer our copy
+            }
+            used_paths.insert(path.clone());
+            node(&mut masters, &r.from.path, Some(r.from.format.clone()));
+            if let Some(n) = masters.get_mut(&r.from.path) {
+                n.clones.push(CloneNode {
+                    allocation: vol.map(|v| v.facts.allocation).or_else(|| local_allocation(lv, &path)),
+                    link: "reflinked",
+                    ..domain_disk(&facts.name, disk, &path, vol, d.active)
                 });
             }
         }
@@ -173,15 +191,32 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
                 running: false,
                 managed: false,
                 disposable: false,
+                link: "linked",
             });
         }
     }
     let mut masters: Vec<MasterNode> = masters.into_values().collect();
     for m in &mut masters {
-        m.clones_allocation = m.clones.iter().filter_map(|c| c.allocation).sum();
+        m.clones_allocation = m.clones.iter().filter(|c| c.link == "linked").filter_map(|c| c.allocation).sum();
         m.clones.sort_by(|a, b| (&a.domain, &a.target, &a.overlay).cmp(&(&b.domain, &b.target, &b.overlay)));
     }
     Ok(Tree { masters })
+}
+
+/// A domain's disk in the tree: a managed, linked one unless the caller says otherwise.
+fn domain_disk(domain: &str, disk: &vcc_core::xml::Disk, path: &str, vol: Option<&Volume>, running: bool) -> CloneNode {
+    CloneNode {
+        domain: Some(domain.to_string()),
+        target: disk.target.clone(),
+        overlay: path.to_string(),
+        pool: vol.map(|v| v.pool.clone()),
+        volume: vol.map(|v| v.facts.name.clone()),
+        allocation: None,
+        running,
+        managed: true,
+        disposable: false,
+        link: "linked",
+    }
 }
 
 fn local_allocation(lv: &Libvirt, path: &str) -> Option<u64> {
@@ -227,7 +262,11 @@ impl Tree {
                     (Some(d), None) => d.clone(),
                     (None, _) => "(no domain)".to_string(),
                 };
-                let size = c.allocation.map(human_bytes).unwrap_or_else(|| "?".into());
+                let mut size = c.allocation.map(human_bytes).unwrap_or_else(|| "?".into());
+                if c.link == "reflinked" {
+                    // Allocated, but shared with the master (and other copies) until written.
+                    size.push_str(" shared");
+                }
                 let mut flags = Vec::new();
                 if c.running {
                     flags.push("running");
@@ -235,10 +274,20 @@ impl Tree {
                 if c.disposable {
                     flags.push("disposable");
                 }
+                if c.link == "reflinked" {
+                    flags.push("reflinked copy, independent");
+                }
                 let flags = if flags.is_empty() { String::new() } else { format!("  {}", flags.join(", ")) };
                 s.push_str(&format!("{branch} {who}  {}  {size}{flags}\n", c.overlay));
             }
-            if !m.clones.is_empty() {
+            let reflinked = m.clones.iter().filter(|c| c.link == "reflinked").count();
+            if reflinked > 0 {
+                s.push_str(&format!(
+                    "   {} linked clone disk(s), {} in overlays; {reflinked} reflinked (no backing file)\n",
+                    m.clones.len() - reflinked,
+                    human_bytes(m.clones_allocation)
+                ));
+            } else if !m.clones.is_empty() {
                 s.push_str(&format!(
                     "   {} clone disk(s), {} in overlays\n",
                     m.clones.len(),
@@ -247,5 +296,53 @@ impl Tree {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clone_node(domain: &str, overlay: &str, allocation: u64, link: &'static str) -> CloneNode {
+        CloneNode {
+            domain: Some(domain.into()),
+            target: Some("vda".into()),
+            overlay: overlay.into(),
+            pool: None,
+            volume: None,
+            allocation: Some(allocation),
+            running: false,
+            managed: true,
+            disposable: false,
+            link,
+        }
+    }
+
+    #[test]
+    fn tree_says_which_clones_are_linked_and_which_reflinked() {
+        let mut m = MasterNode {
+            path: "/p/base.raw".into(),
+            format: Some("raw".into()),
+            virtual_size: Some(1 << 30),
+            pool: None,
+            templates: vec!["base".into()],
+            published: None,
+            clones: vec![
+                clone_node("web-1", "/p/web-1-vda.qcow2", 4096, "linked"),
+                clone_node("db-1", "/p/db-1-vda.raw", 1 << 30, "reflinked"),
+            ],
+            clones_allocation: 4096,
+        };
+        let text = Tree { masters: vec![m.clone()] }.render();
+        let line = |who: &str| text.lines().find(|l| l.contains(who)).unwrap().to_string();
+        assert!(!line("web-1").contains("reflinked"), "{text}");
+        assert!(line("db-1").contains("1.0 GiB shared  reflinked copy, independent"), "{text}");
+        assert!(text.contains("1 linked clone disk(s), 4.0 KiB in overlays; 1 reflinked (no backing file)"), "{text}");
+        let json = serde_json::to_value(Tree { masters: vec![m.clone()] }).unwrap();
+        assert_eq!(json["masters"][0]["clones"][1]["link"], "reflinked");
+        assert_eq!(json["masters"][0]["clones"][0]["link"], "linked");
+        // Only linked clones: the summary as before.
+        m.clones.pop();
+        assert!(Tree { masters: vec![m] }.render().contains("   1 clone disk(s), 4.0 KiB in overlays"));
     }
 }

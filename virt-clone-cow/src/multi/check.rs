@@ -122,6 +122,8 @@ pub struct Inventory {
     pub emulators: HashSet<String>,
     /// Active storage pools: name -> target directory.
     pub pools: HashMap<String, String>,
+    /// Pool types (`<pool type=...>`) by name, where known.
+    pub pool_types: HashMap<String, String>,
 }
 
 /// A host that lacks something the clones need (or already has one of their names).
@@ -151,6 +153,11 @@ pub fn check_host(
             return fail(format!(
                 "no active storage pool '{p}' (define and start it, or map it with --pool-map {p}=OTHER)"
             ));
+        }
+        if let Some(kind) = inv.pool_types.get(p) {
+            if let crate::pool_types::Support::Refused(what) = crate::pool_types::support(kind) {
+                return fail(format!("storage pool '{p}' is of type '{kind}': {what}"));
+            }
         }
     }
     for n in &needs.networks {
@@ -192,6 +199,7 @@ mod tests {
             interfaces: Some(["br0".to_string(), "eth1".to_string()].into()),
             emulators: ["/usr/bin/qemu-system-x86_64".to_string()].into(),
             pools: [("default".to_string(), "/var/lib/libvirt/images".to_string())].into(),
+            pool_types: [("default".to_string(), "dir".to_string())].into(),
         }
     }
 
@@ -231,6 +239,12 @@ mod tests {
             (|h| h.interfaces = Some(["eth1".to_string()].into()), "bridge 'br0' does not exist"),
             (|h| h.emulators.clear(), "emulator '/usr/bin/qemu-system-x86_64'"),
             (|h| h.pools.clear(), "no active storage pool 'default'"),
+            (
+                |h| {
+                    h.pool_types.insert("default".into(), "logical".into());
+                },
+                "storage pool 'default' is of type 'logical': libvirt can only make thick LVM snapshots",
+            ),
             (
                 |h| {
                     h.domains.insert("web-1".into());

@@ -167,6 +167,11 @@ pub fn inventory(lv: &Libvirt, uri: &str) -> Result<Inventory, MultiError> {
     };
     inv.emulators = emulators(&lv.capabilities().map_err(on(uri))?);
     inv.pools = lv.pool_targets().map_err(on(uri))?.into_iter().collect();
+    for p in inv.pools.keys() {
+        if let Some(kind) = lv.pool_type(p).map_err(on(uri))? {
+            inv.pool_types.insert(p.clone(), kind);
+        }
+    }
     Ok(inv)
 }
 

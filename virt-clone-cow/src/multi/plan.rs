@@ -160,6 +160,7 @@ pub fn plan_host(
         disposable: input.disposable,
         // UEFI vars are made fresh from the template's nvram template at first start.
         nvram_pool: None,
+        reflink: false,
     };
     let plan = plan(&pi, random).map_err(|source| MultiPlanError::Plan { host: input.uri.to_string(), source })?;
     for c in &plan.clones {
