@@ -169,23 +169,27 @@ pub fn flatten(lv: &Libvirt, req: &FlattenRequest) -> Result<FlattenReport, Flat
     let facts = DomainFacts::parse(&xml).map_err(|source| FlattenError::Xml { domain: name.clone(), source })?;
     let targets = resolve(lv, name, &clone.disks, &facts, &req.disks)?;
 
-    let live = lv.is_active(name)?;
-    let disks =
-        if live { pull(lv, name, &targets, req.timeout)? } else { copy_offline(lv, name, &xml, &targets, req)? };
-
-    // The persistent XML: libvirt updates it after a pull; a copy needs it.
+    // The metadata afterwards: the flattened disks no longer name their masters.
     let flat: Vec<&str> = targets.iter().map(|t| t.recorded.target.as_str()).collect();
-    if live {
+    let mut after = md.unwrap_or_default();
+    let remaining = forget_disks(&mut after, &flat);
+    let after = (after != CowMetadata::default()).then_some(after);
+
+    let live = lv.is_active(name)?;
+    let disks = if live {
+        let disks = pull(lv, name, &targets, req.timeout)?;
+        // The persistent XML: libvirt updates it after a pull; made sure of here.
         let now = lv.domain_xml(name)?;
         let (edited, _) =
             drop_backing_stores(&now, &flat).map_err(|source| FlattenError::Xml { domain: name.clone(), source })?;
         if edited != now {
             lv.define(&edited, name)?;
         }
-    }
-    let mut md = md.unwrap_or_default();
-    let remaining = forget_disks(&mut md, &flat);
-    lv.set_cow_metadata(name, (md != CowMetadata::default()).then_some(&md))?;
+        lv.set_cow_metadata(name, after.as_ref())?;
+        disks
+    } else {
+        copy_offline(lv, name, &xml, &targets, req, after.as_ref())?
+    };
     masters_no_longer_needed(lv, name, &targets.iter().map(|t| t.recorded.master.clone()).collect::<Vec<_>>());
 
     Ok(FlattenReport {
@@ -335,13 +339,15 @@ struct Copy {
     seconds: f64,
 }
 
-/// Offline: standalone copies of every disk, then all put in place together.
+/// Offline: standalone copies of every disk, then all put in place together with the XML and
+/// `metadata_after`; any failure puts the overlays, the XML and the metadata back.
 fn copy_offline(
     lv: &Libvirt,
     name: &str,
     xml: &str,
     targets: &[Target],
     req: &FlattenRequest,
+    metadata_after: Option<&CowMetadata>,
 ) -> Result<Vec<FlattenedDisk>, FlattenError> {
     if !lv.is_local() {
         return Err(FlattenError::RemoteOffline { domain: name.to_string(), uri: lv.uri().to_string() });
@@ -384,6 +390,13 @@ fn copy_offline(
         let (edited, _) =
             drop_backing_stores(xml, &flat).map_err(|source| FlattenError::Xml { domain: name.to_string(), source })?;
         lv.define(&edited, name)?;
+        if let Err(e) = lv.set_cow_metadata(name, metadata_after) {
+            // The XML as it was holds the metadata as it was.
+            if let Err(e2) = lv.define(xml, name) {
+                tracing::warn!("could not put back the XML of '{name}': {}", vcc_core::error::one_line(&e2));
+            }
+            return Err(e.into());
+        }
         Ok(())
     })();
     match result {
