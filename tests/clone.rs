@@ -90,6 +90,9 @@ fn three_started_clones_of_a_uefi_template_get_overlays_new_identities_and_own_v
         })
         .disk(DiskSpec::Cdrom { path: Some(iso.clone()), target: "sda".into() });
     spec.nics = 2;
+    // A serial log whose name does not hold the template's: each clone still gets its own.
+    let tmpl_serial = env.work_dir.join("console.log").to_string_lossy().into_owned();
+    spec.serial_file = Some(tmpl_serial.clone());
     define_xml(&spec.xml());
     let tmpl_nvram = boot_once_for_nvram(&tmpl);
 
@@ -113,6 +116,7 @@ fn three_started_clones_of_a_uefi_template_get_overlays_new_identities_and_own_v
     let mut macs: HashSet<String> = tmpl_facts.macs.iter().flatten().map(|m| m.to_ascii_lowercase()).collect();
     assert_eq!(macs.len(), 2, "the template has two NICs with MACs");
     let mut nvrams = HashSet::from([tmpl_nvram.clone()]);
+    let mut serials = HashSet::from([tmpl_serial.clone()]);
 
     for (i, name) in names.iter().enumerate() {
         let entry = &report["clones"][i];
@@ -156,6 +160,13 @@ fn three_started_clones_of_a_uefi_template_get_overlays_new_identities_and_own_v
         assert!(std::path::Path::new(&nv).is_file(), "{name}: vars file {nv} exists");
         assert!(nvrams.insert(nv.clone()), "{name}: vars path {nv} is its own");
         assert_eq!(entry["nvram"].as_str(), Some(nv.as_str()));
+
+        // Own serial log (serial and console name one file), which the running clone wrote.
+        assert_eq!(f.char_paths.len(), 1, "{name}: {:?}", f.char_paths);
+        let serial = &f.char_paths[0];
+        assert!(serials.insert(serial.clone()), "{name}: serial log {serial} is its own");
+        assert!(serial.contains(name.as_str()), "{name}: {serial} names the clone");
+        assert!(std::path::Path::new(serial).is_file(), "{name}: QEMU opened {serial}");
 
         // Clone metadata.
         let md = cow_metadata(name).expect("clone carries our metadata");
@@ -534,6 +545,8 @@ fn failure_starting_the_clones_rolls_back_definitions_template_mark_and_master_m
     run.assert_error(1, &[&format!("starting domain '{}'", names[0])]);
     before.assert_unchanged(&env, &tmpl, &[&master]);
     assert!(cow_metadata(&tmpl).is_none(), "the template mark was removed again");
+    let immutable = vcc_core::protect::is_immutable(std::path::Path::new(&master)).unwrap();
+    assert_eq!(immutable, Some(false), "the master made immutable for the clones stayed so");
 }
 
 #[test]
@@ -566,13 +579,15 @@ fn vars_file_appearing_after_planning_fails_the_second_clone_and_rolls_back_the_
         disposable: false,
         overlay: Default::default(),
         reflink: false,
+        sysprep: false,
     };
     let plan = make_plan(&lv, &req).unwrap();
     // Another process takes the second clone's vars path between planning and applying.
     let squatter = plan.clones[1].nvram.as_ref().expect("the plan copies the vars").to.clone();
     std::fs::write(&squatter, b"not yours").unwrap();
 
-    let err = apply(&lv, &plan, ApplyOptions { start: false, overlay: OverlayOptions::detect() }).unwrap_err();
+    let err = apply(&lv, &plan, ApplyOptions { start: false, overlay: OverlayOptions::detect(), sysprep: false })
+        .unwrap_err();
     assert!(matches!(err, ApplyError::NvramExists(ref p) if *p == squatter), "{err:?}");
     assert_eq!(std::fs::read(&squatter).unwrap(), b"not yours", "the other process's file is untouched");
     std::fs::remove_file(&squatter).unwrap();

@@ -49,6 +49,11 @@ fn linked_clone(env: &TestEnv) -> (String, [String; 2], [String; 2]) {
     (clone, overlays, [qcow, raw])
 }
 
+/// Whether a file has the immutable attribute (None: its filesystem has none).
+fn immutable(path: &str) -> Option<bool> {
+    vcc_core::protect::is_immutable(Path::new(path)).unwrap()
+}
+
 fn assert_standalone_with_both_patterns(overlays: &[String; 2]) {
     for (o, (m, w)) in overlays.iter().zip([(0xa1, 0xa2), (0xb1, 0xb2)]) {
         let info = qemu_img_info(o, "qcow2");
@@ -80,6 +85,15 @@ fn an_offline_flatten_makes_standalone_disks_with_the_same_data_and_the_clone_st
     let flat: Vec<&str> = report["disks"].as_array().unwrap().iter().map(|d| d["target"].as_str().unwrap()).collect();
     assert_eq!(flat, ["vda", "vdb"]);
     assert_eq!(report["still_linked"].as_array().unwrap().len(), 0);
+    // Nothing else needs the masters: their protection (the immutable flag) is released.
+    let mut released: Vec<&str> = report["released"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    released.sort();
+    let mut want = [masters[0].as_str(), masters[1].as_str()];
+    want.sort();
+    assert_eq!(released, want, "{report:#}");
+    for m in &masters {
+        assert_eq!(immutable(m), Some(false), "{m} is no longer immutable");
+    }
 
     assert_standalone_with_both_patterns(&overlays);
     assert_no_backing_in_xml(&inactive_xml(&clone), "persistent");
@@ -131,9 +145,13 @@ fn a_running_clone_is_flattened_live_by_block_pull() {
 fn one_disk_can_be_flattened_and_the_other_stays_linked() {
     let env = TestEnv::new("flatone");
     let (clone, overlays, masters) = linked_clone(&env);
+    assert_eq!(immutable(&masters[0]), Some(true), "a master with a clone is immutable (ext4)");
     let run = cli(&["flatten", &clone, "--disk", "vdb", "--json"]);
     run.assert_ok();
     assert_eq!(run.json()["still_linked"], serde_json::json!(["vda"]));
+    assert_eq!(run.json()["released"], serde_json::json!([masters[1]]), "only vdb's master is free");
+    assert_eq!(immutable(&masters[0]), Some(true), "vda's master still has its clone");
+    assert_eq!(immutable(&masters[1]), Some(false));
     assert!(qemu_img_info(&overlays[1], "qcow2").get("backing-filename").is_none());
     assert_eq!(qemu_img_info(&overlays[0], "qcow2")["backing-filename"].as_str(), Some(masters[0].as_str()));
     let md = cow_metadata(&clone).unwrap().clone.unwrap();

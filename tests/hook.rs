@@ -8,8 +8,8 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use vcc_tests::{
-    bios_domain_type, cli_path, domstate, install_built_hook, qemu_img_info, run, sha256, target_bin, virsh, virsh_ok,
-    PoolHelper, URI,
+    bios_domain_type, clear_immutable, cli_path, domstate, install_built_hook, qemu_img_info, run, sha256, target_bin,
+    virsh, virsh_ok, PoolHelper, URI,
 };
 
 const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.toml";
@@ -50,6 +50,7 @@ impl Env {
         install_hook();
         let prefix = format!("vcct-hook-{test}-{}", std::process::id());
         let dir = PathBuf::from(TEST_DIR).join(&prefix);
+        clear_immutable(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
         Env { prefix, dir }
@@ -94,6 +95,7 @@ impl Drop for Env {
             let _ = virsh(&["pool-destroy", p]);
             let _ = virsh(&["pool-undefine", p]);
         }
+        clear_immutable(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -3,6 +3,7 @@
 //! the unit's exact ExecStart line tells systemd it is ready (READY=1 on $NOTIFY_SOCKET) once
 //! `pool-helper status` answers.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -112,7 +113,13 @@ const STATE: &str = "/var/lib/pool-helper";
 const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.toml";
 
 fn apt_get(args: &[&str]) {
-    let o = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").output().unwrap();
+    // Never a conffile prompt (stdin is closed): a hook.toml another test wrote meanwhile is kept.
+    let o = Command::new("apt-get")
+        .args(["-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .unwrap();
     assert!(
         o.status.success(),
         "apt-get {args:?}: {}{}",
@@ -148,7 +155,6 @@ impl Drop for Machine {
             let _ = Command::new("apt-get").args(["purge", "-y", "virt-clone-cow"]).output();
         }
         for (path, bytes) in [(HOOK, self.hook.take()), (LIBXL_HOOK, self.libxl_hook.take())] {
-            use std::os::unix::fs::PermissionsExt;
             let Some(bytes) = bytes else { continue };
             let _ = std::fs::create_dir_all(Path::new(path).parent().unwrap_or(Path::new("/")));
             let _ = std::fs::write(path, bytes);
@@ -189,10 +195,22 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
         ],
     );
     assert_eq!(words.trim(), "--original", "virt-clone-cow --ori<TAB>");
-    for hook in [HOOK, LIBXL_HOOK] {
-        let link = std::fs::read_link(hook).unwrap_or_else(|e| panic!("the hook {hook} is a link: {e}"));
-        assert_eq!(link, Path::new("/usr/libexec/virt-clone-cow/virt-clone-cow-hook"));
-    }
+    // The hook is a copy (AppArmor: a link into /usr/libexec is not under /etc/libvirt/hooks/**),
+    // and every configure, an upgrade's too, copies the packaged binary again.
+    let packaged = "/usr/libexec/virt-clone-cow/virt-clone-cow-hook";
+    // The same in libxl.d, for Xen through libvirt's libxl driver (docs/xen.md).
+    let assert_hook_is_the_packaged_binary = || {
+        for hook in [HOOK, LIBXL_HOOK] {
+            let meta = std::fs::symlink_metadata(hook).unwrap_or_else(|e| panic!("{hook} is installed: {e}"));
+            assert!(meta.file_type().is_file(), "{hook} is a regular file, not a link");
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+            assert_eq!(sha256(hook), sha256(packaged), "{hook} is the packaged binary");
+        }
+    };
+    assert_hook_is_the_packaged_binary();
+    std::fs::write(HOOK, b"#!/bin/sh\nexit 0\n").unwrap();
+    apt_get(&["install", "--reinstall", "-y", &deb]);
+    assert_hook_is_the_packaged_binary();
     run_ok("/usr/bin/virt-clone-cow", &["--version"]);
     run_ok("/usr/bin/pool-helper", &["--version"]);
     assert!(Path::new("/etc/pool-helper/config.toml").is_file());

@@ -8,20 +8,6 @@ use std::os::unix::fs::PermissionsExt;
 
 use vcc_tests::*;
 
-/// A BIOS domain `<prefix><suffix>` with one disk vda on `master` (raw, 8 MiB, made here).
-fn raw_domain(env: &TestEnv, suffix: &str, master: &str) -> String {
-    let name = env.name(suffix);
-    make_raw(master, 8);
-    env.refresh_pool();
-    let spec = DomainSpec::new(&name, false).disk(DiskSpec::File {
-        path: master.into(),
-        format: "raw".into(),
-        target: "vda".into(),
-    });
-    define_xml(&spec.xml());
-    name
-}
-
 fn is_hex(s: &str, n: usize) -> bool {
     s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }

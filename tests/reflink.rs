@@ -340,7 +340,8 @@ fn a_reflink_run_that_fails_halfway_leaves_no_copy_no_volume_and_no_domain() {
     let squatter = PathBuf::from(plan.clones[1].overlays[0].location.path());
     std::fs::write(&squatter, b"not yours").unwrap();
 
-    let err = apply(&lv, &plan, ApplyOptions { start: false, overlay: OverlayOptions::detect() }).unwrap_err();
+    let err = apply(&lv, &plan, ApplyOptions { start: false, overlay: OverlayOptions::detect(), sysprep: false })
+        .unwrap_err();
     assert!(
         matches!(&err, ApplyError::Reflink { source: ReflinkError::Exists(p), .. } if Path::new(p) == squatter),
         "{err:?}"

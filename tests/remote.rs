@@ -88,10 +88,9 @@ fn template_xml(name: &str, disks: &str) -> String {
     )
 }
 
-#[test]
-fn over_qemu_ssh_pool_disks_are_cloned_through_the_storage_api() {
-    let uri = remote_uri();
-    let env = Env::new("pool");
+/// A template `<prefix>-tmpl` whose disk is the volume `base.qcow2` (32 MiB) of the env's pool;
+/// returns (template, master path).
+fn pool_template(env: &Env) -> (String, PathBuf) {
     let master = env.dir.join("base.qcow2");
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", master.to_str().expect("utf-8"), "32M"]);
     run_ok("virsh", &["-q", "pool-refresh", &env.prefix]);
@@ -103,6 +102,14 @@ fn over_qemu_ssh_pool_disks_are_cloned_through_the_storage_api() {
     let xml = env.dir.join("t.xml");
     std::fs::write(&xml, template_xml(&tmpl, &disk)).expect("xml");
     run_ok("virsh", &["-q", "define", xml.to_str().expect("utf-8")]);
+    (tmpl, master)
+}
+
+#[test]
+fn over_qemu_ssh_pool_disks_are_cloned_through_the_storage_api() {
+    let uri = remote_uri();
+    let env = Env::new("pool");
+    let (tmpl, master) = pool_template(&env);
 
     let clone = format!("{}-c1", env.prefix);
     let out =
@@ -157,4 +164,25 @@ fn over_qemu_ssh_a_file_outside_any_pool_is_refused_with_what_to_do() {
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.contains("is in no storage pool") && err.contains("define a pool"), "{err}");
     assert_eq!(mine(), before, "nothing was defined");
+}
+
+#[test]
+fn over_qemu_ssh_sysprep_is_refused_before_anything_is_made() {
+    let uri = remote_uri();
+    let env = Env::new("sysprep");
+    let (tmpl, _) = pool_template(&env);
+    let files_before = std::fs::read_dir(&env.dir).expect("dir").count();
+    let clone = format!("{}-c1", env.prefix);
+    let o = run(cli_path().to_str().expect("utf-8"), &["-c", uri, "--original", &tmpl, "--name", &clone, "--sysprep"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("--sysprep needs the clones' disks on this machine") && err.contains("remote connection"),
+        "{err}"
+    );
+    assert!(!run("virsh", &["-q", "dominfo", &clone]).status.success(), "no clone was defined");
+    assert_eq!(std::fs::read_dir(&env.dir).expect("dir").count(), files_before, "no overlay was made");
+    let md = run("virsh", &["-q", "metadata", &tmpl, "urn:virt-clone-cow:1"]);
+    assert!(!String::from_utf8_lossy(&md.stdout).contains("template"), "the original was not made a template");
 }

@@ -54,6 +54,13 @@ pub enum PrepareError {
     },
 }
 
+/// `now + wait`, capped at [`crate::config::MAX_SECS`]: the settings file caps it at parse time,
+/// and a `Config` made another way must not panic at `Instant + Duration` either.
+pub fn deadline_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait.min(Duration::from_secs(crate::config::MAX_SECS))).unwrap_or(now)
+}
+
 /// Ensures masters (and, when `create_overlays`, overlays) for `disks`. A master must be a regular
 /// file (a symlink to one is fine): qemu-img is never pointed at a FIFO, a device or a directory.
 pub fn prepare(
@@ -63,7 +70,7 @@ pub fn prepare(
     create_overlays: bool,
     log: &mut dyn Write,
 ) -> Result<(), PrepareError> {
-    let deadline = Instant::now() + cfg.fetch_timeout;
+    let deadline = deadline_after(cfg.fetch_timeout);
     for d in disks {
         if !d.master_exists() {
             fetch_master(domain, d, cfg, deadline, log)?;
@@ -381,6 +388,21 @@ mod tests {
         assert_eq!(info.backing.as_deref(), Some(d.master.path.as_str()));
         let log = String::from_utf8(log).unwrap();
         assert!(log.contains("not the 1073741824 its metadata records"), "{log}");
+    }
+
+    #[test]
+    fn a_huge_fetch_timeout_is_capped_not_a_panic() {
+        let cap = Duration::from_secs(crate::config::MAX_SECS);
+        for wait in [Duration::MAX, Duration::from_secs(u64::MAX / 2), cap + Duration::from_secs(1)] {
+            let before = Instant::now();
+            let d = deadline_after(wait);
+            assert!(d >= before + cap && d <= Instant::now() + cap, "{wait:?} gives a day from now");
+        }
+        let before = Instant::now();
+        assert!(deadline_after(Duration::from_secs(7)) >= before + Duration::from_secs(7));
+        // The whole of `prepare`, with a Config not read from a file.
+        let cfg = Config { fetch_timeout: Duration::MAX, ..Config::default() };
+        assert!(prepare("vm", &[], &cfg, true, &mut Vec::new()).is_ok());
     }
 
     #[test]

@@ -76,6 +76,9 @@ enum Refusal {
 }
 
 type Key = (String, String); // (pool, name)
+
+/// How long `forget` waits for the torrent session to drop one torrent.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a request follows: the fetch's progress and its final line.
 type Watches = (watch::Receiver<Option<Progress>>, watch::Receiver<Option<Final>>);
 
@@ -647,7 +650,55 @@ impl Daemon {
                 let f = Final { ok: true, catalog: Some(self.ctx.catalog.entries()), ..Default::default() };
                 write_final(&mut w, &f).await
             }
+            Request::Forget(fr) => {
+                let f = match self.forget(&fr.path).await {
+                    Ok(n) => Final { ok: true, forgotten: Some(n), ..Default::default() },
+                    Err(e) => Final::error(one_line(&e)),
+                };
+                write_final(&mut w, &f).await
+            }
         }
+    }
+
+    /// `forget`: stops seeding the master at `path` (or, when its file is gone, named so by its
+    /// record) and drops its records and announcement. A master being fetched or verified is
+    /// refused (it is not in the pool yet). Returns how many entries and records went.
+    async fn forget(&self, path: &str) -> Result<u32, Refusal> {
+        let want = Path::new(path);
+        let canon = std::fs::canonicalize(want).ok();
+        let same = |p: &Path| {
+            p == want || canon.as_deref().is_some_and(|c| std::fs::canonicalize(p).ok().as_deref() == Some(c))
+        };
+        let gone: Vec<Entry> = {
+            let mut g = self.lock();
+            let keys: Vec<Key> =
+                g.iter().filter(|(_, e)| e.path.as_deref().is_some_and(same)).map(|(k, _)| k.clone()).collect();
+            if let Some(k) =
+                keys.iter().find(|k| g.get(*k).is_some_and(|e| e.holds_name() && e.state != MasterState::Seeding))
+            {
+                return Err(Refusal::Busy { pool: k.0.clone(), name: k.1.clone() });
+            }
+            keys.iter().filter_map(|k| g.remove(k)).collect()
+        };
+        let mut recs = 0u32;
+        for r in records::load_all(&self.ctx.cfg).into_iter().filter(|r| same(&r.path)) {
+            records::remove(&self.ctx.cfg, &r.pool, &r.manifest.name);
+            recs += 1;
+        }
+        let n = recs.max(u32::try_from(gone.len()).unwrap_or(u32::MAX));
+        for mut e in gone {
+            let still = self.lock().values().any(|o| o.manifest.sha256 == e.manifest.sha256);
+            if let (false, Some(a)) = (still, self.announcer.get()) {
+                a.remove(&e.manifest.sha256);
+            }
+            if let Some(h) = e.handle.take() {
+                if tokio::time::timeout(FORGET_TIMEOUT, self.ctx.torrents.remove(&h)).await.is_err() {
+                    tracing::warn!("removing the torrent of '{}' took over {FORGET_TIMEOUT:?}", e.manifest.name);
+                }
+            }
+            tracing::info!("forgot '{}' in pool '{}': no longer seeded", e.manifest.name, e.pool);
+        }
+        Ok(n)
     }
 
     /// The request line: at most [`proto::MAX_REQUEST_BYTES`], within the request timeout.
@@ -1005,6 +1056,30 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(30), "{what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn forget_stops_seeding_a_master_and_drops_its_record_and_answers_ok_when_unknown() {
+        let h = Host::new();
+        std::fs::write(h.pool.join("base.raw"), bytes((1 << 20) + 512)).unwrap();
+        let (_d, sock) = h.daemon().await;
+        let fin = request(sock.clone(), serde_json::json!({"op": "publish", "pool": "p", "volume": "base.raw"})).await;
+        assert_eq!(fin["ok"], true, "{fin}");
+        let path = fin["path"].as_str().unwrap().to_string();
+        assert_eq!(status_of(&sock, "base.raw").await["state"], "seeding");
+        assert_eq!(records::load_all(&h.cfg).len(), 1);
+        // Through a symlinked spelling of the same file, too.
+        let link = h._tmp.path().join("link");
+        std::os::unix::fs::symlink(&h.pool, &link).unwrap();
+        let fin = request(sock.clone(), serde_json::json!({"op": "forget", "path": link.join("base.raw")})).await;
+        assert_eq!((fin["ok"].as_bool(), fin["forgotten"].as_u64()), (Some(true), Some(1)), "{fin}");
+        assert_eq!(status_of(&sock, "base.raw").await, serde_json::Value::Null, "still listed");
+        assert!(records::load_all(&h.cfg).is_empty(), "its record stayed");
+        assert!(Path::new(&path).is_file(), "forget removes no file");
+        let fin = request(sock.clone(), serde_json::json!({"op": "forget", "path": path})).await;
+        assert_eq!((fin["ok"].as_bool(), fin["forgotten"].as_u64()), (Some(true), Some(0)), "{fin}");
+        let fin = request(sock, serde_json::json!({"op": "forget", "path": "/nowhere/x.raw"})).await;
+        assert_eq!((fin["ok"].as_bool(), fin["forgotten"].as_u64()), (Some(true), Some(0)), "{fin}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

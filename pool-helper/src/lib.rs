@@ -3,7 +3,8 @@
 //! input, and seeds them on.
 //!
 //! Modules, one concern each: [`config`], [`manifest`], [`metainfo`] (bencode read/validate/write),
-//! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`torrent`]
+//! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`selinux`]
+//! (fetched masters get the pool's label), [`torrent`]
 //! (the only user of librqbit), [`pools`] (where pools are: libvirt, or plain directories),
 //! [`fetch`] (the pipeline), [`catalog`] (the trusted LAN catalog), [`announce`] (its
 //! announcements), [`resolve`] (which master a request names), [`publish`], [`sign`] (manifest
@@ -22,6 +23,7 @@ pub mod pools;
 pub mod publish;
 pub mod records;
 pub mod resolve;
+pub mod selinux;
 pub mod sign;
 pub mod staging;
 pub mod torrent;

@@ -143,13 +143,16 @@ pub fn start_writeback(f: &File) -> std::io::Result<()> {
 }
 
 /// fsyncs `staged`, makes it read-only (0444) and renames it to `<pool_dir>/<name>` without
-/// replacing anything, then fsyncs the pool directory. Returns the final path.
+/// replacing anything, then fsyncs the pool directory. Returns the final path. Where SELinux is
+/// enabled the master gets the pool's label, not the staging directory's ([`crate::selinux`]).
 pub fn publish(staged: &Path, pool_dir: &Path, name: &str) -> Result<PathBuf, StagingError> {
     let f = File::open(staged).map_err(io("cannot open staged file", staged))?;
     f.set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io("cannot make read-only", staged))?;
     f.sync_all().map_err(io("cannot fsync", staged))?;
     drop(f);
     let dest = pool_dir.join(name);
+    let relabel = crate::selinux::Relabel::for_this_host();
+    crate::selinux::before_rename(&relabel, staged, pool_dir);
     rename_noreplace(staged, &dest).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             StagingError::Exists(dest.display().to_string())
@@ -157,6 +160,7 @@ pub fn publish(staged: &Path, pool_dir: &Path, name: &str) -> Result<PathBuf, St
             io("cannot rename into the pool", &dest)(e)
         }
     })?;
+    crate::selinux::after_rename(&relabel, &dest);
     File::open(pool_dir).and_then(|d| d.sync_all()).map_err(io("cannot fsync pool directory", pool_dir))?;
     Ok(dest)
 }
@@ -173,9 +177,19 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Makes a published master read-only (0444).
+/// Makes a published master read-only (0444). A master virt-clone-cow made immutable while
+/// clones depend on it (`vcc_core::protect`) cannot be chmodded, and needs not be: nothing can
+/// write it.
 pub fn make_read_only(path: &Path) -> Result<(), StagingError> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(io("cannot make read-only", path))
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)) {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EPERM)
+                && vcc_core::protect::is_immutable(path).ok().flatten() == Some(true) =>
+        {
+            Ok(())
+        }
+        r => r.map_err(io("cannot make read-only", path)),
+    }
 }
 
 /// Writes a small file atomically (temp file, fsync, rename).

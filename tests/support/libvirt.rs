@@ -15,7 +15,7 @@ use std::process::Output;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::files::{list_dir, mode, random_bytes, sha256};
+use crate::files::{list_dir, make_raw, mode, random_bytes, sha256};
 use crate::process::{run, run_ok, uid};
 
 /// The libvirt connection every test uses.
@@ -392,9 +392,32 @@ impl TestEnv {
         let _ = virsh(&["pool-destroy", &self.pool]);
         let _ = virsh(&["pool-undefine", &self.pool]);
         for d in [&self.pool_dir, &self.work_dir] {
-            // Masters were made read-only; root removes them anyway.
+            // Masters were made read-only (root removes them anyway) and immutable (not even root).
+            clear_immutable(d);
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+}
+
+/// A BIOS domain `<prefix><suffix>` with one disk vda on `master` (raw, 8 MiB, made here).
+pub fn raw_domain(env: &TestEnv, suffix: &str, master: &str) -> String {
+    let name = env.name(suffix);
+    make_raw(master, 8);
+    env.refresh_pool();
+    let spec = DomainSpec::new(&name, false).disk(DiskSpec::File {
+        path: master.into(),
+        format: "raw".into(),
+        target: "vda".into(),
+    });
+    define_xml(&spec.xml());
+    name
+}
+
+/// Clears the immutable attribute virt-clone-cow sets on masters (`chattr -R -i`), on every file
+/// under `dir`, so that the directory can be removed. Never panics.
+pub fn clear_immutable(dir: &Path) {
+    if dir.is_dir() {
+        let _ = run("chattr", &[OsStr::new("-R"), OsStr::new("-f"), OsStr::new("-i"), dir.as_os_str()]);
     }
 }
 
@@ -540,7 +563,8 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let _ = virsh(&["pool-destroy", &self.name]);
         let _ = virsh(&["pool-undefine", &self.name]);
-        // Masters were made read-only: make them removable by the TempDir.
+        // Masters were made read-only and immutable: make them removable by the TempDir.
+        clear_immutable(&self.dir);
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             for e in rd.flatten() {
                 let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644));

@@ -8,6 +8,7 @@
 //! * [`overlay`]: creating qcow2 overlays (as files, or the volume XML for the storage API).
 //! * [`control`]: the protocol between the hook, the CLI and the pool-helper daemon.
 //! * [`qemu_img`]: the one place that runs qemu-img (info, create, check; force-share, timeout, limits).
+//! * [`protect`]: the immutable attribute that keeps a master while clones depend on it.
 //! * [`process`]: running external programs from argument vectors, pipes drained while they run.
 //! * [`error`], [`units`]: reporting errors on one line; human-readable sizes.
 //! * [`log`]: logging set up once per program, filtered by `VIRT_CLONE_COW_LOG`.
@@ -20,6 +21,7 @@ pub mod managed;
 pub mod metadata;
 pub mod overlay;
 pub mod process;
+pub mod protect;
 pub mod qemu_img;
 pub mod units;
 pub mod xml;

@@ -69,6 +69,8 @@ pub enum ApplyError {
     OriginalStarted(String),
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Sysprep(#[from] crate::sysprep::SysprepError),
     #[error("making the master '{path}' read-only")]
     Protect {
         path: String,
@@ -83,8 +85,11 @@ pub struct CloneOutcome {
     pub name: String,
     pub uuid: String,
     pub started: bool,
-    /// Time to create the overlays, copy the vars and define the domain.
+    /// Time to create the overlays, copy the vars, run virt-sysprep and define the domain.
     pub define_ms: f64,
+    /// With `sysprep`: what virt-sysprep gave the clone.
+    #[serde(skip)]
+    pub sysprep: Option<crate::sysprep::Identity>,
 }
 
 #[derive(Debug)]
@@ -109,6 +114,8 @@ pub(crate) enum Undo {
         mode: u32,
     },
     Autostart(String),
+    /// A master this run made immutable.
+    Immutable(PathBuf),
     /// `saved_xml`: the persistent XML before the change. With no previous metadata it is
     /// defined again, because removing the element leaves an empty `<metadata/>` behind.
     Metadata {
@@ -184,6 +191,7 @@ impl<'a> Transaction<'a> {
                     _ => Ok(()),
                 },
                 Undo::Autostart(n) => lv.set_autostart(n, true).map_err(Into::into),
+                Undo::Immutable(p) => vcc_core::protect::release(p).map(drop).map_err(Into::into),
                 Undo::Mode { path, mode } => {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(Into::into)
                 }
@@ -242,6 +250,8 @@ pub(crate) fn check_interrupt() -> Result<(), ApplyError> {
 pub struct ApplyOptions {
     pub start: bool,
     pub overlay: OverlayOptions,
+    /// Run virt-sysprep on each clone's overlays before it is defined ([`crate::sysprep`]).
+    pub sysprep: bool,
 }
 
 /// Carries out `plan`. On error, nothing it did remains.
@@ -262,15 +272,40 @@ pub fn apply(lv: &Libvirt, plan: &ClonePlan, opts: ApplyOptions) -> Result<Vec<C
             check_interrupt()?;
             let t0 = Instant::now();
             make_clone(&mut tx, c, opts.overlay)?;
+            let sysprep = if opts.sysprep && c.overlays.is_empty() {
+                tracing::warn!("'{}' has no private disk: nothing for virt-sysprep to reset", c.name);
+                None
+            } else if opts.sysprep {
+                let overlays: Vec<&str> = c.overlays.iter().map(|o| o.location.path()).collect();
+                Some(crate::sysprep::run(&c.name, &overlays)?)
+            } else {
+                None
+            };
+            check_interrupt()?;
             let uuid = lv.define(&c.xml, &c.name)?;
             tx.push(Undo::Domain(c.name.clone()));
-            outcomes.push(CloneOutcome { name: c.name.clone(), uuid, started: false, define_ms: ms(t0.elapsed()) });
+            outcomes.push(CloneOutcome {
+                name: c.name.clone(),
+                uuid,
+                started: false,
+                define_ms: ms(t0.elapsed()),
+                sysprep,
+            });
         }
         // Not a template, the original could start while it was copied: the copies may be torn.
         if plan.reflink && lv.is_active(&plan.original)? {
             return Err(ApplyError::OriginalStarted(plan.original.clone()));
         }
         check_interrupt()?;
+        // The masters have dependants now: immutable until the last one goes (crate::protection).
+        // Reflinked copies depend on nothing.
+        if !plan.clones.is_empty() && !plan.reflink {
+            for m in &plan.masters {
+                if crate::protection::hold_master(lv, &m.path) == (crate::protection::Outcome::Held { newly: true }) {
+                    tx.push(Undo::Immutable(PathBuf::from(&m.path)));
+                }
+            }
+        }
         if opts.start {
             for (o, c) in outcomes.iter_mut().zip(&plan.clones) {
                 check_interrupt()?;
@@ -407,7 +442,9 @@ pub(crate) fn make_template(tx: &mut Transaction<'_>, plan: &ClonePlan) -> Resul
             let meta =
                 std::fs::metadata(&m.path).map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
             let mode = meta.permissions().mode() & 0o7777;
-            if mode & 0o222 != 0 {
+            // An immutable master (held for earlier clones) cannot be chmodded, nor written.
+            let immutable = vcc_core::protect::is_immutable(Path::new(&m.path)).ok().flatten() == Some(true);
+            if mode & 0o222 != 0 && !immutable {
                 std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(mode & !0o222))
                     .map_err(|source| ApplyError::Protect { path: m.path.clone(), source })?;
                 tx.push(Undo::Mode { path: m.path.clone(), mode });

@@ -20,6 +20,7 @@ use virt_clone_cow::placement::{parse_disk_size, OverlayRequest};
                   virt-clone-cow --original base --name web --count 6 --host qemu+ssh://b/system --host qemu+ssh://c/system --start\n  \
                   virt-clone-cow tree\n  \
                   virt-clone-cow flatten web-1\n  \
+                  virt-clone-cow gc --yes\n  \
                   virt-clone-cow publish base"
 )]
 pub struct Cli {
@@ -73,6 +74,22 @@ pub enum Command {
               value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
     },
+    /// List masters no template, clone or overlay needs and the space each frees; with --yes,
+    /// remove them (pool-helper stops seeding them) and release or renew masters' protection.
+    Gc {
+        /// Remove them; without it nothing changes.
+        #[arg(long)]
+        yes: bool,
+        /// Only these masters (paths); one still needed fails the run, naming what needs it.
+        #[arg(value_name = "MASTER")]
+        masters: Vec<String>,
+        /// Only masters in this storage pool.
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+        /// The pool-helper daemon's control socket (its seeded masters are candidates too).
+        #[arg(long, value_name = "PATH", default_value = virt_clone_cow::cmd::publish::DEFAULT_CONTROL_SOCKET)]
+        control_socket: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -108,8 +125,15 @@ pub struct CloneArgs {
     /// Make each disk a reflinked full copy of the master instead of an overlay (as virt-clone
     /// --reflink): constant time on xfs (reflink=1) and btrfs, no backing chain, and the original
     /// stays an ordinary domain. Refused where the filesystem cannot share extents.
-    #[arg(long, conflicts_with_all = ["disposable", "hosts"])]
+    #[arg(long, conflicts_with_all = ["disposable", "hosts", "sysprep"])]
     pub reflink: bool,
+    /// Reset each clone's guest identity before it is defined: virt-sysprep (guestfs-tools) on its
+    /// overlays removes the template's machine-id, SSH host keys, DHCP leases and network
+    /// hostnames, sets the hostname to the clone's name and writes a fresh /etc/machine-id.
+    /// Local connections only; not with --host, nor with --disposable (whose overlays, and the
+    /// identity in them, are discarded at every start).
+    #[arg(long, conflicts_with_all = ["hosts", "disposable"])]
+    pub sysprep: bool,
 
     /// Define the clones on this libvirt host instead of the original's (repeat: the clones are
     /// dealt round-robin over the hosts). The original is read from --connect.
@@ -143,6 +167,7 @@ impl CloneArgs {
             || self.dry_run
             || self.disposable
             || self.reflink
+            || self.sysprep
             || !self.hosts.is_empty()
             || !self.pool_map.is_empty()
             || !self.disk_sizes.is_empty()
@@ -198,6 +223,7 @@ impl CloneArgs {
             disposable: self.disposable,
             overlay,
             reflink: self.reflink,
+            sysprep: self.sysprep,
         })
     }
 }
@@ -279,6 +305,11 @@ mod tests {
         assert!(bad.clone.to_multi_request().unwrap_err().contains("SRC=DST"));
         assert!(cli(&["-o", "t", "--name", "w", "--pool-map", "a=b"]).is_err(), "--pool-map needs --host");
         assert!(cli(&["--host", "h", "tree"]).unwrap().clone.any_given(), "main refuses --host with `tree`");
+        let e = cli(&["-o", "t", "--name", "w", "--sysprep", "--host", "h"]).unwrap_err();
+        assert!(e.contains("--sysprep") && e.contains("--host"), "--sysprep is for local clones: {e}");
+        let e = cli(&["-o", "t", "--name", "w", "--disposable", "--sysprep"]).unwrap_err();
+        assert!(e.contains("--sysprep") && e.contains("--disposable"), "a disposable clone loses it at start: {e}");
+        assert!(cli(&["-o", "t", "--name", "w", "--sysprep"]).unwrap().clone.to_request().unwrap().sysprep);
     }
 
     #[test]

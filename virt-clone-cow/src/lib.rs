@@ -14,8 +14,10 @@
 //! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
 //! * [`lock`]: one run per original at a time.
 //! * [`placement`]: overlays larger than their masters, or in another pool.
+//! * [`holds`], [`protection`]: who needs which master; masters immutable while clones depend on them.
 //! * [`pool_types`]: which storage pool types get overlays, and what the others are told.
 //! * [`reflink`]: reflinked full copies (`--reflink`) on xfs and btrfs.
+//! * [`sysprep`]: `--sysprep`, each clone's own guest identity (virt-sysprep on its overlays).
 //!
 //! ```no_run
 //! use vcc_libvirt::Libvirt;
@@ -29,6 +31,7 @@
 //!     disposable: false,
 //!     overlay: Default::default(),
 //!     reflink: false,
+//!     sysprep: false,
 //! };
 //! let report = clone_domain(&lv, &req)?;
 //! println!("{}", serde_json::to_string_pretty(&report)?);
@@ -38,9 +41,12 @@
 
 pub mod apply;
 pub mod cmd;
+pub mod holds;
 pub mod lock;
 pub mod multi;
 pub mod placement;
 pub mod plan;
 pub mod pool_types;
+pub mod protection;
 pub mod reflink;
+pub mod sysprep;

@@ -12,6 +12,7 @@ use clap::Parser;
 use cli::{Cli, Command};
 use vcc_libvirt::Libvirt;
 use virt_clone_cow::cmd::flatten::{flatten, FlattenRequest};
+use virt_clone_cow::cmd::gc::{gc, GcArgs};
 use virt_clone_cow::cmd::publish::{publish_template, PublishLimits, PublishRequestArgs};
 use virt_clone_cow::cmd::{clone::clone_domain, tree::build_tree};
 
@@ -78,6 +79,17 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 timeout: std::time::Duration::from_secs(*timeout),
             };
             let report = flatten(&lv, &req)?;
+            output::print(cli.json, &report, || report.render())
+        }
+        Some(Command::Gc { yes, masters, pool, control_socket }) => {
+            let lv = Libvirt::open(cli.connect.as_deref())?;
+            let args = GcArgs {
+                yes: *yes,
+                masters: masters.clone(),
+                pool: pool.clone(),
+                control_socket: control_socket.clone(),
+            };
+            let report = gc(&lv, &args)?;
             output::print(cli.json, &report, || report.render())
         }
         None => {

@@ -71,6 +71,14 @@ pub fn render_clone_report(r: &CloneReport) -> String {
         if let Some(nv) = &c.nvram {
             s.push_str(&format!("    uefi vars  {nv}\n"));
         }
+        if let Some(sp) = &c.sysprep {
+            s.push_str(&format!(
+                "    sysprep  hostname {}, machine-id {} ({:.1} s)\n",
+                sp.hostname,
+                sp.machine_id,
+                sp.ms / 1e3
+            ));
+        }
     }
     s
 }

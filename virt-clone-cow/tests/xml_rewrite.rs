@@ -745,6 +745,24 @@ fn rewrite_empties_the_vm_generation_id_so_each_clone_gets_a_new_one() {
     assert_only_expected_lines_changed(GENID, &out, &HashSet::new());
 }
 
+/// The facts of `xml` (a domain with no disks to clone) and its plan for `names`.
+fn plan_without_disks(xml: &str, names: &[&str]) -> (DomainFacts, virt_clone_cow::plan::ClonePlan) {
+    let facts = DomainFacts::parse(xml).unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let input = PlanInput {
+        original_xml: xml,
+        facts: &facts,
+        masters: &[],
+        names: &names,
+        taken_macs: &HashSet::new(),
+        disposable: false,
+        nvram_pool: None,
+        reflink: false,
+    };
+    let p = plan(&input, || [1, 2, 3]).unwrap();
+    (facts, p)
+}
+
 #[test]
 fn only_per_domain_char_paths_are_renamed_host_devices_and_connect_sockets_stay() {
     let xml = "<domain type='kvm'><name>tmpl</name><devices>\
@@ -755,23 +773,10 @@ fn only_per_domain_char_paths_are_renamed_host_devices_and_connect_sockets_stay(
         <console type='pty'><log file='/var/log/tmpl-console.log'/><target type='serial' port='0'/></console>\
         <parallel type='pipe'><source path='/tmp/tmpl-pipe'/></parallel>\
         </devices></domain>";
-    let facts = DomainFacts::parse(xml).unwrap();
+    let (facts, p) = plan_without_disks(xml, &["c1"]);
     let mut got = facts.char_paths.clone();
     got.sort();
     assert_eq!(got, vec!["/run/tmpl/own.sock", "/var/log/tmpl-console.log", "/var/log/tmpl-serial.log"]);
-    let masters: Vec<Master> = Vec::new();
-    let names = vec!["c1".to_string()];
-    let input = PlanInput {
-        original_xml: xml,
-        facts: &facts,
-        masters: &masters,
-        names: &names,
-        taken_macs: &HashSet::new(),
-        disposable: false,
-        nvram_pool: None,
-        reflink: false,
-    };
-    let p = plan(&input, || [1, 2, 3]).unwrap();
     let out = &p.clones[0].xml;
     assert!(
         out.contains("path='/dev/ttyS0'")
@@ -785,6 +790,32 @@ fn only_per_domain_char_paths_are_renamed_host_devices_and_connect_sockets_stay(
             && out.contains("/var/log/c1-console.log"),
         "{out}"
     );
+}
+
+/// virt-clone keeps a file serial's path and a pty's log file as they are, so two clones of one
+/// template would write one file. Here each clone gets its own, beside the original, even when the
+/// path does not hold the template's name; a serial and its console twin still share one file.
+#[test]
+fn serial_and_log_paths_without_the_templates_name_get_each_clones_name() {
+    // As `virsh dumpxml --inactive` gives it: the console repeats the first serial's source.
+    let xml = "<domain type='kvm'><name>tmpl</name><devices>\
+        <serial type='file'><source path='/var/log/vm/console.log'/><target type='isa-serial' port='0'>\
+        <model name='isa-serial'/></target></serial>\
+        <serial type='pty'><log file='/var/log/vm/serial1'/><target type='isa-serial' port='1'>\
+        <model name='isa-serial'/></target></serial>\
+        <console type='file'><source path='/var/log/vm/console.log'/><target type='serial' port='0'/></console>\
+        </devices></domain>";
+    let (facts, p) = plan_without_disks(xml, &["c1", "c2"]);
+    let mut seen: HashSet<String> = facts.char_paths.iter().cloned().collect();
+    for c in &p.clones {
+        let f = DomainFacts::parse(&c.xml).unwrap();
+        let want = vec![format!("/var/log/vm/console-{}.log", c.name), format!("/var/log/vm/serial1-{}", c.name)];
+        assert_eq!(f.char_paths, want, "{}", c.xml);
+        assert_eq!(c.xml.matches(&format!("path='/var/log/vm/console-{}.log'", c.name)).count(), 2, "{}", c.xml);
+        for path in f.char_paths {
+            assert!(seen.insert(path.clone()), "{path} is the template's or another clone's");
+        }
+    }
 }
 
 /// A qcow2 master of 1 GiB on the odd-name capture's disk `i`.

@@ -36,6 +36,17 @@ pub enum Request {
     List,
     /// What the LAN catalog offers: the final line's `catalog`.
     Catalog,
+    /// Stop seeding the master at `path` and forget it on this host (`virt-clone-cow gc --yes`
+    /// sends it before removing the file): its torrent leaves the session, it is no longer
+    /// announced, and its record goes, so the next start does not seed it again. Answered `ok`
+    /// with `forgotten` (how many entries went), 0 when the daemon knows nothing of it.
+    Forget(ForgetRequest),
+}
+
+/// `forget`: the master's absolute path in its pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetRequest {
+    pub path: String,
 }
 
 /// `publish`: which volume of which pool becomes a master.
@@ -297,6 +308,9 @@ pub struct Final {
     /// `catalog`: what the LAN offers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog: Option<Vec<CatalogEntry>>,
+    /// `forget`: how many masters (records and seeds) were forgotten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgotten: Option<u32>,
 }
 
 impl Final {
@@ -360,6 +374,10 @@ mod tests {
         assert!(matches!(r, Request::Seed(_)));
         assert_eq!(round_trips::<Request>(r#"{"op":"status"}"#), Request::Status);
         assert_eq!(round_trips::<Request>(r#"{"op":"list"}"#), Request::List);
+        let r: Request = round_trips(r#"{"op":"forget","path":"/var/lib/libvirt/images/m.qcow2"}"#);
+        assert_eq!(r, Request::Forget(ForgetRequest { path: "/var/lib/libvirt/images/m.qcow2".into() }));
+        let f: Final = round_trips(r#"{"ok":true,"forgotten":0}"#);
+        assert_eq!(f.forgotten, Some(0));
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
     }
 

@@ -37,6 +37,8 @@ pub struct CloneRequest {
     /// Reflinked full copies instead of overlays (xfs with reflink=1, btrfs): no backing chain,
     /// and the original stays an ordinary domain.
     pub reflink: bool,
+    /// Reset each clone's guest identity with virt-sysprep ([`crate::sysprep`]).
+    pub sysprep: bool,
 }
 
 impl CloneRequest {
@@ -51,6 +53,7 @@ impl CloneRequest {
             disposable: false,
             reflink: false,
             overlay: Default::default(),
+            sysprep: false,
         }
     }
 }
@@ -114,6 +117,8 @@ pub enum CloneError {
     Placement(#[from] crate::placement::PlacementError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Sysprep(#[from] crate::sysprep::SysprepError),
 }
 
 /// One disk of a clone in the report.
@@ -150,6 +155,17 @@ pub struct CloneEntry {
     pub nvram: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub define_ms: Option<f64>,
+    /// With --sysprep: the guest's new hostname and machine-id, and virt-sysprep's time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sysprep: Option<SysprepReport>,
+}
+
+/// What --sysprep gave a clone.
+#[derive(Debug, Clone, Serialize)]
+pub struct SysprepReport {
+    pub hostname: String,
+    pub machine_id: String,
+    pub ms: f64,
 }
 
 /// What `--json` prints: one object.
@@ -166,6 +182,15 @@ pub struct CloneReport {
 /// Plans and (unless a dry run) makes the clones.
 pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, CloneError> {
     let t0 = Instant::now();
+    if req.sysprep {
+        // Before anything is made: where virt-sysprep cannot run, nothing is.
+        if !lv.is_local() {
+            return Err(crate::sysprep::SysprepError::Remote(lv.uri().to_string()).into());
+        }
+        if !crate::sysprep::available() {
+            return Err(crate::sysprep::SysprepError::NotInstalled.into());
+        }
+    }
     let _lock = if req.dry_run {
         None
     } else {
@@ -175,7 +200,7 @@ pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, Clo
     let outcomes = if req.dry_run {
         Vec::new()
     } else {
-        apply(lv, &plan, ApplyOptions { start: req.start, overlay: OverlayOptions::preferred() })?
+        apply(lv, &plan, ApplyOptions { start: req.start, overlay: OverlayOptions::preferred(), sysprep: req.sysprep })?
     };
     Ok(report(&plan, &outcomes, req.dry_run, t0))
 }
@@ -475,6 +500,11 @@ pub(crate) fn clone_entry(c: &crate::plan::CloneSpec, o: Option<&CloneOutcome>) 
             .collect(),
         nvram: c.nvram.as_ref().map(|n| n.to.clone()),
         define_ms: o.map(|o| o.define_ms),
+        sysprep: o.and_then(|o| o.sysprep.as_ref()).map(|s| SysprepReport {
+            hostname: s.hostname.clone(),
+            machine_id: s.machine_id.clone(),
+            ms: crate::apply::ms(s.elapsed),
+        }),
     }
 }
 

@@ -126,6 +126,8 @@ pub struct FlattenReport {
     pub disks: Vec<FlattenedDisk>,
     /// Disks still linked to a master.
     pub still_linked: Vec<String>,
+    /// Masters whose protection was released: nothing on this host needs them any more.
+    pub released: Vec<String>,
     pub elapsed_ms: f64,
 }
 
@@ -143,6 +145,11 @@ impl FlattenReport {
             s.push_str(&format!("'{}' depends on no master now.\n", self.domain));
         } else {
             s.push_str(&format!("Still linked: {}\n", self.still_linked.join(", ")));
+        }
+        for m in &self.released {
+            s.push_str(&format!(
+                "Master {m} is needed by nothing else here: no longer immutable (virt-clone-cow gc lists it).\n"
+            ));
         }
         s
     }
@@ -190,13 +197,15 @@ pub fn flatten(lv: &Libvirt, req: &FlattenRequest) -> Result<FlattenReport, Flat
     } else {
         copy_offline(lv, name, &xml, &targets, req, after.as_ref())?
     };
-    masters_no_longer_needed(lv, name, &targets.iter().map(|t| t.recorded.master.clone()).collect::<Vec<_>>());
+    let released =
+        masters_no_longer_needed(lv, name, &targets.iter().map(|t| t.recorded.master.clone()).collect::<Vec<_>>());
 
     Ok(FlattenReport {
         domain: name.clone(),
         live,
         disks,
         still_linked: remaining,
+        released,
         elapsed_ms: crate::apply::ms(t0.elapsed()),
     })
 }
@@ -214,13 +223,24 @@ pub fn forget_disks(md: &mut CowMetadata, flat: &[&str]) -> Vec<String> {
     left
 }
 
-/// The one place where a clone tells that it no longer needs some masters: their protection may
-/// be released once nothing else on the host needs them (the master protection of issue 15,
-/// item 1, hooks in here). Until then it only logs.
-fn masters_no_longer_needed(lv: &Libvirt, domain: &str, masters: &[MasterRef]) {
+/// The one place where a clone tells that it no longer needs some masters: the protection of
+/// each (the immutable flag, `crate::protection`) is released when nothing else on the host needs
+/// it. Returns the masters released.
+fn masters_no_longer_needed(lv: &Libvirt, domain: &str, masters: &[MasterRef]) -> Vec<String> {
+    let mut released = Vec::new();
     for m in masters {
         tracing::info!("'{domain}' no longer depends on master {} (on {})", m.path, lv.uri());
+        if released.contains(&m.path) {
+            continue;
+        }
+        // Never fatal: the clone is flattened; `virt-clone-cow gc --yes` releases it later.
+        match crate::protection::release_if_unneeded(lv, &m.path) {
+            Ok(true) => released.push(m.path.clone()),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("could not release master {}: {}", m.path, vcc_core::error::one_line(&e)),
+        }
     }
+    released
 }
 
 fn resolve(

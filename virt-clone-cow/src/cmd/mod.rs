@@ -2,5 +2,6 @@
 
 pub mod clone;
 pub mod flatten;
+pub mod gc;
 pub mod publish;
 pub mod tree;

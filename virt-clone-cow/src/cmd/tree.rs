@@ -6,8 +6,12 @@ use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
 
+use crate::cmd::gc::{gc, GcArgs, Unused};
+use crate::cmd::publish::DEFAULT_CONTROL_SOCKET;
+use crate::holds::{describe_all, Holder};
 use vcc_core::metadata::{CowMetadata, MasterRef};
 use vcc_core::overlay::image_info;
+use vcc_core::protect::{self, Protection};
 use vcc_core::units::human_bytes;
 use vcc_core::xml::{BackingDecl, DiskSource, DomainFacts};
 use vcc_libvirt::{Libvirt, LibvirtError, Volume};
@@ -51,6 +55,11 @@ pub struct MasterNode {
     /// Total bytes the linked clones' overlays take (reflinked copies are not counted: their
     /// extents are shared and nothing depends on the master).
     pub clones_allocation: u64,
+    /// Why the master is held: everything on this host that needs it (`crate::holds`).
+    pub held_by: Vec<Holder>,
+    /// How it is protected (local connections): `immutable`, `read-only-mode` or `none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protection: Option<Protection>,
 }
 
 /// A published master's identity, as the domains' metadata records it (`virt-clone-cow publish`).
@@ -73,6 +82,8 @@ impl Published {
 #[derive(Debug, Clone, Serialize)]
 pub struct Tree {
     pub masters: Vec<MasterNode>,
+    /// What `virt-clone-cow gc --yes` would remove (masters nothing needs).
+    pub unused: Vec<Unused>,
 }
 
 /// Builds the tree from every domain and every volume of the active pools.
@@ -98,6 +109,8 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
                     published: None,
                     clones: Vec::new(),
                     clones_allocation: 0,
+                    held_by: Vec::new(),
+                    protection: None,
                 }
             })
             .format
@@ -200,7 +213,22 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
         m.clones_allocation = m.clones.iter().filter(|c| c.link == "linked").filter_map(|c| c.allocation).sum();
         m.clones.sort_by(|a, b| (&a.domain, &a.target, &a.overlay).cmp(&(&b.domain, &b.target, &b.overlay)));
     }
-    Ok(Tree { masters })
+    // Why each master is held, and how it is protected (crate::holds, vcc_core::protect).
+    let holds = crate::holds::scan(lv, &volumes)?;
+    for m in &mut masters {
+        m.held_by = holds.of(&m.path).to_vec();
+        m.protection = if lv.is_local() { protect::protection(std::path::Path::new(&m.path)).ok() } else { None };
+    }
+    // What gc would free (marked masters, and pool-helper's at its default socket if it runs).
+    let args = GcArgs { yes: false, masters: Vec::new(), pool: None, control_socket: DEFAULT_CONTROL_SOCKET.into() };
+    let unused = match gc(lv, &args) {
+        Ok(r) => r.unused,
+        Err(e) => {
+            tracing::warn!("cannot tell what gc would free: {}", vcc_core::error::one_line(&e));
+            Vec::new()
+        }
+    };
+    Ok(Tree { masters, unused })
 }
 
 /// A domain's disk in the tree: a managed, linked one unless the caller says otherwise.
@@ -229,10 +257,10 @@ fn local_allocation(lv: &Libvirt, path: &str) -> Option<u64> {
 impl Tree {
     /// The tree as text, one master per block.
     pub fn render(&self) -> String {
-        if self.masters.is_empty() {
-            return "No linked clones: no domain disk or pool volume has a backing file.\n".to_string();
-        }
         let mut s = String::new();
+        if self.masters.is_empty() {
+            s.push_str("No linked clones: no domain disk or pool volume has a backing file.\n");
+        }
         for m in &self.masters {
             s.push_str(&m.path);
             let mut facts = Vec::new();
@@ -250,6 +278,9 @@ impl Tree {
             }
             if let Some(p) = &m.published {
                 facts.push(format!("published sha256 {}", p.sha256.get(..16).unwrap_or(&p.sha256)));
+            }
+            if let Some(p) = m.protection.filter(|p| *p != Protection::None) {
+                facts.push(p.as_str().to_string());
             }
             if !facts.is_empty() {
                 s.push_str(&format!("  ({})", facts.join(", ")));
@@ -294,6 +325,16 @@ impl Tree {
                     human_bytes(m.clones_allocation)
                 ));
             }
+            if !m.held_by.is_empty() {
+                s.push_str(&format!("   held by {}\n", describe_all(&m.held_by)));
+            }
+        }
+        if !self.unused.is_empty() {
+            let bytes: u64 = self.unused.iter().map(|u| u.bytes).sum();
+            s.push_str(&format!("gc would free {} master(s), {}:\n", self.unused.len(), human_bytes(bytes)));
+            for u in &self.unused {
+                s.push_str(&format!("  {}  {}\n", u.path, human_bytes(u.bytes)));
+            }
         }
         s
     }
@@ -332,17 +373,21 @@ mod tests {
                 clone_node("db-1", "/p/db-1-vda.raw", 1 << 30, "reflinked"),
             ],
             clones_allocation: 4096,
+            held_by: Vec::new(),
+            protection: None,
         };
-        let text = Tree { masters: vec![m.clone()] }.render();
+        let text = Tree { masters: vec![m.clone()], unused: Vec::new() }.render();
         let line = |who: &str| text.lines().find(|l| l.contains(who)).unwrap().to_string();
         assert!(!line("web-1").contains("reflinked"), "{text}");
         assert!(line("db-1").contains("1.0 GiB shared  reflinked copy, independent"), "{text}");
         assert!(text.contains("1 linked clone disk(s), 4.0 KiB in overlays; 1 reflinked (no backing file)"), "{text}");
-        let json = serde_json::to_value(Tree { masters: vec![m.clone()] }).unwrap();
+        let json = serde_json::to_value(Tree { masters: vec![m.clone()], unused: Vec::new() }).unwrap();
         assert_eq!(json["masters"][0]["clones"][1]["link"], "reflinked");
         assert_eq!(json["masters"][0]["clones"][0]["link"], "linked");
         // Only linked clones: the summary as before.
         m.clones.pop();
-        assert!(Tree { masters: vec![m] }.render().contains("   1 clone disk(s), 4.0 KiB in overlays"));
+        assert!(Tree { masters: vec![m], unused: Vec::new() }
+            .render()
+            .contains("   1 clone disk(s), 4.0 KiB in overlays"));
     }
 }

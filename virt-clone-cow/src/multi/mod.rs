@@ -436,6 +436,7 @@ fn report(
                         uuid: m.uuid.clone(),
                         started: m.start_ms.is_some(),
                         define_ms: 0.0,
+                        sysprep: None,
                     });
                     let mut clone = clone_entry(c, outcome.as_ref());
                     clone.define_ms = None;
