@@ -577,6 +577,7 @@ fn vars_file_appearing_after_planning_fails_the_second_clone_and_rolls_back_the_
         start: false,
         dry_run: false,
         disposable: false,
+        overlay: Default::default(),
         reflink: false,
         sysprep: false,
     };

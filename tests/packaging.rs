@@ -106,6 +106,8 @@ fn the_units_exec_start_serves_and_notifies_ready() {
 }
 
 const HOOK: &str = "/etc/libvirt/hooks/qemu.d/50-virt-clone-cow";
+/// The same hook for Xen through libvirt's libxl driver (docs/xen.md).
+const LIBXL_HOOK: &str = "/etc/libvirt/hooks/libxl.d/50-virt-clone-cow";
 const STATE: &str = "/var/lib/pool-helper";
 /// The hook's settings, a conffile of the package; tests/hook.rs writes its own there.
 const HOOK_CONF: &str = "/etc/virt-clone-cow/hook.toml";
@@ -131,6 +133,7 @@ fn apt_get(args: &[&str]) {
 /// reloaded.
 struct Machine {
     hook: Option<Vec<u8>>,
+    libxl_hook: Option<Vec<u8>>,
     hook_conf: Option<Vec<u8>>,
 }
 
@@ -142,7 +145,7 @@ impl Machine {
         if hook_conf.is_some() {
             std::fs::remove_file(HOOK_CONF).expect("move the tests' hook.toml aside");
         }
-        Machine { hook: std::fs::read(HOOK).ok(), hook_conf }
+        Machine { hook: std::fs::read(HOOK).ok(), libxl_hook: std::fs::read(LIBXL_HOOK).ok(), hook_conf }
     }
 }
 
@@ -151,9 +154,11 @@ impl Drop for Machine {
         if Command::new("dpkg").args(["-s", "virt-clone-cow"]).output().is_ok_and(|o| o.status.success()) {
             let _ = Command::new("apt-get").args(["purge", "-y", "virt-clone-cow"]).output();
         }
-        if let Some(bytes) = self.hook.take() {
-            let _ = std::fs::write(HOOK, bytes);
-            let _ = std::fs::set_permissions(HOOK, std::fs::Permissions::from_mode(0o755));
+        for (path, bytes) in [(HOOK, self.hook.take()), (LIBXL_HOOK, self.libxl_hook.take())] {
+            let Some(bytes) = bytes else { continue };
+            let _ = std::fs::create_dir_all(Path::new(path).parent().unwrap_or(Path::new("/")));
+            let _ = std::fs::write(path, bytes);
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
         }
         if let Some(bytes) = self.hook_conf.take() {
             let _ = std::fs::create_dir_all("/etc/virt-clone-cow");
@@ -193,11 +198,14 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
     // The hook is a copy (AppArmor: a link into /usr/libexec is not under /etc/libvirt/hooks/**),
     // and every configure, an upgrade's too, copies the packaged binary again.
     let packaged = "/usr/libexec/virt-clone-cow/virt-clone-cow-hook";
+    // The same in libxl.d, for Xen through libvirt's libxl driver (docs/xen.md).
     let assert_hook_is_the_packaged_binary = || {
-        let meta = std::fs::symlink_metadata(HOOK).expect("the hook is installed");
-        assert!(meta.file_type().is_file(), "the hook is a regular file, not a link");
-        assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
-        assert_eq!(sha256(HOOK), sha256(packaged), "the hook is the packaged binary");
+        for hook in [HOOK, LIBXL_HOOK] {
+            let meta = std::fs::symlink_metadata(hook).unwrap_or_else(|e| panic!("{hook} is installed: {e}"));
+            assert!(meta.file_type().is_file(), "{hook} is a regular file, not a link");
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+            assert_eq!(sha256(hook), sha256(packaged), "{hook} is the packaged binary");
+        }
     };
     assert_hook_is_the_packaged_binary();
     std::fs::write(HOOK, b"#!/bin/sh\nexit 0\n").unwrap();
@@ -232,6 +240,7 @@ fn the_package_installs_its_pieces_and_purges_to_a_clean_host() {
     std::fs::create_dir_all(format!("{STATE}/librqbit")).unwrap();
     apt_get(&["purge", "-y", "virt-clone-cow"]);
     assert!(std::fs::symlink_metadata(HOOK).is_err(), "the hook is gone");
+    assert!(std::fs::symlink_metadata(LIBXL_HOOK).is_err(), "the libxl hook is gone");
     assert!(!Path::new(STATE).exists() && !Path::new("/etc/pool-helper").exists(), "our state is gone");
     assert!(!Path::new(HOOK_CONF).exists(), "purge removes the hook's settings");
     assert_eq!(std::fs::read(&master).unwrap(), b"master", "a master is never removed");

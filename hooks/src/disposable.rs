@@ -86,6 +86,10 @@ pub fn fresh_start(facts: &DomainFacts, plan: &LinkedDisks, cfg: &Config, log: &
         return;
     }
     let name = &facts.name;
+    if is_xen(facts) {
+        let _ = writeln!(log, "virt-clone-cow-hook: {name}: keeping the disposable overlays: a Xen (libxl) domain, whose restores run `prepare` with no `restore` hook before it, so a fresh start cannot be told from a restored guest");
+        return;
+    }
     // Always used up here, whatever else decides (libvirt also runs `restore begin` when a start
     // resumes a managed save): a note left behind would keep the next plain start from being fresh.
     let incoming = take_incoming(cfg, facts);
@@ -100,9 +104,16 @@ pub fn fresh_start(facts: &DomainFacts, plan: &LinkedDisks, cfg: &Config, log: &
     discard_all(name, plan, cfg, log);
 }
 
+/// A domain of libvirt's libxl driver (`<domain type='xen'>`): its hooks have no `restore` step,
+/// so disposable overlays are never discarded there (virt-clone-cow makes no disposable Xen
+/// clones; one marked by hand is kept).
+pub fn is_xen(facts: &DomainFacts) -> bool {
+    facts.domain_type == "xen"
+}
+
 /// `release end` with libvirt's shut-off `reason` (`-` before libvirt 10.5).
 pub fn release(facts: &DomainFacts, plan: &LinkedDisks, reason: &str, cfg: &Config, log: &mut dyn Write) {
-    if !plan.disposable || !release_may_discard(reason) || has_managed_save(cfg, &facts.name) {
+    if !plan.disposable || is_xen(facts) || !release_may_discard(reason) || has_managed_save(cfg, &facts.name) {
         return;
     }
     discard_all(&facts.name, plan, cfg, log);
@@ -405,6 +416,21 @@ mod tests {
             release(&vm, &plan, reason, &cfg, &mut Vec::new());
             assert!(!Path::new(&o).exists(), "kept after reason {reason:?}");
         }
+    }
+
+    #[test]
+    fn a_xen_domains_disposable_overlay_is_never_discarded() {
+        let f = Fixture::new();
+        let o = f.dir.path().join("o.qcow2").to_string_lossy().into_owned();
+        std::fs::write(&o, b"a restored Xen guest's disk").unwrap();
+        let plan = LinkedDisks { disposable: true, disks: vec![f.disk(&o, true)], ..Default::default() };
+        let xen = DomainFacts { domain_type: "xen".into(), ..facts("xg", None) };
+        let mut log = Vec::new();
+        fresh_start(&xen, &plan, &f.cfg(), &mut log);
+        release(&xen, &plan, "destroyed", &f.cfg(), &mut log);
+        assert!(Path::new(&o).exists());
+        let log = String::from_utf8(log).unwrap();
+        assert!(log.contains("keeping the disposable overlays: a Xen (libxl) domain"), "{log}");
     }
 
     #[test]

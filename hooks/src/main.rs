@@ -1,4 +1,5 @@
-//! The libvirt qemu hook (`/etc/libvirt/hooks/qemu.d/50-virt-clone-cow`).
+//! The libvirt hook (`/etc/libvirt/hooks/qemu.d/50-virt-clone-cow`, and the same binary as
+//! `/etc/libvirt/hooks/libxl.d/50-virt-clone-cow` for Xen through libvirt's libxl driver).
 //!
 //! libvirt runs it as `HOOK DOMAIN OPERATION SUB-OPERATION EXTRA` with the domain XML on stdin.
 //! Exit 0 is success (and the answer for every domain we do not manage, and for every operation

@@ -55,6 +55,13 @@ pub enum QemuImgError {
         #[source]
         source: Box<CommandError>,
     },
+    #[error("qemu-img could not copy '{from}' to '{path}'")]
+    Convert {
+        from: String,
+        path: String,
+        #[source]
+        source: Box<CommandError>,
+    },
     #[error("qemu-img could not check '{path}'")]
     Check {
         path: String,
@@ -89,6 +96,7 @@ impl QemuImgError {
             QemuImgError::Info { source, .. }
             | QemuImgError::Create { source, .. }
             | QemuImgError::Check { source, .. }
+            | QemuImgError::Convert { source, .. }
             | QemuImgError::Snapshot { source, .. } => source.stderr(),
             QemuImgError::InfoOutput { .. } | QemuImgError::CheckOutput { .. } | QemuImgError::NoConfinement { .. } => {
                 None
@@ -286,6 +294,29 @@ impl QemuImg {
         result
             .map(drop)
             .map_err(|source| QemuImgError::Create { path: path.display().to_string(), source: Box::new(source) })
+    }
+
+    /// `qemu-img convert -q -f FORMAT -O qcow2 -o compat=1.1 FROM PATH`: a standalone copy of
+    /// `from` and everything its backing chain holds (the chain as the image names it, its formats
+    /// stated). qemu-img overwrites `path`: callers make sure it is theirs.
+    pub fn convert_standalone(&self, from: &Path, format: &str, path: &Path) -> Result<(), QemuImgError> {
+        let args: [&OsStr; 10] = [
+            "convert".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            format.as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            "-o".as_ref(),
+            "compat=1.1".as_ref(),
+            from.as_os_str(),
+            path.as_os_str(),
+        ];
+        self.run(&args).map(drop).map_err(|source| QemuImgError::Convert {
+            from: from.display().to_string(),
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })
     }
 
     /// Whether `qemu-img create -f qcow2` knows `extended_l2` (QEMU 5.2 and later).

@@ -4,6 +4,7 @@
 //! daemon. Errors are classified by libvirt error code, never by message text. The hook does not
 //! depend on this crate: it never calls libvirt.
 
+pub mod blockjob;
 pub mod events;
 pub mod watch;
 
@@ -367,6 +368,12 @@ impl Libvirt {
     pub fn pool_dir(&self, pool: &str) -> Result<Option<String>> {
         let xml = self.pool(pool)?.xml_desc(0).map_err(call(format!("reading the XML of storage pool '{pool}'")))?;
         Ok(vcc_core::xml::volume::pool_target_path(&xml))
+    }
+
+    /// The directory of files of a dir, fs or netfs pool; None for other pool types.
+    pub fn pool_file_dir(&self, pool: &str) -> Result<Option<String>> {
+        let xml = self.pool(pool)?.xml_desc(0).map_err(call(format!("reading the XML of storage pool '{pool}'")))?;
+        Ok(vcc_core::xml::volume::pool_file_dir(&xml))
     }
 
     /// Name and whether it is active, for every network defined on the host.

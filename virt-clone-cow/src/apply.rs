@@ -347,8 +347,7 @@ fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> 
         crate::reflink::make_copy(tx, &c.name, o)?;
     }
     for o in c.overlays.iter().filter(|o| !o.reflink) {
-        let backing =
-            BackingSpec { path: &o.master.path, format: &o.master.format, virtual_size: o.master.virtual_size };
+        let backing = BackingSpec { path: &o.master.path, format: &o.master.format, virtual_size: o.size };
         match &o.location {
             OverlayLocation::File { path } => {
                 create_file_overlay(Path::new(path), &backing, opts).map_err(|source| ApplyError::Overlay {

@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 
 use virt_clone_cow::cmd::clone::{CloneRequest, NameRequest};
 use virt_clone_cow::multi::MultiRequest;
+use virt_clone_cow::placement::{parse_disk_size, OverlayRequest};
 
 /// Linked (copy-on-write) clones of libvirt domains.
 ///
@@ -18,6 +19,7 @@ use virt_clone_cow::multi::MultiRequest;
                   virt-clone-cow --original base --auto-clone --count 10 --json\n  \
                   virt-clone-cow --original base --name web --count 6 --host qemu+ssh://b/system --host qemu+ssh://c/system --start\n  \
                   virt-clone-cow tree\n  \
+                  virt-clone-cow flatten web-1\n  \
                   virt-clone-cow gc --yes\n  \
                   virt-clone-cow publish base"
 )]
@@ -54,6 +56,23 @@ pub enum Command {
         /// The pool-helper daemon's control socket.
         #[arg(long, value_name = "PATH", default_value = virt_clone_cow::cmd::publish::DEFAULT_CONTROL_SOCKET)]
         control_socket: std::path::PathBuf,
+    },
+    /// Turn a linked clone's overlays into standalone disks, so it no longer depends on its
+    /// master: live with libvirt's block pull when it runs, else by a standalone copy put in
+    /// place of each overlay (all disks or none).
+    Flatten {
+        /// The clone (a domain made by virt-clone-cow).
+        #[arg(value_name = "CLONE")]
+        clone: String,
+        /// Flatten only this disk (its target, like vda); repeatable. Default: every linked disk.
+        #[arg(long = "disk", value_name = "TARGET")]
+        disks: Vec<String>,
+        /// Longest wait, in seconds, for one disk's block pull or qemu-img copy; a pull still
+        /// running then is stopped and the disk keeps its master (a copy through libvirt's storage
+        /// API has no bound a client can set).
+        #[arg(long, value_name = "SECS", default_value_t = virt_clone_cow::cmd::flatten::DEFAULT_TIMEOUT.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
     },
     /// List masters no template, clone or overlay needs and the space each frees; with --yes,
     /// remove them (pool-helper stops seeding them) and release or renew masters' protection.
@@ -125,6 +144,16 @@ pub struct CloneArgs {
     /// the pool of the same name). Repeatable.
     #[arg(long = "pool-map", value_name = "SRC=DST", requires = "hosts")]
     pub pool_map: Vec<String>,
+
+    /// Make each overlay SIZE large (20G, 512M; at least its master's size): the guest sees a
+    /// larger disk. TARGET=SIZE (vdb=50G) sizes one disk; repeatable.
+    #[arg(long = "disk-size", value_name = "[TARGET=]SIZE", conflicts_with = "reflink")]
+    pub disk_sizes: Vec<String>,
+
+    /// Put the overlays in this storage pool (dir, fs or netfs) instead of beside their masters,
+    /// e.g. masters on shared storage, overlays on local disk.
+    #[arg(long, value_name = "POOL", conflicts_with = "reflink")]
+    pub overlay_pool: Option<String>,
 }
 
 impl CloneArgs {
@@ -141,6 +170,8 @@ impl CloneArgs {
             || self.sysprep
             || !self.hosts.is_empty()
             || !self.pool_map.is_empty()
+            || !self.disk_sizes.is_empty()
+            || self.overlay_pool.is_some()
     }
 
     /// The multi-host request, when --host was given.
@@ -149,6 +180,11 @@ impl CloneArgs {
             return Ok(None);
         }
         let r = self.to_request()?;
+        if !r.overlay.is_default() {
+            return Err("--disk-size and --overlay-pool do not work with --host yet (there the hook may make the \
+                        overlay at start, beside its master and at its size); --pool-map places overlays on hosts"
+                .into());
+        }
         virt_clone_cow::multi::plan::parse_pool_map(&self.pool_map)?;
         Ok(Some(MultiRequest {
             original: r.original,
@@ -175,12 +211,17 @@ impl CloneArgs {
             }
             _ => NameRequest::Names(self.names.clone()),
         };
+        let overlay = OverlayRequest {
+            disk_sizes: self.disk_sizes.iter().map(|s| parse_disk_size(s)).collect::<Result<_, _>>()?,
+            pool: self.overlay_pool.clone(),
+        };
         Ok(CloneRequest {
             original,
             names,
             start: self.start,
             dry_run: self.dry_run,
             disposable: self.disposable,
+            overlay,
             reflink: self.reflink,
             sysprep: self.sysprep,
         })
@@ -219,6 +260,33 @@ mod tests {
         // A reflinked copy is nothing the hook discards, and it stays on the master's filesystem.
         assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--disposable"]).is_err());
         assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--host", "h"]).is_err());
+    }
+
+    #[test]
+    fn disk_sizes_and_an_overlay_pool_become_part_of_the_request() {
+        let r = parse(&[
+            "-o",
+            "b",
+            "--name",
+            "x",
+            "--disk-size",
+            "20G",
+            "--disk-size",
+            "vdb=1T",
+            "--overlay-pool",
+            "local",
+        ])
+        .unwrap();
+        assert_eq!(r.overlay.disk_sizes.len(), 2);
+        assert_eq!(r.overlay.disk_sizes[1].bytes, 1 << 40);
+        assert_eq!(r.overlay.pool.as_deref(), Some("local"));
+        assert!(parse(&["-o", "b", "--name", "x", "--disk-size", "big"]).unwrap_err().contains("not a size"));
+        let with_host =
+            Cli::try_parse_from(["virt-clone-cow", "-o", "t", "-n", "w", "--host", "h", "--disk-size", "2G"]);
+        assert!(with_host.unwrap().clone.to_multi_request().unwrap_err().contains("--host"));
+        // A reflinked copy is the master's size, beside it.
+        assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--disk-size", "2G"]).is_err());
+        assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--overlay-pool", "p"]).is_err());
     }
 
     #[test]

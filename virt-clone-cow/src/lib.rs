@@ -13,6 +13,7 @@
 //! * [`apply`]: carrying out a plan so that a failure leaves nothing behind.
 //! * [`cmd::clone`], [`cmd::tree`]: the subcommands.
 //! * [`lock`]: one run per original at a time.
+//! * [`placement`]: overlays larger than their masters, or in another pool.
 //! * [`holds`], [`protection`]: who needs which master; masters immutable while clones depend on them.
 //! * [`pool_types`]: which storage pool types get overlays, and what the others are told.
 //! * [`reflink`]: reflinked full copies (`--reflink`) on xfs and btrfs.
@@ -28,6 +29,7 @@
 //!     start: false,
 //!     dry_run: false,
 //!     disposable: false,
+//!     overlay: Default::default(),
 //!     reflink: false,
 //!     sysprep: false,
 //! };
@@ -42,6 +44,7 @@ pub mod cmd;
 pub mod holds;
 pub mod lock;
 pub mod multi;
+pub mod placement;
 pub mod plan;
 pub mod pool_types;
 pub mod protection;

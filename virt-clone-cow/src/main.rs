@@ -11,6 +11,7 @@ use clap::Parser;
 
 use cli::{Cli, Command};
 use vcc_libvirt::Libvirt;
+use virt_clone_cow::cmd::flatten::{flatten, FlattenRequest};
 use virt_clone_cow::cmd::gc::{gc, GcArgs};
 use virt_clone_cow::cmd::publish::{publish_template, PublishLimits, PublishRequestArgs};
 use virt_clone_cow::cmd::{clone::clone_domain, tree::build_tree};
@@ -68,6 +69,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 limits: PublishLimits::default(),
             };
             let report = publish_template(&lv, &req)?;
+            output::print(cli.json, &report, || report.render())
+        }
+        Some(Command::Flatten { clone, disks, timeout }) => {
+            let lv = Libvirt::open(cli.connect.as_deref())?;
+            let req = FlattenRequest {
+                clone: clone.clone(),
+                disks: disks.clone(),
+                timeout: std::time::Duration::from_secs(*timeout),
+            };
+            let report = flatten(&lv, &req)?;
             output::print(cli.json, &report, || report.render())
         }
         Some(Command::Gc { yes, masters, pool, control_socket }) => {

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::placement::Placement;
 use vcc_core::metadata::{CloneDisk, CloneInfo, CowMetadata, MasterRef, ReflinkDisk, TemplateInfo};
 use vcc_core::xml::{rewrite_domain, BackingEdit, DiskEdit, DomainEdits, DomainFacts, XmlError};
 
@@ -93,7 +94,7 @@ pub fn carry_identity(masters: &mut [Master], template: Option<&TemplateInfo>) {
 pub enum OverlayLocation {
     /// A file outside any pool, made with qemu-img.
     File { path: String },
-    /// A volume in the master's pool, made through the libvirt storage API.
+    /// A volume in the master's pool (or `--overlay-pool`), made through the libvirt storage API.
     Volume { pool: String, name: String, path: String },
 }
 
@@ -110,6 +111,8 @@ impl OverlayLocation {
 pub struct OverlayPlan {
     pub target: String,
     pub location: OverlayLocation,
+    /// Its virtual size in bytes: the master's, or larger with `--disk-size`.
+    pub size: u64,
     pub master: Master,
     /// Not an overlay but a reflinked full copy of the master, in its format (`--reflink`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -180,10 +183,22 @@ pub enum PlanError {
     Xml(#[from] XmlError),
     #[error("the original's metadata cannot be read")]
     Metadata(#[source] XmlError),
+    #[error("'{0}' is a Xen domain: disposable clones are not offered there (libxl runs no hook on `virsh restore`, so the hook could not tell a fresh start from a restored guest); clone it without --disposable")]
+    XenDisposable(String),
 }
 
 /// Makes the plan. `random` supplies 3 random bytes per MAC.
-pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Result<ClonePlan, PlanError> {
+pub fn plan(input: &PlanInput<'_>, random: impl FnMut() -> [u8; 3]) -> Result<ClonePlan, PlanError> {
+    plan_with(input, &Placement::default(), random)
+}
+
+/// Makes the plan with overlays placed and sized as `placement` says (`--overlay-pool`,
+/// `--disk-size`); [`plan`] puts them beside their masters, at their masters' size.
+pub fn plan_with(
+    input: &PlanInput<'_>,
+    placement: &Placement,
+    mut random: impl FnMut() -> [u8; 3],
+) -> Result<ClonePlan, PlanError> {
     let mut seen = HashSet::new();
     for n in input.names {
         if n.is_empty() || n.contains('/') || n.chars().any(char::is_control) {
@@ -194,6 +209,12 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
         }
     }
     let original = &input.facts.name;
+    // libxl (`<domain type='xen'>`): overlays go through the qdisk backend, MACs in Xen's range.
+    let xen = input.facts.domain_type == "xen";
+    if xen && input.disposable && !input.names.is_empty() {
+        return Err(PlanError::XenDisposable(original.clone()));
+    }
+    let mac_prefix = if xen { XEN_MAC_PREFIX } else { QEMU_MAC_PREFIX };
     // The original's metadata: whatever clone information it carried stays, and a master it
     // recorded as published keeps (and passes on) its identity.
     let mut md = match &input.facts.vcc_metadata {
@@ -212,7 +233,7 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
             .macs
             .iter()
             .map(|_| {
-                let mac = new_mac(&mut taken_macs, &mut random);
+                let mac = new_mac(mac_prefix, &mut taken_macs, &mut random);
                 macs.push(mac.clone());
                 Some(mac)
             })
@@ -224,9 +245,17 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
             // A reflinked copy keeps the master's format (qcow2 or raw, checked when resolved).
             let ext = if input.reflink { m.format.as_str() } else { "qcow2" };
             let file_name = format!("{name}-{}.{ext}", m.target);
-            let dir = Path::new(&m.path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let (dir, pool) = match &placement.pool {
+                Some(p) => (p.dir.clone(), Some(p.name.clone())),
+                None => (
+                    Path::new(&m.path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
+                    m.pool.clone(),
+                ),
+            };
+            // A volume disk names its overlay's pool when that is not the master's.
+            let other_pool = pool.clone().filter(|p| m.pool.as_ref() != Some(p));
             let path = format!("{dir}/{file_name}");
-            let location = match &m.pool {
+            let location = match &pool {
                 Some(pool) => {
                     OverlayLocation::Volume { pool: pool.clone(), name: file_name.clone(), path: path.clone() }
                 }
@@ -240,6 +269,8 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
                 DiskEdit {
                     source_attr,
                     to_file,
+                    pool: other_pool.filter(|_| m.volume_disk && !to_file),
+                    driver_name: xen.then(|| "qemu".to_string()),
                     backing: BackingEdit {
                         path: m.path.clone(),
                         format: m.format.clone(),
@@ -248,9 +279,11 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
                     copy: input.reflink,
                 },
             );
+            let size = placement.size_for(m);
             overlays.push(OverlayPlan {
                 target: m.target.clone(),
                 location,
+                size,
                 master: m.clone(),
                 reflink: input.reflink,
             });
@@ -310,11 +343,16 @@ pub fn plan(input: &PlanInput<'_>, mut random: impl FnMut() -> [u8; 3]) -> Resul
     Ok(ClonePlan { original: original.clone(), masters, clones, reflink: input.reflink, template_metadata: md })
 }
 
-/// A locally administered unicast MAC in QEMU's range (52:54:00), unused on the host.
-fn new_mac(taken: &mut HashSet<String>, random: &mut impl FnMut() -> [u8; 3]) -> String {
+/// The MAC prefix libvirt's QEMU driver gives new NICs (locally administered unicast).
+pub const QEMU_MAC_PREFIX: &str = "52:54:00";
+/// The prefix libvirt's libxl driver gives new NICs: the Xen project's OUI.
+pub const XEN_MAC_PREFIX: &str = "00:16:3e";
+
+/// A MAC with `prefix` (three bytes), unused on the host.
+fn new_mac(prefix: &str, taken: &mut HashSet<String>, random: &mut impl FnMut() -> [u8; 3]) -> String {
     loop {
         let [a, b, c] = random();
-        let mac = format!("52:54:00:{a:02x}:{b:02x}:{c:02x}");
+        let mac = format!("{prefix}:{a:02x}:{b:02x}:{c:02x}");
         if taken.insert(mac.clone()) {
             return mac;
         }
@@ -503,7 +541,7 @@ mod tests {
         let mut taken: HashSet<String> = ["52:54:00:00:00:01".to_string()].into();
         let mut seq = [[0u8, 0, 1], [0, 0, 1], [0, 0, 2], [0, 0, 2], [0, 0, 3]].into_iter();
         let mut rnd = || seq.next().unwrap_or([9, 9, 9]);
-        assert_eq!(new_mac(&mut taken, &mut rnd), "52:54:00:00:00:02");
-        assert_eq!(new_mac(&mut taken, &mut rnd), "52:54:00:00:00:03");
+        assert_eq!(new_mac(QEMU_MAC_PREFIX, &mut taken, &mut rnd), "52:54:00:00:00:02");
+        assert_eq!(new_mac(QEMU_MAC_PREFIX, &mut taken, &mut rnd), "52:54:00:00:00:03");
     }
 }

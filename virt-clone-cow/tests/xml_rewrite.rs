@@ -90,6 +90,8 @@ fn edits_for(facts: &DomainFacts) -> (DomainEdits, CowMetadata) {
             DiskEdit {
                 source_attr,
                 to_file: false,
+                pool: None,
+                driver_name: None,
                 backing: BackingEdit { path: master, format, self_contained: true },
                 copy: false,
             },

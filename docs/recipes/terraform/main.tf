@@ -104,7 +104,7 @@ resource "libvirt_domain" "web" {
 resource "libvirt_volume" "db" {
   name     = "db-0.qcow2"
   pool     = "default"
-  capacity = 10737418240 # the master's virtual size, in bytes
+  capacity = 10737418240 # bytes: the master's virtual size, or more for a larger disk
   target = {
     format = { type = "qcow2" }
   }

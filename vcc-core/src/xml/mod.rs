@@ -5,6 +5,7 @@
 //! reader-to-writer pass, so elements this crate has never heard of (a `<qemu:commandline>`, a new
 //! libvirt feature, another tool's metadata) survive untouched.
 
+pub mod flatten;
 pub mod inspect;
 pub mod rewrite;
 pub mod volume;
@@ -15,6 +16,7 @@ use quick_xml::events::BytesStart;
 /// the metadata module; the reader and the rewrite only find and replace the element by it).
 pub const COW_NAMESPACE: &str = "urn:virt-clone-cow:1";
 
+pub use flatten::drop_backing_stores;
 pub use inspect::{BackingDecl, Disk, DiskSource, DomainFacts, Nvram};
 pub use rewrite::{rewrite_domain, BackingEdit, DiskEdit, DomainEdits};
 pub use volume::VolumeFacts;

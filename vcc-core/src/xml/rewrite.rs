@@ -35,6 +35,12 @@ pub struct DiskEdit {
     /// is made at start by the hook, which libvirt's volume lookup (done before the hook runs)
     /// would not find. `source_attr` is then `file`.
     pub to_file: bool,
+    /// A volume disk's overlay is in another pool than its master (`--overlay-pool`): the new
+    /// `pool` attribute of its `<source>`.
+    pub pool: Option<String>,
+    /// A new `name` for the disk's `<driver>`: `qemu` on Xen, where only the qdisk backend
+    /// (libxl's driver name `qemu`) opens qcow2 (`phy` and `file` take raw images only).
+    pub driver_name: Option<String>,
     pub backing: BackingEdit,
     /// The disk becomes a standalone copy (a reflinked clone) rather than an overlay: its driver
     /// type stays (the copy has the master's format) and its `<backingStore>` becomes an empty
@@ -330,7 +336,10 @@ impl<'e> State<'e> {
             let Some(edit) = self.disk else { return Ok(None) };
             return Ok(match s[3].as_str() {
                 "driver" if edit.copy => None,
-                "driver" => Some(set_attrs(e, &[("type", Some("qcow2"))])?),
+                "driver" => match &edit.driver_name {
+                    Some(n) => Some(set_attrs(e, &[("name", Some(n.as_str())), ("type", Some("qcow2"))])?),
+                    None => Some(set_attrs(e, &[("type", Some("qcow2"))])?),
+                },
                 "source" => {
                     self.source_depth = Some(depth);
                     if let Some(ws) = ws_before {
@@ -339,6 +348,8 @@ impl<'e> State<'e> {
                     let (k, v) = &edit.source_attr;
                     if edit.to_file {
                         Some(set_attrs(e, &[("pool", None), ("volume", None), ("file", Some(v.as_str()))])?)
+                    } else if let Some(pool) = &edit.pool {
+                        Some(set_attrs(e, &[("pool", Some(pool.as_str())), (k, Some(v.as_str()))])?)
                     } else {
                         Some(set_attrs(e, &[(k, Some(v.as_str()))])?)
                     }

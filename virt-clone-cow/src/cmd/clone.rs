@@ -32,6 +32,8 @@ pub struct CloneRequest {
     pub dry_run: bool,
     /// Mark the clones disposable: the hook discards their overlays when they stop.
     pub disposable: bool,
+    /// Overlays larger than their masters, or in another pool (`--disk-size`, `--overlay-pool`).
+    pub overlay: crate::placement::OverlayRequest,
     /// Reflinked full copies instead of overlays (xfs with reflink=1, btrfs): no backing chain,
     /// and the original stays an ordinary domain.
     pub reflink: bool,
@@ -50,6 +52,7 @@ impl CloneRequest {
             dry_run: false,
             disposable: false,
             reflink: false,
+            overlay: Default::default(),
             sysprep: false,
         }
     }
@@ -111,6 +114,8 @@ pub enum CloneError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
+    Placement(#[from] crate::placement::PlacementError),
+    #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error(transparent)]
     Sysprep(#[from] crate::sysprep::SysprepError),
@@ -126,6 +131,8 @@ pub struct DiskReport {
     /// The master (for a reflinked copy: the image it was copied from, not a backing file).
     pub backing: String,
     pub backing_format: String,
+    /// The overlay's virtual size in bytes.
+    pub virtual_size: u64,
     /// A reflinked full copy (`--reflink`) with no backing file, not an overlay.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub reflinked: bool,
@@ -202,6 +209,7 @@ pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, Clo
 /// returns the plan.
 pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneError> {
     let (xml, facts, masters) = read_original(lv, &req.original)?;
+    let placement = crate::placement::resolve(lv, &req.overlay, &req.original, &masters, req.disposable)?;
     if req.reflink {
         for m in &masters {
             crate::reflink::check_master(lv, m).map_err(|source| CloneError::Reflink {
@@ -243,7 +251,7 @@ pub fn make_plan(lv: &Libvirt, req: &CloneRequest) -> Result<ClonePlan, CloneErr
         nvram_pool,
         reflink: req.reflink,
     };
-    let mut plan = plan(&input, random3)?;
+    let mut plan = crate::plan::plan_with(&input, &placement, random3)?;
 
     // Nothing may be overwritten: check every path the plan would create.
     for c in &mut plan.clones {
@@ -483,6 +491,7 @@ pub(crate) fn clone_entry(c: &crate::plan::CloneSpec, o: Option<&CloneOutcome>) 
                     format: if ov.reflink { ov.master.format.clone() } else { "qcow2".into() },
                     backing: ov.master.path.clone(),
                     backing_format: ov.master.format.clone(),
+                    virtual_size: ov.size,
                     reflinked: ov.reflink,
                     pool,
                     volume,

@@ -307,11 +307,8 @@ fn apply_all(
                 for (i, o) in c.overlays.iter().enumerate() {
                     let OverlayLocation::Volume { pool, name, .. } = &o.location else { continue };
                     if hp.made_now(i) {
-                        let backing = BackingSpec {
-                            path: &o.master.path,
-                            format: &o.master.format,
-                            virtual_size: o.master.virtual_size,
-                        };
+                        let backing =
+                            BackingSpec { path: &o.master.path, format: &o.master.format, virtual_size: o.size };
                         create_overlay_volume(lv, pool, name, &backing, opts).map_err(|source| {
                             err(ApplyError::OverlayVolume { clone: c.name.clone(), target: o.target.clone(), source })
                         })?;
