@@ -3,7 +3,7 @@
 //! input, and seeds them on.
 //!
 //! Modules, one concern each: [`config`], [`manifest`], [`metainfo`] (bencode read/validate/write),
-//! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`torrent`]
+//! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`nbd`] (a read-only NBD server for lazy masters), [`torrent`]
 //! (the only user of librqbit), [`pools`] (where pools are: libvirt, or plain directories),
 //! [`fetch`] (the pipeline), [`catalog`] (the trusted LAN catalog), [`announce`] (its
 //! announcements), [`resolve`] (which master a request names), [`publish`], [`sign`] (manifest
@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod fetch;
 pub mod manifest;
 pub mod metainfo;
+pub mod nbd;
 pub mod notify;
 pub mod pools;
 pub mod publish;
