@@ -3,7 +3,7 @@
 //! input, and seeds them on.
 //!
 //! Modules, one concern each: [`config`], [`manifest`], [`metainfo`] (bencode read/validate/write),
-//! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`nbd`] (a read-only NBD server for lazy masters), [`torrent`]
+//! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`nbd`] (a read-only NBD server) and [`lazy`] (lazy masters served through it), [`torrent`]
 //! (the only user of librqbit), [`pools`] (where pools are: libvirt, or plain directories),
 //! [`fetch`] (the pipeline), [`catalog`] (the trusted LAN catalog), [`announce`] (its
 //! announcements), [`resolve`] (which master a request names), [`publish`], [`sign`] (manifest
@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fetch;
+pub mod lazy;
 pub mod manifest;
 pub mod metainfo;
 pub mod nbd;

@@ -36,6 +36,11 @@ pub enum Request {
     List,
     /// What the LAN catalog offers: the final line's `catalog`.
     Catalog,
+    /// A lazy start (docs/lazy.md): the master's bytes through a read-only NBD export while it
+    /// downloads. Answered `exported` with the export's Unix socket as `path` once its head passed
+    /// the checks, or like `ensure` (`present`, `fetched`) when the master is already complete.
+    /// Refused unless the daemon runs with `lazy = true`.
+    Export(MasterRequest),
 }
 
 /// `publish`: which volume of which pool becomes a master.
@@ -236,6 +241,8 @@ pub enum FinalState {
     Fetched,
     /// Seeded (the answer to `seed`).
     Seeding,
+    /// Served, while it downloads, by the NBD export whose Unix socket is `path` (`export`).
+    Exported,
 }
 
 /// One master as `status` reports it. Fields in alphabetical order (see the module docs).
@@ -361,6 +368,10 @@ mod tests {
         assert_eq!(round_trips::<Request>(r#"{"op":"status"}"#), Request::Status);
         assert_eq!(round_trips::<Request>(r#"{"op":"list"}"#), Request::List);
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+        let r: Request = round_trips(r#"{"op":"export","pool":"P","name":"m.qcow2","domain":"vm1"}"#);
+        assert_eq!(r, Request::Export(MasterRequest::by_name(Some("P".into()), "m.qcow2").for_domain("vm1")));
+        let f: Final = round_trips(r#"{"ok":true,"state":"exported","path":"/run/pool-helper/nbd/ab.sock"}"#);
+        assert_eq!(f.state, Some(FinalState::Exported));
     }
 
     #[test]
