@@ -1194,6 +1194,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
     async fn a_lazy_export_serves_verified_bytes_before_the_master_is_in_the_pool_then_the_pool_file() {
         let (_a, _actx, m, data, b) = slow_origin_and_lazy_peer().await;
         let (_d, sock) = b.daemon().await;

@@ -585,6 +585,7 @@ mod tests {
     /// QEMU's own NBD client (qemu-img) reads an image through the server: the bytes and the
     /// format it sees are the file's.
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img and qemu-io")]
     fn qemu_img_reads_an_image_through_the_server() {
         let Ok(out) = std::process::Command::new("qemu-img").arg("--version").output() else {
             panic!("qemu-img is needed (apt-get install qemu-utils)");
