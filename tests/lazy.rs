@@ -171,3 +171,96 @@ fn a_lazily_started_clone_boots_before_its_master_arrives_and_uses_the_master_on
     virsh_ok(&["destroy", &env.name]);
     assert!(b.daemon_log().contains("lazy export of 'tiny.qcow2'"), "{}", b.daemon_log());
 }
+
+/// The guest the benchmark boots: `VCC_LAZY_GUEST=realistic` for the realistic one.
+fn bench_master() -> (&'static Path, &'static str) {
+    match std::env::var("VCC_LAZY_GUEST").as_deref() {
+        Ok("realistic") => (realistic_master(), "realistic"),
+        _ => (tiny_master(), "tiny"),
+    }
+}
+
+/// docs/benchmarks/lazy.md: one host, master absent, one seed capped at 100 Mbit/s
+/// (12.5 MB/s upload): time to the "up" line (a) master present, (b) fetch the whole master then
+/// start, (c) lazy start; and the bytes boot read.
+#[test]
+#[ignore = "benchmark: cargo test -p vcc-tests --features integration --test lazy bench -- --ignored --nocapture"]
+fn bench_lazy_start_against_present_and_fetch_whole() {
+    let (src, kind) = bench_master();
+    let pa = Pool::new("lzba");
+    traversable(pa.dir.parent().unwrap());
+    std::fs::copy(src, pa.path("m.qcow2")).unwrap();
+    pa.refresh();
+    let mut a = Instance::new(&["--upload-limit", "12500000", "--no-super-seed"]);
+    a.serve();
+    let man = a.publish(&pa, "m.qcow2");
+    a.wait_seeding("m.qcow2");
+    let m = manifest(&man);
+    let size = m["size"].as_u64().unwrap();
+    println!(
+        "guest {kind}: master {size} bytes; seed upload 12.5 MB/s (100 Mbit/s); domain type {}",
+        guest_domain_type()
+    );
+
+    // (a) present: an overlay over the master on this host.
+    let env = Lazy::new("bench-a", &a.socket(), &pa.dir);
+    let ov = env.dir.join("a.qcow2");
+    make_overlay(&pa.path("m.qcow2"), &ov);
+    let (_, up_a) = env.boot(&ov, &env.dir.join("a.log"));
+    let read_a = disk_read_bytes(&env.name, "vda");
+    virsh_ok(&["destroy", &env.name]);
+    drop(env);
+
+    // (b) fetch the whole master, then start.
+    let pb = Pool::new("lzbb");
+    traversable(pb.dir.parent().unwrap());
+    let b = Instance::new(&["--peer", &a.addr()]);
+    let env = Lazy::new("bench-b", &b.socket(), &pb.dir);
+    let t0 = Instant::now();
+    b.run_ok(&["fetch", "--pool", &pb.name, man.to_str().unwrap()]);
+    let fetched = t0.elapsed();
+    let ov = env.dir.join("b.qcow2");
+    make_overlay(&pb.path("m.qcow2"), &ov);
+    let (_, boot_b) = env.boot(&ov, &env.dir.join("b.log"));
+    let up_b = t0.elapsed();
+    virsh_ok(&["destroy", &env.name]);
+    drop(env);
+    drop(pb);
+
+    // (c) lazy.
+    let pc = Pool::new("lzbc");
+    traversable(pc.dir.parent().unwrap());
+    let mut c = Instance::new(&["--lazy", "--peer", &a.addr()]);
+    traversable(c.state.path());
+    c.serve();
+    let env = Lazy::new("bench-c", &c.socket(), &pc.dir);
+    let ov = env.dir.join("c.qcow2");
+    let master = pc.path("m.qcow2");
+    let t0 = Instant::now();
+    env.prepare(&env.hook_xml(&ov, &master, &pc.name, &m));
+    let prepared = t0.elapsed();
+    let (_, boot_c) = env.boot(&ov, &env.dir.join("c.log"));
+    let up_c = t0.elapsed();
+    let read_c = disk_read_bytes(&env.name, "vda");
+    let done = c.master_status("m.qcow2")["done_bytes"].as_u64().unwrap_or(0);
+    virsh_ok(&["destroy", &env.name]);
+
+    println!("| start | time to \"up\" (s) | of which |");
+    println!("|---|---|---|");
+    println!("| (a) master present | {:.1} | boot |", up_a.as_secs_f64());
+    println!(
+        "| (b) fetch whole, then start | {:.1} | fetch {:.1} + boot {:.1} |",
+        up_b.as_secs_f64(),
+        fetched.as_secs_f64(),
+        boot_b.as_secs_f64()
+    );
+    println!(
+        "| (c) lazy | {:.1} | hook prepare (export, head checks, overlay) {:.1} + boot {:.1} |",
+        up_c.as_secs_f64(),
+        prepared.as_secs_f64(),
+        boot_c.as_secs_f64()
+    );
+    println!(
+        "boot read {read_a} bytes (present), {read_c} bytes (lazy); the lazy host had {done} of {size} bytes at \"up\""
+    );
+}
