@@ -113,13 +113,25 @@ fn backing_of(overlay: &Path) -> String {
     qemu_img_info(overlay, "qcow2")["backing-filename"].as_str().unwrap_or_default().to_string()
 }
 
-#[test]
-fn a_lazily_started_clone_boots_before_its_master_arrives_and_uses_the_master_once_it_is_here() {
-    let tiny = tiny_master();
+/// An origin seeding the tiny master (upload capped at [`ORIGIN_UPLOAD`]), a lazy host that knows
+/// it as a peer, and the clone's files. Fields drop in order: the domain first, the pools last.
+struct Bed {
+    env: Lazy,
+    b: Instance,
+    _a: Instance,
+    m: serde_json::Value,
+    overlay: PathBuf,
+    master: PathBuf,
+    log: PathBuf,
+    pb: Pool,
+    _pa: Pool,
+}
+
+fn bed(test: &str) -> Bed {
     let pa = Pool::new("lza");
     let pb = Pool::new("lzb");
     traversable(pb.dir.parent().unwrap());
-    std::fs::copy(tiny, pa.path("tiny.qcow2")).unwrap();
+    std::fs::copy(tiny_master(), pa.path("tiny.qcow2")).unwrap();
     pa.refresh();
     // Not super-seeding: a super-seed offers each peer only the pieces it picks, never the ones a
     // booting guest asks for (docs/lazy.md).
@@ -131,11 +143,15 @@ fn a_lazily_started_clone_boots_before_its_master_arrives_and_uses_the_master_on
     let mut b = Instance::new(&["--lazy", "--peer", &a.addr()]);
     traversable(b.state.path());
     b.serve();
-
-    let env = Lazy::new("boot", &b.socket(), &pb.dir);
-    let overlay = env.dir.join("clone.qcow2");
+    let env = Lazy::new(test, &b.socket(), &pb.dir);
+    let (overlay, log) = (env.dir.join("clone.qcow2"), env.dir.join("serial.log"));
     let master = pb.path("tiny.qcow2");
-    let log = env.dir.join("serial.log");
+    Bed { env, b, _a: a, m, overlay, master, log, pb, _pa: pa }
+}
+
+#[test]
+fn a_lazily_started_clone_boots_before_its_master_arrives_and_uses_the_master_once_it_is_here() {
+    let Bed { env, b, m, overlay, master, log, pb, .. } = &mut bed("boot");
     let t0 = Instant::now();
     let said = env.prepare(&env.hook_xml(&overlay, &master, &pb.name, &m));
     println!("the hook's prepare took {:.2} s", t0.elapsed().as_secs_f64());
@@ -263,4 +279,30 @@ fn bench_lazy_start_against_present_and_fetch_whole() {
     println!(
         "boot read {read_a} bytes (present), {read_c} bytes (lazy); the lazy host had {done} of {size} bytes at \"up\""
     );
+}
+
+#[test]
+fn a_daemon_killed_mid_boot_leaves_no_corruption_and_the_next_start_works() {
+    let Bed { env, b, m, overlay, master, log, pb, .. } = &mut bed("kill");
+    let xml = env.hook_xml(&overlay, &master, &pb.name, &m);
+    env.prepare(&xml);
+    let dom = env.dir.join("domain.xml");
+    std::fs::write(&dom, guest_xml(&env.name, guest_domain_type(), &overlay, &log)).unwrap();
+    virsh_ok(&[OsStr::new("create"), dom.as_os_str()]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(up_line(&log).is_none(), "killed mid-boot, not after");
+    b.kill_daemon();
+    std::thread::sleep(Duration::from_secs(3));
+    println!("after the kill the guest is {}", domstate(&env.name));
+    virsh_ok(&["destroy", &env.name]);
+    assert!(!master.exists(), "nothing partial in the pool");
+
+    b.serve();
+    let said = env.prepare(&xml);
+    assert!(said.contains("reads the export of"), "the overlay is kept and reads the export again: {said}");
+    let check = run("qemu-img", &["check", "-f", "qcow2", overlay.to_str().unwrap()]);
+    assert!(check.status.success(), "the overlay is sound: {}", String::from_utf8_lossy(&check.stdout));
+    let (line, _) = env.boot(&overlay, &log);
+    assert!(up_field(&line, "uuid").is_some(), "{line}");
+    virsh_ok(&["destroy", &env.name]);
 }

@@ -1211,6 +1211,45 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    async fn a_corrupt_piece_from_a_peer_is_never_served() {
+        let (a, _actx, m, data, mut b) = slow_origin_and_lazy_peer().await;
+        b.cfg.lazy_read_timeout = 15;
+        let pl = m.piece_length;
+        assert!((2 << 20) % pl == 0 && m.size > 2 << 20, "the last piece lies past the 2 MiB head");
+        // The origin now uploads its last piece corrupted (it checked its file when it started).
+        let f = std::fs::OpenOptions::new().write(true).open(a.pool.join("base.raw")).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0x55; 64], m.size - 100).unwrap();
+        let (_d, sock) = b.daemon().await;
+        let fin = request(sock.clone(), export(&m)).await;
+        assert_eq!(fin["state"], "exported", "{fin}");
+        let socket = fin["path"].as_str().unwrap().to_string();
+        let err = qemu_reads(&socket).await.unwrap_err();
+        assert!(err.contains("Input/output error"), "a read over the corrupt piece fails: {err}");
+        let head = read_range(&socket, 0, pl).await;
+        assert!(head == data[..pl as usize], "verified pieces are served");
+        assert!(!b.pool.join("base.raw").exists());
+    }
+
+    /// `len` bytes at `offset` of the export on `socket`, as QEMU's NBD client reads them.
+    async fn read_range(socket: &str, offset: u64, len: u64) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let json = format!(
+            r#"json:{{"driver":"raw","offset":{offset},"size":{len},"file":{{"driver":"nbd","server":{{"type":"unix","path":"{socket}"}}}}}}"#
+        );
+        let o = out.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("qemu-img").args(["convert", "-O", "raw", &json]).arg(&o).output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        std::fs::read(&out).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_lazy_master_failing_its_final_checks_is_never_published_and_its_export_stops() {
         let (_a, _actx, m, _data, b) = slow_origin_and_lazy_peer().await;
         let (_d, sock) = b.daemon().await;
