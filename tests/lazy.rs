@@ -153,13 +153,13 @@ fn bed(test: &str) -> Bed {
 fn a_lazily_started_clone_boots_before_its_master_arrives_and_uses_the_master_once_it_is_here() {
     let Bed { env, b, m, overlay, master, log, pb, .. } = &mut bed("boot");
     let t0 = Instant::now();
-    let said = env.prepare(&env.hook_xml(&overlay, &master, &pb.name, &m));
+    let said = env.prepare(&env.hook_xml(overlay, master, &pb.name, m));
     println!("the hook's prepare took {:.2} s", t0.elapsed().as_secs_f64());
     assert!(said.contains("over the export of"), "{said}");
-    assert!(backing_of(&overlay).starts_with("nbd+unix:///?socket="), "{}", backing_of(&overlay));
+    assert!(backing_of(overlay).starts_with("nbd+unix:///?socket="), "{}", backing_of(overlay));
     assert!(!master.exists(), "the master is not here yet");
 
-    let (line, took) = env.boot(&overlay, &log);
+    let (line, took) = env.boot(overlay, log);
     let read = disk_read_bytes(&env.name, "vda");
     let st = b.master_status("tiny.qcow2");
     println!(
@@ -179,10 +179,10 @@ fn a_lazily_started_clone_boots_before_its_master_arrives_and_uses_the_master_on
     assert_eq!(sha256(&master), m["sha256"].as_str().unwrap(), "the published master is the origin's");
     virsh_ok(&["destroy", &env.name]);
     // The next start: the overlay now reads the master file.
-    let said = env.prepare(&env.hook_xml(&overlay, &master, &pb.name, &m));
+    let said = env.prepare(&env.hook_xml(overlay, master, &pb.name, m));
     assert!(said.contains("now reads master"), "{said}");
-    assert_eq!(backing_of(&overlay), master.display().to_string());
-    let (line, _) = env.boot(&overlay, &log);
+    assert_eq!(backing_of(overlay), master.display().to_string());
+    let (line, _) = env.boot(overlay, log);
     assert!(up_field(&line, "uuid").is_some(), "{line}");
     virsh_ok(&["destroy", &env.name]);
     assert!(b.daemon_log().contains("lazy export of 'tiny.qcow2'"), "{}", b.daemon_log());
@@ -284,13 +284,13 @@ fn bench_lazy_start_against_present_and_fetch_whole() {
 #[test]
 fn a_daemon_killed_mid_boot_leaves_no_corruption_and_the_next_start_works() {
     let Bed { env, b, m, overlay, master, log, pb, .. } = &mut bed("kill");
-    let xml = env.hook_xml(&overlay, &master, &pb.name, &m);
+    let xml = env.hook_xml(overlay, master, &pb.name, m);
     env.prepare(&xml);
     let dom = env.dir.join("domain.xml");
-    std::fs::write(&dom, guest_xml(&env.name, guest_domain_type(), &overlay, &log)).unwrap();
+    std::fs::write(&dom, guest_xml(&env.name, guest_domain_type(), overlay, log)).unwrap();
     virsh_ok(&[OsStr::new("create"), dom.as_os_str()]);
     std::thread::sleep(Duration::from_secs(3));
-    assert!(up_line(&log).is_none(), "killed mid-boot, not after");
+    assert!(up_line(log).is_none(), "killed mid-boot, not after");
     b.kill_daemon();
     std::thread::sleep(Duration::from_secs(3));
     println!("after the kill the guest is {}", domstate(&env.name));
@@ -302,7 +302,7 @@ fn a_daemon_killed_mid_boot_leaves_no_corruption_and_the_next_start_works() {
     assert!(said.contains("reads the export of"), "the overlay is kept and reads the export again: {said}");
     let check = run("qemu-img", &["check", "-f", "qcow2", overlay.to_str().unwrap()]);
     assert!(check.status.success(), "the overlay is sound: {}", String::from_utf8_lossy(&check.stdout));
-    let (line, _) = env.boot(&overlay, &log);
+    let (line, _) = env.boot(overlay, log);
     assert!(up_field(&line, "uuid").is_some(), "{line}");
     virsh_ok(&["destroy", &env.name]);
 }
