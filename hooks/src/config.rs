@@ -10,6 +10,7 @@
 //! | `managed_save_dir` | `/var/lib/libvirt/qemu/save` | where libvirt keeps managed-save images (`NAME.save`) |
 //! | `state_dir` | `/run/virt-clone-cow-hook` | where `migrate`/`restore` leave a note for the `prepare` that follows |
 //! | `allowed_dirs` | `[]` | more directories (and everything under them) where overlays may be made and masters read, besides `/var/lib/libvirt/images` |
+//! | `lazy` | `false` | start a clone whose master is missing at once, over the master's NBD export from pool-helper (docs/lazy.md; pool-helper needs `lazy = true` too) |
 //! | `pool_config_dir` | `/etc/libvirt/storage` | where libvirt keeps the definitions of storage pools: the directories of `dir`, `fs` and `netfs` pools defined there are allowed too |
 //!
 //! The old `/etc/virt-clone-cow/hook.conf` (lines of `key = value`, `#` comments, `allowed_dir`
@@ -48,6 +49,8 @@ pub struct Config {
     pub allowed_dirs: Vec<PathBuf>,
     /// Where libvirt keeps storage pool definitions (`NAME.xml`), read for their directories.
     pub pool_config_dir: PathBuf,
+    /// Lazy starts (docs/lazy.md).
+    pub lazy: bool,
     /// The settings file these came from (named in messages that say which setting to change).
     pub path: PathBuf,
 }
@@ -68,6 +71,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/run/virt-clone-cow-hook"),
             allowed_dirs: vec![PathBuf::from(DEFAULT_ALLOWED_DIR)],
             pool_config_dir: PathBuf::from(DEFAULT_POOL_CONFIG_DIR),
+            lazy: false,
             path: PathBuf::from(DEFAULT_PATH),
         }
     }
@@ -105,6 +109,7 @@ const EXPECT_PATH: &str = "a non-empty path";
 const EXPECT_ABS: &str = "an absolute path";
 const EXPECT_SECS: &str = "a whole number of seconds from 0 to 86400";
 const EXPECT_ABS_LIST: &str = "an array of absolute paths";
+const EXPECT_BOOL: &str = "true or false";
 
 impl Val<'_> {
     fn text(&self) -> Option<&str> {
@@ -190,6 +195,13 @@ impl Config {
             "fetch_timeout" => (v.secs().map(|d| self.fetch_timeout = d), EXPECT_SECS),
             "connect_timeout" => (v.secs().map(|d| self.connect_timeout = d), EXPECT_SECS),
             "progress_interval" => (v.secs().map(|d| self.progress_interval = d), EXPECT_SECS),
+            "lazy" => {
+                let b = match v {
+                    Val::Text(t) => t.parse::<bool>().ok(),
+                    Val::Toml(t) => t.as_bool(),
+                };
+                (b.map(|b| self.lazy = b), EXPECT_BOOL)
+            }
             // The old syntax: one directory a line.
             "allowed_dir" if matches!(v, Val::Text(_)) => (v.abs_path().map(|p| self.allowed_dirs.push(p)), EXPECT_ABS),
             "allowed_dirs" if matches!(v, Val::Toml(_)) => {
@@ -364,7 +376,7 @@ mod tests {
         let (c, w) = toml(
             "# comment\ncontrol_socket = \"/tmp/s.sock\"\nfetch_timeout = 7\nconnect_timeout = 2\nprogress_interval = 0\n\
              managed_save_dir = \"/s\"\nstate_dir = \"/st\"\nallowed_dirs = [\"/srv/vms\", \"/data/a b#c\"]\n\
-             pool_config_dir = \"/p\"\n",
+             pool_config_dir = \"/p\"\nlazy = true\n",
         );
         assert!(w.is_empty(), "{w}");
         let want = Config {
@@ -376,6 +388,7 @@ mod tests {
             state_dir: "/st".into(),
             allowed_dirs: ["/var/lib/libvirt/images", "/srv/vms", "/data/a b#c"].iter().map(PathBuf::from).collect(),
             pool_config_dir: "/p".into(),
+            lazy: true,
             path: "/x/hook.toml".into(),
         };
         assert_eq!(c, want);

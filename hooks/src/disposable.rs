@@ -235,6 +235,7 @@ mod tests {
                 overlay: PathBuf::from(overlay),
                 master: MasterRef { path: self.master.clone(), format: "raw".into(), ..Default::default() },
                 recorded,
+                master_in_xml: true,
             }
         }
 

@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod disposable;
+pub mod lazy;
 pub mod places;
 pub mod prepare;
 

@@ -46,6 +46,8 @@ pub enum PrepareError {
         #[source]
         source: PlaceError,
     },
+    #[error("no lazy start for disk {target}: {why}")]
+    Lazy { target: String, why: String },
     #[error("cannot create the overlay for disk {target}")]
     Overlay {
         target: String,
@@ -72,15 +74,22 @@ pub fn prepare(
 ) -> Result<(), PrepareError> {
     let deadline = deadline_after(cfg.fetch_timeout);
     for d in disks {
+        let lazy = create_overlays && crate::lazy::applies(d, cfg);
+        if lazy && !d.master_exists() && crate::lazy::start(domain, d, cfg, deadline, log)? {
+            continue; // its overlay reads the master's export (docs/lazy.md)
+        }
         if !d.master_exists() {
             fetch_master(domain, d, cfg, deadline, log)?;
+        }
+        if lazy && d.overlay_exists() {
+            crate::lazy::repoint(domain, d, cfg, log)?;
         }
         if let Some(what) = d.master_not_regular() {
             return Err(PrepareError::NotRegular { master: d.master.path.clone(), target: d.target.clone(), what });
         }
     }
     if create_overlays {
-        let todo: Vec<&ManagedDisk> = disks.iter().filter(|d| !d.overlay_exists()).collect();
+        let todo: Vec<&ManagedDisk> = disks.iter().filter(|d| !d.overlay_exists() && d.master_exists()).collect();
         if todo.is_empty() {
             return Ok(());
         }
@@ -104,13 +113,8 @@ pub fn prepare(
     Ok(())
 }
 
-fn fetch_master(
-    domain: &str,
-    d: &ManagedDisk,
-    cfg: &Config,
-    deadline: Instant,
-    log: &mut dyn Write,
-) -> Result<(), PrepareError> {
+/// What to ask pool-helper for the master of `d`: by manifest, identity, or name.
+pub(crate) fn wanted_of(d: &ManagedDisk, cfg: &Config) -> Result<MasterRequest, PrepareError> {
     let m = &d.master;
     // The pool the metadata names, else the one whose directory holds the master (from the pool
     // definitions, never libvirt).
@@ -149,7 +153,18 @@ fn fetch_master(
             }
         }
     };
-    let req = Request::Ensure(wanted.for_domain(domain));
+    Ok(wanted)
+}
+
+fn fetch_master(
+    domain: &str,
+    d: &ManagedDisk,
+    cfg: &Config,
+    deadline: Instant,
+    log: &mut dyn Write,
+) -> Result<(), PrepareError> {
+    let m = &d.master;
+    let req = Request::Ensure(wanted_of(d, cfg)?.for_domain(domain));
     let _ = writeln!(log, "virt-clone-cow-hook: {domain}: master {} is missing; asking pool-helper for it", m.path);
     let mut last_print = Instant::now();
     let got = request_path(&cfg.control_socket, cfg.connect_timeout, deadline, &req, |p| {
@@ -237,6 +252,7 @@ mod tests {
                 ..Default::default()
             },
             recorded: true,
+            master_in_xml: true,
         }
     }
 
@@ -313,7 +329,13 @@ mod tests {
                 }
             }
         });
-        let d = ManagedDisk { target: "vda".into(), overlay: dir.path().join("o.qcow2"), master, recorded: false };
+        let d = ManagedDisk {
+            target: "vda".into(),
+            overlay: dir.path().join("o.qcow2"),
+            master,
+            recorded: false,
+            master_in_xml: true,
+        };
         let cfg = Config { control_socket: sock.clone(), fetch_timeout: Duration::from_secs(5), ..cfg };
         let e = prepare("vm", &[d], &cfg, true, &mut Vec::new()).unwrap_err();
         // Wake the stand-in if nothing was asked.

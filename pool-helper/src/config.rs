@@ -54,6 +54,10 @@ pub struct FileConfig {
     pub catalog: Option<bool>,
     pub catalog_port: Option<u16>,
     pub announce_interval: Option<u64>,
+    /// Serve a missing master's verified pieces over NBD while it arrives (docs/lazy.md).
+    pub lazy: Option<bool>,
+    /// Seconds a lazy read waits for its pieces before the guest gets an I/O error.
+    pub lazy_read_timeout: Option<u64>,
 }
 
 impl FileConfig {
@@ -90,6 +94,8 @@ pub struct Overrides {
     pub watch_interval: Option<u64>,
     pub signing_key: Option<PathBuf>,
     pub allowed_signers: Option<PathBuf>,
+    /// `--lazy`: lazy masters on (the config's `lazy = true`).
+    pub lazy: bool,
 }
 
 /// The validated configuration.
@@ -124,7 +130,14 @@ pub struct Config {
     pub catalog_port: u16,
     /// Seconds between announcements (after the three of the first two seconds).
     pub announce_interval: u64,
+    /// Lazy masters: `export` requests are served (docs/lazy.md). Off by default.
+    pub lazy: bool,
+    /// Seconds a lazy read waits for its pieces (1-600).
+    pub lazy_read_timeout: u64,
 }
+
+/// How long a lazy read waits for its pieces by default.
+pub const DEFAULT_LAZY_READ_TIMEOUT: u64 = 60;
 
 /// 16 KiB requests outstanding per peer. librqbit's own default, 128, queued 2 MiB per peer at
 /// every uploader; in the lab (8 hosts, 256 MiB, 100 Mbit/s) 16 took 24.8 s against 27.0-28.0 s,
@@ -223,6 +236,12 @@ impl Config {
                 "announce_interval {announce_interval}: give 1 to 3600 seconds (the default is {DEFAULT_ANNOUNCE_INTERVAL})"
             )));
         }
+        let lazy_read_timeout = f.lazy_read_timeout.unwrap_or(DEFAULT_LAZY_READ_TIMEOUT);
+        if !(1..=600).contains(&lazy_read_timeout) {
+            return Err(ConfigError::Invalid(format!(
+                "lazy_read_timeout {lazy_read_timeout}: give 1 to 600 seconds (the default is {DEFAULT_LAZY_READ_TIMEOUT})"
+            )));
+        }
         Ok(Config {
             state_dir,
             control_socket,
@@ -246,6 +265,8 @@ impl Config {
             catalog: f.catalog.unwrap_or(true),
             catalog_port,
             announce_interval,
+            lazy: o.lazy || f.lazy.unwrap_or(false),
+            lazy_read_timeout,
         })
     }
 

@@ -18,7 +18,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::fetch::{self, Ctx, FetchError, Outcome};
+use crate::lazy::{LazyExport, LazySource};
 use crate::manifest::Manifest;
+use crate::nbd::Export;
 use crate::records::{self, RecordState};
 use crate::resolve;
 use crate::torrent::{Handle, Progress, TorrentState};
@@ -73,6 +75,18 @@ enum Refusal {
     Busy { pool: String, name: String },
     #[error("the published manifest could not be written as JSON")]
     ManifestJson(#[source] serde_json::Error),
+    #[error("lazy masters are off on this host: set lazy = true in /etc/pool-helper/config.toml or run `pool-helper serve --lazy`")]
+    LazyOff,
+    #[error("the download of '{name}' did not start within {secs} s; nothing to export yet")]
+    ExportTimeout { name: String, secs: u64 },
+    #[error("cannot read the download of '{name}'")]
+    Reader {
+        name: String,
+        #[source]
+        source: crate::torrent::LibrqbitError,
+    },
+    #[error(transparent)]
+    Lazy(#[from] crate::lazy::LazyError),
 }
 
 type Key = (String, String); // (pool, name)
@@ -88,6 +102,10 @@ struct Entry {
     state: MasterState,
     path: Option<PathBuf>,
     handle: Option<Handle>,
+    /// The running download's torrent (a lazy export reads it).
+    download: Option<Handle>,
+    /// The lazy export of this master, once asked for (docs/lazy.md).
+    export: Option<Arc<LazyExport>>,
     error: Option<String>,
     fetches: u32,
     /// The domains whose start waits for this master now ([`crate::waits`]).
@@ -107,6 +125,8 @@ impl Entry {
             state,
             path: None,
             handle: None,
+            download: None,
+            export: None,
             error: None,
             fetches: 0,
             domains: Vec::new(),
@@ -157,6 +177,8 @@ pub struct Daemon {
     announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
     masters: Mutex<HashMap<Key, Entry>>,
     request_timeout: Duration,
+    /// Lazy exports are set up one at a time.
+    exporting: tokio::sync::Mutex<()>,
     #[cfg(test)]
     faults: Mutex<tests::Faults>,
 }
@@ -178,6 +200,7 @@ impl Daemon {
             announcer: std::sync::OnceLock::new(),
             masters: Mutex::new(HashMap::new()),
             request_timeout,
+            exporting: tokio::sync::Mutex::new(()),
             #[cfg(test)]
             faults: Mutex::default(),
         })
@@ -468,6 +491,20 @@ impl Daemon {
                                 ..Default::default()
                             }));
                         }
+                        fetch::Event::Downloading(h) => {
+                            if let Some(e) = me2.lock().get_mut(&key2) {
+                                e.download = Some(h);
+                            }
+                        }
+                        fetch::Event::Published(path) => {
+                            if let Some(e) = me2.lock().get_mut(&key2) {
+                                e.download = None;
+                                if let Some(x) = &e.export {
+                                    x.published(&path);
+                                }
+                                e.path = Some(path);
+                            }
+                        }
                         fetch::Event::Verifying => {
                             let up = ptx.borrow().as_ref().map(|p| p.uploaded_bytes).unwrap_or(0);
                             // The finished download still seeds while the whole file is checked.
@@ -498,6 +535,7 @@ impl Daemon {
                 let fors = e.as_ref().map(|e| waits::for_domains(&e.domains)).unwrap_or_default();
                 if let Some(e) = e.as_mut() {
                     e.uploaded_base = uploaded;
+                    e.download = None;
                 }
                 let (name, pool) = (&key.1, &key.0);
                 match &res {
@@ -536,6 +574,9 @@ impl Daemon {
                         if let Some(e) = e {
                             e.state = MasterState::Failed;
                             e.error = Some(msg.clone());
+                            if let Some(x) = e.export.take() {
+                                x.stop(&msg);
+                            }
                         }
                         Final::error(msg)
                     }
@@ -639,6 +680,13 @@ impl Daemon {
             }
             Request::Ensure(mr) => self.ensure(w, mr, false).await,
             Request::Fetch(mr) => self.ensure(w, mr, true).await,
+            Request::Export(mr) => {
+                let f = match self.export(&mr).await {
+                    Ok(f) => f,
+                    Err(e) => Final::error(one_line(&e)),
+                };
+                write_final(&mut w, &f).await
+            }
             Request::Publish(pr) => {
                 let f = match self.publish(pr).await {
                     Ok(f) => f,
@@ -820,6 +868,84 @@ impl Daemon {
             self.stop_waiting(&key, d);
         }
         res
+    }
+
+    /// `export` (docs/lazy.md): starts or joins the fetch, then answers the export's socket once
+    /// the download runs and the image's head passed its checks; or the fetch's own final line
+    /// if it ends first (`present` when the master is here already). Bounded by
+    /// `lazy_read_timeout` for the download to start, and as much for each read of the checks.
+    async fn export(self: &Arc<Self>, mr: &MasterRequest) -> Result<Final, Refusal> {
+        if !self.ctx.cfg.lazy {
+            return Err(Refusal::LazyOff);
+        }
+        let domain = mr.domain.as_deref().and_then(proto::domain_label);
+        let (pool, m) = self.master_of(mr).await?;
+        let key = (pool.clone(), m.name.clone());
+        let (_, drx) = self.start_fetch(key.clone(), pool, m.clone(), domain.as_deref())?;
+        let res = self.export_of(&key, &m, drx).await;
+        if let Some(d) = &domain {
+            self.stop_waiting(&key, d);
+        }
+        res
+    }
+
+    async fn export_of(&self, key: &Key, m: &Manifest, drx: watch::Receiver<Option<Final>>) -> Result<Final, Refusal> {
+        let _one = self.exporting.lock().await;
+        let bound = Duration::from_secs(self.ctx.cfg.lazy_read_timeout);
+        let exported = |x: &LazyExport| Final::done(FinalState::Exported, &x.socket.display().to_string());
+        let deadline = Instant::now() + bound;
+        let mut drx = drx;
+        let h = loop {
+            if let Some(f) = drx.borrow().clone() {
+                return Ok(f);
+            }
+            if let Some(e) = self.lock().get(key) {
+                if let Some(x) = &e.export {
+                    return Ok(exported(x));
+                }
+                if let Some(h) = &e.download {
+                    break h.clone();
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Refusal::ExportTimeout { name: m.name.clone(), secs: bound.as_secs() });
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), drx.changed()).await;
+        };
+        let reader = match tokio::time::timeout(bound, h.reader()).await {
+            Ok(r) => {
+                r.map_err(|e| Refusal::Reader { name: m.name.clone(), source: crate::torrent::LibrqbitError(e) })?
+            }
+            Err(_) => return Err(Refusal::ExportTimeout { name: m.name.clone(), secs: bound.as_secs() }),
+        };
+        let source = LazySource::new(&m.name, reader, bound);
+        if let Err(e) = crate::lazy::precheck(&source, &fetch::expect(&self.ctx.cfg, m, false)).await {
+            tracing::warn!("no lazy export of '{}' in pool '{}': {}", m.name, key.0, one_line(&e));
+            return Err(e.into());
+        }
+        let socket = crate::lazy::socket_path(&self.ctx.cfg.control_socket, &m.info_hash);
+        let x = Arc::new(LazyExport::start(socket, Export { name: m.name.clone(), size: m.size, source })?);
+        let mut g = self.lock();
+        match g.get_mut(key).filter(|e| e.state != MasterState::Failed) {
+            Some(e) => {
+                if e.download.is_none() {
+                    // Published while the checks ran: the pool's file it is.
+                    if let Some(p) = &e.path {
+                        x.published(p);
+                    }
+                }
+                e.export = Some(x.clone());
+            }
+            None => {
+                drop(g);
+                x.stop("the fetch failed while the export was set up");
+                return Ok(drx.borrow().clone().unwrap_or_else(|| Final::error("the fetch failed")));
+            }
+        }
+        drop(g);
+        tracing::info!("lazy export of '{}' in pool '{}' on {}", m.name, key.0, x.socket.display());
+        Ok(exported(&x))
     }
 
     /// `domain` no longer waits for the master of `key` (its request ended, answered or not).
@@ -1106,6 +1232,122 @@ mod tests {
         assert!(std::fs::read(b.pool.join("base.raw")).unwrap() == data, "the master is byte-identical");
         let st = status_of(&sock, "base.raw").await;
         assert_eq!((st["state"].as_str(), st["fetches"].as_u64()), (Some("seeding"), Some(2)), "{st}");
+    }
+
+    /// A seeding origin uploading at most 256 KiB/s (its 2 MiB master takes seconds to arrive),
+    /// and a lazy host that knows it as a peer.
+    async fn slow_origin_and_lazy_peer() -> (Host, Arc<Ctx>, Manifest, Vec<u8>, Host) {
+        let mut a = Host::new();
+        a.cfg.upload_limit = Some(256 << 10);
+        let (actx, m, data) = origin(&a).await;
+        let mut b = peer_of(&a);
+        b.cfg.lazy = true;
+        (a, actx, m, data, b)
+    }
+
+    fn export(m: &Manifest) -> serde_json::Value {
+        serde_json::json!({"op": "export", "pool": "p", "manifest": m})
+    }
+
+    /// What QEMU's NBD client reads from the export on `socket` (raw, all of it); Err: its stderr.
+    async fn qemu_reads(socket: &str) -> Result<Vec<u8>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let json = format!(
+            r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"unix","path":"{socket}"}}}}}}"#
+        );
+        let o = out.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("qemu-img").args(["convert", "-O", "raw", &json]).arg(&o).output().unwrap()
+        })
+        .await
+        .unwrap();
+        if !r.status.success() {
+            return Err(String::from_utf8_lossy(&r.stderr).into_owned());
+        }
+        Ok(std::fs::read(&out).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    async fn a_lazy_export_serves_verified_bytes_before_the_master_is_in_the_pool_then_the_pool_file() {
+        let (_a, _actx, m, data, b) = slow_origin_and_lazy_peer().await;
+        let (_d, sock) = b.daemon().await;
+        let fin = request(sock.clone(), export(&m)).await;
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("exported")), "{fin}");
+        assert!(!b.pool.join("base.raw").exists(), "nothing partial in the pool while it is served");
+        let socket = fin["path"].as_str().unwrap().to_string();
+        assert!(qemu_reads(&socket).await.unwrap() == data, "QEMU reads the master's bytes through the export");
+        let fin = request(sock.clone(), ensure(&m)).await;
+        assert_eq!((fin["ok"].as_bool(), fin["state"].as_str()), (Some(true), Some("fetched")), "{fin}");
+        assert!(qemu_reads(&socket).await.unwrap() == data, "and the pool's file once published");
+        let fin = request(sock.clone(), export(&m)).await;
+        assert_eq!(fin["state"], "present", "a master already here is not exported: {fin}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    async fn a_corrupt_piece_from_a_peer_is_never_served() {
+        let (a, _actx, m, data, mut b) = slow_origin_and_lazy_peer().await;
+        b.cfg.lazy_read_timeout = 15;
+        let pl = m.piece_length;
+        assert!((2 << 20) % pl == 0 && m.size > 2 << 20, "the last piece lies past the 2 MiB head");
+        // The origin now uploads its last piece corrupted (it checked its file when it started).
+        let f = std::fs::OpenOptions::new().write(true).open(a.pool.join("base.raw")).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0x55; 64], m.size - 100).unwrap();
+        let (_d, sock) = b.daemon().await;
+        let fin = request(sock.clone(), export(&m)).await;
+        assert_eq!(fin["state"], "exported", "{fin}");
+        let socket = fin["path"].as_str().unwrap().to_string();
+        let err = qemu_reads(&socket).await.unwrap_err();
+        assert!(err.contains("Input/output error"), "a read over the corrupt piece fails: {err}");
+        let head = read_range(&socket, 0, pl).await;
+        assert!(head == data[..pl as usize], "verified pieces are served");
+        assert!(!b.pool.join("base.raw").exists());
+    }
+
+    /// `len` bytes at `offset` of the export on `socket`, as QEMU's NBD client reads them.
+    async fn read_range(socket: &str, offset: u64, len: u64) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let json = format!(
+            r#"json:{{"driver":"raw","offset":{offset},"size":{len},"file":{{"driver":"nbd","server":{{"type":"unix","path":"{socket}"}}}}}}"#
+        );
+        let o = out.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("qemu-img").args(["convert", "-O", "raw", &json]).arg(&o).output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        std::fs::read(&out).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_lazy_master_failing_its_final_checks_is_never_published_and_its_export_stops() {
+        let (_a, _actx, m, _data, b) = slow_origin_and_lazy_peer().await;
+        let (_d, sock) = b.daemon().await;
+        let wrong = Manifest { sha256: "0".repeat(64), ..m };
+        let fin = request(sock.clone(), export(&wrong)).await;
+        assert_eq!(fin["state"], "exported", "pieces pass their SHA-1: served until the whole file is checked: {fin}");
+        let socket = fin["path"].as_str().unwrap().to_string();
+        let fin = request(sock.clone(), ensure(&wrong)).await;
+        assert_eq!(fin["ok"], false, "{fin}");
+        assert!(fin["error"].as_str().unwrap().contains("SHA-256"), "{fin}");
+        assert!(!b.pool.join("base.raw").exists(), "never published");
+        assert!(!Path::new(&socket).exists(), "the export's socket is gone");
+        let st = status_of(&sock, "base.raw").await;
+        assert_eq!(st["state"], "failed", "{st}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_export_is_refused_unless_lazy_is_on() {
+        let b = Host::new();
+        let (_d, sock) = b.daemon().await;
+        let fin = request(sock, serde_json::json!({"op": "export", "pool": "p", "name": "x.qcow2"})).await;
+        assert_eq!(fin["ok"], false);
+        assert!(fin["error"].as_str().unwrap().starts_with("lazy masters are off on this host"), "{fin}");
     }
 
     /// A master's identity as a domain's metadata records it.

@@ -123,7 +123,12 @@ pub enum Event {
         total_bytes: u64,
     },
     Progress(Progress),
+    /// The download's torrent, for a lazy export to read verified pieces from (docs/lazy.md).
+    Downloading(Handle),
     Verifying,
+    /// The master passed every check and is in the pool at this path (its download torrent is
+    /// about to go).
+    Published(PathBuf),
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, FetchError> {
@@ -250,6 +255,7 @@ impl Ctx {
         )?;
 
         let h = self.torrents.download(&torrent, &staged, swarm.peers.clone(), &swarm.trackers).await?;
+        on_event(Event::Downloading(h.clone()));
         if let Err(e) = self.wait(m, &h, on_event).await {
             self.torrents.remove(&h).await;
             if matches!(e, FetchError::DiskFull { .. }) {
@@ -264,6 +270,9 @@ impl Ctx {
         // ones need them. librqbit holds the file open, so the rename below does not disturb it;
         // it writes nothing once complete.
         let published = self.verify_and_publish(pool, m, &staged, &pool_dir, on_event).await;
+        if let Ok(p) = &published {
+            on_event(Event::Published(p.clone()));
+        }
         self.torrents.remove(&h).await;
         let path = published?;
         records::save(

@@ -4,7 +4,8 @@
 //!
 //! Modules, one concern each: [`config`], [`manifest`], [`metainfo`] (bencode read/validate/write),
 //! [`verify`] (qcow2 header, raw sniff, qemu-img), [`staging`] (atomic publication), [`selinux`]
-//! (fetched masters get the pool's label), [`torrent`]
+//! (fetched masters get the pool's label), [`nbd`] (a read-only NBD server), [`lazy`] (lazy
+//! masters served through it), [`torrent`]
 //! (the only user of librqbit), [`pools`] (where pools are: libvirt, or plain directories),
 //! [`fetch`] (the pipeline), [`catalog`] (the trusted LAN catalog), [`announce`] (its
 //! announcements), [`resolve`] (which master a request names), [`publish`], [`sign`] (manifest
@@ -16,8 +17,10 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fetch;
+pub mod lazy;
 pub mod manifest;
 pub mod metainfo;
+pub mod nbd;
 pub mod notify;
 pub mod pools;
 pub mod publish;

@@ -299,6 +299,15 @@ impl Handle {
         let _ = self.inner.wait_until_completed().await;
     }
 
+    /// A reader of the torrent's one file that waits for each piece it reads to be downloaded
+    /// and to have passed its SHA-1 against the info-hash (librqbit's streaming reader: it only
+    /// reads pieces its chunk tracker marks "have", which happens after the hash check), and
+    /// makes librqbit fetch the pieces from its position on first. Its reads do not time out:
+    /// bound them.
+    pub async fn reader(&self) -> anyhow::Result<Box<dyn PieceReader>> {
+        Ok(Box::new(self.inner.clone().stream(0).await?))
+    }
+
     /// Why the torrent stopped, once its state is `error`: a full disk (recognised by its
     /// `io::ErrorKind` where the storage saw it), or librqbit's message.
     pub fn failure(&self) -> Failure {
@@ -308,6 +317,10 @@ impl Handle {
         }
     }
 }
+
+/// What [`Handle::reader`] gives.
+pub trait PieceReader: tokio::io::AsyncRead + tokio::io::AsyncSeek + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncSeek + Send + Unpin> PieceReader for T {}
 
 /// Our metainfo checks ([`crate::metainfo::validate`]) on an info dict that peers sent for a
 /// magnet, before librqbit parses it: size and depth caps, one file, piece length, `pieces`.

@@ -406,8 +406,21 @@ pub fn check_content(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
 
 /// Our own header checks (no external program).
 pub fn check_header(path: &Path, e: &Expect<'_>) -> Result<(), ImageError> {
-    let mut head = Vec::with_capacity(2 << 20);
-    std::fs::File::open(path).map_err(ImageError::Io)?.take(2 << 20).read_to_end(&mut head).map_err(ImageError::Io)?;
+    let mut head = Vec::with_capacity(HEAD_BYTES as usize);
+    std::fs::File::open(path)
+        .map_err(ImageError::Io)?
+        .take(HEAD_BYTES)
+        .read_to_end(&mut head)
+        .map_err(ImageError::Io)?;
+    check_head(&head, e)
+}
+
+/// How much of the start of an image [`check_head`] looks at: the largest qcow2 cluster.
+pub const HEAD_BYTES: u64 = 2 << 20;
+
+/// [`check_header`] on the first [`HEAD_BYTES`] of the image (all of it if smaller): what a lazy
+/// master checks before serving any byte.
+pub fn check_head(head: &[u8], e: &Expect<'_>) -> Result<(), ImageError> {
     let vsize = match e.format {
         "qcow2" => check_qcow2_header(&head, e.size)?.virtual_size,
         "raw" => {

@@ -79,6 +79,8 @@ async fn publish_fetch_verify(qemu_img: bool) {
             Event::Started { .. } => "started",
             Event::Progress(_) => "progress",
             Event::Verifying => "verifying",
+            Event::Downloading(_) => "downloading",
+            Event::Published(_) => "published",
         })
     };
     let (outcome, handle) = b.fetch("b", &m, &on_event).await.unwrap();
@@ -89,6 +91,9 @@ async fn publish_fetch_verify(qemu_img: bool) {
     assert!(std::fs::read(&fetched).unwrap() == master, "the fetched master is byte-identical");
     assert_eq!(std::fs::metadata(&fetched).unwrap().permissions().mode() & 0o777, 0o444, "read-only");
     assert!(events.lock().unwrap().contains(&"verifying"), "verified before it went into the pool");
+    let ev = events.lock().unwrap().clone();
+    let at = |what: &str| ev.iter().position(|e| *e == what).unwrap_or_else(|| panic!("no {what} event: {ev:?}"));
+    assert!(at("downloading") < at("verifying") && at("verifying") < at("published"), "{ev:?}");
     assert_eq!(std::fs::read_dir(&pool_b).unwrap().count(), 1, "nothing else in the pool");
     assert_eq!(std::fs::read_dir(state_b.join("staging/b")).unwrap().count(), 0, "staging emptied");
 

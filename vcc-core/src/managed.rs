@@ -18,6 +18,9 @@ pub struct ManagedDisk {
     /// overlay, and its master is the recorded one: only such disks are ever discarded, and only
     /// they are checked on `migrate`/`restore`.
     pub recorded: bool,
+    /// The domain XML names the master in a `<backingStore>` (libvirt then opens that file, not
+    /// what the overlay's header says): false when only the metadata names it.
+    pub master_in_xml: bool,
 }
 
 impl ManagedDisk {
@@ -111,6 +114,7 @@ pub fn needs(facts: &DomainFacts) -> LinkedDisks {
             }
             _ => None,
         };
+        let master_in_xml = from_xml.is_some();
         let (master, master_is_recorded) = match (from_xml, rec) {
             // The XML is what QEMU will open; metadata only adds what we need to fetch it.
             (Some(x), Some(r)) if r.master.path == x.path && r.master.format == x.format => (r.master.clone(), true),
@@ -127,7 +131,7 @@ pub fn needs(facts: &DomainFacts) -> LinkedDisks {
         if !MASTER_FORMATS.contains(&master.format.as_str()) || !master.path.starts_with('/') {
             continue;
         }
-        plan.disks.push(ManagedDisk { target, overlay, master, recorded });
+        plan.disks.push(ManagedDisk { target, overlay, master, recorded, master_in_xml });
     }
     plan
 }
@@ -268,6 +272,7 @@ mod tests {
             overlay: dir.path().join("o"),
             master: MasterRef { path: p.to_string_lossy().into_owned(), format: "raw".into(), ..Default::default() },
             recorded: false,
+            master_in_xml: true,
         };
         assert_eq!(d(dir.path()).master_not_regular(), Some("a directory"));
         assert_eq!(d(Path::new("/dev/null")).master_not_regular(), Some("a character device"));

@@ -97,18 +97,44 @@ pub fn create_file_overlay(
     backing: &BackingSpec<'_>,
     opts: OverlayOptions,
 ) -> Result<(), OverlayError> {
-    let shown = overlay.display().to_string();
-    let (dir, file) = match (overlay.parent(), overlay.file_name()) {
-        (Some(d), Some(f)) if overlay.is_absolute() => (d, f.to_string_lossy().into_owned()),
-        _ => {
-            return Err(OverlayError::Create {
-                path: shown,
-                source: std::io::Error::other("not an absolute file path"),
-            })
-        }
-    };
+    let (dir, file) = split(overlay, true, "not an absolute file path")?;
     check_private_dir(dir)?;
     ensure_regular(backing.path)?;
+    create_overlay_in(overlay, dir, &file, backing, opts)
+}
+
+/// [`create_file_overlay`] over a lazy master's NBD export (docs/lazy.md): `backing.path` is an
+/// `nbd+unix:///?socket=PATH` URL, which QEMU and libvirt open as a network backing store.
+pub fn create_overlay_over_export(
+    overlay: &Path,
+    backing: &BackingSpec<'_>,
+    opts: OverlayOptions,
+) -> Result<(), OverlayError> {
+    let nbd = backing.path.starts_with("nbd+unix:///?socket=/");
+    let (dir, file) = split(overlay, nbd, "not an absolute file path over an nbd+unix:// export")?;
+    check_private_dir(dir)?;
+    create_overlay_in(overlay, dir, &file, backing, opts)
+}
+
+/// The overlay's directory and file name, when it is an absolute file path and `ok`.
+fn split<'a>(overlay: &'a Path, ok: bool, why: &str) -> Result<(&'a Path, String), OverlayError> {
+    match (overlay.parent(), overlay.file_name()) {
+        (Some(d), Some(f)) if overlay.is_absolute() && ok => Ok((d, f.to_string_lossy().into_owned())),
+        _ => Err(OverlayError::Create {
+            path: overlay.display().to_string(),
+            source: std::io::Error::other(why.to_string()),
+        }),
+    }
+}
+
+fn create_overlay_in(
+    overlay: &Path,
+    dir: &Path,
+    file: &str,
+    backing: &BackingSpec<'_>,
+    opts: OverlayOptions,
+) -> Result<(), OverlayError> {
+    let shown = overlay.display().to_string();
     if overlay.symlink_metadata().is_ok() {
         return Err(OverlayError::Exists(shown));
     }

@@ -62,6 +62,12 @@ pub enum QemuImgError {
         #[source]
         source: Box<CommandError>,
     },
+    #[error("qemu-img could not rebase '{path}'")]
+    Rebase {
+        path: String,
+        #[source]
+        source: Box<CommandError>,
+    },
     #[error("qemu-img could not check '{path}'")]
     Check {
         path: String,
@@ -95,6 +101,7 @@ impl QemuImgError {
         match self {
             QemuImgError::Info { source, .. }
             | QemuImgError::Create { source, .. }
+            | QemuImgError::Rebase { source, .. }
             | QemuImgError::Check { source, .. }
             | QemuImgError::Convert { source, .. }
             | QemuImgError::Snapshot { source, .. } => source.stderr(),
@@ -342,6 +349,25 @@ impl QemuImg {
             return Err(QemuImgError::Check { path: shown(), source: Box::new(CommandError::failed(cmdline, &out)) });
         }
         parse_check(&out.stdout).map_err(|source| QemuImgError::CheckOutput { path: shown(), source })
+    }
+
+    /// `qemu-img rebase -u -f qcow2 -b BACKING -F FORMAT PATH`: names another backing file in the
+    /// header without reading either (the caller knows they hold the same bytes).
+    pub fn rebase_unsafe(&self, path: &Path, backing: &Path, format: &str) -> Result<(), QemuImgError> {
+        let args: [&OsStr; 9] = [
+            "rebase".as_ref(),
+            "-u".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            backing.as_os_str(),
+            "-F".as_ref(),
+            format.as_ref(),
+            path.as_os_str(),
+        ];
+        self.run(&args)
+            .map(drop)
+            .map_err(|source| QemuImgError::Rebase { path: path.display().to_string(), source: Box::new(source) })
     }
 
     /// `qemu-img snapshot -c NAME PATH`: an internal snapshot.

@@ -103,6 +103,7 @@ fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         master_request().prop_map(Request::Ensure),
         master_request().prop_map(Request::Fetch),
+        master_request().prop_map(Request::Export),
         master_request().prop_map(Request::Seed),
         Just(Request::Status),
         Just(Request::List),

@@ -112,6 +112,7 @@ pub fn run(cfg: &Config, a: &FetchArgs, json: bool) -> Result<(), CliError> {
             fetch::Event::Started { have_bytes, total_bytes } => rep.started(have_bytes, total_bytes),
             fetch::Event::Progress(p) => rep.progress(&p.event()),
             fetch::Event::Verifying => rep.verifying(m.size),
+            fetch::Event::Downloading(_) | fetch::Event::Published(_) => {}
         };
         let res = ctx.fetch(&a.pool, &m, &on_event).await;
         ctx.torrents.stop().await;

@@ -152,6 +152,10 @@ pub struct WatchArgs {
     /// 0 turns it off [default: 10].
     #[arg(long, value_name = "SECS")]
     pub watch_interval: Option<u64>,
+    /// Lazy masters: serve a missing master's verified pieces over NBD to a clone that starts
+    /// before the master is complete (docs/lazy.md); the config's `lazy = true` does the same.
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 /// `serve`'s flags, which are every subcommand flag: also the set accepted (hidden) before the
@@ -186,7 +190,10 @@ impl ServeArgs {
                 no_super_seed: s.no_super_seed || t.no_super_seed,
                 request_window: t.request_window.or(s.request_window),
             },
-            watch: WatchArgs { watch_interval: later.watch.watch_interval.or(self.watch.watch_interval) },
+            watch: WatchArgs {
+                watch_interval: later.watch.watch_interval.or(self.watch.watch_interval),
+                lazy: later.watch.lazy || self.watch.lazy,
+            },
         }
     }
 }
@@ -274,6 +281,7 @@ impl Cli {
             watch_interval: f.watch.watch_interval,
             signing_key: g.signing_key.clone(),
             allowed_signers: g.allowed_signers.clone(),
+            lazy: f.watch.lazy,
         };
         Ok(Config::load(&o)?)
     }

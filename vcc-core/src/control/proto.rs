@@ -41,6 +41,11 @@ pub enum Request {
     /// announced, and its record goes, so the next start does not seed it again. Answered `ok`
     /// with `forgotten` (how many entries went), 0 when the daemon knows nothing of it.
     Forget(ForgetRequest),
+    /// A lazy start (docs/lazy.md): the master's bytes through a read-only NBD export while it
+    /// downloads. Answered `exported` with the export's Unix socket as `path` once its head passed
+    /// the checks, or like `ensure` (`present`, `fetched`) when the master is already complete.
+    /// Refused unless the daemon runs with `lazy = true`.
+    Export(MasterRequest),
 }
 
 /// `forget`: the master's absolute path in its pool.
@@ -247,6 +252,8 @@ pub enum FinalState {
     Fetched,
     /// Seeded (the answer to `seed`).
     Seeding,
+    /// Served, while it downloads, by the NBD export whose Unix socket is `path` (`export`).
+    Exported,
 }
 
 /// One master as `status` reports it. Fields in alphabetical order (see the module docs).
@@ -379,6 +386,10 @@ mod tests {
         let f: Final = round_trips(r#"{"ok":true,"forgotten":0}"#);
         assert_eq!(f.forgotten, Some(0));
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+        let r: Request = round_trips(r#"{"op":"export","pool":"P","name":"m.qcow2","domain":"vm1"}"#);
+        assert_eq!(r, Request::Export(MasterRequest::by_name(Some("P".into()), "m.qcow2").for_domain("vm1")));
+        let f: Final = round_trips(r#"{"ok":true,"state":"exported","path":"/run/pool-helper/nbd/ab.sock"}"#);
+        assert_eq!(f.state, Some(FinalState::Exported));
     }
 
     #[test]
