@@ -46,21 +46,7 @@ fn masters(facts: &DomainFacts) -> Vec<Master> {
         .private_disks()
         .map(|d| {
             let DiskSource::File(path) = &d.source else { panic!("fixture disks are files") };
-            Master {
-                disk_index: d.index,
-                target: d.target.clone().unwrap(),
-                path: path.clone(),
-                format: d.format.clone().unwrap(),
-                virtual_size: 1 << 30,
-                pool: None,
-                volume: None,
-                volume_disk: false,
-                as_file_disk: false,
-                self_contained: true,
-                sha256: None,
-                info_hash: None,
-                manifest: None,
-            }
+            Master::file(d.index, d.target.as_deref().unwrap(), path, d.format.as_deref().unwrap(), 1 << 30)
         })
         .collect()
 }

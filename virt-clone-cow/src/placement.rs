@@ -179,19 +179,9 @@ mod tests {
 
     fn master(target: &str, size: u64) -> Master {
         Master {
-            disk_index: 0,
-            target: target.into(),
-            path: format!("/p/{target}.qcow2"),
-            format: "qcow2".into(),
-            virtual_size: size,
             pool: Some("default".into()),
             volume: Some(format!("{target}.qcow2")),
-            volume_disk: false,
-            as_file_disk: false,
-            self_contained: true,
-            sha256: None,
-            info_hash: None,
-            manifest: None,
+            ..Master::file(0, target, &format!("/p/{target}.qcow2"), "qcow2", size)
         }
     }
 

@@ -49,6 +49,27 @@ pub struct Master {
 }
 
 impl Master {
+    /// A self-contained master file in no pool, with no recorded identity: what every plan needs.
+    /// Whatever else is known (pool, volume, a backing file, identity) goes on with struct update
+    /// syntax: `Master { pool: Some(p), ..Master::file(..) }`.
+    pub fn file(disk_index: usize, target: &str, path: &str, format: &str, virtual_size: u64) -> Master {
+        Master {
+            disk_index,
+            target: target.to_string(),
+            path: path.to_string(),
+            format: format.to_string(),
+            virtual_size,
+            pool: None,
+            volume: None,
+            volume_disk: false,
+            as_file_disk: false,
+            self_contained: true,
+            sha256: None,
+            info_hash: None,
+            manifest: None,
+        }
+    }
+
     fn to_ref(&self, with_target: bool) -> MasterRef {
         MasterRef {
             target: with_target.then(|| self.target.clone()),
@@ -459,19 +480,11 @@ mod tests {
             <target dev='vdb'/></disk></devices></domain>";
         let facts = DomainFacts::parse(xml).unwrap();
         let m = |i: usize, t: &str, path: &str, format: &str, pool: Option<&str>| Master {
-            disk_index: i,
-            target: t.into(),
-            path: path.into(),
-            format: format.into(),
-            virtual_size: 1 << 20,
             pool: pool.map(Into::into),
             volume: pool.map(|_| "d.qcow2".into()),
             volume_disk: pool.is_some(),
             as_file_disk: pool.is_some(),
-            self_contained: true,
-            sha256: None,
-            info_hash: None,
-            manifest: None,
+            ..Master::file(i, t, path, format, 1 << 20)
         };
         let masters = [m(0, "vda", "/p/t.raw", "raw", None), m(1, "vdb", "/x/d.qcow2", "qcow2", Some("x"))];
         let input = PlanInput {

@@ -620,19 +620,9 @@ fn rewritten_odd_names_round_trip_exactly() {
 fn plan_on_a_real_capture_makes_overlays_for_file_and_volume_disks_and_keeps_shared_ones() {
     let facts = DomainFacts::parse(ODD_NAME).unwrap();
     let m = |i: usize, target: &str, path: &str, format: &str, pool: Option<&str>, volume_disk: bool| Master {
-        disk_index: i,
-        target: target.into(),
-        path: path.into(),
-        format: format.into(),
-        virtual_size: 1 << 30,
         pool: pool.map(String::from),
-        volume: None,
         volume_disk,
-        as_file_disk: false,
-        self_contained: true,
-        sha256: None,
-        info_hash: None,
-        manifest: None,
+        ..Master::file(i, target, path, format, 1 << 30)
     };
     let masters = vec![
         m(0, "vda", "/var/lib/vcc-scratch/pool/base.qcow2", "qcow2", Some("scratch"), false),
@@ -821,19 +811,9 @@ fn serial_and_log_paths_without_the_templates_name_get_each_clones_name() {
 /// A qcow2 master of 1 GiB on the odd-name capture's disk `i`.
 fn scratch_master(i: usize, target: &str, path: &str, pool: Option<&str>, volume: Option<&str>) -> Master {
     Master {
-        disk_index: i,
-        target: target.into(),
-        path: path.into(),
-        format: "qcow2".into(),
-        virtual_size: 1 << 30,
         pool: pool.map(String::from),
         volume: volume.map(String::from),
-        volume_disk: false,
-        as_file_disk: false,
-        self_contained: true,
-        sha256: None,
-        info_hash: None,
-        manifest: None,
+        ..Master::file(i, target, path, "qcow2", 1 << 30)
     }
 }
 

@@ -385,19 +385,11 @@ pub(crate) fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<M
         }
         let master = match vol {
             Some(v) => Master {
-                disk_index: d.index,
-                target: target.clone(),
-                path: v.facts.path.clone(),
-                format,
-                virtual_size: v.facts.capacity,
                 pool: Some(v.pool.clone()),
                 volume: Some(v.facts.name.clone()),
                 volume_disk,
-                as_file_disk: false,
                 self_contained: v.facts.backing.is_none(),
-                sha256: None,
-                info_hash: None,
-                manifest: None,
+                ..Master::file(d.index, &target, &v.facts.path, &format, v.facts.capacity)
             },
             None => {
                 let DiskSource::File(path) = &d.source else { continue };
@@ -415,19 +407,8 @@ pub(crate) fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<M
                     source,
                 })?;
                 Master {
-                    disk_index: d.index,
-                    target: target.clone(),
-                    path: path.clone(),
-                    format,
-                    virtual_size: info.virtual_size,
-                    pool: None,
-                    volume: None,
-                    volume_disk: false,
-                    as_file_disk: false,
                     self_contained: info.backing.is_none(),
-                    sha256: None,
-                    info_hash: None,
-                    manifest: None,
+                    ..Master::file(d.index, &target, path, &format, info.virtual_size)
                 }
             }
         };

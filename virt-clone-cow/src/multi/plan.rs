@@ -176,19 +176,13 @@ mod tests {
 
     fn master(pool: Option<&str>, volume_disk: bool) -> Master {
         Master {
-            disk_index: 0,
-            target: "vda".into(),
-            path: "/srv/a/base.qcow2".into(),
-            format: "qcow2".into(),
-            virtual_size: 1 << 30,
             pool: pool.map(String::from),
             volume: pool.map(|_| "base.qcow2".to_string()),
             volume_disk,
-            as_file_disk: false,
-            self_contained: true,
             sha256: Some("ab".repeat(32)),
             info_hash: Some("cd".repeat(20)),
             manifest: Some("/var/lib/pool-helper/manifests/base.json".into()),
+            ..Master::file(0, "vda", "/srv/a/base.qcow2", "qcow2", 1 << 30)
         }
     }
 
