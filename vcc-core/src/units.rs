@@ -23,6 +23,24 @@ pub fn human_bytes(n: u64) -> String {
 #[error("'{0}' is not a size; write it as bytes or with a unit: 512M, 20G, 1.5T (K, M, G, T are powers of 1024; KiB/MiB/GiB/TiB too)")]
 pub struct SizeError(pub String);
 
+/// The bytes one unit stands for, as libvirt and virsh read units (case-insensitive): none, `B`
+/// or `bytes` 1; `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB` powers of 1024; `KB`, `MB`, `GB`,
+/// `TB` powers of 1000.
+pub fn unit_bytes(unit: &str) -> Option<u64> {
+    Some(match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" | "bytes" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return None,
+    })
+}
+
 /// Reads a size as qemu-img and virsh accept it: a number (a decimal fraction allowed before a
 /// unit) with an optional unit `B`, `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB` (powers of 1024,
 /// case-insensitive; `KB`, `MB`, `GB`, `TB` are powers of 1000, as in virsh). The result is a
@@ -32,18 +50,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => return Err(bad()),
-    };
+    let mult = unit_bytes(unit).ok_or_else(bad)?;
     let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
     if (whole.is_empty() && frac.is_empty()) || frac.len() > 9 || (!frac.is_empty() && mult == 1) {
         return Err(bad());

@@ -83,17 +83,11 @@ fn scaled(t: &str, unit: &str) -> Result<u64, XmlError> {
         value: t.to_string(),
         expected: "a whole number",
     })?;
-    let mult: u64 = match unit {
-        "b" | "bytes" | "B" => 1,
-        "KiB" | "k" | "K" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        "TiB" | "T" => 1 << 40,
-        "KB" => 1000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        _ => return Err(XmlError::BadValue { element: "capacity", value: unit.into(), expected: "a known unit" }),
-    };
+    let mult = crate::units::unit_bytes(unit).ok_or_else(|| XmlError::BadValue {
+        element: "capacity",
+        value: unit.into(),
+        expected: "a known unit",
+    })?;
     n.checked_mul(mult).ok_or(XmlError::BadValue {
         element: "capacity",
         value: t.into(),
