@@ -115,6 +115,7 @@ fn two_clones_with_sysprep_get_their_own_machine_id_and_hostname_and_still_boot(
     assert_eq!(master_id.len(), 32, "{master_id}");
     assert_eq!(in_master[1].as_deref(), Some("vcc-tiny\n"));
     assert!(in_master[3].is_some() && in_master[4].is_some(), "the master has an SSH host key and a DHCP lease");
+    assert!(in_master[5].is_some(), "the master has an os-release (compared with each clone's below)");
 
     let names = [env.name("-a"), env.name("-b")];
     let run = cli(&["--original", &tmpl, "--name", &names[0], "--name", &names[1], "--sysprep", "--start", "--json"]);

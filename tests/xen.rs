@@ -104,6 +104,7 @@ fn clones_of_libxl_domains_get_qdisk_qcow2_overlays_xen_macs_and_stay_valid_libv
                 "{kind} {target}: the master is named with its format"
             );
         }
+        assert_eq!(cf.macs.len(), facts.macs.len(), "{kind}: every interface keeps a MAC");
         for (old, new) in facts.macs.iter().zip(&cf.macs) {
             let new = new.as_deref().unwrap();
             assert!(new.starts_with("00:16:3e:") && Some(new) != old.as_deref(), "{kind}: {new} is a new Xen MAC");

@@ -260,6 +260,7 @@ mod tests {
         // A reflinked copy is nothing the hook discards, and it stays on the master's filesystem.
         assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--disposable"]).is_err());
         assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--host", "h"]).is_err());
+        assert!(parse(&["-o", "b", "--name", "x", "--reflink", "--sysprep"]).is_err());
     }
 
     #[test]
