@@ -210,7 +210,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
     }
     let mut masters: Vec<MasterNode> = masters.into_values().collect();
     for m in &mut masters {
-        m.clones_allocation = m.clones.iter().filter(|c| c.link == "linked").filter_map(|c| c.allocation).sum();
+        m.clones_allocation = linked_allocation(&m.clones);
         m.clones.sort_by(|a, b| (&a.domain, &a.target, &a.overlay).cmp(&(&b.domain, &b.target, &b.overlay)));
     }
     // Why each master is held, and how it is protected (crate::holds, vcc_core::protect).
@@ -340,6 +340,12 @@ impl Tree {
     }
 }
 
+/// What a master's clones take in overlays: linked clones only (a reflinked copy shares its
+/// extents with the master and depends on nothing).
+fn linked_allocation(clones: &[CloneNode]) -> u64 {
+    clones.iter().filter(|c| c.link == "linked").filter_map(|c| c.allocation).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,10 +378,11 @@ mod tests {
                 clone_node("web-1", "/p/web-1-vda.qcow2", 4096, "linked"),
                 clone_node("db-1", "/p/db-1-vda.raw", 1 << 30, "reflinked"),
             ],
-            clones_allocation: 4096,
+            clones_allocation: 0,
             held_by: Vec::new(),
             protection: None,
         };
+        m.clones_allocation = linked_allocation(&m.clones);
         let text = Tree { masters: vec![m.clone()], unused: Vec::new() }.render();
         let line = |who: &str| text.lines().find(|l| l.contains(who)).unwrap().to_string();
         assert!(!line("web-1").contains("reflinked"), "{text}");
@@ -386,6 +393,7 @@ mod tests {
         assert_eq!(json["masters"][0]["clones"][0]["link"], "linked");
         // Only linked clones: the summary as before.
         m.clones.pop();
+        m.clones_allocation = linked_allocation(&m.clones);
         assert!(Tree { masters: vec![m], unused: Vec::new() }
             .render()
             .contains("   1 clone disk(s), 4.0 KiB in overlays"));
