@@ -99,8 +99,9 @@ fn set_flags(f: &std::fs::File, flags: libc::c_int) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether the error says the filesystem has no such flags (tmpfs before Linux 6.0, NFS, ...).
-fn unsupported(e: &std::io::Error) -> bool {
+/// Whether an ioctl's error says the filesystem does not support it (inode flags on tmpfs before
+/// Linux 6.0 or NFS; FICLONE on ext4): the errno values such filesystems answer with.
+pub fn unsupported(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS))
 }
 

@@ -97,7 +97,7 @@ fn clone_failed(e: std::io::Error, from: &Path, dir: &Path, tmp: &Path) -> Refli
         Some(libc::EXDEV) => {
             ReflinkError::CrossDevice { from: from.display().to_string(), dir: dir.display().to_string() }
         }
-        Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL | libc::ENOSYS) => {
+        _ if vcc_core::protect::unsupported(&e) => {
             ReflinkError::Unsupported { dir: dir.display().to_string(), fs: fs_name(dir) }
         }
         _ => ReflinkError::Io { op: "reflinking into", path: tmp.display().to_string(), source: e },
@@ -118,17 +118,12 @@ impl Drop for TempFile {
     }
 }
 
-fn temp_beside(to: &Path) -> PathBuf {
-    let name = to.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    to.with_file_name(format!(".{name}.vcc-reflink-{}", std::process::id()))
-}
-
 /// Clones `from` into a new temporary file beside `to`; returns it (removed when dropped).
 fn clone_to_temp(from: &Path, to: &Path) -> Result<(TempFile, File), ReflinkError> {
     let dir = to.parent().unwrap_or(Path::new("/"));
     let src = File::open(from).map_err(io("opening", from))?;
     let mode = src.metadata().map_err(io("reading", from))?.permissions().mode();
-    let tmp_path = temp_beside(to);
+    let tmp_path = crate::cmd::flatten::sibling(to, "vcc-reflink");
     let dst = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -456,9 +456,10 @@ fn copy_err(domain: &str, t: &Target, source: CopyError) -> FlattenError {
     FlattenError::Copy { domain: domain.to_string(), target: t.recorded.target.clone(), source }
 }
 
-/// A name beside `path` for our own files: `.<file>.<what>-<pid>`.
-fn sibling(path: &str, what: &str) -> PathBuf {
-    let p = Path::new(path);
+/// A name beside `path` for our own files: `.<file>.<what>-<pid>` (flatten's copies, reflink's
+/// temporary clones).
+pub(crate) fn sibling(path: impl AsRef<Path>, what: &str) -> PathBuf {
+    let p = path.as_ref();
     let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     p.with_file_name(format!(".{file}.{what}-{}", std::process::id()))
 }
