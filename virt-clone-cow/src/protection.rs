@@ -86,14 +86,23 @@ fn give_to_qemu_if_unreadable(lv: &Libvirt, p: &Path) {
     }
 }
 
-/// Releases `path` if nothing depends on it any more (see [`Holds::dependants`]) and we hold it;
-/// makes it immutable again if something does and it carries our mark. Returns whether the
-/// flag was cleared. For flatten: call it after the clone's disk no longer has the master as
-/// its backing file.
-pub fn release_if_unneeded(lv: &Libvirt, path: &str) -> Result<bool, vcc_libvirt::LibvirtError> {
+/// Releases each of `paths` that nothing depends on any more (see [`Holds::dependants`]) and we
+/// hold; makes one immutable again if something does and it carries our mark. The host's holds
+/// are scanned once for all of them. Returns the paths whose flag was cleared. For flatten: call
+/// it after the clone's disks no longer have these masters as backing files.
+pub fn release_if_unneeded<'a>(
+    lv: &Libvirt,
+    paths: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<String>, vcc_libvirt::LibvirtError> {
     let volumes = lv.list_volumes()?;
     let holds = crate::holds::scan(lv, &volumes)?;
-    Ok(sync_one(lv, &holds, path) == Sync::Released)
+    let mut released: Vec<String> = Vec::new();
+    for path in paths {
+        if !released.iter().any(|r| r == path) && sync_one(lv, &holds, path) == Sync::Released {
+            released.push(path.to_string());
+        }
+    }
+    Ok(released)
 }
 
 /// What [`sync_one`] did.

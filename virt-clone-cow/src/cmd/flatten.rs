@@ -227,20 +227,14 @@ pub fn forget_disks(md: &mut CowMetadata, flat: &[&str]) -> Vec<String> {
 /// each (the immutable flag, `crate::protection`) is released when nothing else on the host needs
 /// it. Returns the masters released.
 fn masters_no_longer_needed(lv: &Libvirt, domain: &str, masters: &[MasterRef]) -> Vec<String> {
-    let mut released = Vec::new();
     for m in masters {
         tracing::info!("'{domain}' no longer depends on master {} (on {})", m.path, lv.uri());
-        if released.contains(&m.path) {
-            continue;
-        }
-        // Never fatal: the clone is flattened; `virt-clone-cow gc --yes` releases it later.
-        match crate::protection::release_if_unneeded(lv, &m.path) {
-            Ok(true) => released.push(m.path.clone()),
-            Ok(false) => {}
-            Err(e) => tracing::warn!("could not release master {}: {}", m.path, vcc_core::error::one_line(&e)),
-        }
     }
-    released
+    // Never fatal: the clone is flattened; `virt-clone-cow gc --yes` releases them later.
+    crate::protection::release_if_unneeded(lv, masters.iter().map(|m| m.path.as_str())).unwrap_or_else(|e| {
+        tracing::warn!("could not release the masters of '{domain}': {}", vcc_core::error::one_line(&e));
+        Vec::new()
+    })
 }
 
 fn resolve(
