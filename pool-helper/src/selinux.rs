@@ -110,28 +110,42 @@ pub fn copy_xattr(dir: &Path, file: &Path, name: &str) -> std::io::Result<bool> 
 }
 
 /// Step 1, before the rename: `staged` gets `pool_dir`'s label. Never fails; says what it could
-/// not do.
-pub fn before_rename(r: &Relabel, staged: &Path, pool_dir: &Path) {
+/// not do. Returns whether the label was given.
+pub fn before_rename(r: &Relabel, staged: &Path, pool_dir: &Path) -> bool {
     if !r.copy_dir_label {
-        return;
+        return false;
     }
     match copy_xattr(pool_dir, staged, XATTR) {
-        Ok(true) => tracing::debug!("{}: labelled as {}", staged.display(), pool_dir.display()),
-        Ok(false) => tracing::warn!("{} has no SELinux label to give the master", pool_dir.display()),
-        Err(e) => tracing::warn!(
-            "cannot give {} the SELinux label of {}: {e}; libvirt relabels it when a clone starts",
-            staged.display(),
-            pool_dir.display()
-        ),
+        Ok(true) => {
+            tracing::debug!("{}: labelled as {}", staged.display(), pool_dir.display());
+            true
+        }
+        Ok(false) => {
+            tracing::warn!("{} has no SELinux label to give the master", pool_dir.display());
+            false
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot give {} the SELinux label of {}: {e}; libvirt relabels it when a clone starts",
+                staged.display(),
+                pool_dir.display()
+            );
+            false
+        }
     }
 }
 
 /// Step 2, after the rename: `restorecon -F dest`, when installed. Never fails; says what did.
-pub fn after_rename(r: &Relabel, dest: &Path) {
-    let Some(rc) = &r.restorecon else { return };
+/// Returns whether it ran and succeeded.
+pub fn after_rename(r: &Relabel, dest: &Path) -> bool {
+    let Some(rc) = &r.restorecon else { return false };
     let args = [std::ffi::OsStr::new("-F"), dest.as_os_str()];
-    if let Err(e) = vcc_core::process::run_with_timeout(&rc.to_string_lossy(), &args, RESTORECON_TIMEOUT) {
-        tracing::warn!("{}", vcc_core::error::one_line(&e));
+    match vcc_core::process::run_with_timeout(&rc.to_string_lossy(), &args, RESTORECON_TIMEOUT) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("{}", vcc_core::error::one_line(&e));
+            false
+        }
     }
 }
 
@@ -189,13 +203,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("m.raw");
         std::fs::write(&f, b"m").unwrap();
-        before_rename(&Relabel::NONE, &f, dir.path());
-        after_rename(&Relabel::NONE, &f);
+        assert!(!before_rename(&Relabel::NONE, &f, dir.path()), "disabled: no label given");
+        assert!(!after_rename(&Relabel::NONE, &f), "disabled: no restorecon run");
         // Enabled, but the label cannot be read or the tool fails (sh refuses `-F`): a warning,
-        // no panic.
+        // no panic, nothing done.
         let on = Relabel { copy_dir_label: true, restorecon: Some(PathBuf::from("/bin/sh")) };
-        before_rename(&on, &f, &dir.path().join("gone"));
-        after_rename(&on, &f);
+        assert!(!before_rename(&on, &f, &dir.path().join("gone")));
+        assert!(!after_rename(&on, &f));
+        // A restorecon that succeeds (true(1) stands in for it) is run.
+        let ok = Relabel { copy_dir_label: false, restorecon: Some(PathBuf::from("/bin/true")) };
+        assert!(after_rename(&ok, &f));
         assert_eq!(std::fs::read(&f).unwrap(), b"m");
     }
 }
