@@ -294,30 +294,42 @@ impl Libvirt {
 
     /// Creates a volume in `pool` as a copy of the volume at `from_path`.
     pub fn copy_volume(&self, pool: &str, xml: &str, name: &str, from_path: &str) -> Result<Volume> {
-        let p = self.pool(pool)?;
-        let what = format!("volume '{name}' in pool '{pool}'");
-        let src = self.conn.lookup_storage_vol_by_path(from_path).map_err(call(format!("looking up '{from_path}'")))?;
-        let v =
-            StorageVol::create_xml_from(&p, xml, &src, 0).map_err(call(format!("copying '{from_path}' to {what}")))?;
-        self.volume_of(&v, &what)
+        self.create_volume_from(pool, xml, name, from_path, 0, "copying")
     }
 
     /// Creates a raw volume in `pool` as a reflinked copy of the raw volume at `from_path`
     /// (`VIR_STORAGE_VOL_CREATE_REFLINK`): it shares the source's extents, in constant time, on
     /// xfs (reflink=1) and btrfs. libvirt fails rather than copy when the filesystem cannot.
     pub fn reflink_volume(&self, pool: &str, xml: &str, name: &str, from_path: &str) -> Result<Volume> {
+        self.create_volume_from(pool, xml, name, from_path, sys::VIR_STORAGE_VOL_CREATE_REFLINK, "reflinking")
+    }
+
+    /// `virStorageVolCreateXMLFrom` with `flags`; `verb` names the copy in the error.
+    fn create_volume_from(
+        &self,
+        pool: &str,
+        xml: &str,
+        name: &str,
+        from_path: &str,
+        flags: u32,
+        verb: &str,
+    ) -> Result<Volume> {
         let p = self.pool(pool)?;
         let what = format!("volume '{name}' in pool '{pool}'");
         let src = self.conn.lookup_storage_vol_by_path(from_path).map_err(call(format!("looking up '{from_path}'")))?;
-        let v = StorageVol::create_xml_from(&p, xml, &src, sys::VIR_STORAGE_VOL_CREATE_REFLINK)
-            .map_err(call(format!("reflinking '{from_path}' to {what}")))?;
+        let v = StorageVol::create_xml_from(&p, xml, &src, flags)
+            .map_err(call(format!("{verb} '{from_path}' to {what}")))?;
         self.volume_of(&v, &what)
+    }
+
+    /// The XML of storage pool `pool`.
+    fn pool_xml(&self, pool: &str) -> Result<String> {
+        self.pool(pool)?.xml_desc(0).map_err(call(format!("reading the XML of storage pool '{pool}'")))
     }
 
     /// The type of a pool (`<pool type=...>`: dir, fs, netfs, logical, zfs, rbd, iscsi, ...).
     pub fn pool_type(&self, pool: &str) -> Result<Option<String>> {
-        let xml = self.pool(pool)?.xml_desc(0).map_err(call(format!("reading the XML of storage pool '{pool}'")))?;
-        Ok(vcc_core::xml::volume::pool_type(&xml))
+        Ok(vcc_core::xml::volume::pool_type(&self.pool_xml(pool)?))
     }
 
     pub fn delete_volume(&self, pool: &str, name: &str) -> Result<()> {
@@ -366,14 +378,12 @@ impl Libvirt {
 
     /// The target directory of a pool (`<target><path>`), if it has one (dir, fs, netfs pools).
     pub fn pool_dir(&self, pool: &str) -> Result<Option<String>> {
-        let xml = self.pool(pool)?.xml_desc(0).map_err(call(format!("reading the XML of storage pool '{pool}'")))?;
-        Ok(vcc_core::xml::volume::pool_target_path(&xml))
+        Ok(vcc_core::xml::volume::pool_target_path(&self.pool_xml(pool)?))
     }
 
     /// The directory of files of a dir, fs or netfs pool; None for other pool types.
     pub fn pool_file_dir(&self, pool: &str) -> Result<Option<String>> {
-        let xml = self.pool(pool)?.xml_desc(0).map_err(call(format!("reading the XML of storage pool '{pool}'")))?;
-        Ok(vcc_core::xml::volume::pool_file_dir(&xml))
+        Ok(vcc_core::xml::volume::pool_file_dir(&self.pool_xml(pool)?))
     }
 
     /// Name and whether it is active, for every network defined on the host.
