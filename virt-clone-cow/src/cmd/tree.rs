@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
 
-use crate::cmd::gc::{gc, GcArgs, Unused};
+use crate::cmd::gc::{gc_with, GcArgs, Unused};
 use crate::cmd::publish::DEFAULT_CONTROL_SOCKET;
 use crate::holds::{describe_all, Holder};
 use vcc_core::metadata::{CowMetadata, MasterRef};
@@ -221,7 +221,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
     }
     // What gc would free (marked masters, and pool-helper's at its default socket if it runs).
     let args = GcArgs { yes: false, masters: Vec::new(), pool: None, control_socket: DEFAULT_CONTROL_SOCKET.into() };
-    let unused = match gc(lv, &args) {
+    let unused = match gc_with(lv, &args, &volumes, &holds) {
         Ok(r) => r.unused,
         Err(e) => {
             tracing::warn!("cannot tell what gc would free: {}", vcc_core::error::one_line(&e));
