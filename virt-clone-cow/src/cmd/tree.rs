@@ -1,19 +1,18 @@
 //! `virt-clone-cow tree`: which masters exist, which templates own them, and which clones (domain
 //! disks or bare pool volumes) depend on each, with the space each clone's overlays take.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
 
 use crate::cmd::gc::{gc_with, GcArgs, Unused};
 use crate::cmd::publish::DEFAULT_CONTROL_SOCKET;
-use crate::holds::{describe_all, Holder};
+use crate::holds::{describe_all, Holder, VolumeIndex};
 use vcc_core::metadata::{CowMetadata, MasterRef};
-use vcc_core::overlay::image_info;
 use vcc_core::protect::{self, Protection};
 use vcc_core::units::human_bytes;
-use vcc_core::xml::{BackingDecl, DiskSource, DomainFacts};
+use vcc_core::xml::DomainFacts;
 use vcc_libvirt::{Libvirt, LibvirtError, Volume};
 
 /// An overlay that depends on a master.
@@ -89,9 +88,7 @@ pub struct Tree {
 /// Builds the tree from every domain and every volume of the active pools.
 pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
     let volumes = lv.list_volumes()?;
-    let by_path: HashMap<&str, &Volume> = volumes.iter().map(|v| (v.facts.path.as_str(), v)).collect();
-    let by_pool_name: HashMap<(&str, &str), &Volume> =
-        volumes.iter().map(|v| ((v.pool.as_str(), v.facts.name.as_str()), v)).collect();
+    let index = VolumeIndex::new(&volumes);
     let mut masters: BTreeMap<String, MasterNode> = BTreeMap::new();
     let mut used_paths = std::collections::HashSet::new();
 
@@ -99,7 +96,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
         masters
             .entry(path.to_string())
             .or_insert_with(|| {
-                let vol = by_path.get(path);
+                let vol = index.at(path);
                 MasterNode {
                     path: path.to_string(),
                     format: vol.and_then(|v| v.facts.format.clone()).or(format.clone()),
@@ -117,15 +114,6 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             .get_or_insert_with(|| format.unwrap_or_default());
     };
 
-    // A disk's image path, and its volume when a pool holds it.
-    let disk_path = |disk: &vcc_core::xml::Disk| match &disk.source {
-        DiskSource::File(p) => Some((p.clone(), by_path.get(p.as_str()).copied())),
-        DiskSource::Volume { pool, volume } => {
-            by_pool_name.get(&(pool.as_str(), volume.as_str())).map(|v| (v.facts.path.clone(), Some(*v)))
-        }
-        _ => None,
-    };
-
     for d in lv.list_domains()? {
         let Ok(facts) = DomainFacts::parse(&d.xml) else { continue };
         let md = facts.vcc_metadata.as_deref().and_then(|x| CowMetadata::parse(x).ok()).unwrap_or_default();
@@ -140,19 +128,9 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             }
         }
         for disk in facts.private_disks() {
-            let Some((path, vol)) = disk_path(disk) else { continue };
+            let Some((path, vol)) = index.disk_image(disk) else { continue };
             used_paths.insert(path.clone());
-            let backing = match (vol.and_then(|v| v.facts.backing.clone()), &disk.backing) {
-                (Some(b), _) => Some(b),
-                (None, BackingDecl::Store { path: Some(p), format, .. }) => Some((p.clone(), format.clone())),
-                _ if lv.is_local() => disk
-                    .format
-                    .as_deref()
-                    .and_then(|f| image_info(&path, f).ok())
-                    .and_then(|i| i.backing.map(|b| (b, i.backing_format))),
-                _ => None,
-            };
-            let Some((master, master_format)) = backing else { continue };
+            let Some((master, master_format)) = index.disk_backing(lv, disk, &path, vol) else { continue };
             let allocation = vol.map(|v| v.facts.allocation).or_else(|| local_allocation(lv, &path));
             node(&mut masters, &master, master_format);
             let clone_md = md.clone.as_ref();
@@ -170,7 +148,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
         // Disks made with --reflink: recorded in our metadata only (no backing file says so).
         for r in md.clone.iter().flat_map(|c| &c.reflinks) {
             let Some(disk) = facts.private_disks().find(|d| d.target.as_ref() == Some(&r.target)) else { continue };
-            let Some((path, vol)) = disk_path(disk) else { continue };
+            let Some((path, vol)) = index.disk_image(disk) else { continue };
             if path != r.path {
                 continue; // the disk was changed since (virsh edit): no longer our copy
             }
