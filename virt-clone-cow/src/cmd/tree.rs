@@ -32,9 +32,28 @@ pub struct CloneNode {
     /// Made by virt-clone-cow (has our clone metadata).
     pub managed: bool,
     pub disposable: bool,
-    /// `linked` (a qcow2 overlay backed by the master) or `reflinked` (a full copy made with
-    /// `--reflink` that shares the master's extents but does not depend on it).
-    pub link: &'static str,
+    /// How the disk relates to the master.
+    pub link: Link,
+}
+
+/// How a clone's disk relates to its master: `linked` or `reflinked` (in `--json` and the text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Link {
+    /// A qcow2 overlay whose backing file is the master: it needs the master.
+    Linked,
+    /// A full copy made with `--reflink`: it shares the master's extents (until written) but
+    /// does not depend on it.
+    Reflinked,
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::Linked => "linked",
+            Link::Reflinked => "reflinked",
+        })
+    }
 }
 
 /// A master and everything that depends on it.
@@ -157,7 +176,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             if let Some(n) = masters.get_mut(&r.from.path) {
                 n.clones.push(CloneNode {
                     allocation: vol.map(|v| v.facts.allocation).or_else(|| local_allocation(lv, &path)),
-                    link: "reflinked",
+                    link: Link::Reflinked,
                     ..domain_disk(&facts.name, disk, &path, vol, d.active)
                 });
             }
@@ -182,7 +201,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
                 running: false,
                 managed: false,
                 disposable: false,
-                link: "linked",
+                link: Link::Linked,
             });
         }
     }
@@ -221,7 +240,7 @@ fn domain_disk(domain: &str, disk: &vcc_core::xml::Disk, path: &str, vol: Option
         running,
         managed: true,
         disposable: false,
-        link: "linked",
+        link: Link::Linked,
     }
 }
 
@@ -272,7 +291,7 @@ impl Tree {
                     (None, _) => "(no domain)".to_string(),
                 };
                 let mut size = c.allocation.map(human_bytes).unwrap_or_else(|| "?".into());
-                if c.link == "reflinked" {
+                if c.link == Link::Reflinked {
                     // Allocated, but shared with the master (and other copies) until written.
                     size.push_str(" shared");
                 }
@@ -283,13 +302,14 @@ impl Tree {
                 if c.disposable {
                     flags.push("disposable");
                 }
-                if c.link == "reflinked" {
-                    flags.push("reflinked copy, independent");
+                let copy = format!("{} copy, independent", c.link);
+                if c.link == Link::Reflinked {
+                    flags.push(&copy);
                 }
                 let flags = if flags.is_empty() { String::new() } else { format!("  {}", flags.join(", ")) };
                 s.push_str(&format!("{branch} {who}  {}  {size}{flags}\n", c.overlay));
             }
-            let reflinked = m.clones.iter().filter(|c| c.link == "reflinked").count();
+            let reflinked = m.clones.iter().filter(|c| c.link == Link::Reflinked).count();
             if reflinked > 0 {
                 s.push_str(&format!(
                     "   {} linked clone disk(s), {} in overlays; {reflinked} reflinked (no backing file)\n",
@@ -321,14 +341,14 @@ impl Tree {
 /// What a master's clones take in overlays: linked clones only (a reflinked copy shares its
 /// extents with the master and depends on nothing).
 fn linked_allocation(clones: &[CloneNode]) -> u64 {
-    clones.iter().filter(|c| c.link == "linked").filter_map(|c| c.allocation).sum()
+    clones.iter().filter(|c| c.link == Link::Linked).filter_map(|c| c.allocation).sum()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn clone_node(domain: &str, overlay: &str, allocation: u64, link: &'static str) -> CloneNode {
+    fn clone_node(domain: &str, overlay: &str, allocation: u64, link: Link) -> CloneNode {
         CloneNode {
             domain: Some(domain.into()),
             target: Some("vda".into()),
@@ -353,8 +373,8 @@ mod tests {
             templates: vec!["base".into()],
             published: None,
             clones: vec![
-                clone_node("web-1", "/p/web-1-vda.qcow2", 4096, "linked"),
-                clone_node("db-1", "/p/db-1-vda.raw", 1 << 30, "reflinked"),
+                clone_node("web-1", "/p/web-1-vda.qcow2", 4096, Link::Linked),
+                clone_node("db-1", "/p/db-1-vda.raw", 1 << 30, Link::Reflinked),
             ],
             clones_allocation: 0,
             held_by: Vec::new(),
@@ -369,6 +389,9 @@ mod tests {
         let json = serde_json::to_value(Tree { masters: vec![m.clone()], unused: Vec::new() }).unwrap();
         assert_eq!(json["masters"][0]["clones"][1]["link"], "reflinked");
         assert_eq!(json["masters"][0]["clones"][0]["link"], "linked");
+        for l in [Link::Linked, Link::Reflinked] {
+            assert_eq!(serde_json::to_value(l).unwrap(), l.to_string(), "the text and --json name a link alike");
+        }
         // Only linked clones: the summary as before.
         m.clones.pop();
         m.clones_allocation = linked_allocation(&m.clones);
