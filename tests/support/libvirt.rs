@@ -364,6 +364,24 @@ impl TestEnv {
         dir
     }
 
+    /// Makes a filesystem on a sparse file of `size` in the work directory with `mkfs` (the
+    /// program and its options; the file is appended) and loop-mounts it at `<work>/<name>`;
+    /// unmounted (and the loop device detached) on drop. Returns the mount point and the loop device.
+    pub fn mount_image(&mut self, name: &str, size: &str, mkfs: &[&str]) -> (PathBuf, String) {
+        let image = self.work_dir.join(format!("{name}.img"));
+        let dir = self.work_dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        run_ok("truncate", &[OsStr::new("-s"), size.as_ref(), image.as_os_str()]);
+        let (program, opts) = mkfs.split_first().expect("a mkfs program");
+        let mut args: Vec<&OsStr> = opts.iter().map(OsStr::new).collect();
+        args.push(image.as_os_str());
+        run_ok(program, &args);
+        run_ok("mount", &[OsStr::new("-o"), "loop".as_ref(), image.as_os_str(), dir.as_os_str()]);
+        self.mounts.push(dir.clone());
+        let device = run_ok("findmnt", &[OsStr::new("-n"), "-o".as_ref(), "SOURCE".as_ref(), dir.as_os_str()]);
+        (dir, device.trim().to_string())
+    }
+
     /// Names of this env's domains, sorted.
     pub fn domains(&self) -> Vec<String> {
         all_domain_names().into_iter().filter(|n| n.starts_with(&self.prefix)).collect()
