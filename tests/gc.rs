@@ -294,3 +294,22 @@ fn without_cap_linux_immutable_the_master_is_only_read_only_with_a_warning() {
     assert_eq!(r["protected"], serde_json::json!([master]), "{r:#}");
     assert!(immutable(&master));
 }
+
+#[test]
+fn on_a_filesystem_without_the_attribute_the_master_is_only_read_only_with_a_warning() {
+    let mut env = TestEnv::new("gcramfs");
+    // ramfs has neither the immutable attribute nor user xattrs (tmpfs has the attribute since
+    // Linux 6.0).
+    let fs = env.mount_ramfs("ramfs");
+    let master = fs.join("base.raw").to_string_lossy().into_owned();
+    let tmpl = raw_domain(&env, "-tmpl", &master);
+    let clone = env.name("-c1");
+    let run = cli(&["--original", &tmpl, "--name", &clone]);
+    run.assert_ok();
+    let warning = format!("master {master} is on a filesystem without the immutable attribute");
+    assert!(run.stderr.contains(&warning), "the warning: {}", run.stderr);
+    assert!(domain_exists(&clone));
+    assert_eq!(protect::is_immutable(Path::new(&master)).unwrap(), None, "ramfs has no such attribute");
+    assert_eq!(mode(&master) & 0o222, 0, "read-only: mode {:o}", mode(&master));
+    assert_eq!(tree_node(&master)["protection"], "read-only-mode");
+}

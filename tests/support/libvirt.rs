@@ -353,12 +353,21 @@ impl TestEnv {
 
     /// Mounts a tmpfs of `size` (e.g. `4M`) at `<work>/<name>`; unmounted on drop.
     pub fn mount_tmpfs(&mut self, name: &str, size: &str) -> PathBuf {
+        self.mount_in_memory("tmpfs", name, &format!("size={size},mode=0755"))
+    }
+
+    /// Mounts a ramfs (no size limit, no immutable attribute, no user xattrs) at
+    /// `<work>/<name>`; unmounted on drop.
+    pub fn mount_ramfs(&mut self, name: &str) -> PathBuf {
+        self.mount_in_memory("ramfs", name, "mode=0755")
+    }
+
+    fn mount_in_memory(&mut self, kind: &str, name: &str, opts: &str) -> PathBuf {
         let dir = self.work_dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let opts = format!("size={size},mode=0755");
         run_ok(
             "mount",
-            &[OsStr::new("-t"), "tmpfs".as_ref(), "-o".as_ref(), opts.as_ref(), "tmpfs".as_ref(), dir.as_os_str()],
+            &[OsStr::new("-t"), kind.as_ref(), "-o".as_ref(), opts.as_ref(), kind.as_ref(), dir.as_os_str()],
         );
         self.mounts.push(dir.clone());
         dir
