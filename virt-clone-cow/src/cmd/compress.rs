@@ -155,13 +155,16 @@ pub fn compress_masters(
             }
             f => return Err(CompressError::Format { path: m.path.clone(), format: f.to_string() }),
         }
-        let in_dir = lv.pool_dir(&t.pool)?.is_some_and(|d| Path::new(&m.path).parent() == Some(Path::new(&d)));
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let in_dir = lv
+            .pool_dir(&t.pool)?
+            .is_some_and(|d| Path::new(&m.path).parent().map(canonical) == Some(canonical(Path::new(&d))));
         if !in_dir {
             return Err(CompressError::NotDirPool { path: m.path.clone(), pool: t.pool.clone() });
         }
         let volume = compressed_name(&t.volume);
         let path = Path::new(&m.path).with_file_name(&volume);
-        if lv.volume(&t.pool, &volume)?.is_some() || path.exists() {
+        if lv.volume(&t.pool, &volume)?.is_some() || std::fs::symlink_metadata(&path).is_ok() {
             return Err(CompressError::Exists { pool: t.pool.clone(), volume });
         }
         plan.push((volume, path));
