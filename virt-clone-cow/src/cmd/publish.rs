@@ -2,6 +2,8 @@
 //! by the local pool-helper daemon (hashed, made a torrent, seeded, announced), and what identifies
 //! it (SHA-256, info-hash, manifest path, format, virtual size) is recorded on the template's
 //! master elements, from where every later clone copies it (`docs/many-hosts.md`, section 1).
+//! With `--compress`, zstd-compressed copies of the masters are made and published instead
+//! ([`crate::cmd::compress`], section 1a).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
