@@ -544,6 +544,24 @@ mod tests {
     }
 
     #[test]
+    fn compare_reads_qemu_imgs_exit_status_and_compressed_convert_states_zstd() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Path::new("/a.raw"), Path::new("/b.qcow2"));
+        for (code, want) in [(0, Some(true)), (1, Some(false)), (2, None)] {
+            let fake = fake_qemu_img(dir.path(), &format!("echo \"$*\" > {}/args; exit {code}", dir.path().display()));
+            let got = QemuImg::new().program(&fake).compare(a, "raw", b, "qcow2");
+            assert_eq!(got.as_ref().ok().copied(), want, "exit {code}: {got:?}");
+            let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+            assert_eq!(args.trim(), "compare -q -f raw -F qcow2 /a.raw /b.qcow2");
+            std::fs::remove_file(&fake).unwrap();
+        }
+        let fake = fake_qemu_img(dir.path(), &format!("echo \"$*\" > {}/args", dir.path().display()));
+        QemuImg::new().program(&fake).convert_compressed(a, "raw", b).unwrap();
+        let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+        assert_eq!(args.trim(), "convert -q -c -f raw -O qcow2 -o compat=1.1,compression_type=zstd /a.raw /b.qcow2");
+    }
+
+    #[test]
     fn a_program_printing_a_mib_and_exiting_returns_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let fake = fake_qemu_img(dir.path(), crate::process::tests::MIB_TO_STDOUT);
