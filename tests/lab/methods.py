@@ -174,7 +174,7 @@ class PoolHelpers:
         return os.path.join(self.work, f"h{h.index}", "state")
 
     def pool(self, h):
-        return f"vcclab-pool-h{h.index}"
+        return f"{self.lab.prefix}-pool-h{h.index}"
 
     def pool_dir(self, h):
         return os.path.join(self.work, f"h{h.index}", "pool")
