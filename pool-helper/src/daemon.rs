@@ -913,7 +913,7 @@ impl Daemon {
             }
             let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), drx.changed()).await;
         };
-        let reader = match tokio::time::timeout(bound, h.reader()).await {
+        let reader = match tokio::time::timeout(bound, h.verified()).await {
             Ok(r) => {
                 r.map_err(|e| Refusal::Reader { name: m.name.clone(), source: crate::torrent::LibrqbitError(e) })?
             }
@@ -1283,6 +1283,54 @@ mod tests {
         assert!(qemu_reads(&socket).await.unwrap() == data, "and the pool's file once published");
         let fin = request(sock.clone(), export(&m)).await;
         assert_eq!(fin["state"], "present", "a master already here is not exported: {fin}");
+    }
+
+    /// Boot first: pieces a reader waits on are fetched before the background order. An origin
+    /// uploading 2 MiB/s seeds 32 MiB; a peer reads four pieces in its second half at once, as
+    /// soon as its download starts: they arrive while most of the master is still missing (in
+    /// the background's rarest-first random order they would come, on average, with half of it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_readers_pieces_arrive_before_the_background_pieces() {
+        let mut a = Host::new();
+        a.cfg.upload_limit = Some(2 << 20);
+        // A super-seed would offer only the pieces it chooses (docs/lazy.md).
+        a.cfg.super_seed = false;
+        let data = bytes(32 << 20);
+        std::fs::write(a.pool.join("big.raw"), &data).unwrap();
+        let p = publish_in(&a.cfg, &a.pools(), "p", "big.raw").unwrap();
+        let actx = a.ctx().await;
+        actx.seed(&p.manifest, &p.path).await.unwrap();
+        let m = p.manifest;
+        let b = peer_of(&a);
+        let torrents = Torrents::start(&b.cfg).await.unwrap();
+        let staged = b.pool.join(".staged");
+        std::fs::File::create(&staged).unwrap().set_len(m.size).unwrap();
+        let torrent = std::fs::read(&p.torrent_path).unwrap();
+        let origin = format!("127.0.0.1:{}", a.cfg.listen_port).parse().unwrap();
+        let h = torrents.download(&torrent, &staged, vec![origin], &[]).await.unwrap();
+        let v = h.verified().await.unwrap();
+        let pl = u64::from(m.piece_length);
+        assert!(m.size / pl >= 16, "{} pieces", m.size / pl);
+        let at = |k: u64| (m.size / 8 * k) / pl * pl + 100;
+        let (mut b1, mut b2, mut b3, mut b4) = (vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096]);
+        let started = Instant::now();
+        let reads = async {
+            tokio::try_join!(
+                v.read_at(at(4), &mut b1),
+                v.read_at(at(5), &mut b2),
+                v.read_at(at(6), &mut b3),
+                v.read_at(at(7), &mut b4)
+            )
+        };
+        tokio::time::timeout(Duration::from_secs(60), reads).await.expect("the reads end").unwrap();
+        let done = h.progress().done_bytes;
+        eprintln!("4 pieces read in {:?} with {done} of {} bytes here", started.elapsed(), m.size);
+        for (k, b) in [(4, &b1), (5, &b2), (6, &b3), (7, &b4)] {
+            let o = at(k) as usize;
+            assert!(b[..] == data[o..o + 4096], "the bytes of piece {k}/8 are the master's");
+        }
+        assert!(done < m.size / 3, "the read pieces came first: {done} of {} bytes here", m.size);
+        torrents.stop().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

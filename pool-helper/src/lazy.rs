@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-
 use crate::nbd::{self, Export, FileSource, Source};
-use crate::torrent::PieceReader;
+use crate::torrent::VerifiedRead;
 use crate::verify::{self, Expect, ImageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +44,8 @@ pub enum LazyError {
 /// Where an export's bytes come from now.
 #[derive(Clone)]
 enum Backing {
-    /// The download: verified pieces only, through librqbit's reader.
-    Pieces(Arc<tokio::sync::Mutex<Box<dyn PieceReader>>>),
+    /// The download: verified pieces only, read positionally (many reads at once).
+    Pieces(Arc<dyn VerifiedRead>),
     /// The published master (complete, fully verified).
     File(Arc<std::fs::File>),
     /// Stopped: every read fails with this reason.
@@ -75,12 +73,8 @@ fn timed_out(secs: u64) -> std::io::Error {
 }
 
 impl LazySource {
-    pub fn new(name: &str, reader: Box<dyn PieceReader>, read_timeout: Duration) -> Self {
-        LazySource {
-            name: name.into(),
-            backing: Mutex::new(Backing::Pieces(Arc::new(tokio::sync::Mutex::new(reader)))),
-            read_timeout,
-        }
+    pub fn new(name: &str, pieces: Arc<dyn VerifiedRead>, read_timeout: Duration) -> Self {
+        LazySource { name: name.into(), backing: Mutex::new(Backing::Pieces(pieces)), read_timeout }
     }
 
     fn backing(&self) -> Backing {
@@ -110,11 +104,7 @@ impl Source for LazySource {
             Backing::Failed(why) => Err(std::io::Error::other(why)),
             Backing::File(f) => FileSource(f).read_at(offset, buf).await,
             Backing::Pieces(r) => {
-                let read = async {
-                    let mut r = r.lock().await;
-                    r.seek(std::io::SeekFrom::Start(offset)).await?;
-                    r.read_exact(buf).await.map(|_| ())
-                };
+                let read = r.read_at(offset, buf);
                 let secs = self.read_timeout.as_secs();
                 let res = tokio::time::timeout(self.read_timeout, read).await.unwrap_or_else(|_| Err(timed_out(secs)));
                 match (res, self.backing()) {
@@ -219,7 +209,7 @@ impl LazyExport {
                     Ok((c, _)) => {
                         let e = e.clone();
                         tokio::spawn(async move {
-                            match nbd::serve(c, &e).await {
+                            match nbd::serve(c, e.clone()).await {
                                 Ok(s) => tracing::debug!("NBD client of '{}' left: {s:?}", e.name),
                                 Err(err) => {
                                     tracing::info!("NBD client of '{}': {}", e.name, vcc_core::error::one_line(&err))
@@ -338,27 +328,12 @@ mod tests {
     #[test]
     fn a_failed_export_answers_every_read_with_its_reason() {
         struct Never;
-        impl tokio::io::AsyncRead for Never {
-            fn poll_read(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-                _: &mut tokio::io::ReadBuf<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Pending
+        impl VerifiedRead for Never {
+            fn read_at<'a>(&'a self, _: u64, _: &'a mut [u8]) -> crate::torrent::ReadAt<'a> {
+                Box::pin(std::future::pending())
             }
         }
-        impl tokio::io::AsyncSeek for Never {
-            fn start_seek(self: std::pin::Pin<&mut Self>, _: std::io::SeekFrom) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn poll_complete(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<u64>> {
-                std::task::Poll::Ready(Ok(0))
-            }
-        }
-        let s = LazySource::new("m", Box::new(Never), Duration::from_millis(200));
+        let s = LazySource::new("m", Arc::new(Never), Duration::from_millis(200));
         let mut b = [0u8; 16];
         let e = rt().block_on(s.read_at(0, &mut b)).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "a piece that never comes is a bounded wait");
