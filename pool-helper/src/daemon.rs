@@ -177,8 +177,9 @@ pub struct Daemon {
     announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
     masters: Mutex<HashMap<Key, Entry>>,
     request_timeout: Duration,
-    /// Lazy exports are set up one at a time.
-    exporting: tokio::sync::Mutex<()>,
+    /// A master's lazy export is set up by one request at a time (others wait, bounded, then
+    /// find it); exports of different masters are set up at once.
+    exporting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     #[cfg(test)]
     faults: Mutex<tests::Faults>,
 }
@@ -200,7 +201,7 @@ impl Daemon {
             announcer: std::sync::OnceLock::new(),
             masters: Mutex::new(HashMap::new()),
             request_timeout,
-            exporting: tokio::sync::Mutex::new(()),
+            exporting: Mutex::default(),
             #[cfg(test)]
             faults: Mutex::default(),
         })
@@ -497,12 +498,14 @@ impl Daemon {
                             }
                         }
                         fetch::Event::Published(path) => {
-                            if let Some(e) = me2.lock().get_mut(&key2) {
+                            let export = me2.lock().get_mut(&key2).and_then(|e| {
                                 e.download = None;
-                                if let Some(x) = &e.export {
-                                    x.published(&path);
-                                }
-                                e.path = Some(path);
+                                e.path = Some(path.clone());
+                                e.export.clone()
+                            });
+                            // The file is opened with the masters' lock released.
+                            if let Some(x) = export {
+                                x.published(&path);
                             }
                         }
                         fetch::Event::Verifying => {
@@ -717,10 +720,18 @@ impl Daemon {
         let same = |p: &Path| {
             p == want || canon.as_deref().is_some_and(|c| std::fs::canonicalize(p).ok().as_deref() == Some(c))
         };
+        // The paths are compared (canonicalized) with the masters' lock released; an entry whose
+        // path changed meanwhile is left alone.
+        let paths: Vec<(Key, PathBuf)> =
+            self.lock().iter().filter_map(|(k, e)| e.path.clone().map(|p| (k.clone(), p))).collect();
+        let matching: Vec<(Key, PathBuf)> = paths.into_iter().filter(|(_, p)| same(p)).collect();
         let gone: Vec<Entry> = {
             let mut g = self.lock();
-            let keys: Vec<Key> =
-                g.iter().filter(|(_, e)| e.path.as_deref().is_some_and(same)).map(|(k, _)| k.clone()).collect();
+            let keys: Vec<Key> = matching
+                .into_iter()
+                .filter(|(k, p)| g.get(k).is_some_and(|e| e.path.as_ref() == Some(p)))
+                .map(|(k, _)| k)
+                .collect();
             if let Some(k) =
                 keys.iter().find(|k| g.get(*k).is_some_and(|e| e.holds_name() && e.state != MasterState::Seeding))
             {
@@ -890,8 +901,29 @@ impl Daemon {
     }
 
     async fn export_of(&self, key: &Key, m: &Manifest, drx: watch::Receiver<Option<Final>>) -> Result<Final, Refusal> {
-        let _one = self.exporting.lock().await;
         let bound = Duration::from_secs(self.ctx.cfg.lazy_read_timeout);
+        let one = self.exporting.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
+        let res = match tokio::time::timeout(bound, one.lock()).await {
+            Ok(_g) => self.export_once(key, m, drx, bound).await,
+            Err(_) => Err(Refusal::ExportTimeout { name: m.name.clone(), secs: bound.as_secs() }),
+        };
+        {
+            // The key's lock goes with its last user.
+            let mut ex = self.exporting.lock().unwrap_or_else(|p| p.into_inner());
+            if Arc::strong_count(&one) == 2 {
+                ex.remove(key);
+            }
+        }
+        res
+    }
+
+    async fn export_once(
+        &self,
+        key: &Key,
+        m: &Manifest,
+        drx: watch::Receiver<Option<Final>>,
+        bound: Duration,
+    ) -> Result<Final, Refusal> {
         let exported = |x: &LazyExport| Final::done(FinalState::Exported, &x.socket.display().to_string());
         let deadline = Instant::now() + bound;
         let mut drx = drx;
@@ -924,26 +956,27 @@ impl Daemon {
             tracing::warn!("no lazy export of '{}' in pool '{}': {}", m.name, key.0, one_line(&e));
             return Err(e.into());
         }
-        let socket = crate::lazy::socket_path(&self.ctx.cfg.control_socket, &m.info_hash);
+        let socket = vcc_core::control::export_socket(&self.ctx.cfg.control_socket, &m.info_hash);
         let x = Arc::new(LazyExport::start(socket, Export { name: m.name.clone(), size: m.size, source })?);
-        let mut g = self.lock();
-        match g.get_mut(key).filter(|e| e.state != MasterState::Failed) {
+        let published = match self.lock().get_mut(key).filter(|e| e.state != MasterState::Failed) {
             Some(e) => {
-                if e.download.is_none() {
-                    // Published while the checks ran: the pool's file it is.
-                    if let Some(p) = &e.path {
-                        x.published(p);
-                    }
-                }
                 e.export = Some(x.clone());
+                // Published while the checks ran: the pool's file it is.
+                if e.download.is_none() {
+                    e.path.clone()
+                } else {
+                    None
+                }
             }
             None => {
-                drop(g);
                 x.stop("the fetch failed while the export was set up");
                 return Ok(drx.borrow().clone().unwrap_or_else(|| Final::error("the fetch failed")));
             }
+        };
+        // The file is opened with the masters' lock released.
+        if let Some(p) = published {
+            x.published(&p);
         }
-        drop(g);
         tracing::info!("lazy export of '{}' in pool '{}' on {}", m.name, key.0, x.socket.display());
         Ok(exported(&x))
     }

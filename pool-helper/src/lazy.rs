@@ -118,12 +118,6 @@ impl Source for LazySource {
     }
 }
 
-fn be64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_be_bytes(a)
-}
-
 /// The most table bytes read before a lazy start (L1 plus refcount table).
 pub const MAX_TABLE_BYTES: u64 = 64 << 20;
 
@@ -134,7 +128,7 @@ const L1_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
 /// Checks a qcow2 L1 table: every entry reserved-bits-clear, and its L2 table (when allocated)
 /// a whole cluster inside the file.
 pub fn check_l1(l1: &[u8], cluster: u64, file_size: u64) -> Result<(), String> {
-    for (i, e) in l1.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
+    for (i, e) in l1.chunks_exact(8).map(|c| c.try_into().map_or(0, u64::from_be_bytes)).enumerate() {
         if e & L1_RESERVED != 0 {
             return Err(format!("L1 entry {i} has reserved bits set ({e:#x})"));
         }
@@ -157,12 +151,12 @@ pub async fn precheck<S: Source>(src: &S, e: &Expect<'_>) -> Result<(), LazyErro
     if e.format != "qcow2" {
         return Ok(());
     }
-    // check_head checked: the header is there, the tables lie inside the file, on clusters.
-    let cluster = 1u64 << u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
-    let l1_len = u64::from(u32::from_be_bytes([head[36], head[37], head[38], head[39]])) * 8;
-    let l1_off = be64(&head, 40);
-    let rt_off = be64(&head, 48);
-    let rt_len = u64::from(u32::from_be_bytes([head[56], head[57], head[58], head[59]])) * cluster;
+    // The same parse check_head made: the tables lie inside the file, on clusters.
+    let q =
+        verify::check_qcow2_header(&head, e.size).map_err(|source| LazyError::Image { name: name.clone(), source })?;
+    let cluster = 1u64 << q.cluster_bits;
+    let (l1_off, l1_len) = (q.l1_offset, q.l1_entries * 8);
+    let (rt_off, rt_len) = (q.refcount_table_offset, q.refcount_table_clusters * cluster);
     let tables = |what: String| LazyError::Tables { name: name.clone(), what };
     if l1_len.saturating_add(rt_len) > MAX_TABLE_BYTES {
         return Err(tables(format!("tables of {} bytes (more than {MAX_TABLE_BYTES})", l1_len + rt_len)));
@@ -244,12 +238,6 @@ impl LazyExport {
     }
 }
 
-/// The socket of the export of the master with `info_hash`: next to the control socket.
-pub fn socket_path(control_socket: &Path, info_hash: &str) -> PathBuf {
-    let dir = control_socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    dir.join("nbd").join(format!("{info_hash}.sock"))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -257,7 +245,7 @@ mod tests {
 
     fn qcow2_with_l1(entry: u64) -> Vec<u8> {
         let mut img = verify::test_qcow2(1 << 20);
-        let l1_off = be64(&img, 40) as usize;
+        let l1_off = u64::from_be_bytes(img[40..48].try_into().unwrap()) as usize;
         let need = l1_off + 8;
         if img.len() < need {
             img.resize(need, 0);
