@@ -111,7 +111,7 @@ pub struct Config {
     pub download_limit: Option<u32>,
     pub dht: bool,
     pub lsd: bool,
-    /// Seed in super-seeding mode (BEP 16).
+    /// Seed in super-seeding mode (BEP 16). Default: on, off when `lazy` is on.
     pub super_seed: bool,
     /// 16 KiB chunk requests kept outstanding per peer (1-1024).
     pub request_window: usize,
@@ -242,6 +242,7 @@ impl Config {
                 "lazy_read_timeout {lazy_read_timeout}: give 1 to 600 seconds (the default is {DEFAULT_LAZY_READ_TIMEOUT})"
             )));
         }
+        let lazy = o.lazy || f.lazy.unwrap_or(false);
         Ok(Config {
             state_dir,
             control_socket,
@@ -253,7 +254,9 @@ impl Config {
             download_limit: o.download_limit.or(f.download_limit).filter(|&v| v > 0),
             dht: o.dht || f.dht.unwrap_or(false),
             lsd: !o.no_lsd && f.lsd.unwrap_or(true),
-            super_seed: !o.no_super_seed && f.super_seed.unwrap_or(true),
+            // A host that starts clones lazily serves lazy peers: a super-seed would offer them only
+            // the pieces it chooses, never those a booting guest waits on (docs/lazy.md).
+            super_seed: !o.no_super_seed && f.super_seed.unwrap_or(!lazy),
             request_window,
             libvirt_uri: o.libvirt_uri.clone().or(f.libvirt_uri),
             max_virtual_size: f.max_virtual_size.unwrap_or(DEFAULT_MAX_VIRTUAL_SIZE),
@@ -265,7 +268,7 @@ impl Config {
             catalog: f.catalog.unwrap_or(true),
             catalog_port,
             announce_interval,
-            lazy: o.lazy || f.lazy.unwrap_or(false),
+            lazy,
             lazy_read_timeout,
         })
     }
@@ -322,6 +325,10 @@ mod tests {
         let o = Overrides { request_window: Some(8), no_super_seed: true, ..Default::default() };
         let f: FileConfig = toml::from_str("request_window = 64").expect("toml");
         assert_eq!(Config::merge(f, &o).expect("flag wins").request_window, 8);
+        let f: FileConfig = toml::from_str("lazy = true").expect("toml");
+        assert!(!Config::merge(f, &Overrides::default()).expect("lazy").super_seed, "lazy hosts do not super-seed");
+        let f: FileConfig = toml::from_str("lazy = true\nsuper_seed = true").expect("toml");
+        assert!(Config::merge(f, &Overrides::default()).expect("lazy").super_seed, "unless told to");
         for bad in [0, 1025] {
             let o = Overrides { request_window: Some(bad), ..Default::default() };
             let e = Config::merge(FileConfig::default(), &o).expect_err("out of range").to_string();

@@ -177,8 +177,9 @@ pub struct Daemon {
     announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
     masters: Mutex<HashMap<Key, Entry>>,
     request_timeout: Duration,
-    /// Lazy exports are set up one at a time.
-    exporting: tokio::sync::Mutex<()>,
+    /// A master's lazy export is set up by one request at a time (others wait, bounded, then
+    /// find it); exports of different masters are set up at once.
+    exporting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     #[cfg(test)]
     faults: Mutex<tests::Faults>,
 }
@@ -200,7 +201,7 @@ impl Daemon {
             announcer: std::sync::OnceLock::new(),
             masters: Mutex::new(HashMap::new()),
             request_timeout,
-            exporting: tokio::sync::Mutex::new(()),
+            exporting: Mutex::default(),
             #[cfg(test)]
             faults: Mutex::default(),
         })
@@ -497,12 +498,14 @@ impl Daemon {
                             }
                         }
                         fetch::Event::Published(path) => {
-                            if let Some(e) = me2.lock().get_mut(&key2) {
+                            let export = me2.lock().get_mut(&key2).and_then(|e| {
                                 e.download = None;
-                                if let Some(x) = &e.export {
-                                    x.published(&path);
-                                }
-                                e.path = Some(path);
+                                e.path = Some(path.clone());
+                                e.export.clone()
+                            });
+                            // The file is opened with the masters' lock released.
+                            if let Some(x) = export {
+                                x.published(&path);
                             }
                         }
                         fetch::Event::Verifying => {
@@ -717,10 +720,18 @@ impl Daemon {
         let same = |p: &Path| {
             p == want || canon.as_deref().is_some_and(|c| std::fs::canonicalize(p).ok().as_deref() == Some(c))
         };
+        // The paths are compared (canonicalized) with the masters' lock released; an entry whose
+        // path changed meanwhile is left alone.
+        let paths: Vec<(Key, PathBuf)> =
+            self.lock().iter().filter_map(|(k, e)| e.path.clone().map(|p| (k.clone(), p))).collect();
+        let matching: Vec<(Key, PathBuf)> = paths.into_iter().filter(|(_, p)| same(p)).collect();
         let gone: Vec<Entry> = {
             let mut g = self.lock();
-            let keys: Vec<Key> =
-                g.iter().filter(|(_, e)| e.path.as_deref().is_some_and(same)).map(|(k, _)| k.clone()).collect();
+            let keys: Vec<Key> = matching
+                .into_iter()
+                .filter(|(k, p)| g.get(k).is_some_and(|e| e.path.as_ref() == Some(p)))
+                .map(|(k, _)| k)
+                .collect();
             if let Some(k) =
                 keys.iter().find(|k| g.get(*k).is_some_and(|e| e.holds_name() && e.state != MasterState::Seeding))
             {
@@ -890,8 +901,29 @@ impl Daemon {
     }
 
     async fn export_of(&self, key: &Key, m: &Manifest, drx: watch::Receiver<Option<Final>>) -> Result<Final, Refusal> {
-        let _one = self.exporting.lock().await;
         let bound = Duration::from_secs(self.ctx.cfg.lazy_read_timeout);
+        let one = self.exporting.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
+        let res = match tokio::time::timeout(bound, one.lock()).await {
+            Ok(_g) => self.export_once(key, m, drx, bound).await,
+            Err(_) => Err(Refusal::ExportTimeout { name: m.name.clone(), secs: bound.as_secs() }),
+        };
+        {
+            // The key's lock goes with its last user.
+            let mut ex = self.exporting.lock().unwrap_or_else(|p| p.into_inner());
+            if Arc::strong_count(&one) == 2 {
+                ex.remove(key);
+            }
+        }
+        res
+    }
+
+    async fn export_once(
+        &self,
+        key: &Key,
+        m: &Manifest,
+        drx: watch::Receiver<Option<Final>>,
+        bound: Duration,
+    ) -> Result<Final, Refusal> {
         let exported = |x: &LazyExport| Final::done(FinalState::Exported, &x.socket.display().to_string());
         let deadline = Instant::now() + bound;
         let mut drx = drx;
@@ -913,7 +945,7 @@ impl Daemon {
             }
             let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), drx.changed()).await;
         };
-        let reader = match tokio::time::timeout(bound, h.reader()).await {
+        let reader = match tokio::time::timeout(bound, h.verified()).await {
             Ok(r) => {
                 r.map_err(|e| Refusal::Reader { name: m.name.clone(), source: crate::torrent::LibrqbitError(e) })?
             }
@@ -924,26 +956,27 @@ impl Daemon {
             tracing::warn!("no lazy export of '{}' in pool '{}': {}", m.name, key.0, one_line(&e));
             return Err(e.into());
         }
-        let socket = crate::lazy::socket_path(&self.ctx.cfg.control_socket, &m.info_hash);
+        let socket = vcc_core::control::export_socket(&self.ctx.cfg.control_socket, &m.info_hash);
         let x = Arc::new(LazyExport::start(socket, Export { name: m.name.clone(), size: m.size, source })?);
-        let mut g = self.lock();
-        match g.get_mut(key).filter(|e| e.state != MasterState::Failed) {
+        let published = match self.lock().get_mut(key).filter(|e| e.state != MasterState::Failed) {
             Some(e) => {
-                if e.download.is_none() {
-                    // Published while the checks ran: the pool's file it is.
-                    if let Some(p) = &e.path {
-                        x.published(p);
-                    }
-                }
                 e.export = Some(x.clone());
+                // Published while the checks ran: the pool's file it is.
+                if e.download.is_none() {
+                    e.path.clone()
+                } else {
+                    None
+                }
             }
             None => {
-                drop(g);
                 x.stop("the fetch failed while the export was set up");
                 return Ok(drx.borrow().clone().unwrap_or_else(|| Final::error("the fetch failed")));
             }
+        };
+        // The file is opened with the masters' lock released.
+        if let Some(p) = published {
+            x.published(&p);
         }
-        drop(g);
         tracing::info!("lazy export of '{}' in pool '{}' on {}", m.name, key.0, x.socket.display());
         Ok(exported(&x))
     }
@@ -1283,6 +1316,54 @@ mod tests {
         assert!(qemu_reads(&socket).await.unwrap() == data, "and the pool's file once published");
         let fin = request(sock.clone(), export(&m)).await;
         assert_eq!(fin["state"], "present", "a master already here is not exported: {fin}");
+    }
+
+    /// Boot first: pieces a reader waits on are fetched before the background order. An origin
+    /// uploading 2 MiB/s seeds 32 MiB; a peer reads four pieces in its second half at once, as
+    /// soon as its download starts: they arrive while most of the master is still missing (in
+    /// the background's rarest-first random order they would come, on average, with half of it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_readers_pieces_arrive_before_the_background_pieces() {
+        let mut a = Host::new();
+        a.cfg.upload_limit = Some(2 << 20);
+        // A super-seed would offer only the pieces it chooses (docs/lazy.md).
+        a.cfg.super_seed = false;
+        let data = bytes(32 << 20);
+        std::fs::write(a.pool.join("big.raw"), &data).unwrap();
+        let p = publish_in(&a.cfg, &a.pools(), "p", "big.raw").unwrap();
+        let actx = a.ctx().await;
+        actx.seed(&p.manifest, &p.path).await.unwrap();
+        let m = p.manifest;
+        let b = peer_of(&a);
+        let torrents = Torrents::start(&b.cfg).await.unwrap();
+        let staged = b.pool.join(".staged");
+        std::fs::File::create(&staged).unwrap().set_len(m.size).unwrap();
+        let torrent = std::fs::read(&p.torrent_path).unwrap();
+        let origin = format!("127.0.0.1:{}", a.cfg.listen_port).parse().unwrap();
+        let h = torrents.download(&torrent, &staged, vec![origin], &[]).await.unwrap();
+        let v = h.verified().await.unwrap();
+        let pl = u64::from(m.piece_length);
+        assert!(m.size / pl >= 16, "{} pieces", m.size / pl);
+        let at = |k: u64| (m.size / 8 * k) / pl * pl + 100;
+        let (mut b1, mut b2, mut b3, mut b4) = (vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096]);
+        let started = Instant::now();
+        let reads = async {
+            tokio::try_join!(
+                v.read_at(at(4), &mut b1),
+                v.read_at(at(5), &mut b2),
+                v.read_at(at(6), &mut b3),
+                v.read_at(at(7), &mut b4)
+            )
+        };
+        tokio::time::timeout(Duration::from_secs(60), reads).await.expect("the reads end").unwrap();
+        let done = h.progress().done_bytes;
+        eprintln!("4 pieces read in {:?} with {done} of {} bytes here", started.elapsed(), m.size);
+        for (k, b) in [(4, &b1), (5, &b2), (6, &b3), (7, &b4)] {
+            let o = at(k) as usize;
+            assert!(b[..] == data[o..o + 4096], "the bytes of piece {k}/8 are the master's");
+        }
+        assert!(done < m.size / 3, "the read pieces came first: {done} of {} bytes here", m.size);
+        torrents.stop().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

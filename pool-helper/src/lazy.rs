@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-
 use crate::nbd::{self, Export, FileSource, Source};
-use crate::torrent::PieceReader;
+use crate::torrent::VerifiedRead;
 use crate::verify::{self, Expect, ImageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +44,8 @@ pub enum LazyError {
 /// Where an export's bytes come from now.
 #[derive(Clone)]
 enum Backing {
-    /// The download: verified pieces only, through librqbit's reader.
-    Pieces(Arc<tokio::sync::Mutex<Box<dyn PieceReader>>>),
+    /// The download: verified pieces only, read positionally (many reads at once).
+    Pieces(Arc<dyn VerifiedRead>),
     /// The published master (complete, fully verified).
     File(Arc<std::fs::File>),
     /// Stopped: every read fails with this reason.
@@ -75,12 +73,8 @@ fn timed_out(secs: u64) -> std::io::Error {
 }
 
 impl LazySource {
-    pub fn new(name: &str, reader: Box<dyn PieceReader>, read_timeout: Duration) -> Self {
-        LazySource {
-            name: name.into(),
-            backing: Mutex::new(Backing::Pieces(Arc::new(tokio::sync::Mutex::new(reader)))),
-            read_timeout,
-        }
+    pub fn new(name: &str, pieces: Arc<dyn VerifiedRead>, read_timeout: Duration) -> Self {
+        LazySource { name: name.into(), backing: Mutex::new(Backing::Pieces(pieces)), read_timeout }
     }
 
     fn backing(&self) -> Backing {
@@ -110,11 +104,7 @@ impl Source for LazySource {
             Backing::Failed(why) => Err(std::io::Error::other(why)),
             Backing::File(f) => FileSource(f).read_at(offset, buf).await,
             Backing::Pieces(r) => {
-                let read = async {
-                    let mut r = r.lock().await;
-                    r.seek(std::io::SeekFrom::Start(offset)).await?;
-                    r.read_exact(buf).await.map(|_| ())
-                };
+                let read = r.read_at(offset, buf);
                 let secs = self.read_timeout.as_secs();
                 let res = tokio::time::timeout(self.read_timeout, read).await.unwrap_or_else(|_| Err(timed_out(secs)));
                 match (res, self.backing()) {
@@ -128,12 +118,6 @@ impl Source for LazySource {
     }
 }
 
-fn be64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_be_bytes(a)
-}
-
 /// The most table bytes read before a lazy start (L1 plus refcount table).
 pub const MAX_TABLE_BYTES: u64 = 64 << 20;
 
@@ -144,7 +128,7 @@ const L1_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
 /// Checks a qcow2 L1 table: every entry reserved-bits-clear, and its L2 table (when allocated)
 /// a whole cluster inside the file.
 pub fn check_l1(l1: &[u8], cluster: u64, file_size: u64) -> Result<(), String> {
-    for (i, e) in l1.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
+    for (i, e) in l1.chunks_exact(8).map(|c| c.try_into().map_or(0, u64::from_be_bytes)).enumerate() {
         if e & L1_RESERVED != 0 {
             return Err(format!("L1 entry {i} has reserved bits set ({e:#x})"));
         }
@@ -167,12 +151,12 @@ pub async fn precheck<S: Source>(src: &S, e: &Expect<'_>) -> Result<(), LazyErro
     if e.format != "qcow2" {
         return Ok(());
     }
-    // check_head checked: the header is there, the tables lie inside the file, on clusters.
-    let cluster = 1u64 << u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
-    let l1_len = u64::from(u32::from_be_bytes([head[36], head[37], head[38], head[39]])) * 8;
-    let l1_off = be64(&head, 40);
-    let rt_off = be64(&head, 48);
-    let rt_len = u64::from(u32::from_be_bytes([head[56], head[57], head[58], head[59]])) * cluster;
+    // The same parse check_head made: the tables lie inside the file, on clusters.
+    let q =
+        verify::check_qcow2_header(&head, e.size).map_err(|source| LazyError::Image { name: name.clone(), source })?;
+    let cluster = 1u64 << q.cluster_bits;
+    let (l1_off, l1_len) = (q.l1_offset, q.l1_entries * 8);
+    let (rt_off, rt_len) = (q.refcount_table_offset, q.refcount_table_clusters * cluster);
     let tables = |what: String| LazyError::Tables { name: name.clone(), what };
     if l1_len.saturating_add(rt_len) > MAX_TABLE_BYTES {
         return Err(tables(format!("tables of {} bytes (more than {MAX_TABLE_BYTES})", l1_len + rt_len)));
@@ -219,7 +203,7 @@ impl LazyExport {
                     Ok((c, _)) => {
                         let e = e.clone();
                         tokio::spawn(async move {
-                            match nbd::serve(c, &e).await {
+                            match nbd::serve(c, e.clone()).await {
                                 Ok(s) => tracing::debug!("NBD client of '{}' left: {s:?}", e.name),
                                 Err(err) => {
                                     tracing::info!("NBD client of '{}': {}", e.name, vcc_core::error::one_line(&err))
@@ -254,12 +238,6 @@ impl LazyExport {
     }
 }
 
-/// The socket of the export of the master with `info_hash`: next to the control socket.
-pub fn socket_path(control_socket: &Path, info_hash: &str) -> PathBuf {
-    let dir = control_socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    dir.join("nbd").join(format!("{info_hash}.sock"))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -267,7 +245,7 @@ mod tests {
 
     fn qcow2_with_l1(entry: u64) -> Vec<u8> {
         let mut img = verify::test_qcow2(1 << 20);
-        let l1_off = be64(&img, 40) as usize;
+        let l1_off = u64::from_be_bytes(img[40..48].try_into().unwrap()) as usize;
         let need = l1_off + 8;
         if img.len() < need {
             img.resize(need, 0);
@@ -338,27 +316,12 @@ mod tests {
     #[test]
     fn a_failed_export_answers_every_read_with_its_reason() {
         struct Never;
-        impl tokio::io::AsyncRead for Never {
-            fn poll_read(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-                _: &mut tokio::io::ReadBuf<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Pending
+        impl VerifiedRead for Never {
+            fn read_at<'a>(&'a self, _: u64, _: &'a mut [u8]) -> crate::torrent::ReadAt<'a> {
+                Box::pin(std::future::pending())
             }
         }
-        impl tokio::io::AsyncSeek for Never {
-            fn start_seek(self: std::pin::Pin<&mut Self>, _: std::io::SeekFrom) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn poll_complete(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<u64>> {
-                std::task::Poll::Ready(Ok(0))
-            }
-        }
-        let s = LazySource::new("m", Box::new(Never), Duration::from_millis(200));
+        let s = LazySource::new("m", Arc::new(Never), Duration::from_millis(200));
         let mut b = [0u8; 16];
         let e = rt().block_on(s.read_at(0, &mut b)).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "a piece that never comes is a bounded wait");

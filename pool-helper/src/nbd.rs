@@ -311,57 +311,110 @@ pub struct Served {
     pub errors: u64,
 }
 
-/// Serves one connection: the handshake (bounded by [`HANDSHAKE_TIMEOUT`]), then requests one
-/// at a time until the client disconnects. A read the source fails is answered `EIO` and the
-/// connection goes on (the client decides; QEMU reports an I/O error to the guest).
-pub async fn serve<IO, S>(mut io: IO, export: &Export<S>) -> Result<Served, NbdError>
+/// How many requests of one connection are served at once (more wait to be read off the socket).
+pub const MAX_IN_FLIGHT: usize = 16;
+/// How many bytes the reads in flight on one connection may hold at once (a read waits for its
+/// share before its buffer is allocated).
+pub const MAX_IN_FLIGHT_BYTES: u32 = 64 << 20;
+
+type Writer<IO> = std::sync::Arc<tokio::sync::Mutex<tokio::io::WriteHalf<IO>>>;
+
+/// Writes one reply whole (the writer's lock is held only while this reply is written). A
+/// failed write is recorded: the connection is broken, the reader side ends it.
+async fn reply<IO: AsyncWrite>(w: &Writer<IO>, errno: u32, cookie: u64, data: &[u8]) -> bool {
+    let mut w = w.lock().await;
+    simple_reply(&mut *w, errno, cookie, data).await.is_ok()
+}
+
+/// Serves one connection: the handshake (bounded by [`HANDSHAKE_TIMEOUT`]), then requests until
+/// the client disconnects. Reads run concurrently (at most [`MAX_IN_FLIGHT`] and
+/// [`MAX_IN_FLIGHT_BYTES`] at once) and are answered as each completes, in any order (NBD
+/// matches replies to requests by cookie); a disconnect waits for the reads in flight. A read the
+/// source fails is answered `EIO` and the connection goes on (the client decides; QEMU reports
+/// an I/O error to the guest).
+pub async fn serve<IO, S>(mut io: IO, export: std::sync::Arc<Export<S>>) -> Result<Served, NbdError>
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
-    S: Source,
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: Source + 'static,
 {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut io, export))
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut io, &export))
         .await
         .map_err(|_| NbdError::HandshakeTimeout)??;
-    let mut served = Served::default();
-    loop {
+    let (mut rd, wr) = tokio::io::split(io);
+    let wr: Writer<IO> = std::sync::Arc::new(tokio::sync::Mutex::new(wr));
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Served::default()));
+    let count = {
+        let served = served.clone();
+        move |f: &dyn Fn(&mut Served)| f(&mut served.lock().unwrap_or_else(|p| p.into_inner()))
+    };
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let bytes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
+    let mut reads = tokio::task::JoinSet::new();
+    let res = loop {
+        // Reap finished reads (their results are in `served`; a panic is not expected).
+        while reads.try_join_next().is_some() {}
         let mut hdr = [0u8; 28];
-        match io.read_exact(&mut hdr).await {
+        match rd.read_exact(&mut hdr).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(served),
-            Err(e) => return Err(e.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e.into()),
         }
-        let r = Request::parse(&hdr)?;
+        let r = match Request::parse(&hdr) {
+            Ok(r) => r,
+            Err(e) => break Err(e),
+        };
         match plan(&r, export.size) {
-            Action::Disconnect => return Ok(served),
-            Action::Ok => simple_reply(&mut io, 0, r.cookie, &[]).await?,
+            Action::Disconnect => break Ok(()),
+            Action::Ok => {
+                if !reply(&wr, 0, r.cookie, &[]).await {
+                    break Ok(());
+                }
+            }
             Action::Error { errno, skip } => {
                 if skip > MAX_REQUEST_LEN {
-                    return Err(NbdError::WriteTooLong(skip));
+                    break Err(NbdError::WriteTooLong(skip));
                 }
-                let n = tokio::io::copy(&mut (&mut io).take(u64::from(skip)), &mut tokio::io::sink()).await?;
-                if n != u64::from(skip) {
-                    return Ok(served);
+                match tokio::io::copy(&mut (&mut rd).take(u64::from(skip)), &mut tokio::io::sink()).await {
+                    Ok(n) if n == u64::from(skip) => {}
+                    Ok(_) => break Ok(()),
+                    Err(e) => break Err(e.into()),
                 }
-                served.errors += 1;
-                simple_reply(&mut io, errno, r.cookie, &[]).await?;
+                count(&|s| s.errors += 1);
+                if !reply(&wr, errno, r.cookie, &[]).await {
+                    break Ok(());
+                }
             }
             Action::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
-                match export.source.read_at(offset, &mut buf).await {
-                    Ok(()) => {
-                        served.reads += 1;
-                        served.bytes += u64::from(len);
-                        simple_reply(&mut io, 0, r.cookie, &buf).await?;
+                // Both bounds are taken before the buffer exists; they are released when the
+                // reply is written.
+                let Ok(slot) = slots.clone().acquire_owned().await else { break Ok(()) };
+                let Ok(share) = bytes.clone().acquire_many_owned(len).await else { break Ok(()) };
+                let (export, wr, count) = (export.clone(), wr.clone(), count.clone());
+                reads.spawn(async move {
+                    let _held = (slot, share);
+                    let mut buf = vec![0u8; len as usize];
+                    match export.source.read_at(offset, &mut buf).await {
+                        Ok(()) => {
+                            count(&|s| {
+                                s.reads += 1;
+                                s.bytes += u64::from(len);
+                            });
+                            reply(&wr, 0, r.cookie, &buf).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!("NBD read of {len} bytes at {offset} of '{}' failed: {e}", export.name);
+                            count(&|s| s.errors += 1);
+                            reply(&wr, EIO, r.cookie, &[]).await;
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!("NBD read of {len} bytes at {offset} of '{}' failed: {e}", export.name);
-                        served.errors += 1;
-                        simple_reply(&mut io, EIO, r.cookie, &[]).await?;
-                    }
-                }
+                });
             }
         }
-    }
+    };
+    // The reads in flight are answered before the connection ends (NBD_CMD_DISC asks for it).
+    while reads.join_next().await.is_some() {}
+    let s = *served.lock().unwrap_or_else(|p| p.into_inner());
+    res.map(|()| s)
 }
 
 /// A [`Source`] over a plain file (tests, and a master already complete).
@@ -389,6 +442,7 @@ impl Source for FileSource {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::sync::Arc;
 
     struct Pattern;
     impl Source for Pattern {
@@ -407,8 +461,8 @@ mod tests {
         }
     }
 
-    fn export<S>(source: S) -> Export<S> {
-        Export { name: "m.qcow2".into(), size: 1 << 20, source }
+    fn export<S>(source: S) -> Arc<Export<S>> {
+        Arc::new(Export { name: "m.qcow2".into(), size: 1 << 20, source })
     }
 
     fn req(kind: u16, offset: u64, len: u32) -> Request {
@@ -442,9 +496,9 @@ mod tests {
     }
 
     /// Runs the server on `input` (the client's bytes, then EOF) and returns what it wrote.
-    async fn run<S: Source>(input: Vec<u8>, export: &Export<S>) -> (Result<Served, NbdError>, Vec<u8>) {
+    async fn run<S: Source + 'static>(input: Vec<u8>, export: &Arc<Export<S>>) -> (Result<Served, NbdError>, Vec<u8>) {
         let (mut client, server) = tokio::io::duplex(64 << 20);
-        let (r, out) = tokio::join!(serve(server, export), async move {
+        let (r, out) = tokio::join!(serve(server, export.clone()), async move {
             client.write_all(&input).await.unwrap();
             client.shutdown().await.unwrap();
             let mut out = Vec::new();
@@ -502,7 +556,7 @@ mod tests {
         input.extend(option(8, &[])); // structured replies: refused, the client goes on
         input.extend(go("m.qcow2"));
         input.extend(req_bytes(&req(CMD_READ, 1000, 300)));
-        input.extend(req_bytes(&req(CMD_WRITE, 0, 10)));
+        input.extend(req_bytes(&Request { cookie: 8, ..req(CMD_WRITE, 0, 10) }));
         input.extend([0u8; 10]);
         input.extend(req_bytes(&req(CMD_DISC, 0, 0)));
         let (r, out) = rt().block_on(run(input, &e));
@@ -510,13 +564,17 @@ mod tests {
         // hello (18), unsup reply (20), info export (20+12), info block size (20+14), ack (20)
         let t = 18 + 20 + 32 + 34 + 20;
         assert_eq!(&out[18 + 8..18 + 16], &[0, 0, 0, 8, 0x80, 0, 0, 1]);
-        assert_eq!(&out[t..t + 4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
-        assert_eq!(&out[t + 4..t + 8], &0u32.to_be_bytes());
-        let data = &out[t + 16..t + 16 + 300];
-        assert!(data.iter().enumerate().all(|(i, &b)| b == ((1000 + i) % 251) as u8));
-        let w = t + 16 + 300;
-        assert_eq!(&out[w + 4..w + 8], &EPERM.to_be_bytes());
-        assert_eq!(out.len(), w + 16);
+        let got = replies(&out[t..], &[(7, 300), (8, 0)].into_iter().collect());
+        assert_eq!(got.len(), 2, "the read and the write are answered, once each");
+        for (errno, cookie, data) in got {
+            if cookie == 7 {
+                assert_eq!(errno, 0);
+                assert_eq!(data.len(), 300);
+                assert!(data.iter().enumerate().all(|(i, &b)| b == ((1000 + i) % 251) as u8));
+            } else {
+                assert_eq!((errno, cookie), (EPERM, 8));
+            }
+        }
     }
 
     #[test]
@@ -554,6 +612,152 @@ mod tests {
         input.extend(OPT_GO.to_be_bytes());
         input.extend(u32::MAX.to_be_bytes());
         assert!(matches!(rt().block_on(run(input, &e)).0, Err(NbdError::OptionTooLong { .. })));
+    }
+
+    /// The pattern source, each read delayed by its offset's low bits (milliseconds), or held
+    /// until released for the offset `gate`.
+    struct Slow {
+        gate: u64,
+        open: tokio::sync::Notify,
+        in_flight: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+    impl Slow {
+        fn new(gate: u64) -> Self {
+            Slow { gate, open: tokio::sync::Notify::new(), in_flight: 0.into(), most: 0.into() }
+        }
+    }
+    impl Source for Slow {
+        async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.most.fetch_max(n, SeqCst);
+            if offset == self.gate {
+                self.open.notified().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(offset % 7)).await;
+                if Some(offset) == self.gate.checked_add(4096) {
+                    self.open.notify_one();
+                }
+            }
+            self.in_flight.fetch_sub(1, SeqCst);
+            Pattern.read_at(offset, buf).await
+        }
+    }
+
+    /// Splits a server's transmission output into (errno, cookie, data) replies; `lens` maps a
+    /// cookie to the length its read returns.
+    fn replies(mut out: &[u8], lens: &std::collections::HashMap<u64, usize>) -> Vec<(u32, u64, Vec<u8>)> {
+        let mut v = Vec::new();
+        while !out.is_empty() {
+            assert_eq!(&out[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+            let errno = u32::from_be_bytes(out[4..8].try_into().unwrap());
+            let cookie = u64::from_be_bytes(out[8..16].try_into().unwrap());
+            let n = if errno == 0 { lens[&cookie] } else { 0 };
+            v.push((errno, cookie, out[16..16 + n].to_vec()));
+            out = &out[16 + n..];
+        }
+        v
+    }
+
+    fn go_prefix() -> (Vec<u8>, usize) {
+        let mut input = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
+        input.extend(go(""));
+        (input, 18 + 32 + 34 + 20)
+    }
+
+    #[test]
+    fn a_read_waiting_for_its_pieces_does_not_hold_up_the_reads_behind_it() {
+        // The first read waits until the second one is served: one at a time, this never ends.
+        let e = export(Slow::new(8192));
+        let (mut input, t) = go_prefix();
+        let mut lens = std::collections::HashMap::new();
+        for (cookie, offset) in [(1u64, 8192u64), (2, 8192 + 4096)] {
+            input.extend(req_bytes(&Request { flags: 0, kind: CMD_READ, cookie, offset, len: 512 }));
+            lens.insert(cookie, 512);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (r, out) = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), run(input, &e)).await })
+            .expect("the second read is served while the first waits");
+        assert_eq!(r.unwrap(), Served { reads: 2, bytes: 1024, errors: 0 });
+        let got = replies(&out[t..], &lens);
+        assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), [2, 1], "replies in completion order");
+        for (errno, cookie, data) in got {
+            let offset = if cookie == 1 { 8192 } else { 8192 + 4096 };
+            assert_eq!(errno, 0);
+            assert!(data.iter().enumerate().all(|(i, &b)| b == ((offset + i) % 251) as u8));
+        }
+        assert_eq!(e.source.most.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn reads_in_flight_are_bounded() {
+        let (mut input, t) = go_prefix();
+        let mut lens = std::collections::HashMap::new();
+        for cookie in 0..(3 * MAX_IN_FLIGHT as u64) {
+            input.extend(req_bytes(&Request { flags: 0, kind: CMD_READ, cookie, offset: cookie * 4096, len: 4096 }));
+            lens.insert(cookie, 4096);
+        }
+        // Three reads of 32 MiB: only two fit in MAX_IN_FLIGHT_BYTES at once.
+        for cookie in 1000..1003u64 {
+            input.extend(req_bytes(&Request { flags: 0, kind: CMD_READ, cookie, offset: 0, len: MAX_REQUEST_LEN }));
+            lens.insert(cookie, MAX_REQUEST_LEN as usize);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let e2 = Arc::new(Export { name: "big".into(), size: 1 << 30, source: Slow::new(u64::MAX) });
+        let (r, out) = rt.block_on(run(input, &e2));
+        let r = r.unwrap();
+        assert_eq!(r.reads, 3 * MAX_IN_FLIGHT as u64 + 3);
+        assert_eq!(replies(&out[t..], &lens).len(), 3 * MAX_IN_FLIGHT + 3);
+        let most = e2.source.most.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(most > 1 && most <= MAX_IN_FLIGHT, "{most} reads at once");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// Any mix of reads (delayed differently), writes, flushes and bad reads: every request
+        /// gets exactly one reply, under its own cookie, with its own bytes.
+        #[test]
+        fn concurrent_replies_match_their_requests(
+            reqs in proptest::collection::vec((0u16..4, 0u64..(1 << 20) + 8, 1u32..20_000), 1..40)
+        ) {
+            let e = export(Slow::new(u64::MAX));
+            let (mut input, t) = go_prefix();
+            let mut lens = std::collections::HashMap::new();
+            let mut expect = std::collections::HashMap::new();
+            for (i, &(kind, offset, len)) in reqs.iter().enumerate() {
+                let cookie = i as u64;
+                let kind = [CMD_READ, CMD_READ, CMD_WRITE, CMD_FLUSH][kind as usize];
+                let r = Request { flags: 0, kind, cookie, offset, len };
+                input.extend(req_bytes(&r));
+                if kind == CMD_WRITE {
+                    input.extend(vec![0u8; len as usize]);
+                }
+                let p = plan(&r, e.size);
+                lens.insert(cookie, if let Action::Read { len, .. } = p { len as usize } else { 0 });
+                expect.insert(cookie, p);
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let (r, out) = rt.block_on(run(input, &e));
+            r.unwrap();
+            let got = replies(&out[t..], &lens);
+            prop_assert_eq!(got.len(), reqs.len());
+            let mut seen = std::collections::HashSet::new();
+            for (errno, cookie, data) in got {
+                prop_assert!(seen.insert(cookie), "cookie {} answered twice", cookie);
+                match expect[&cookie] {
+                    Action::Read { offset, .. } => {
+                        prop_assert_eq!(errno, 0);
+                        prop_assert!(data.iter().enumerate().all(|(i, &b)| b == ((offset + i as u64) % 251) as u8));
+                    }
+                    Action::Error { errno: want, .. } => prop_assert_eq!(errno, want),
+                    Action::Ok => prop_assert_eq!(errno, 0),
+                    Action::Disconnect => prop_assert!(false),
+                }
+            }
+        }
     }
 
     proptest! {
@@ -617,7 +821,7 @@ mod tests {
             loop {
                 let (c, _) = listener.accept().await.unwrap();
                 let e3 = e2.clone();
-                tokio::spawn(async move { serve(c, &e3).await });
+                tokio::spawn(async move { serve(c, e3).await });
             }
         });
         let json = format!(

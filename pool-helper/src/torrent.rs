@@ -299,13 +299,11 @@ impl Handle {
         let _ = self.inner.wait_until_completed().await;
     }
 
-    /// A reader of the torrent's one file that waits for each piece it reads to be downloaded
-    /// and to have passed its SHA-1 against the info-hash (librqbit's streaming reader: it only
-    /// reads pieces its chunk tracker marks "have", which happens after the hash check), and
-    /// makes librqbit fetch the pieces from its position on first. Its reads do not time out:
-    /// bound them.
-    pub async fn reader(&self) -> anyhow::Result<Box<dyn PieceReader>> {
-        Ok(Box::new(self.inner.clone().stream(0).await?))
+    /// The torrent's one file, read positionally once the pieces read are verified: see
+    /// [`VerifiedRead`]. Waits for librqbit's check of existing data first (not bounded: bound it).
+    pub async fn verified(&self) -> anyhow::Result<Arc<dyn VerifiedRead>> {
+        self.inner.wait_until_initialized().await?;
+        Ok(Arc::new(Verified(self.inner.clone())))
     }
 
     /// Why the torrent stopped, once its state is `error`: a full disk (recognised by its
@@ -318,9 +316,25 @@ impl Handle {
     }
 }
 
-/// What [`Handle::reader`] gives.
-pub trait PieceReader: tokio::io::AsyncRead + tokio::io::AsyncSeek + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncSeek + Send + Unpin> PieceReader for T {}
+/// What [`VerifiedRead::read_at`] returns.
+pub type ReadAt<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send + 'a>>;
+
+/// Positional reads of a download's file that return only verified bytes: `read_at` waits until
+/// every piece the range lies in is downloaded and passed its SHA-1 against the info-hash (marked
+/// "have" by librqbit, which happens after the hash check), and while it waits those pieces are
+/// fetched before any other (pool-helper's librqbit patch `read_verified_at`). Any number of
+/// reads may wait at once, each on its own pieces, with no lock held. Not bounded: callers bound.
+pub trait VerifiedRead: Send + Sync {
+    fn read_at<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> ReadAt<'a>;
+}
+
+struct Verified(Arc<librqbit::ManagedTorrent>);
+
+impl VerifiedRead for Verified {
+    fn read_at<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> ReadAt<'a> {
+        Box::pin(async move { self.0.read_verified_at(0, offset, buf).await.map_err(std::io::Error::other) })
+    }
+}
 
 /// Our metainfo checks ([`crate::metainfo::validate`]) on an info dict that peers sent for a
 /// magnet, before librqbit parses it: size and depth caps, one file, piece length, `pieces`.

@@ -55,6 +55,38 @@ impl StreamState {
 pub(crate) struct TorrentStreams {
     next_stream_id: AtomicUsize,
     streams: DashMap<StreamId, StreamState>,
+    // pool-helper patch: the pieces positional readers ([`ManagedTorrent::read_verified_at`])
+    // wait on now, with how many readers wait on each. The piece picker takes them before
+    // anything else (before the streams' lookahead and the background order).
+    wanted: DashMap<u32, usize>,
+    // pool-helper patch: woken on every completed piece while positional readers wait.
+    piece_done: tokio::sync::Notify,
+}
+
+/// pool-helper patch: while alive, `pieces` are wanted now (see `TorrentStreams::wanted`).
+struct Wanted<'a> {
+    streams: &'a TorrentStreams,
+    pieces: std::ops::Range<u32>,
+}
+
+impl<'a> Wanted<'a> {
+    fn new(streams: &'a TorrentStreams, pieces: std::ops::Range<u32>) -> Self {
+        for p in pieces.clone() {
+            *streams.wanted.entry(p).or_insert(0) += 1;
+        }
+        Wanted { streams, pieces }
+    }
+}
+
+impl Drop for Wanted<'_> {
+    fn drop(&mut self) {
+        for p in self.pieces.clone() {
+            self.streams.wanted.remove_if_mut(&p, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
+    }
 }
 
 impl TorrentStreams {
@@ -98,7 +130,13 @@ impl TorrentStreams {
         use rand::seq::SliceRandom;
         all.shuffle(&mut rand::rng());
 
-        Interleave { all: all.into() }
+        // pool-helper patch: the pieces readers wait on now come first.
+        let mut wanted: Vec<u32> = self.wanted.iter().map(|e| *e.key()).collect();
+        wanted.sort_unstable();
+        wanted
+            .into_iter()
+            .filter_map(|i| lengths.validate_piece_index(i))
+            .chain(Interleave { all: all.into() })
     }
 
     pub(crate) fn wake_streams_on_piece_completed(
@@ -106,6 +144,10 @@ impl TorrentStreams {
         piece_id: ValidPieceIndex,
         lengths: &Lengths,
     ) {
+        // pool-helper patch: positional readers check their pieces again.
+        if !self.wanted.is_empty() {
+            self.piece_done.notify_waiters();
+        }
         for mut w in self.streams.iter_mut() {
             if w.value().current_piece(lengths).map(|p| p.id) == Some(piece_id)
                 && let Some(waker) = w.value_mut().waker.take()
@@ -376,6 +418,68 @@ impl ManagedTorrent {
         debug!(stream_id = s.stream_id, file_id, "started stream");
 
         Ok(s)
+    }
+}
+
+impl ManagedTorrent {
+    /// pool-helper patch: fills `buf` with the bytes of file `file_id` at `offset`, once every
+    /// piece they lie in is downloaded and passed its hash check ("have"). While it waits, those
+    /// pieces are wanted now: the piece picker takes them first. Many calls may run at once
+    /// (each waits on its own pieces; no stream, no blocking permit held while waiting). Does
+    /// not time out: callers bound it. Cancel-safe (dropping it withdraws its wants).
+    pub async fn read_verified_at(
+        self: &Arc<Self>,
+        file_id: usize,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> anyhow::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.wait_until_initialized().await?;
+        let metadata = self
+            .metadata
+            .load_full()
+            .context("torrent metadata is not resolved")?;
+        let fi = metadata.file_infos.get(file_id).context("invalid file")?;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= fi.len)
+            .context("read past the end of the file")?;
+        let lengths = metadata.lengths();
+        let dpl = u64::from(lengths.default_piece_length());
+        let first = u32::try_from((fi.offset_in_torrent + offset) / dpl)?;
+        let last = u32::try_from((fi.offset_in_torrent + end - 1) / dpl)?;
+        let streams = self.streams()?;
+        let have_all = |t: &Self| {
+            t.with_chunk_tracker(|ct| {
+                let have = ct.get_have_pieces();
+                (first..=last).all(|p| have.as_slice().get(p as usize).is_some_and(|b| *b))
+            })
+        };
+        if !have_all(self)? {
+            let _wanted = Wanted::new(&streams, first..last + 1);
+            if let Some(live) = self.live() {
+                live.reconnect_all_not_needed_peers();
+            }
+            loop {
+                let notified = streams.piece_done.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if have_all(self)? {
+                    break;
+                }
+                notified.await;
+            }
+        }
+        self.shared.spawner.block_in_place(|| {
+            self.with_storage_and_file(
+                file_id,
+                |files, _fi| files.pread_exact(file_id, offset, buf),
+                &metadata,
+            )
+        })??;
+        Ok(())
     }
 }
 
