@@ -223,3 +223,56 @@ fn a_disk_that_cannot_be_replaced_puts_every_disk_back() {
     let vols = virsh_ok(&["vol-list", &env.pool]);
     assert!(!vols.contains("vcc-flatten"), "the pool lists no copy:\n{vols}");
 }
+
+#[test]
+fn a_live_pull_that_outlasts_timeout_is_stopped_and_the_disk_keeps_its_master() {
+    let mut env = TestEnv::new("flattime");
+    // The master on a filesystem of its own, whose device the clone may read at 1 MiB/s only
+    // (libvirt's <blkiotune>, the blkio cgroup): pulling its 32 MiB takes about 32 s.
+    let (fs, device) = env.mount_image("slow", "128M", &["mkfs.ext4", "-q", "-F"]);
+    let master = fs.join("m.raw").to_string_lossy().into_owned();
+    run_ok("truncate", &["-s", "32M", &master]);
+    // Written past the page cache (O_DIRECT), so the pull reads it from the device.
+    run_ok("qemu-io", &["-n", "-f", "raw", "-c", "write -P 0xd1 0 32M", &master]);
+    let tmpl = env.name("-tmpl");
+    let spec = DomainSpec::new(&tmpl, false).disk(DiskSpec::File {
+        path: master.clone(),
+        format: "raw".into(),
+        target: "vda".into(),
+    });
+    let throttle = format!(
+        "<blkiotune><device><path>{device}</path><read_bytes_sec>1048576</read_bytes_sec></device></blkiotune>"
+    );
+    define_xml(&spec.xml().replacen("<devices>", &format!("{throttle}<devices>"), 1));
+    let clone = env.name("-c");
+    cli(&["--original", &tmpl, "--name", &clone]).assert_ok();
+    let overlay = fs.join(format!("{clone}-vda.qcow2")).to_string_lossy().into_owned();
+    virsh_ok(&["start", &clone]);
+    assert_eq!(wait_for_state(&clone, "running", std::time::Duration::from_secs(10)), "running");
+    let xml = inactive_xml(&clone);
+    let md = cow_metadata(&clone);
+
+    let t0 = std::time::Instant::now();
+    let run = cli(&["flatten", &clone, "--timeout", "1"]);
+    let took = t0.elapsed();
+    run.assert_error(1, &["block pull of disk vda", "did not end within 1 s", "--timeout"]);
+    assert!(took < std::time::Duration::from_secs(15), "stopped soon after its timeout: {took:?}");
+    // Stopped: no job left, the guest runs on over its master, nothing recorded changed.
+    // (virsh -q prints `Block Pull: [ n %]` for a job, nothing when there is none.)
+    let job = virsh_ok(&["blockjob", &clone, "vda", "--info"]);
+    assert!(job.trim().is_empty(), "a block job is left: {job}");
+    assert_eq!(domstate(&clone), "running");
+    let live = vcc_core::xml::DomainFacts::parse(&virsh_ok(&["dumpxml", &clone])).unwrap();
+    let vda = live.disks.iter().find(|d| d.target.as_deref() == Some("vda")).unwrap();
+    assert!(
+        matches!(&vda.backing, BackingDecl::Store { path: Some(p), .. } if *p == master),
+        "the running disk still has its master: {:?}",
+        vda.backing
+    );
+    assert_eq!(inactive_xml(&clone), xml);
+    assert_eq!(cow_metadata(&clone), md);
+    assert_eq!(immutable(&master), Some(true), "the master is still held");
+    virsh_ok(&["destroy", &clone]);
+    assert_eq!(qemu_img_info(&overlay, "qcow2")["backing-filename"].as_str(), Some(master.as_str()));
+    assert!(reads_pattern(&overlay, 0xd1, 31), "the overlay reads the master through its chain");
+}

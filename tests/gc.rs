@@ -32,11 +32,26 @@ fn unused(env: &TestEnv, rest: &[&str]) -> (Vec<String>, serde_json::Value) {
     (paths, r)
 }
 
-#[test]
-fn a_master_with_clones_cannot_be_deleted_and_is_released_when_the_last_clone_goes() {
-    let env = TestEnv::new("gcprot");
+/// A test env with a template `-tmpl` over the raw master `base.raw` of its pool: (env, master,
+/// template).
+fn template(tag: &str) -> (TestEnv, String, String) {
+    let env = TestEnv::new(tag);
     let master = env.in_pool("base.raw");
     let tmpl = raw_domain(&env, "-tmpl", &master);
+    (env, master, tmpl)
+}
+
+/// [`template`] and its clone `-c1`: (env, master, clone).
+fn cloned(tag: &str) -> (TestEnv, String, String) {
+    let (env, master, tmpl) = template(tag);
+    let clone = env.name("-c1");
+    cli(&["--original", &tmpl, "--name", &clone]).assert_ok();
+    (env, master, clone)
+}
+
+#[test]
+fn a_master_with_clones_cannot_be_deleted_and_is_released_when_the_last_clone_goes() {
+    let (env, master, tmpl) = template("gcprot");
     let clone = env.name("-c1");
     assert!(!immutable(&master));
     cli(&["--original", &tmpl, "--name", &clone]).assert_ok();
@@ -194,4 +209,107 @@ fn a_master_only_root_could_read_is_given_to_qemus_user_and_the_clone_starts() {
     virsh_ok(&["start", &clone]);
     assert_eq!(domstate(&clone), "running");
     virsh_ok(&["destroy", &clone]);
+}
+
+#[test]
+fn gc_yes_makes_a_marked_master_that_lost_its_flag_immutable_again() {
+    let (env, master, clone) = cloned("gcreprot");
+    // Someone clears the flag while the clone still depends on the master.
+    run_ok("chattr", &["-i", &master]);
+    assert!(!immutable(&master));
+    assert_eq!(tree_node(&master)["protection"], "read-only-mode");
+    // gc without --yes changes nothing...
+    let (_, r) = unused(&env, &[]);
+    assert_eq!(r["protected"], serde_json::json!([]), "{r:#}");
+    assert!(!immutable(&master), "gc without --yes protected it");
+    // ...with --yes it protects it again, and says so.
+    let (listed, r) = unused(&env, &["--yes"]);
+    assert!(listed.is_empty(), "{r:#}");
+    assert_eq!(r["protected"], serde_json::json!([master]), "{r:#}");
+    assert!(immutable(&master), "gc --yes did not make it immutable again");
+    assert_eq!(protect::mark(Path::new(&master)).as_deref(), Some(protect::MARK_HELD));
+    // Once protected, a second run has nothing to do.
+    let (_, r) = unused(&env, &["--yes"]);
+    assert_eq!(r["protected"], serde_json::json!([]), "{r:#}");
+    run_ok("chattr", &["-i", &master]);
+    let text = cli(&["gc", "--yes", "--pool", &env.pool]).assert_ok().stdout.clone();
+    assert!(text.contains(&format!("Kept {master}: needed by clone {clone}")), "{text}");
+    assert!(text.contains(&format!("Protected {master} (immutable while clones depend on it)")), "{text}");
+}
+
+#[test]
+fn a_clone_whose_overlay_is_gone_still_holds_its_master_by_its_metadata() {
+    let (env, master, clone) = cloned("gcrec");
+    // Its disk and overlay go (as a disposable clone's overlay does between runs); the domain
+    // and its clone metadata stay.
+    virsh_ok(&["detach-disk", &clone, "vda", "--config"]);
+    virsh_ok(&["vol-delete", "--pool", &env.pool, &format!("{clone}-vda.qcow2")]);
+    let node = tree_node(&master);
+    let held = node["held_by"].as_array().unwrap();
+    assert!(held.iter().any(|h| h["kind"] == "recorded" && h["domain"] == clone.as_str()), "{node:#}");
+    assert!(!held.iter().any(|h| h["kind"] == "clone" || h["kind"] == "overlay"), "no disk now: {node:#}");
+    let text = cli(&["tree"]).assert_ok().stdout.clone();
+    assert!(text.contains(&format!("clone {clone} (its metadata names it)")), "{text}");
+    // gc keeps it, and keeps it immutable; naming it fails with the reason.
+    let (listed, r) = unused(&env, &["--yes"]);
+    assert!(listed.is_empty(), "{r:#}");
+    assert_eq!(r["released"], serde_json::json!([]), "{r:#}");
+    assert!(immutable(&master), "released while a clone's metadata names it");
+    cli(&["gc", "--yes", &master]).assert_error(1, &["is still needed by", &format!("clone {clone} (its metadata")]);
+    // Lost its flag: gc --yes protects it again for the recorded clone alone.
+    run_ok("chattr", &["-i", &master]);
+    let (_, r) = unused(&env, &["--yes"]);
+    assert_eq!(r["protected"], serde_json::json!([master]), "{r:#}");
+    assert!(immutable(&master));
+    // Once that domain is gone too, only the template is left: released.
+    virsh_ok(&["undefine", &clone]);
+    let (_, r) = unused(&env, &["--yes"]);
+    assert_eq!(r["released"], serde_json::json!([master]), "{r:#}");
+    assert!(!immutable(&master));
+}
+
+/// Runs `virt-clone-cow --connect qemu:///system ARGS...` without `CAP_LINUX_IMMUTABLE` in its
+/// bounding set (so not in its capabilities either, root as it is).
+fn cli_without_cap_linux_immutable(args: &[&str]) -> std::process::Output {
+    let bin = cli_path();
+    let mut argv = vec!["--bounding-set", "-linux_immutable", "--", bin.to_str().unwrap(), "--connect", URI];
+    argv.extend_from_slice(args);
+    run("setpriv", &argv)
+}
+
+#[test]
+fn without_cap_linux_immutable_the_master_is_only_read_only_with_a_warning() {
+    let (env, master, tmpl) = template("gcnocap");
+    let clone = env.name("-c1");
+    let o = cli_without_cap_linux_immutable(&["--original", &tmpl, "--name", &clone]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "the clone is made anyway: {err}");
+    assert!(err.contains(&format!("master {master} is only read-only, not immutable")), "the warning: {err}");
+    assert!(domain_exists(&clone));
+    assert!(!immutable(&master));
+    assert_eq!(mode(&master) & 0o222, 0, "read-only: mode {:o}", mode(&master));
+    assert_eq!(tree_node(&master)["protection"], "read-only-mode");
+    // With the capability, the next gc --yes protects it.
+    let (_, r) = unused(&env, &["--yes"]);
+    assert_eq!(r["protected"], serde_json::json!([master]), "{r:#}");
+    assert!(immutable(&master));
+}
+
+#[test]
+fn on_a_filesystem_without_the_attribute_the_master_is_only_read_only_with_a_warning() {
+    let mut env = TestEnv::new("gcramfs");
+    // ramfs has neither the immutable attribute nor user xattrs (tmpfs has the attribute since
+    // Linux 6.0).
+    let fs = env.mount_ramfs("ramfs");
+    let master = fs.join("base.raw").to_string_lossy().into_owned();
+    let tmpl = raw_domain(&env, "-tmpl", &master);
+    let clone = env.name("-c1");
+    let run = cli(&["--original", &tmpl, "--name", &clone]);
+    run.assert_ok();
+    let warning = format!("master {master} is on a filesystem without the immutable attribute");
+    assert!(run.stderr.contains(&warning), "the warning: {}", run.stderr);
+    assert!(domain_exists(&clone));
+    assert_eq!(protect::is_immutable(Path::new(&master)).unwrap(), None, "ramfs has no such attribute");
+    assert_eq!(mode(&master) & 0o222, 0, "read-only: mode {:o}", mode(&master));
+    assert_eq!(tree_node(&master)["protection"], "read-only-mode");
 }

@@ -1,5 +1,5 @@
 //! The distribution lab's small version (N = 4, 8 MiB, fast links): every method (BitTorrent
-//! through pool-helper, central HTTP, multicast) delivers an exact copy to every host, and the
+//! through pool-helper, an aria2c swarm, central HTTP, multicast) delivers an exact copy to every host, and the
 //! BitTorrent fault scenarios (origin killed early and late, a host cut off and back, a peer serving
 //! corrupted pieces) are survived with no partial or corrupt master ever in a pool. The lab itself is
 //! `tests/lab/lab`; this runs its `ci` subcommand against the pool-helper this build made.

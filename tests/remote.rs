@@ -166,23 +166,45 @@ fn over_qemu_ssh_a_file_outside_any_pool_is_refused_with_what_to_do() {
     assert_eq!(mine(), before, "nothing was defined");
 }
 
-#[test]
-fn over_qemu_ssh_sysprep_is_refused_before_anything_is_made() {
+/// Runs a clone of the env's pool template over ssh with `extra` arguments, which must be
+/// refused with one line holding every one of `needles`, before anything is made: no clone, no
+/// file in the pool, the original not marked a template.
+fn assert_refused_before_anything_is_made(env: &Env, extra: &[&str], needles: &[&str]) {
     let uri = remote_uri();
-    let env = Env::new("sysprep");
-    let (tmpl, _) = pool_template(&env);
+    let (tmpl, _) = pool_template(env);
     let files_before = std::fs::read_dir(&env.dir).expect("dir").count();
     let clone = format!("{}-c1", env.prefix);
-    let o = run(cli_path().to_str().expect("utf-8"), &["-c", uri, "--original", &tmpl, "--name", &clone, "--sysprep"]);
+    let mut args = vec!["-c", uri, "--original", &tmpl, "--name", &clone];
+    args.extend_from_slice(extra);
+    let o = run(cli_path().to_str().expect("utf-8"), &args);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(
-        err.contains("--sysprep needs the clones' disks on this machine") && err.contains("remote connection"),
-        "{err}"
-    );
+    for n in needles {
+        assert!(err.contains(n), "should say '{n}': {err}");
+    }
     assert!(!run("virsh", &["-q", "dominfo", &clone]).status.success(), "no clone was defined");
     assert_eq!(std::fs::read_dir(&env.dir).expect("dir").count(), files_before, "no overlay was made");
     let md = run("virsh", &["-q", "metadata", &tmpl, "urn:virt-clone-cow:1"]);
     assert!(!String::from_utf8_lossy(&md.stdout).contains("template"), "the original was not made a template");
+}
+
+#[test]
+fn over_qemu_ssh_sysprep_is_refused_before_anything_is_made() {
+    let env = Env::new("sysprep");
+    assert_refused_before_anything_is_made(
+        &env,
+        &["--sysprep"],
+        &["--sysprep needs the clones' disks on this machine", "remote connection"],
+    );
+}
+
+#[test]
+fn over_qemu_ssh_reflink_of_a_qcow2_volume_is_refused_before_anything_is_made() {
+    let env = Env::new("reflink");
+    assert_refused_before_anything_is_made(
+        &env,
+        &["--reflink"],
+        &["is a qcow2 image in a pool", "over a remote connection", "libvirt can reflink raw pool volumes only"],
+    );
 }

@@ -20,7 +20,15 @@ const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_CRYPTO: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// Incompatible feature bits we accept: compression type (3), extended L2 (4).
-const INCOMPAT_OK: u64 = (1 << 3) | (1 << 4);
+const INCOMPAT_OK: u64 = INCOMPAT_COMPRESSION | (1 << 4);
+/// The compression type feature bit: set exactly when `compression_type` is not zlib.
+const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+/// Where the v3 header's one-byte `compression_type` field is (present when the header length
+/// is above this offset).
+const COMPRESSION_TYPE_OFFSET: usize = 104;
+/// The compression types qemu knows: deflate (zlib) and zstd; nothing else is accepted.
+const COMPRESSION_ZLIB: u8 = 0;
+const COMPRESSION_ZSTD: u8 = 1;
 
 /// qemu-img's second opinion on an untrusted image runs within these: CPU seconds,
 pub const QEMU_IMG_CPU_SECONDS: u64 = 30;
@@ -87,7 +95,18 @@ pub enum Qcow2Problem {
     L1Outside,
     RefcountOutside,
     TooShortForV3,
-    IncompatibleFeature { bit: u32, what: &'static str },
+    /// A compression type other than zlib (0) and zstd (1).
+    CompressionType(u8),
+    /// The compression type feature bit (3) disagrees with the compression_type field: set for
+    /// zlib or clear for zstd (qemu's `validate_compression_type` refuses both).
+    CompressionTypeBit {
+        compression_type: u8,
+        bit_set: bool,
+    },
+    IncompatibleFeature {
+        bit: u32,
+        what: &'static str,
+    },
     UnknownIncompatibleFeatures(u64),
     HeaderLength(usize),
     ExtensionsPastCluster,
@@ -110,6 +129,12 @@ impl fmt::Display for Qcow2Problem {
             Qcow2Problem::L1Outside => write!(f, "L1 table lies outside the file"),
             Qcow2Problem::RefcountOutside => write!(f, "refcount table lies outside the file"),
             Qcow2Problem::TooShortForV3 => write!(f, "file too short for a version 3 header"),
+            Qcow2Problem::CompressionType(t) => write!(f, "compression type {t} (want 0 zlib or 1 zstd)"),
+            Qcow2Problem::CompressionTypeBit { compression_type, bit_set } => write!(
+                f,
+                "incompatible feature bit 3 (compression type) is {} but compression_type is {compression_type}",
+                if *bit_set { "set" } else { "clear" }
+            ),
             Qcow2Problem::IncompatibleFeature { bit, what } => write!(f, "incompatible feature bit {bit} set ({what})"),
             Qcow2Problem::UnknownIncompatibleFeatures(bits) => write!(f, "unknown incompatible feature bits {bits:#x}"),
             Qcow2Problem::HeaderLength(n) => write!(f, "header length {n} is invalid"),
@@ -197,6 +222,19 @@ pub fn check_qcow2_header(head: &[u8], file_size: u64) -> Result<Qcow2Info, Imag
         header_len = be32(head, 100) as usize;
         if header_len < 104 || !header_len.is_multiple_of(8) || header_len as u64 > cluster {
             return bad(P::HeaderLength(header_len));
+        }
+        // compression_type (byte 104) is read only when the header is long enough for it; a
+        // shorter header means zlib. Bit 3 must be set exactly when it is not zlib.
+        if header_len > COMPRESSION_TYPE_OFFSET && head.len() <= COMPRESSION_TYPE_OFFSET {
+            return bad(P::TooShortForV3);
+        }
+        let compression_type = if header_len > COMPRESSION_TYPE_OFFSET { head[COMPRESSION_TYPE_OFFSET] } else { 0 };
+        if !matches!(compression_type, COMPRESSION_ZLIB | COMPRESSION_ZSTD) {
+            return bad(P::CompressionType(compression_type));
+        }
+        let bit_set = incompat & INCOMPAT_COMPRESSION != 0;
+        if bit_set != (compression_type != COMPRESSION_ZLIB) {
+            return bad(P::CompressionTypeBit { compression_type, bit_set });
         }
     }
     // Header extensions, up to the end of the first cluster.
@@ -623,6 +661,43 @@ mod tests {
     }
 
     #[test]
+    fn zstd_and_zlib_compression_types_are_accepted_with_the_matching_bit_only() {
+        // zstd: compression_type 1 with bit 3, as `qemu-img convert -c -o compression_type=zstd` writes.
+        let mut b = qcow2();
+        b[104] = COMPRESSION_ZSTD;
+        b[72..80].copy_from_slice(&INCOMPAT_COMPRESSION.to_be_bytes());
+        assert!(check(&b).is_ok(), "{}", err(&b));
+        // zstd with extended L2 too.
+        b[72..80].copy_from_slice(&(INCOMPAT_COMPRESSION | (1 << 4)).to_be_bytes());
+        assert!(check(&b).is_ok(), "{}", err(&b));
+        // zlib (0) with the bit clear is the plain image.
+        assert!(check(&qcow2()).is_ok());
+        // zstd without the bit, zlib with the bit: refused, as qemu refuses them.
+        let mut b = qcow2();
+        b[104] = COMPRESSION_ZSTD;
+        assert_eq!(problem(&b), Some(Qcow2Problem::CompressionTypeBit { compression_type: 1, bit_set: false }));
+        let mut b = qcow2();
+        b[72..80].copy_from_slice(&INCOMPAT_COMPRESSION.to_be_bytes());
+        assert_eq!(problem(&b), Some(Qcow2Problem::CompressionTypeBit { compression_type: 0, bit_set: true }));
+        assert!(err(&b).contains("compression type"), "{}", err(&b));
+        // Unknown compression types, with or without the bit.
+        for (t, bits) in [(2u8, INCOMPAT_COMPRESSION), (2, 0), (255, INCOMPAT_COMPRESSION)] {
+            let mut b = qcow2();
+            b[104] = t;
+            b[72..80].copy_from_slice(&bits.to_be_bytes());
+            assert_eq!(problem(&b), Some(Qcow2Problem::CompressionType(t)), "type {t}");
+        }
+        // A 104-byte header has no compression_type field: zlib, so the bit must be clear; the
+        // byte at 104 is then the first header extension's, not a compression type.
+        let mut b = qcow2();
+        b[100..104].copy_from_slice(&104u32.to_be_bytes());
+        b[104..112].fill(0);
+        assert!(check(&b).is_ok(), "{}", err(&b));
+        b[72..80].copy_from_slice(&INCOMPAT_COMPRESSION.to_be_bytes());
+        assert_eq!(problem(&b), Some(Qcow2Problem::CompressionTypeBit { compression_type: 0, bit_set: true }));
+    }
+
+    #[test]
     fn encryption_is_refused() {
         let mut b = qcow2();
         b[32..36].copy_from_slice(&1u32.to_be_bytes());
@@ -787,6 +862,33 @@ mod tests {
             qemu_img_second_opinion(&p, &wrong_qemu),
             Err(ImageError::QemuImgVirtualSize { got: 67108864, want: 33554432 })
         ));
+    }
+
+    #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "integration tier: runs qemu-img")]
+    fn a_zstd_compressed_master_made_by_qemu_img_passes_every_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("m.raw");
+        std::fs::write(&plain, b"compressible ".repeat(300_000)).unwrap();
+        let vsize = std::fs::metadata(&plain).unwrap().len().next_multiple_of(512);
+        std::fs::OpenOptions::new().write(true).open(&plain).unwrap().set_len(vsize).unwrap();
+        let p = dir.path().join("m.zst.qcow2");
+        QemuImg::new().convert_compressed(&plain, "raw", &p).unwrap();
+        let head = std::fs::read(&p).unwrap();
+        assert_eq!(head[104], COMPRESSION_ZSTD, "qemu-img wrote zstd");
+        assert_ne!(be64(&head, 72) & INCOMPAT_COMPRESSION, 0, "and set bit 3");
+        let size = head.len() as u64;
+        let sha = sha256_file(&p).unwrap();
+        let e = Expect {
+            format: "qcow2",
+            name: "m.zst.qcow2",
+            size,
+            virtual_size: vsize,
+            sha256: &sha,
+            policy: ImagePolicy { max_virtual_size: 1 << 40, qemu_img: true },
+        };
+        verify_image(&p, &e).unwrap();
+        assert!(size < vsize / 4, "compressed: {size} of {vsize}");
     }
 
     /// A sample for each of QEMU's probes, as the probe reads it (block/*.c).

@@ -398,7 +398,10 @@ fn qcow2() -> impl Strategy<Value = (Vec<u8>, u64)> {
             if v3 {
                 h[72..80].copy_from_slice(&incompat.to_be_bytes());
                 h[96..100].copy_from_slice(&4u32.to_be_bytes());
-                h[100..104].copy_from_slice(&104u32.to_be_bytes());
+                // Bit 3 (compression type) comes with the compression_type field set to zstd.
+                let zstd = incompat & (1 << 3) != 0;
+                h[100..104].copy_from_slice(&(if zstd { 112u32 } else { 104 }).to_be_bytes());
+                h[104] = u8::from(zstd);
             }
             (h, 4 * cluster)
         })
@@ -423,6 +426,10 @@ fn accepted_header_is_sound(head: &[u8], file_size: u64) -> Result<(), TestCaseE
         prop_assert!(be64(head, 48) != 0 && be64(head, 48).is_multiple_of(cluster));
         if version == 3 {
             prop_assert_eq!(be64(head, 72) & !((1 << 3) | (1 << 4)), 0, "an incompatible feature");
+            // Bit 3 exactly when the compression type (present past a 104-byte header) is zstd.
+            let compression = if be32(head, 100) > 104 { head[104] } else { 0 };
+            prop_assert!(compression <= 1, "compression type {}", compression);
+            prop_assert_eq!(be64(head, 72) & (1 << 3) != 0, compression == 1, "bit 3 and the compression type");
         }
     }
     Ok(())

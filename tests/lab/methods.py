@@ -1,5 +1,7 @@
 """The ways a master reaches every host: BitTorrent (pool-helper), one central HTTP server (nginx),
-multicast (uftp). Each returns, per receiving host, the seconds until it held a verified copy."""
+multicast (uftp), and two other BitTorrent engines on the same .torrent, tracker and links:
+libtorrent-rasterbar (`lt`) and aria2c. Each returns, per receiving host, the seconds until it held a
+verified copy."""
 import hashlib
 import json
 import os
@@ -24,14 +26,34 @@ class Waiter:
     (an exactness check, not timed: hashing every copy at once on this machine's few cores would
     charge the lab's own work to methods whose hosts finish together). pool-helper's moment already
     includes its own verification (whole-file SHA-256, qemu-img check, fsync, rename); curl's and
-    uftp's include none."""
+    uftp's include none.
 
-    def __init__(self, expected_sha, t0):
+    With `defer`, nothing is hashed until `finish()`, called once every host is done: the lab's own
+    hashing then takes no CPU from the hosts still transferring (the lab's runs use it)."""
+
+    def __init__(self, expected_sha, t0, defer=False):
         self.expected = expected_sha
         self.t0 = t0
         self.times = {}
         self.bad = {}
         self.lock = threading.Lock()
+        self.defer = defer
+        self.pending = []
+
+    def _check(self, index, path, done_at):
+        got = sha256(path)
+        with self.lock:
+            if got == self.expected:
+                self.times[index] = done_at - self.t0
+            else:
+                self.bad[index] = got
+
+    def finish(self):
+        """Hashes what `defer` left (one copy at a time); returns self."""
+        for index, path, done_at in self.pending:
+            self._check(index, path, done_at)
+        self.pending = []
+        return self
 
     def verify_when_present(self, index, path, done_check, deadline):
         def work():
@@ -40,12 +62,11 @@ class Waiter:
                     done_at = time.time()
                     if not os.path.exists(path):
                         return  # never arrived: not done (and not corrupt either)
-                    got = sha256(path)
-                    with self.lock:
-                        if got == self.expected:
-                            self.times[index] = done_at - self.t0
-                        else:
-                            self.bad[index] = got
+                    if self.defer:
+                        with self.lock:
+                            self.pending.append((index, path, done_at))
+                    else:
+                        self._check(index, path, done_at)
                     return
                 time.sleep(0.05)
         t = threading.Thread(target=work, daemon=True)
@@ -81,7 +102,7 @@ http {{
                 raise RuntimeError("nginx did not come up")
             time.sleep(0.1)
         t0 = time.time()
-        waiter = Waiter(expected_sha, t0)
+        waiter = Waiter(expected_sha, t0, defer=True)
         threads, procs = [], []
         for h in lab.hosts[1:]:
             dest = os.path.join(work, f"http-h{h.index}.img")
@@ -93,7 +114,7 @@ http {{
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        return waiter
+        return waiter.finish()
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -120,7 +141,7 @@ def multicast(lab, master, expected_sha, work, timeout, rate_mbit):
             if c.poll() is not None:
                 raise RuntimeError("a uftpd client exited at start")
         t0 = time.time()
-        waiter = Waiter(expected_sha, t0)
+        waiter = Waiter(expected_sha, t0, defer=True)
         server = origin.popen(["uftp", "-I", "eth0", "-C", "tfmcc", "-R", str(int(rate_mbit * 1000)),
                                "-x", os.environ.get("VCCLAB_UFTP_X", "2"), "-L", os.path.join(work, "uftp-server.log"), master],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -152,7 +173,7 @@ def multicast(lab, master, expected_sha, work, timeout, rate_mbit):
             for f in os.listdir(work):
                 if f.endswith(".log"):
                     shutil.copy(os.path.join(work, f), keep)
-        return waiter
+        return waiter.finish()
     finally:
         for c in clients:
             c.kill()
@@ -174,7 +195,7 @@ class PoolHelpers:
         return os.path.join(self.work, f"h{h.index}", "state")
 
     def pool(self, h):
-        return f"vcclab-pool-h{h.index}"
+        return f"{self.lab.prefix}-pool-h{h.index}"
 
     def pool_dir(self, h):
         return os.path.join(self.work, f"h{h.index}", "pool")
@@ -265,7 +286,7 @@ def bittorrent(lab, master, expected_sha, work, timeout, pool_helper, faults=Non
             info_hash = json.load(f)["info_hash"]
         tracker = opentracker(origin, info_hash, work)
         t0 = time.time()
-        waiter = Waiter(expected_sha, t0)
+        waiter = Waiter(expected_sha, t0, defer=not faults)
         threads = []
         for h in lab.hosts[1:]:
             dest = os.path.join(ph.pool_dir(h), os.path.basename(master))
@@ -278,4 +299,126 @@ def bittorrent(lab, master, expected_sha, work, timeout, pool_helper, faults=Non
             t.join()
         tracker.kill()
         tracker.wait()
-        return waiter
+        return waiter.finish()
+
+
+def torrent_of(lab, master, work, pool_helper):
+    """The .torrent pool-helper makes for this master (published from a pool on the origin, the
+    daemon and pool gone again), so every BitTorrent engine moves the same pieces. Returns
+    (path of the .torrent, info-hash)."""
+    d = os.path.join(work, "publish")
+    with PoolHelpers(lab, d, pool_helper, hosts=[lab.hosts[0]]) as ph:
+        manifest = ph.publish(master)
+        with open(manifest) as f:
+            m = json.load(f)
+    shutil.rmtree(d, ignore_errors=True)
+    path = os.path.join(work, "master.torrent")
+    with open(path, "wb") as f:
+        f.write(bytes.fromhex(m["torrent_hex"]))
+    return path, m["info_hash"]
+
+
+class Engines:
+    """A third-party BitTorrent client on every host: the origin seeds a copy of the master from its
+    own directory, every other host starts at the same moment into an empty one and keeps seeding
+    once complete (as our daemons do). `start(h, seed)` returns (process, completed?)."""
+
+    def __init__(self, lab, master, expected_sha, work, timeout, pool_helper):
+        self.lab, self.master, self.expected, self.work, self.timeout = lab, master, expected_sha, work, timeout
+        self.name = os.path.basename(master)
+        self.torrent, self.info_hash = torrent_of(lab, master, work, pool_helper)
+        self.tracker_url = f"http://{lab.hosts[0].ip}:6969/announce"
+        self.procs = []
+
+    def dir(self, h):
+        d = os.path.join(self.work, f"h{h.index}")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def log(self, h):
+        return open(os.path.join(self.work, f"{type(self).__name__.lower()}-h{h.index}.log"), "ab")
+
+    def run(self):
+        origin = self.lab.hosts[0]
+        shutil.copyfile(self.master, os.path.join(self.dir(origin), self.name))
+        tracker = opentracker(origin, self.info_hash, self.work)
+        try:
+            p, ready = self.start(origin, seed=True)
+            deadline = time.time() + 120
+            while not ready():
+                if p.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"{type(self).__name__} did not start seeding on the origin (logs in {self.work})")
+                time.sleep(0.05)
+            t0 = time.time()
+            waiter = Waiter(self.expected, t0, defer=True)
+            threads = []
+            for h in self.lab.hosts[1:]:
+                p, complete = self.start(h, seed=False)
+                dest = os.path.join(self.dir(h), self.name)
+                threads.append(waiter.verify_when_present(
+                    h.index, dest, lambda p=p, c=complete: c() or p.poll() is not None, t0 + self.timeout))
+            for t in threads:
+                t.join()
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            tracker.kill()
+            tracker.wait()
+        return waiter.finish()
+
+
+class Lt(Engines):
+    """libtorrent-rasterbar 2.0 (python3-libtorrent, tests/lab/lt_host.py), the origin super-seeding."""
+
+    PYTHON = os.environ.get("VCC_LAB_LT_PYTHON", "/usr/bin/python3")
+    SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lt_host.py")
+
+    def start(self, h, seed):
+        p = h.popen([self.PYTHON, self.SCRIPT, "seed" if seed else "fetch", self.torrent, self.dir(h), h.ip,
+                     self.tracker_url], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log(h))
+        self.procs.append(p)
+        flag = threading.Event()
+
+        def read():
+            for line in p.stdout:
+                if line.strip() in (b"seeding", b"complete"):
+                    flag.set()
+        threading.Thread(target=read, daemon=True).start()
+        return p, flag.is_set
+
+
+class Aria2c(Engines):
+    """aria2c 1.36 on every host: the origin seeds its copy unverified with --seed-ratio=0 (for
+    ever), the others keep seeding the same way once complete; a host's moment is aria2c's
+    --on-bt-download-complete hook (every piece in and SHA-1-checked)."""
+
+    def start(self, h, seed):
+        d = self.dir(h)
+        hook = os.path.join(self.work, "complete-hook")
+        if not os.path.exists(hook):
+            with open(hook, "w") as f:
+                f.write('#!/bin/sh\n# aria2c: GID FILES PATH\n: > "$3.complete"\n')
+            os.chmod(hook, 0o755)
+        argv = ["aria2c", "--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false", "--disable-ipv6=true",
+                "--summary-interval=0", "--console-log-level=warn", "--file-allocation=falloc",
+                "--listen-port=6881", "--bt-tracker", self.tracker_url, "--seed-ratio=0.0",
+                "--on-bt-download-complete", hook, "-d", d, self.torrent]
+        if seed:
+            argv[1:1] = ["--bt-seed-unverified=true", "--check-integrity=false"]
+        p = h.popen(argv, stdin=subprocess.DEVNULL, stdout=self.log(h), stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        if seed:
+            # Seeding once it listens (it seeds unverified: nothing to check first).
+            return p, lambda: ":6881" in h.run("ss", "-Hltn", "sport = :6881", check=False)
+        marker = os.path.join(d, self.name + ".complete")
+        return p, lambda: os.path.exists(marker)
+
+
+def libtorrent(lab, master, expected_sha, work, timeout, pool_helper):
+    return Lt(lab, master, expected_sha, work, timeout, pool_helper).run()
+
+
+def aria2c(lab, master, expected_sha, work, timeout, pool_helper):
+    return Aria2c(lab, master, expected_sha, work, timeout, pool_helper).run()

@@ -353,15 +353,42 @@ impl TestEnv {
 
     /// Mounts a tmpfs of `size` (e.g. `4M`) at `<work>/<name>`; unmounted on drop.
     pub fn mount_tmpfs(&mut self, name: &str, size: &str) -> PathBuf {
+        self.mount_in_memory("tmpfs", name, &format!("size={size},mode=0755"))
+    }
+
+    /// Mounts a ramfs (no size limit, no immutable attribute, no user xattrs) at
+    /// `<work>/<name>`; unmounted on drop.
+    pub fn mount_ramfs(&mut self, name: &str) -> PathBuf {
+        self.mount_in_memory("ramfs", name, "mode=0755")
+    }
+
+    fn mount_in_memory(&mut self, kind: &str, name: &str, opts: &str) -> PathBuf {
         let dir = self.work_dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let opts = format!("size={size},mode=0755");
         run_ok(
             "mount",
-            &[OsStr::new("-t"), "tmpfs".as_ref(), "-o".as_ref(), opts.as_ref(), "tmpfs".as_ref(), dir.as_os_str()],
+            &[OsStr::new("-t"), kind.as_ref(), "-o".as_ref(), opts.as_ref(), kind.as_ref(), dir.as_os_str()],
         );
         self.mounts.push(dir.clone());
         dir
+    }
+
+    /// Makes a filesystem on a sparse file of `size` in the work directory with `mkfs` (the
+    /// program and its options; the file is appended) and loop-mounts it at `<work>/<name>`;
+    /// unmounted (and the loop device detached) on drop. Returns the mount point and the loop device.
+    pub fn mount_image(&mut self, name: &str, size: &str, mkfs: &[&str]) -> (PathBuf, String) {
+        let image = self.work_dir.join(format!("{name}.img"));
+        let dir = self.work_dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        run_ok("truncate", &[OsStr::new("-s"), size.as_ref(), image.as_os_str()]);
+        let (program, opts) = mkfs.split_first().expect("a mkfs program");
+        let mut args: Vec<&OsStr> = opts.iter().map(OsStr::new).collect();
+        args.push(image.as_os_str());
+        run_ok(program, &args);
+        run_ok("mount", &[OsStr::new("-o"), "loop".as_ref(), image.as_os_str(), dir.as_os_str()]);
+        self.mounts.push(dir.clone());
+        let device = run_ok("findmnt", &[OsStr::new("-n"), "-o".as_ref(), "SOURCE".as_ref(), dir.as_os_str()]);
+        (dir, device.trim().to_string())
     }
 
     /// Names of this env's domains, sorted.

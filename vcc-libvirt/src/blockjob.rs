@@ -7,16 +7,20 @@
 
 use std::ffi::CString;
 
+use virt::domain::Domain;
 use virt::sys;
 
 use crate::{call, Libvirt, LibvirtError};
 
-/// A block job's progress: `cur` of `end` (units libvirt chooses, bytes for a pull).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockJob {
-    pub kind: i32,
-    pub cur: u64,
-    pub end: u64,
+/// A block pull started on one disk of a running domain. It holds the domain handle, looked up
+/// once, for the polls ([`BlockPull::running`]) and the abort.
+#[derive(Debug)]
+pub struct BlockPull {
+    domain: Domain,
+    /// The domain's name and the disk (target or path), for messages.
+    name: String,
+    disk: String,
+    c_disk: CString,
 }
 
 fn c_disk(disk: &str, what: &str) -> Result<CString, LibvirtError> {
@@ -33,45 +37,43 @@ impl Libvirt {
     }
 
     /// Starts pulling the whole backing chain of disk `disk` (target or path) into its top image
-    /// (`virDomainBlockPull`, no bandwidth limit). The job runs on in QEMU; see [`Libvirt::block_job`].
-    pub fn block_pull(&self, name: &str, disk: &str) -> Result<(), LibvirtError> {
+    /// (`virDomainBlockPull`, no bandwidth limit). The job runs on in QEMU; poll it with
+    /// [`BlockPull::running`].
+    pub fn block_pull(&self, name: &str, disk: &str) -> Result<BlockPull, LibvirtError> {
         let what = format!("starting a block pull of disk {disk} of '{name}'");
-        let d = self.domain(name)?;
+        let domain = self.domain(name)?;
         let c = c_disk(disk, &what)?;
-        // SAFETY: `d` is a live domain handle for the duration of the call; `c` is a valid
+        // SAFETY: `domain` is a live domain handle for the duration of the call; `c` is a valid
         // NUL-terminated string that libvirt only reads.
-        let r = unsafe { sys::virDomainBlockPull(d.as_ptr(), c.as_ptr(), 0, 0) };
+        let r = unsafe { sys::virDomainBlockPull(domain.as_ptr(), c.as_ptr(), 0, 0) };
         if r < 0 {
             return Err(call(what)(virt::error::Error::last_error()));
         }
-        Ok(())
+        Ok(BlockPull { domain, name: name.to_string(), disk: disk.to_string(), c_disk: c })
     }
+}
 
-    /// The block job running on disk `disk`, or None when there is none (a finished pull is gone).
-    pub fn block_job(&self, name: &str, disk: &str) -> Result<Option<BlockJob>, LibvirtError> {
-        let what = format!("reading the block job of disk {disk} of '{name}'");
-        let d = self.domain(name)?;
-        let c = c_disk(disk, &what)?;
+impl BlockPull {
+    /// Whether a block job still runs on the disk (a finished pull is gone).
+    pub fn running(&self) -> Result<bool, LibvirtError> {
         let mut info = sys::virDomainBlockJobInfo { type_: 0, bandwidth: 0, cur: 0, end: 0 };
-        // SAFETY: `d` is a live domain handle, `c` a valid C string, `info` a writable struct of
-        // the type libvirt fills in.
-        let r = unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), c.as_ptr(), &mut info, 0) };
-        match r {
-            0 => Ok(None),
-            r if r > 0 => Ok(Some(BlockJob { kind: info.type_, cur: info.cur, end: info.end })),
-            _ => Err(call(what)(virt::error::Error::last_error())),
+        // SAFETY: `self.domain` is a live domain handle, `self.c_disk` a valid C string, `info`
+        // a writable struct of the type libvirt fills in.
+        let r = unsafe { sys::virDomainGetBlockJobInfo(self.domain.as_ptr(), self.c_disk.as_ptr(), &mut info, 0) };
+        if r < 0 {
+            let what = format!("reading the block job of disk {} of '{}'", self.disk, self.name);
+            return Err(call(what)(virt::error::Error::last_error()));
         }
+        Ok(r > 0)
     }
 
-    /// Stops the block job on disk `disk` (a pull stopped early leaves a consistent image that
-    /// still has its backing chain).
-    pub fn abort_block_job(&self, name: &str, disk: &str) -> Result<(), LibvirtError> {
-        let what = format!("stopping the block job of disk {disk} of '{name}'");
-        let d = self.domain(name)?;
-        let c = c_disk(disk, &what)?;
-        // SAFETY: as in `block_pull`.
-        let r = unsafe { sys::virDomainBlockJobAbort(d.as_ptr(), c.as_ptr(), 0) };
+    /// Stops the pull (one stopped early leaves a consistent image that still has its backing
+    /// chain).
+    pub fn abort(&self) -> Result<(), LibvirtError> {
+        // SAFETY: as in `running`.
+        let r = unsafe { sys::virDomainBlockJobAbort(self.domain.as_ptr(), self.c_disk.as_ptr(), 0) };
         if r < 0 {
+            let what = format!("stopping the block job of disk {} of '{}'", self.disk, self.name);
             return Err(call(what)(virt::error::Error::last_error()));
         }
         Ok(())

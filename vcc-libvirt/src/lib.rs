@@ -76,6 +76,30 @@ pub struct DomainEntry {
     pub active: bool,
 }
 
+/// An active storage pool and its XML, read once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivePool {
+    pub name: String,
+    pub xml: String,
+}
+
+impl ActivePool {
+    /// `<pool type=...>`: dir, fs, netfs, logical, zfs, rbd, iscsi, ...
+    pub fn kind(&self) -> Option<String> {
+        vcc_core::xml::volume::pool_type(&self.xml)
+    }
+
+    /// `<target><path>`, if it has one.
+    pub fn target(&self) -> Option<String> {
+        vcc_core::xml::volume::pool_target_path(&self.xml)
+    }
+
+    /// The directory of files of a dir, fs or netfs pool; None for other pool types.
+    pub fn file_dir(&self) -> Option<String> {
+        vcc_core::xml::volume::pool_file_dir(&self.xml)
+    }
+}
+
 /// A storage volume and the pool it lives in.
 #[derive(Debug, Clone)]
 pub struct Volume {
@@ -360,30 +384,23 @@ impl Libvirt {
         Ok(out)
     }
 
-    /// Name and target directory of every active pool.
-    pub fn pool_targets(&self) -> Result<Vec<(String, String)>> {
+    /// Every active pool, its XML read once.
+    pub fn active_pools(&self) -> Result<Vec<ActivePool>> {
         let pools = self
             .conn
             .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
             .map_err(call("listing storage pools"))?;
-        Ok(pools
-            .iter()
-            .filter_map(|p| {
-                let name = p.name().ok()?;
-                let target = vcc_core::xml::volume::pool_target_path(&p.xml_desc(0).ok()?)?;
-                Some((name, target))
-            })
-            .collect())
+        Ok(pools.iter().filter_map(|p| Some(ActivePool { name: p.name().ok()?, xml: p.xml_desc(0).ok()? })).collect())
+    }
+
+    /// Name and target directory of every active pool.
+    pub fn pool_targets(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.active_pools()?.into_iter().filter_map(|p| p.target().map(|t| (p.name, t))).collect())
     }
 
     /// The target directory of a pool (`<target><path>`), if it has one (dir, fs, netfs pools).
     pub fn pool_dir(&self, pool: &str) -> Result<Option<String>> {
         Ok(vcc_core::xml::volume::pool_target_path(&self.pool_xml(pool)?))
-    }
-
-    /// The directory of files of a dir, fs or netfs pool; None for other pool types.
-    pub fn pool_file_dir(&self, pool: &str) -> Result<Option<String>> {
-        Ok(vcc_core::xml::volume::pool_file_dir(&self.pool_xml(pool)?))
     }
 
     /// Name and whether it is active, for every network defined on the host.

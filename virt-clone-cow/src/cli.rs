@@ -56,6 +56,11 @@ pub enum Command {
         /// The pool-helper daemon's control socket.
         #[arg(long, value_name = "PATH", default_value = virt_clone_cow::cmd::publish::DEFAULT_CONTROL_SOCKET)]
         control_socket: std::path::PathBuf,
+        /// Publish zstd-compressed copies of the masters instead (fewer bytes to move): each is
+        /// written as a new volume NAME.zst.qcow2 beside its master and the template is pointed
+        /// at it; clones made before keep the old master. The template must be shut off.
+        #[arg(long)]
+        compress: bool,
     },
     /// Turn a linked clone's overlays into standalone disks, so it no longer depends on its
     /// master: live with libvirt's block pull when it runs, else by a standalone copy put in

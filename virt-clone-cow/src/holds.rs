@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use vcc_core::metadata::CowMetadata;
 use vcc_core::overlay::image_info;
-use vcc_core::xml::{BackingDecl, DiskSource, DomainFacts};
+use vcc_core::xml::{BackingDecl, Disk, DiskSource, DomainFacts};
 use vcc_libvirt::{Libvirt, LibvirtError, Volume};
 
 /// Longest backing chain followed below a disk.
@@ -133,28 +133,72 @@ pub fn describe_all<'a>(who: impl IntoIterator<Item = &'a Holder>) -> String {
         .join(", ")
 }
 
-/// The backing file of an image: from its pool volume, or (local files) from qemu-img.
-fn backing_of(
-    lv: &Libvirt,
-    by_path: &HashMap<&str, &Volume>,
-    path: &str,
-    format: Option<&str>,
-) -> Option<(String, Option<String>)> {
-    if let Some(v) = by_path.get(path) {
-        return v.facts.backing.clone();
+/// The volumes of the active pools, looked up by path or by pool and name.
+#[derive(Debug)]
+pub struct VolumeIndex<'v> {
+    by_path: HashMap<&'v str, &'v Volume>,
+    by_pool_name: HashMap<(&'v str, &'v str), &'v Volume>,
+}
+
+impl<'v> VolumeIndex<'v> {
+    pub fn new(volumes: &'v [Volume]) -> Self {
+        VolumeIndex {
+            by_path: volumes.iter().map(|v| (v.facts.path.as_str(), v)).collect(),
+            by_pool_name: volumes.iter().map(|v| ((v.pool.as_str(), v.facts.name.as_str()), v)).collect(),
+        }
     }
-    if !lv.is_local() {
-        return None;
+
+    /// The volume at `path`, if a pool holds it.
+    pub fn at(&self, path: &str) -> Option<&'v Volume> {
+        self.by_path.get(path).copied()
     }
-    let i = image_info(path, format?).ok()?;
-    i.backing.map(|b| (b, i.backing_format))
+
+    /// A disk's image path, and its volume when a pool holds it. None for a disk with no image
+    /// on this host (network, an empty drive) or a volume no active pool lists.
+    pub fn disk_image(&self, disk: &Disk) -> Option<(String, Option<&'v Volume>)> {
+        match &disk.source {
+            DiskSource::File(p) | DiskSource::Block(p) => Some((p.clone(), self.at(p))),
+            DiskSource::Volume { pool, volume } => {
+                self.by_pool_name.get(&(pool.as_str(), volume.as_str())).map(|v| (v.facts.path.clone(), Some(*v)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The backing file (and its format) of the image at `path`: from its pool volume, or (local
+    /// files) from qemu-img.
+    pub fn backing_of(&self, lv: &Libvirt, path: &str, format: Option<&str>) -> Option<(String, Option<String>)> {
+        if let Some(v) = self.at(path) {
+            return v.facts.backing.clone();
+        }
+        if !lv.is_local() {
+            return None;
+        }
+        let i = image_info(path, format?).ok()?;
+        i.backing.map(|b| (b, i.backing_format))
+    }
+
+    /// The backing file of a domain disk whose image is at `path` ([`VolumeIndex::disk_image`]):
+    /// its volume's, else the XML's `<backingStore>` (`<backingStore/>`: none), else qemu-img's.
+    pub fn disk_backing(
+        &self,
+        lv: &Libvirt,
+        disk: &Disk,
+        path: &str,
+        vol: Option<&Volume>,
+    ) -> Option<(String, Option<String>)> {
+        match (vol.and_then(|v| v.facts.backing.clone()), &disk.backing) {
+            (Some(b), _) => Some(b),
+            (None, BackingDecl::Store { path: Some(p), format, .. }) => Some((p.clone(), format.clone())),
+            (None, BackingDecl::None) => None,
+            _ => self.backing_of(lv, path, disk.format.as_deref()),
+        }
+    }
 }
 
 /// Reads every domain (running or defined) and every volume of the active pools.
 pub fn scan(lv: &Libvirt, volumes: &[Volume]) -> Result<Holds, LibvirtError> {
-    let by_path: HashMap<&str, &Volume> = volumes.iter().map(|v| (v.facts.path.as_str(), v)).collect();
-    let by_pool_name: HashMap<(&str, &str), &Volume> =
-        volumes.iter().map(|v| ((v.pool.as_str(), v.facts.name.as_str()), v)).collect();
+    let index = VolumeIndex::new(volumes);
     let mut holds = Holds { by_path: BTreeMap::new(), local: lv.is_local() };
     let mut used = std::collections::HashSet::new();
     for d in lv.list_domains()? {
@@ -172,28 +216,15 @@ pub fn scan(lv: &Libvirt, volumes: &[Volume]) -> Result<Holds, LibvirtError> {
             }
         }
         for disk in &facts.disks {
-            let (path, vol) = match &disk.source {
-                DiskSource::File(p) | DiskSource::Block(p) => (p.clone(), by_path.get(p.as_str()).copied()),
-                DiskSource::Volume { pool, volume } => match by_pool_name.get(&(pool.as_str(), volume.as_str())) {
-                    Some(v) => (v.facts.path.clone(), Some(*v)),
-                    None => continue,
-                },
-                _ => continue,
-            };
+            let Some((path, vol)) = index.disk_image(disk) else { continue };
             used.insert(holds.key(&path));
             holds.add(&path, Holder::Disk { domain: name.clone() });
-            let first = match (vol.and_then(|v| v.facts.backing.clone()), &disk.backing) {
-                (Some(b), _) => Some(b),
-                (None, BackingDecl::Store { path: Some(p), format, .. }) => Some((p.clone(), format.clone())),
-                (None, BackingDecl::None) => None,
-                _ => backing_of(lv, &by_path, &path, disk.format.as_deref()),
-            };
-            let Some((master, mut fmt)) = first else { continue };
+            let Some((master, mut fmt)) = index.disk_backing(lv, disk, &path, vol) else { continue };
             holds.add(&master, Holder::Clone { domain: name.clone(), target: disk.target.clone(), running: d.active });
             // Deeper down the chain: needed too (a clone of a clone).
             let mut at = master;
             for _ in 0..MAX_CHAIN {
-                let Some((next, f)) = backing_of(lv, &by_path, &at, fmt.as_deref()) else { break };
+                let Some((next, f)) = index.backing_of(lv, &at, fmt.as_deref()) else { break };
                 holds.add(&next, Holder::Disk { domain: name.clone() });
                 (at, fmt) = (next, f);
             }

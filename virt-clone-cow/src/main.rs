@@ -61,12 +61,13 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let tree = build_tree(&lv)?;
             output::print(cli.json, &tree, || tree.render())
         }
-        Some(Command::Publish { template, control_socket }) => {
+        Some(Command::Publish { template, control_socket, compress }) => {
             let lv = Libvirt::open(cli.connect.as_deref())?;
             let req = PublishRequestArgs {
                 template: template.clone(),
                 control_socket: control_socket.clone(),
                 limits: PublishLimits::default(),
+                compress: *compress,
             };
             let report = publish_template(&lv, &req)?;
             output::print(cli.json, &report, || report.render())

@@ -115,10 +115,9 @@ pub fn resolve(
     let pool = match &req.pool {
         None => None,
         Some(name) => {
-            if !lv.pool_targets()?.iter().any(|(n, _)| n == name) {
-                return Err(PlacementError::NoPool(name.clone()));
-            }
-            let dir = lv.pool_file_dir(name)?.ok_or_else(|| PlacementError::NotFilePool(name.clone()))?;
+            let pool = lv.active_pools()?.into_iter().find(|p| p.name == *name);
+            let pool = pool.ok_or_else(|| PlacementError::NoPool(name.clone()))?;
+            let dir = pool.file_dir().ok_or_else(|| PlacementError::NotFilePool(name.clone()))?;
             Some(OverlayPool { name: name.clone(), dir: dir.trim_end_matches('/').to_string() })
         }
     };

@@ -7,6 +7,7 @@
 
 pub mod flatten;
 pub mod inspect;
+pub mod repoint;
 pub mod rewrite;
 pub mod volume;
 
@@ -18,6 +19,7 @@ pub const COW_NAMESPACE: &str = "urn:virt-clone-cow:1";
 
 pub use flatten::drop_backing_stores;
 pub use inspect::{BackingDecl, Disk, DiskSource, DomainFacts, Nvram};
+pub use repoint::{repoint_disks, Repoint};
 pub use rewrite::{rewrite_domain, BackingEdit, DiskEdit, DomainEdits};
 pub use volume::VolumeFacts;
 

@@ -298,11 +298,11 @@ fn pull(lv: &Libvirt, name: &str, targets: &[Target], timeout: Duration) -> Resu
     for t in targets {
         let target = t.recorded.target.as_str();
         let t0 = Instant::now();
-        lv.block_pull(name, target)?;
+        let job = lv.block_pull(name, target)?;
         let deadline = t0 + timeout;
-        while lv.block_job(name, target)?.is_some() {
+        while job.running()? {
             if Instant::now() >= deadline {
-                if let Err(e) = lv.abort_block_job(name, target) {
+                if let Err(e) = job.abort() {
                     tracing::warn!("{}", vcc_core::error::one_line(&e));
                 }
                 return Err(FlattenError::PullTimeout {

@@ -165,8 +165,13 @@ fn candidates<'v>(
 pub fn gc(lv: &Libvirt, args: &GcArgs) -> Result<GcReport, GcError> {
     let volumes = lv.list_volumes()?;
     let holds = crate::holds::scan(lv, &volumes)?;
+    gc_with(lv, args, &volumes, &holds)
+}
+
+/// [`gc`] over volumes and holds the caller has scanned already (`tree` scans them for itself).
+pub fn gc_with(lv: &Libvirt, args: &GcArgs, volumes: &[Volume], holds: &Holds) -> Result<GcReport, GcError> {
     let list_err = |source| GcError::List { socket: args.control_socket.display().to_string(), source };
-    let (cands, pool_helper) = candidates(lv, &holds, &volumes, &args.control_socket).map_err(list_err)?;
+    let (cands, pool_helper) = candidates(lv, holds, volumes, &args.control_socket).map_err(list_err)?;
     let wanted: Option<Vec<String>> =
         (!args.masters.is_empty()).then(|| args.masters.iter().map(|p| holds.key(p)).collect());
     if let Some(w) = &wanted {
@@ -213,7 +218,7 @@ pub fn gc(lv: &Libvirt, args: &GcArgs) -> Result<GcReport, GcError> {
         return Ok(report);
     }
     for k in &mut report.kept {
-        match sync_one(lv, &holds, &k.path) {
+        match sync_one(lv, holds, &k.path) {
             Sync::Held => report.protected.push(k.path.clone()),
             Sync::Released => report.released.push(k.path.clone()),
             Sync::Unchanged => {}

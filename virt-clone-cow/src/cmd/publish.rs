@@ -2,6 +2,8 @@
 //! by the local pool-helper daemon (hashed, made a torrent, seeded, announced), and what identifies
 //! it (SHA-256, info-hash, manifest path, format, virtual size) is recorded on the template's
 //! master elements, from where every later clone copies it (`docs/many-hosts.md`, section 1).
+//! With `--compress`, zstd-compressed copies of the masters are made and published instead
+//! ([`crate::cmd::compress`], section 1a).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,6 +15,8 @@ use vcc_core::control::proto::{Identity, PublishRequest, Request};
 use vcc_core::metadata::MasterRef;
 use vcc_core::xml::{DomainFacts, XmlError};
 use vcc_libvirt::{Libvirt, LibvirtError};
+
+use crate::cmd::compress::Todo;
 
 /// The daemon's control socket when none is given (pool-helper's default).
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/pool-helper/control.sock";
@@ -36,6 +40,8 @@ pub struct PublishRequestArgs {
     pub template: String,
     pub control_socket: PathBuf,
     pub limits: PublishLimits,
+    /// Publish zstd-compressed copies of the masters (`--compress`, [`crate::cmd::compress`]).
+    pub compress: bool,
 }
 
 /// Why a publish failed. Each says what is wrong and what to do.
@@ -72,6 +78,8 @@ pub enum PublishError {
     BadAnswer { volume: String, what: String },
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+    #[error(transparent)]
+    Compress(#[from] crate::cmd::compress::CompressError),
 }
 
 /// One published master in the report.
@@ -86,6 +94,9 @@ pub struct PublishedMaster {
     pub sha256: String,
     pub info_hash: Option<String>,
     pub manifest: String,
+    /// With `--compress`: the master this one is a compressed copy of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed_from: Option<crate::cmd::compress::CompressedFrom>,
 }
 
 /// What `--json` prints.
@@ -139,31 +150,34 @@ pub fn publish_template(lv: &Libvirt, req: &PublishRequestArgs) -> Result<Publis
                 }
             },
         };
-        todo.push((i, pool, volume));
+        todo.push(Todo { index: i, pool, volume });
     }
     if todo.is_empty() {
         return Err(PublishError::NoMasters(name.clone()));
     }
 
-    let mut out = Vec::new();
-    for (i, pool, volume) in todo {
-        let (identity, manifest) = ask_daemon(&req.control_socket, req.limits, &pool, &volume)?;
-        let m = &mut template.masters[i];
-        record(m, &pool, &volume, &identity, &manifest);
-        tracing::info!("published {} ({}) as sha256 {}", m.path, volume, identity.sha256);
-        out.push(PublishedMaster {
-            target: m.target.clone(),
-            path: m.path.clone(),
-            pool,
-            volume,
-            format: identity.format,
-            virtual_size: identity.virtual_size,
-            sha256: identity.sha256,
-            info_hash: identity.info_hash,
-            manifest,
-        });
+    let compressed = if req.compress {
+        Some(crate::cmd::compress::compress_masters(lv, name, template, &mut todo, req.limits.per_master)?)
+    } else {
+        None
+    };
+    let published = publish_each(req, template, &todo, compressed.as_ref());
+    let out = match published {
+        Ok(out) => out,
+        Err(e) => {
+            // Nothing of a failed publish stays: not the template's new XML, not the new masters.
+            if let Some(c) = compressed {
+                c.undo(lv);
+            }
+            return Err(e);
+        }
+    };
+    if let Err(e) = lv.set_cow_metadata(name, Some(&md)) {
+        if let Some(c) = compressed {
+            c.undo(lv);
+        }
+        return Err(e.into());
     }
-    lv.set_cow_metadata(name, Some(&md))?;
     if let Some(tx) = made {
         tx.commit();
     }
@@ -172,6 +186,37 @@ pub fn publish_template(lv: &Libvirt, req: &PublishRequestArgs) -> Result<Publis
         masters: out,
         elapsed_ms: (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3,
     })
+}
+
+/// Asks the daemon to publish each master and records its identity on `template`.
+fn publish_each(
+    req: &PublishRequestArgs,
+    template: &mut vcc_core::metadata::TemplateInfo,
+    todo: &[Todo],
+    compressed: Option<&crate::cmd::compress::Compressed>,
+) -> Result<Vec<PublishedMaster>, PublishError> {
+    let mut out = Vec::new();
+    for Todo { index, pool, volume } in todo {
+        let (identity, manifest) = ask_daemon(&req.control_socket, req.limits, pool, volume)?;
+        let m = &mut template.masters[*index];
+        record(m, pool, volume, &identity, &manifest);
+        tracing::info!("published {} ({}) as sha256 {}", m.path, volume, identity.sha256);
+        let compressed_from =
+            compressed.and_then(|c| c.from.iter().find(|(i, _)| i == index)).map(|(_, from)| from.clone());
+        out.push(PublishedMaster {
+            target: m.target.clone(),
+            path: m.path.clone(),
+            pool: pool.clone(),
+            volume: volume.clone(),
+            format: identity.format,
+            virtual_size: identity.virtual_size,
+            sha256: identity.sha256,
+            info_hash: identity.info_hash,
+            manifest,
+            compressed_from,
+        });
+    }
+    Ok(out)
 }
 
 /// Writes a published master's identity into its metadata element.
@@ -242,6 +287,12 @@ impl PublishReport {
             ));
             if let Some(ih) = &m.info_hash {
                 s.push_str(&format!("    info-hash {ih}\n"));
+            }
+            if let Some(c) = &m.compressed_from {
+                s.push_str(&format!(
+                    "    compressed (zstd) from {} ({}, {} bytes) to {} bytes; clones made before keep the old master\n",
+                    c.path, c.format, c.size, c.compressed_size
+                ));
             }
             s.push_str(&format!("    manifest {}\n", m.manifest));
         }

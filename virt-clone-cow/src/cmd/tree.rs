@@ -1,19 +1,18 @@
 //! `virt-clone-cow tree`: which masters exist, which templates own them, and which clones (domain
 //! disks or bare pool volumes) depend on each, with the space each clone's overlays take.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
 
-use crate::cmd::gc::{gc, GcArgs, Unused};
+use crate::cmd::gc::{gc_with, GcArgs, Unused};
 use crate::cmd::publish::DEFAULT_CONTROL_SOCKET;
-use crate::holds::{describe_all, Holder};
+use crate::holds::{describe_all, Holder, VolumeIndex};
 use vcc_core::metadata::{CowMetadata, MasterRef};
-use vcc_core::overlay::image_info;
 use vcc_core::protect::{self, Protection};
 use vcc_core::units::human_bytes;
-use vcc_core::xml::{BackingDecl, DiskSource, DomainFacts};
+use vcc_core::xml::DomainFacts;
 use vcc_libvirt::{Libvirt, LibvirtError, Volume};
 
 /// An overlay that depends on a master.
@@ -33,9 +32,28 @@ pub struct CloneNode {
     /// Made by virt-clone-cow (has our clone metadata).
     pub managed: bool,
     pub disposable: bool,
-    /// `linked` (a qcow2 overlay backed by the master) or `reflinked` (a full copy made with
-    /// `--reflink` that shares the master's extents but does not depend on it).
-    pub link: &'static str,
+    /// How the disk relates to the master.
+    pub link: Link,
+}
+
+/// How a clone's disk relates to its master: `linked` or `reflinked` (in `--json` and the text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Link {
+    /// A qcow2 overlay whose backing file is the master: it needs the master.
+    Linked,
+    /// A full copy made with `--reflink`: it shares the master's extents (until written) but
+    /// does not depend on it.
+    Reflinked,
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::Linked => "linked",
+            Link::Reflinked => "reflinked",
+        })
+    }
 }
 
 /// A master and everything that depends on it.
@@ -89,9 +107,7 @@ pub struct Tree {
 /// Builds the tree from every domain and every volume of the active pools.
 pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
     let volumes = lv.list_volumes()?;
-    let by_path: HashMap<&str, &Volume> = volumes.iter().map(|v| (v.facts.path.as_str(), v)).collect();
-    let by_pool_name: HashMap<(&str, &str), &Volume> =
-        volumes.iter().map(|v| ((v.pool.as_str(), v.facts.name.as_str()), v)).collect();
+    let index = VolumeIndex::new(&volumes);
     let mut masters: BTreeMap<String, MasterNode> = BTreeMap::new();
     let mut used_paths = std::collections::HashSet::new();
 
@@ -99,7 +115,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
         masters
             .entry(path.to_string())
             .or_insert_with(|| {
-                let vol = by_path.get(path);
+                let vol = index.at(path);
                 MasterNode {
                     path: path.to_string(),
                     format: vol.and_then(|v| v.facts.format.clone()).or(format.clone()),
@@ -117,15 +133,6 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             .get_or_insert_with(|| format.unwrap_or_default());
     };
 
-    // A disk's image path, and its volume when a pool holds it.
-    let disk_path = |disk: &vcc_core::xml::Disk| match &disk.source {
-        DiskSource::File(p) => Some((p.clone(), by_path.get(p.as_str()).copied())),
-        DiskSource::Volume { pool, volume } => {
-            by_pool_name.get(&(pool.as_str(), volume.as_str())).map(|v| (v.facts.path.clone(), Some(*v)))
-        }
-        _ => None,
-    };
-
     for d in lv.list_domains()? {
         let Ok(facts) = DomainFacts::parse(&d.xml) else { continue };
         let md = facts.vcc_metadata.as_deref().and_then(|x| CowMetadata::parse(x).ok()).unwrap_or_default();
@@ -140,19 +147,9 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             }
         }
         for disk in facts.private_disks() {
-            let Some((path, vol)) = disk_path(disk) else { continue };
+            let Some((path, vol)) = index.disk_image(disk) else { continue };
             used_paths.insert(path.clone());
-            let backing = match (vol.and_then(|v| v.facts.backing.clone()), &disk.backing) {
-                (Some(b), _) => Some(b),
-                (None, BackingDecl::Store { path: Some(p), format, .. }) => Some((p.clone(), format.clone())),
-                _ if lv.is_local() => disk
-                    .format
-                    .as_deref()
-                    .and_then(|f| image_info(&path, f).ok())
-                    .and_then(|i| i.backing.map(|b| (b, i.backing_format))),
-                _ => None,
-            };
-            let Some((master, master_format)) = backing else { continue };
+            let Some((master, master_format)) = index.disk_backing(lv, disk, &path, vol) else { continue };
             let allocation = vol.map(|v| v.facts.allocation).or_else(|| local_allocation(lv, &path));
             node(&mut masters, &master, master_format);
             let clone_md = md.clone.as_ref();
@@ -170,7 +167,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
         // Disks made with --reflink: recorded in our metadata only (no backing file says so).
         for r in md.clone.iter().flat_map(|c| &c.reflinks) {
             let Some(disk) = facts.private_disks().find(|d| d.target.as_ref() == Some(&r.target)) else { continue };
-            let Some((path, vol)) = disk_path(disk) else { continue };
+            let Some((path, vol)) = index.disk_image(disk) else { continue };
             if path != r.path {
                 continue; // the disk was changed since (virsh edit): no longer our copy
             }
@@ -179,7 +176,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
             if let Some(n) = masters.get_mut(&r.from.path) {
                 n.clones.push(CloneNode {
                     allocation: vol.map(|v| v.facts.allocation).or_else(|| local_allocation(lv, &path)),
-                    link: "reflinked",
+                    link: Link::Reflinked,
                     ..domain_disk(&facts.name, disk, &path, vol, d.active)
                 });
             }
@@ -204,7 +201,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
                 running: false,
                 managed: false,
                 disposable: false,
-                link: "linked",
+                link: Link::Linked,
             });
         }
     }
@@ -221,7 +218,7 @@ pub fn build_tree(lv: &Libvirt) -> Result<Tree, LibvirtError> {
     }
     // What gc would free (marked masters, and pool-helper's at its default socket if it runs).
     let args = GcArgs { yes: false, masters: Vec::new(), pool: None, control_socket: DEFAULT_CONTROL_SOCKET.into() };
-    let unused = match gc(lv, &args) {
+    let unused = match gc_with(lv, &args, &volumes, &holds) {
         Ok(r) => r.unused,
         Err(e) => {
             tracing::warn!("cannot tell what gc would free: {}", vcc_core::error::one_line(&e));
@@ -243,7 +240,7 @@ fn domain_disk(domain: &str, disk: &vcc_core::xml::Disk, path: &str, vol: Option
         running,
         managed: true,
         disposable: false,
-        link: "linked",
+        link: Link::Linked,
     }
 }
 
@@ -294,7 +291,7 @@ impl Tree {
                     (None, _) => "(no domain)".to_string(),
                 };
                 let mut size = c.allocation.map(human_bytes).unwrap_or_else(|| "?".into());
-                if c.link == "reflinked" {
+                if c.link == Link::Reflinked {
                     // Allocated, but shared with the master (and other copies) until written.
                     size.push_str(" shared");
                 }
@@ -305,13 +302,14 @@ impl Tree {
                 if c.disposable {
                     flags.push("disposable");
                 }
-                if c.link == "reflinked" {
-                    flags.push("reflinked copy, independent");
+                let copy = format!("{} copy, independent", c.link);
+                if c.link == Link::Reflinked {
+                    flags.push(&copy);
                 }
                 let flags = if flags.is_empty() { String::new() } else { format!("  {}", flags.join(", ")) };
                 s.push_str(&format!("{branch} {who}  {}  {size}{flags}\n", c.overlay));
             }
-            let reflinked = m.clones.iter().filter(|c| c.link == "reflinked").count();
+            let reflinked = m.clones.iter().filter(|c| c.link == Link::Reflinked).count();
             if reflinked > 0 {
                 s.push_str(&format!(
                     "   {} linked clone disk(s), {} in overlays; {reflinked} reflinked (no backing file)\n",
@@ -343,14 +341,14 @@ impl Tree {
 /// What a master's clones take in overlays: linked clones only (a reflinked copy shares its
 /// extents with the master and depends on nothing).
 fn linked_allocation(clones: &[CloneNode]) -> u64 {
-    clones.iter().filter(|c| c.link == "linked").filter_map(|c| c.allocation).sum()
+    clones.iter().filter(|c| c.link == Link::Linked).filter_map(|c| c.allocation).sum()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn clone_node(domain: &str, overlay: &str, allocation: u64, link: &'static str) -> CloneNode {
+    fn clone_node(domain: &str, overlay: &str, allocation: u64, link: Link) -> CloneNode {
         CloneNode {
             domain: Some(domain.into()),
             target: Some("vda".into()),
@@ -375,8 +373,8 @@ mod tests {
             templates: vec!["base".into()],
             published: None,
             clones: vec![
-                clone_node("web-1", "/p/web-1-vda.qcow2", 4096, "linked"),
-                clone_node("db-1", "/p/db-1-vda.raw", 1 << 30, "reflinked"),
+                clone_node("web-1", "/p/web-1-vda.qcow2", 4096, Link::Linked),
+                clone_node("db-1", "/p/db-1-vda.raw", 1 << 30, Link::Reflinked),
             ],
             clones_allocation: 0,
             held_by: Vec::new(),
@@ -391,6 +389,9 @@ mod tests {
         let json = serde_json::to_value(Tree { masters: vec![m.clone()], unused: Vec::new() }).unwrap();
         assert_eq!(json["masters"][0]["clones"][1]["link"], "reflinked");
         assert_eq!(json["masters"][0]["clones"][0]["link"], "linked");
+        for l in [Link::Linked, Link::Reflinked] {
+            assert_eq!(serde_json::to_value(l).unwrap(), l.to_string(), "the text and --json name a link alike");
+        }
         // Only linked clones: the summary as before.
         m.clones.pop();
         m.clones_allocation = linked_allocation(&m.clones);

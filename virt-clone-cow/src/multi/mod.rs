@@ -168,11 +168,13 @@ pub fn inventory(lv: &Libvirt, uri: &str) -> Result<Inventory, MultiError> {
         }
     };
     inv.emulators = emulators(&lv.capabilities().map_err(on(uri))?);
-    inv.pools = lv.pool_targets().map_err(on(uri))?.into_iter().collect();
-    for p in inv.pools.keys() {
-        if let Some(kind) = lv.pool_type(p).map_err(on(uri))? {
-            inv.pool_types.insert(p.clone(), kind);
+    // Pools with a target directory, and their types (each pool's XML read once).
+    for p in lv.active_pools().map_err(on(uri))? {
+        let Some(target) = p.target() else { continue };
+        if let Some(kind) = p.kind() {
+            inv.pool_types.insert(p.name.clone(), kind);
         }
+        inv.pools.insert(p.name, target);
     }
     Ok(inv)
 }
