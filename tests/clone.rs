@@ -44,7 +44,7 @@ fn clone_names(report: &Value) -> Vec<String> {
     report["clones"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect()
 }
 
-/// Asserts the overlay is qcow2 1.1 with 128 KiB clusters and extended L2, over `master` in
+/// Asserts the overlay is qcow2 1.1 in the default layout (vcc-core's `OverlayLayout::DEFAULT`), over `master` in
 /// `master_format` stated explicitly, and as large as the master.
 fn assert_overlay(overlay: &str, master: &str, master_format: &str) {
     assert!(std::path::Path::new(overlay).is_file(), "overlay {overlay} exists");
@@ -56,12 +56,13 @@ fn assert_overlay(overlay: &str, master: &str, master_format: &str) {
         "{overlay}: backing format stated\n{info:#}"
     );
     assert_eq!(info["format-specific"]["data"]["compat"].as_str(), Some("1.1"), "{overlay}: compat\n{info:#}");
+    let layout = vcc_core::layout::OverlayLayout::DEFAULT;
     assert_eq!(
-        info["format-specific"]["data"]["extended-l2"].as_bool(),
-        Some(true),
+        info["format-specific"]["data"]["extended-l2"].as_bool().unwrap_or(false),
+        layout.extended_l2,
         "{overlay}: extended_l2\n{info:#}"
     );
-    assert_eq!(info["cluster-size"].as_u64(), Some(131072), "{overlay}: cluster size\n{info:#}");
+    assert_eq!(info["cluster-size"].as_u64(), Some(layout.cluster_size as u64), "{overlay}: cluster size\n{info:#}");
     let master_size = qemu_img_info(master, master_format)["virtual-size"].as_u64();
     assert_eq!(info["virtual-size"].as_u64(), master_size, "{overlay}: virtual size equals the master's");
 }

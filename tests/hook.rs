@@ -154,6 +154,39 @@ fn start_creates_the_overlay_named_by_a_user_written_backing_store() {
 }
 
 #[test]
+fn the_hook_makes_overlays_in_the_layout_its_settings_name() {
+    let env = Env::new("layout");
+    let master = env.master("base.raw", "raw");
+    let name = env.name("vm");
+    let conf = env.path("hook.toml");
+    std::fs::write(&conf, format!("allowed_dirs = [\"{TEST_DIR}\"]\noverlay_layout = \"2m-l2\"\n")).expect("conf");
+    let default = vcc_core::layout::OverlayLayout::DEFAULT;
+    let cases = [
+        ("set.qcow2", Some(conf.as_str()), (2 << 20, true)),
+        // The tests' installed hook.toml sets no overlay_layout.
+        ("unset.qcow2", None, (default.cluster_size as u64, default.extended_l2)),
+    ];
+    for (file, conf, want) in cases {
+        let overlay = env.path(file);
+        let o = hook_direct_with(
+            &name,
+            "prepare",
+            "begin",
+            &domain_xml(&name, &backed_disk(&overlay, &master, "raw"), ""),
+            conf,
+        );
+        assert!(o.status.success(), "{file}: {}", String::from_utf8_lossy(&o.stderr));
+        let info = qemu_img_info_qcow2(&overlay);
+        let got = (
+            info["cluster-size"].as_u64().unwrap_or(0),
+            info["format-specific"]["data"]["extended-l2"].as_bool().unwrap_or(false),
+        );
+        assert_eq!(got, want, "{file}: (cluster size, extended L2)\n{info:#}");
+        assert_eq!(info["full-backing-filename"].as_str(), Some(master.as_str()));
+    }
+}
+
+#[test]
 fn a_backing_store_naming_a_host_file_or_an_overlay_in_etc_fails_the_start_and_nothing_is_made() {
     let env = Env::new("etc");
     // The master is a host file; the overlay would go where the tests' settings allow.

@@ -181,9 +181,10 @@ fn the_ansible_playbook_defines_and_starts_a_domain_that_runs_on_an_overlay_the_
     assert_eq!(domstate(&name), "running");
     assert_eq!(vda_source(&name), overlay, "the guest's disk is the overlay");
     let chain = assert_overlay_of(&overlay, &master, "qcow2");
-    // Made by the hook (docs/hook.md), not by libvirt or qemu-img's defaults.
-    assert_eq!(qcow2_cluster_size(&chain[0]), 128 << 10);
-    assert!(extended_l2(&chain[0]), "the hook makes overlays with extended L2: {}", chain[0]);
+    // Made by the hook (docs/hook.md) in its default layout (hook.toml sets no overlay_layout).
+    let layout = vcc_core::layout::OverlayLayout::DEFAULT;
+    assert_eq!(qcow2_cluster_size(&chain[0]), layout.cluster_size as u64);
+    assert_eq!(extended_l2(&chain[0]), layout.extended_l2, "the hook's default layout: {}", chain[0]);
     assert_eq!(chain[0]["virtual-size"].as_u64(), Some(64 << 20));
 
     // Run again, as Ansible is: nothing changes, and the overlay (the guest's data) is kept.
@@ -269,7 +270,7 @@ fn a_terraform_volume_over_a_base_volume_runs_with_the_hook_installed_and_the_ho
     let f = work_file(&env, "volume.xml", &overlay_volume_xml(vol, 64 << 20, &master, "raw"));
     virsh_ok(&["vol-create", &env.pool, &f]);
     let made = assert_overlay_of(&overlay, &master, "raw");
-    // libvirt made it with qemu-img's defaults, not the hook's.
+    // libvirt made it with qemu-img's defaults (64 KiB clusters, no extended L2).
     assert_eq!(qcow2_cluster_size(&made[0]), 64 << 10);
     assert!(!extended_l2(&made[0]), "{}", made[0]);
     let ino = inode(&overlay);
@@ -324,8 +325,9 @@ fn a_terraform_domain_whose_disk_has_a_backing_store_starts_on_an_overlay_the_ho
     assert_eq!(domstate(&name), "running");
     assert_eq!(vda_source(&name), overlay);
     let chain = assert_overlay_of(&overlay, &master, "qcow2");
-    assert_eq!(qcow2_cluster_size(&chain[0]), 128 << 10);
-    assert!(extended_l2(&chain[0]), "made by the hook: {}", chain[0]);
+    let layout = vcc_core::layout::OverlayLayout::DEFAULT;
+    assert_eq!(qcow2_cluster_size(&chain[0]), layout.cluster_size as u64);
+    assert_eq!(extended_l2(&chain[0]), layout.extended_l2, "made by the hook: {}", chain[0]);
     // The metadata is libvirt's to keep: `virsh metadata` reads it back for our tools.
     let md = virsh_ok(&["metadata", &name, "urn:virt-clone-cow:1"]);
     assert!(md.contains(&format!("overlay=\"{overlay}\"")), "{md}");

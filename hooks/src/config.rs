@@ -11,6 +11,7 @@
 //! | `state_dir` | `/run/virt-clone-cow-hook` | where `migrate`/`restore` leave a note for the `prepare` that follows |
 //! | `allowed_dirs` | `[]` | more directories (and everything under them) where overlays may be made and masters read, besides `/var/lib/libvirt/images` |
 //! | `lazy` | `false` | start a clone whose master is missing at once, over the master's NBD export from pool-helper (docs/lazy.md; pool-helper needs `lazy = true` too) |
+//! | `overlay_layout` | `"default"` | the qcow2 layout of the overlays the hook makes: `default` (QEMU's, 64 KiB clusters), `128k-l2`, `64k-l2`, `2m-l2` or `cluster_size=SIZE,extended_l2=on\|off`, as `virt-clone-cow --overlay-layout` (docs/overlay-layout.md) |
 //! | `pool_config_dir` | `/etc/libvirt/storage` | where libvirt keeps the definitions of storage pools: the directories of `dir`, `fs` and `netfs` pools defined there are allowed too |
 //!
 //! The old `/etc/virt-clone-cow/hook.conf` (lines of `key = value`, `#` comments, `allowed_dir`
@@ -51,6 +52,8 @@ pub struct Config {
     pub pool_config_dir: PathBuf,
     /// Lazy starts (docs/lazy.md).
     pub lazy: bool,
+    /// The layout of the overlays the hook makes (docs/overlay-layout.md).
+    pub overlay_layout: vcc_core::layout::OverlayLayout,
     /// The settings file these came from (named in messages that say which setting to change).
     pub path: PathBuf,
 }
@@ -72,6 +75,7 @@ impl Default for Config {
             allowed_dirs: vec![PathBuf::from(DEFAULT_ALLOWED_DIR)],
             pool_config_dir: PathBuf::from(DEFAULT_POOL_CONFIG_DIR),
             lazy: false,
+            overlay_layout: vcc_core::layout::OverlayLayout::DEFAULT,
             path: PathBuf::from(DEFAULT_PATH),
         }
     }
@@ -110,6 +114,7 @@ const EXPECT_ABS: &str = "an absolute path";
 const EXPECT_SECS: &str = "a whole number of seconds from 0 to 86400";
 const EXPECT_ABS_LIST: &str = "an array of absolute paths";
 const EXPECT_BOOL: &str = "true or false";
+const EXPECT_LAYOUT: &str = "default, 128k-l2, 64k-l2, 2m-l2, SIZE[-l2] or cluster_size=SIZE,extended_l2=on|off";
 
 impl Val<'_> {
     fn text(&self) -> Option<&str> {
@@ -201,6 +206,13 @@ impl Config {
                     Val::Toml(t) => t.as_bool(),
                 };
                 (b.map(|b| self.lazy = b), EXPECT_BOOL)
+            }
+            "overlay_layout" => {
+                let l = match v {
+                    Val::Text(t) => t.parse().ok(),
+                    Val::Toml(t) => t.as_str().and_then(|s| s.parse().ok()),
+                };
+                (l.map(|l| self.overlay_layout = l), EXPECT_LAYOUT)
             }
             // The old syntax: one directory a line.
             "allowed_dir" if matches!(v, Val::Text(_)) => (v.abs_path().map(|p| self.allowed_dirs.push(p)), EXPECT_ABS),
@@ -376,7 +388,7 @@ mod tests {
         let (c, w) = toml(
             "# comment\ncontrol_socket = \"/tmp/s.sock\"\nfetch_timeout = 7\nconnect_timeout = 2\nprogress_interval = 0\n\
              managed_save_dir = \"/s\"\nstate_dir = \"/st\"\nallowed_dirs = [\"/srv/vms\", \"/data/a b#c\"]\n\
-             pool_config_dir = \"/p\"\nlazy = true\n",
+             pool_config_dir = \"/p\"\nlazy = true\noverlay_layout = \"2m-l2\"\n",
         );
         assert!(w.is_empty(), "{w}");
         let want = Config {
@@ -389,9 +401,30 @@ mod tests {
             allowed_dirs: ["/var/lib/libvirt/images", "/srv/vms", "/data/a b#c"].iter().map(PathBuf::from).collect(),
             pool_config_dir: "/p".into(),
             lazy: true,
+            overlay_layout: vcc_core::layout::OverlayLayout::L2_2M,
             path: "/x/hook.toml".into(),
         };
         assert_eq!(c, want);
+    }
+
+    #[test]
+    fn overlay_layout_is_read_in_both_syntaxes_and_a_bad_one_warns_and_keeps_the_default() {
+        let (c, w) = toml("overlay_layout = \"cluster_size=128k,extended_l2=on\"\n");
+        assert!(w.is_empty(), "{w}");
+        assert_eq!(c.overlay_layout, vcc_core::layout::OverlayLayout::L2_128K);
+        for bad in ["overlay_layout = \"fast\"\n", "overlay_layout = 128\n", "overlay_layout = \"8k-l2\"\n"] {
+            let (c, w) = toml(bad);
+            assert_eq!(c.overlay_layout, vcc_core::layout::OverlayLayout::DEFAULT, "{bad}");
+            assert_eq!(w.lines().count(), 1, "{w}");
+            assert!(
+                w.contains("/x/hook.toml: ignoring overlay_layout = ") && w.contains("expected default, 128k-l2"),
+                "{w}"
+            );
+        }
+        let mut warn = Vec::new();
+        let c = Config::parse("overlay_layout = 64k-l2\n", Path::new("/x/h.conf"), &mut warn);
+        assert!(warn.is_empty());
+        assert_eq!(c.overlay_layout, vcc_core::layout::OverlayLayout::L2_64K);
     }
 
     #[test]
@@ -519,7 +552,7 @@ mod tests {
         for key in ["control_socket", "fetch_timeout", "connect_timeout", "progress_interval", "managed_save_dir"] {
             assert!(uncommented.contains(&format!("{key} = ")), "{key} is in the file");
         }
-        for key in ["state_dir", "allowed_dirs", "pool_config_dir"] {
+        for key in ["state_dir", "allowed_dirs", "pool_config_dir", "overlay_layout"] {
             assert!(uncommented.contains(&format!("{key} = ")), "{key} is in the file");
         }
     }

@@ -225,7 +225,7 @@ mod tests {
             let p = self.dir.path().join(name).to_string_lossy().into_owned();
             let virtual_size = std::fs::metadata(backing).unwrap().len();
             let b = BackingSpec { path: backing, format: "raw", virtual_size };
-            QemuImg::new().create_overlay(Path::new(&p), &b, false).unwrap();
+            QemuImg::new().create_overlay(Path::new(&p), &b, vcc_core::layout::OverlayLayout::QEMU_DEFAULT).unwrap();
             p
         }
 

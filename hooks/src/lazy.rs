@@ -124,7 +124,8 @@ pub fn start(
         .map_err(|source| PrepareError::Master { master: m.path.clone(), target: d.target.clone(), source })?
         .virtual_size;
     let backing = BackingSpec { path: &url, format: &m.format, virtual_size };
-    create_overlay_over_export(&overlay, &backing, OverlayOptions::preferred().with_timeout(QEMU_IMG_TIMEOUT))
+    let opts = OverlayOptions::preferred().with_layout(cfg.overlay_layout).with_timeout(QEMU_IMG_TIMEOUT);
+    create_overlay_over_export(&overlay, &backing, opts)
         .map_err(|source| PrepareError::Overlay { target: d.target.clone(), source })?;
     let _ = writeln!(
         log,

@@ -101,7 +101,7 @@ pub fn prepare(
         }
         for d in todo {
             let (overlay, master) = placed(&places, d)?;
-            create_overlay(domain, d, &overlay, &master, log)?;
+            create_overlay(domain, d, &overlay, &master, cfg, log)?;
             let _ = writeln!(
                 log,
                 "virt-clone-cow-hook: {domain}: created overlay {} over {}",
@@ -216,6 +216,7 @@ fn create_overlay(
     d: &ManagedDisk,
     overlay: &Path,
     real_master: &Path,
+    cfg: &Config,
     log: &mut dyn Write,
 ) -> Result<(), PrepareError> {
     let m = &d.master;
@@ -232,7 +233,8 @@ fn create_overlay(
         );
     }
     let backing = BackingSpec { path: &m.path, format: &m.format, virtual_size };
-    create_file_overlay(overlay, &backing, OverlayOptions::preferred().with_timeout(QEMU_IMG_TIMEOUT))
+    let opts = OverlayOptions::preferred().with_layout(cfg.overlay_layout).with_timeout(QEMU_IMG_TIMEOUT);
+    create_file_overlay(overlay, &backing, opts)
         .map_err(|source| PrepareError::Overlay { target: d.target.clone(), source })
 }
 

@@ -16,6 +16,7 @@
 
 pub mod control;
 pub mod error;
+pub mod layout;
 pub mod log;
 pub mod managed;
 pub mod metadata;

@@ -1,10 +1,9 @@
 //! Creating qcow2 overlays over masters, and reading image facts (through [`crate::qemu_img`]).
 //!
-//! Overlays are always created with the master's format stated (`-F`), compat 1.1, and, where
-//! QEMU supports it, 128 KiB clusters with extended L2 entries (subcluster allocation: first
-//! writes to a fresh overlay copy 4 KiB instead of a whole cluster: scattered first writes 1.6-2.2x
-//! faster, but back-to-back 4 KiB writes with 64 in flight 3.7x slower; docs/benchmarks/clone.md).
-//! An existing file is never overwritten.
+//! Overlays are always created with the master's format stated (`-F`), compat 1.1, and the
+//! cluster layout asked for ([`OverlayLayout`]: QEMU's default unless the operator chose another,
+//! docs/overlay-layout.md). A qemu-img too old for extended L2 entries (before QEMU 5.2) gets
+//! QEMU's default layout instead. An existing file is never overwritten.
 
 use std::fs::OpenOptions;
 use std::io::ErrorKind;
@@ -13,6 +12,7 @@ use std::sync::OnceLock;
 
 use quick_xml::escape::escape;
 
+pub use crate::layout::OverlayLayout;
 pub use crate::qemu_img::{BackingSpec, ImageInfo};
 use crate::qemu_img::{QemuImg, QemuImgError};
 
@@ -48,23 +48,38 @@ pub enum OverlayError {
 /// How overlays are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OverlayOptions {
-    /// `cluster_size=128k,extended_l2=on`.
-    pub extended_l2: bool,
+    /// Cluster size and subclusters.
+    pub layout: OverlayLayout,
     /// Wall-clock limit for one qemu-img run (the hook runs while libvirt holds the domain).
     pub timeout: std::time::Duration,
 }
 
 impl OverlayOptions {
-    /// The best layout, for file overlays: [`create_file_overlay`] falls back by itself when
-    /// qemu-img does not know extended L2 entries, so no probe is needed (the hook saves a
-    /// qemu-img run per overlay).
+    /// The default layout ([`OverlayLayout::DEFAULT`]), for file overlays: [`create_file_overlay`]
+    /// falls back by itself when qemu-img does not know extended L2 entries, so no probe is
+    /// needed (the hook saves a qemu-img run per overlay).
     pub fn preferred() -> Self {
-        OverlayOptions { extended_l2: true, timeout: crate::process::DEFAULT_TIMEOUT }
+        OverlayOptions { layout: OverlayLayout::DEFAULT, timeout: crate::process::DEFAULT_TIMEOUT }
     }
 
-    /// The best layout the installed qemu-img supports (asks qemu-img once per process).
+    /// The default layout as far as the installed qemu-img supports it (asks qemu-img once per
+    /// process when the layout needs extended L2 entries).
     pub fn detect() -> Self {
-        OverlayOptions { extended_l2: qemu_img_supports_extended_l2(), timeout: crate::process::DEFAULT_TIMEOUT }
+        OverlayOptions::preferred().supported()
+    }
+
+    /// The same options with another layout.
+    pub fn with_layout(self, layout: OverlayLayout) -> Self {
+        OverlayOptions { layout, ..self }
+    }
+
+    /// This layout, or QEMU's default if it needs extended L2 entries and qemu-img has none.
+    pub fn supported(self) -> Self {
+        if self.layout.extended_l2 && !qemu_img_supports_extended_l2() {
+            self.plain()
+        } else {
+            self
+        }
     }
 
     /// The same layout with another qemu-img time limit.
@@ -72,9 +87,9 @@ impl OverlayOptions {
         OverlayOptions { timeout, ..self }
     }
 
-    /// The plain layout (64 KiB clusters, no subclusters).
+    /// QEMU's default layout (64 KiB clusters, no subclusters).
     pub fn plain(self) -> Self {
-        OverlayOptions { extended_l2: false, ..self }
+        OverlayOptions { layout: OverlayLayout::QEMU_DEFAULT, ..self }
     }
 }
 
@@ -147,7 +162,7 @@ fn create_overlay_in(
     }
     let result = QemuImg::new()
         .timeout(opts.timeout)
-        .create_overlay(&tmp, backing, opts.extended_l2)
+        .create_overlay(&tmp, backing, opts.layout)
         .map_err(|source| OverlayError::QemuImg { path: shown.clone(), source });
     let linked = result.and_then(|()| match std::fs::hard_link(&tmp, overlay) {
         Ok(()) => Ok(()),
@@ -184,11 +199,7 @@ fn ensure_regular(path: &str) -> Result<(), OverlayError> {
 
 /// Storage-volume XML for an overlay volume named `name` over `backing` (for `virStorageVolCreateXML`).
 pub fn overlay_volume_xml(name: &str, backing: &BackingSpec<'_>, opts: OverlayOptions) -> String {
-    let features = if opts.extended_l2 {
-        "<clusterSize unit='KiB'>128</clusterSize><features><extended_l2/></features>"
-    } else {
-        ""
-    };
+    let features = opts.layout.volume_xml();
     format!(
         "<volume><name>{}</name><capacity unit='bytes'>{}</capacity>\
          <target><format type='qcow2'/><compat>1.1</compat>{features}</target>\
@@ -214,10 +225,10 @@ mod tests {
     #[test]
     fn volume_xml_states_backing_format_and_layout() {
         let b = BackingSpec { path: "/p/base & co.raw", format: "raw", virtual_size: 1 << 30 };
-        let x = overlay_volume_xml("c-vda.qcow2", &b, OverlayOptions::preferred());
+        let x = overlay_volume_xml("c-vda.qcow2", &b, OverlayOptions::preferred().with_layout(OverlayLayout::L2_128K));
         assert!(x.contains("<path>/p/base &amp; co.raw</path><format type='raw'/>"), "{x}");
         assert!(x.contains("<compat>1.1</compat>"), "{x}");
-        assert!(x.contains("<extended_l2/>"), "{x}");
+        assert!(x.contains("<clusterSize unit='KiB'>128</clusterSize><features><extended_l2/></features>"), "{x}");
         assert!(x.contains("<capacity unit='bytes'>1073741824</capacity>"), "{x}");
         let plain = overlay_volume_xml("c", &b, OverlayOptions::preferred().plain());
         assert!(!plain.contains("extended_l2"), "{plain}");

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::layout::OverlayLayout;
 use crate::process::{capture, run_limited, CommandError, ConfineError, Limits};
 
 /// Most bytes of qemu-img output kept per stream; qemu-img is killed when it prints more. The
@@ -276,23 +277,25 @@ impl QemuImg {
     }
 
     /// Creates the qcow2 overlay `path` over `backing`: the backing format always stated (`-F`),
-    /// compat 1.1, and with `extended_l2` 128 KiB clusters with extended L2 entries. A qemu-img
-    /// that does not know extended L2 entries (before QEMU 5.2) gets the plain layout instead.
+    /// compat 1.1, and `layout`'s cluster size and subclusters. A qemu-img that does not know
+    /// extended L2 entries (before QEMU 5.2) gets QEMU's default layout instead.
     /// qemu-img overwrites `path`: callers make sure it is theirs.
     pub fn create_overlay(
         &self,
         path: &Path,
         backing: &BackingSpec<'_>,
-        extended_l2: bool,
+        layout: OverlayLayout,
     ) -> Result<(), QemuImgError> {
         let size = backing.virtual_size.to_string();
+        let options = layout.qemu_img_options();
+        let plain = OverlayLayout::QEMU_DEFAULT.qemu_img_options();
         let mut argv: [&OsStr; 12] = [
             "create".as_ref(),
             "-q".as_ref(),
             "-f".as_ref(),
             "qcow2".as_ref(),
             "-o".as_ref(),
-            overlay_options(extended_l2).as_ref(),
+            options.as_ref(),
             "-b".as_ref(),
             backing.path.as_ref(),
             "-F".as_ref(),
@@ -302,8 +305,8 @@ impl QemuImg {
         ];
         let result = match self.run(&argv) {
             // Only qemu-img's own complaint counts (our command line contains the word too).
-            Err(e) if extended_l2 && e.stderr().is_some_and(|s| s.contains("extended_l2")) => {
-                argv[5] = overlay_options(false).as_ref();
+            Err(e) if layout.extended_l2 && e.stderr().is_some_and(|s| s.contains("extended_l2")) => {
+                argv[5] = plain.as_ref();
                 self.run(&argv)
             }
             other => other,
@@ -445,14 +448,6 @@ impl QemuImg {
 /// The creation options of a compressed master: zstd, which decompresses several times faster
 /// than zlib (qcow2's default) for a similar ratio.
 pub const COMPRESSED_OPTIONS: &str = "compat=1.1,compression_type=zstd";
-
-fn overlay_options(extended_l2: bool) -> &'static str {
-    if extended_l2 {
-        "compat=1.1,cluster_size=128k,extended_l2=on"
-    } else {
-        "compat=1.1"
-    }
-}
 
 /// The fields of `qemu-img info --output=json` we read. Only format and size are required;
 /// everything else is read leniently (a backing file of any JSON type counts as one).
@@ -672,9 +667,25 @@ mod tests {
         );
         let fake = fake_qemu_img(dir.path(), &body);
         let b = BackingSpec { path: "/p/m a.raw", format: "raw", virtual_size: 1 << 20 };
-        QemuImg::new().program(&fake).create_overlay(Path::new("/p/o.qcow2"), &b, true).unwrap();
+        QemuImg::new().program(&fake).create_overlay(Path::new("/p/o.qcow2"), &b, OverlayLayout::L2_128K).unwrap();
         let ran = std::fs::read_to_string(&log).unwrap();
         assert_eq!(ran, "create -q -f qcow2 -o compat=1.1 -b /p/m a.raw -F raw /p/o.qcow2 1048576\n");
+    }
+
+    #[test]
+    fn overlays_get_the_layout_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let fake = fake_qemu_img(dir.path(), &format!("echo \"$*\" >> '{}'", log.display()));
+        let b = BackingSpec { path: "/p/m.raw", format: "raw", virtual_size: 1 << 20 };
+        let q = QemuImg::new().program(&fake);
+        q.create_overlay(Path::new("/p/a.qcow2"), &b, OverlayLayout::L2_2M).unwrap();
+        q.create_overlay(Path::new("/p/b.qcow2"), &b, OverlayLayout::QEMU_DEFAULT).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "create -q -f qcow2 -o compat=1.1,cluster_size=2097152,extended_l2=on -b /p/m.raw -F raw /p/a.qcow2 1048576\n\
+             create -q -f qcow2 -o compat=1.1 -b /p/m.raw -F raw /p/b.qcow2 1048576\n"
+        );
     }
 
     #[test]
@@ -683,7 +694,10 @@ mod tests {
         let log = dir.path().join("log");
         let fake = fake_qemu_img(dir.path(), &format!("echo x >> '{}'; echo 'no space' >&2; exit 1", log.display()));
         let b = BackingSpec { path: "/p/m.raw", format: "raw", virtual_size: 1 << 20 };
-        let err = QemuImg::new().program(&fake).create_overlay(Path::new("/p/o.qcow2"), &b, true).unwrap_err();
+        let err = QemuImg::new()
+            .program(&fake)
+            .create_overlay(Path::new("/p/o.qcow2"), &b, OverlayLayout::L2_128K)
+            .unwrap_err();
         assert!(matches!(err, QemuImgError::Create { .. }), "{err}");
         assert_eq!(err.stderr(), Some("no space"));
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "x\n", "one run only");
@@ -735,7 +749,7 @@ mod tests {
         q.create(&master, "qcow2", 1 << 20).unwrap();
         let m = master.to_str().unwrap();
         let b = BackingSpec { path: m, format: "qcow2", virtual_size: 1 << 20 };
-        q.create_overlay(&overlay, &b, true).unwrap();
+        q.create_overlay(&overlay, &b, OverlayLayout::L2_128K).unwrap();
         q.snapshot_create(&overlay, "s1").unwrap();
         let i = q.info(&overlay, "qcow2").unwrap();
         assert_eq!((i.format.as_str(), i.virtual_size), ("qcow2", 1 << 20));
@@ -792,7 +806,7 @@ mod tests {
         let q = QemuImg::new();
         q.create(&backing, "raw", 1 << 20).unwrap();
         let b = BackingSpec { path: backing.to_str().unwrap(), format: "raw", virtual_size: 1 << 20 };
-        q.create_overlay(&overlay, &b, false).unwrap();
+        q.create_overlay(&overlay, &b, OverlayLayout::QEMU_DEFAULT).unwrap();
         let i = q.probe_confined(&overlay).unwrap();
         assert_eq!((i.format.as_str(), i.backing.as_deref()), ("qcow2", backing.to_str()));
     }

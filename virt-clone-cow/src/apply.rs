@@ -371,7 +371,7 @@ fn make_clone(tx: &mut Transaction<'_>, c: &CloneSpec, opts: OverlayOptions) -> 
     Ok(())
 }
 
-/// Makes an overlay volume over `backing` in `pool` through the storage API, in the plain layout
+/// Makes an overlay volume over `backing` in `pool` through the storage API, in QEMU's default layout
 /// when libvirt or its qemu-img refuses extended L2 entries.
 pub(crate) fn create_overlay_volume(
     lv: &Libvirt,
@@ -382,7 +382,7 @@ pub(crate) fn create_overlay_volume(
 ) -> Result<(), LibvirtError> {
     let xml = overlay_volume_xml(name, backing, opts);
     let mut made = lv.create_volume(pool, &xml, name);
-    if opts.extended_l2 && made.as_ref().is_err_and(refuses_extended_l2) {
+    if opts.layout.extended_l2 && made.as_ref().is_err_and(refuses_extended_l2) {
         // QEMU older than 5.2 (or libvirt older than 8.0): the plain layout.
         let plain = overlay_volume_xml(name, backing, opts.plain());
         made = lv.create_volume(pool, &plain, name);

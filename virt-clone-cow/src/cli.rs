@@ -159,6 +159,13 @@ pub struct CloneArgs {
     /// e.g. masters on shared storage, overlays on local disk.
     #[arg(long, value_name = "POOL", conflicts_with = "reflink")]
     pub overlay_pool: Option<String>,
+
+    /// The overlays' qcow2 cluster layout: default (QEMU's: 64 KiB clusters), 128k-l2, 64k-l2,
+    /// 2m-l2 (that cluster size with extended L2 entries: a first write allocates a 1/32
+    /// subcluster instead of copying a whole cluster), or cluster_size=SIZE,extended_l2=on|off.
+    /// See docs/overlay-layout.md for which workloads each suits.
+    #[arg(long, value_name = "LAYOUT", conflicts_with = "reflink")]
+    pub overlay_layout: Option<String>,
 }
 
 impl CloneArgs {
@@ -177,6 +184,7 @@ impl CloneArgs {
             || !self.pool_map.is_empty()
             || !self.disk_sizes.is_empty()
             || self.overlay_pool.is_some()
+            || self.overlay_layout.is_some()
     }
 
     /// The multi-host request, when --host was given.
@@ -199,6 +207,7 @@ impl CloneArgs {
             start: r.start,
             dry_run: r.dry_run,
             disposable: r.disposable,
+            layout: r.overlay.layout,
         }))
     }
 
@@ -219,6 +228,10 @@ impl CloneArgs {
         let overlay = OverlayRequest {
             disk_sizes: self.disk_sizes.iter().map(|s| parse_disk_size(s)).collect::<Result<_, _>>()?,
             pool: self.overlay_pool.clone(),
+            layout: match &self.overlay_layout {
+                Some(l) => l.parse().map_err(|e: vcc_core::layout::LayoutError| format!("--overlay-layout: {e}"))?,
+                None => Default::default(),
+            },
         };
         Ok(CloneRequest {
             original,
@@ -241,6 +254,29 @@ mod tests {
         let mut v = vec!["virt-clone-cow"];
         v.extend_from_slice(args);
         Cli::try_parse_from(v).map_err(|e| e.to_string())?.clone.to_request()
+    }
+
+    #[test]
+    fn overlay_layout_is_parsed_and_a_bad_one_is_one_usage_line() {
+        use vcc_core::layout::OverlayLayout;
+        assert_eq!(parse(&["-o", "b", "--name", "x"]).unwrap().overlay.layout, OverlayLayout::DEFAULT);
+        assert_eq!(
+            parse(&["-o", "b", "--name", "x", "--overlay-layout", "128k-l2"]).unwrap().overlay.layout,
+            OverlayLayout::L2_128K
+        );
+        let r = parse(&["-o", "b", "--name", "x", "--overlay-layout", "cluster_size=2M,extended_l2=on"]).unwrap();
+        assert_eq!(r.overlay.layout, OverlayLayout::L2_2M);
+        assert!(r.overlay.is_default(), "a layout alone does not move or size overlays");
+        let e = parse(&["-o", "b", "--name", "x", "--overlay-layout", "huge"]).unwrap_err();
+        assert!(e.starts_with("--overlay-layout: invalid overlay layout 'huge': "), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        assert!(parse(&["-o", "b", "--name", "x", "--overlay-layout", "64k-l2", "--reflink"]).is_err());
+        let mut v = vec!["virt-clone-cow", "-o", "b", "--name", "x", "--host", "h", "--overlay-layout", "2m-l2"];
+        let m = Cli::try_parse_from(&v).unwrap().clone.to_multi_request().unwrap().unwrap();
+        assert_eq!(m.layout, OverlayLayout::L2_2M);
+        v.truncate(7);
+        let m = Cli::try_parse_from(&v).unwrap().clone.to_multi_request().unwrap().unwrap();
+        assert_eq!(m.layout, OverlayLayout::DEFAULT);
     }
 
     #[test]

@@ -22,9 +22,12 @@ pub struct OverlayRequest {
     pub disk_sizes: Vec<DiskSize>,
     /// `--overlay-pool`.
     pub pool: Option<String>,
+    /// `--overlay-layout`: cluster size and subclusters of the overlays made.
+    pub layout: vcc_core::layout::OverlayLayout,
 }
 
 impl OverlayRequest {
+    /// Overlays at their masters' size, beside them (whatever their layout).
     pub fn is_default(&self) -> bool {
         self.disk_sizes.is_empty() && self.pool.is_none()
     }
@@ -185,7 +188,11 @@ mod tests {
     }
 
     fn req(sizes: &[&str]) -> OverlayRequest {
-        OverlayRequest { disk_sizes: sizes.iter().map(|s| parse_disk_size(s).unwrap()).collect(), pool: None }
+        OverlayRequest {
+            disk_sizes: sizes.iter().map(|s| parse_disk_size(s).unwrap()).collect(),
+            pool: None,
+            layout: Default::default(),
+        }
     }
 
     #[test]

@@ -200,7 +200,15 @@ pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, Clo
     let outcomes = if req.dry_run {
         Vec::new()
     } else {
-        apply(lv, &plan, ApplyOptions { start: req.start, overlay: OverlayOptions::preferred(), sysprep: req.sysprep })?
+        apply(
+            lv,
+            &plan,
+            ApplyOptions {
+                start: req.start,
+                overlay: OverlayOptions::preferred().with_layout(req.overlay.layout),
+                sysprep: req.sysprep,
+            },
+        )?
     };
     Ok(report(&plan, &outcomes, req.dry_run, t0))
 }

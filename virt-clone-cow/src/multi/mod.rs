@@ -45,6 +45,8 @@ pub struct MultiRequest {
     pub start: bool,
     pub dry_run: bool,
     pub disposable: bool,
+    /// `--overlay-layout` of the overlays made now (the hook makes the others with its own).
+    pub layout: vcc_core::layout::OverlayLayout,
 }
 
 /// Why a multi-host run failed; whatever it made has been removed from every host.
@@ -272,7 +274,8 @@ pub fn clone_to_hosts(src: &Libvirt, hosts: &[Libvirt], req: &MultiRequest) -> R
     let template = crate::cmd::clone::template_plan(&xml, &facts, &masters)
         .map_err(|source| MultiPlanError::Plan { host: src.uri().to_string(), source })?;
 
-    let starts = if req.dry_run { BTreeMap::new() } else { apply_all(src, hosts, &template, &plans, req.start)? };
+    let starts =
+        if req.dry_run { BTreeMap::new() } else { apply_all(src, hosts, &template, &plans, req.start, req.layout)? };
     Ok(report(src, &req.original, &plans, &starts, req.dry_run, t0))
 }
 
@@ -290,6 +293,7 @@ fn apply_all(
     template: &ClonePlan,
     plans: &[HostPlan],
     start: bool,
+    layout: vcc_core::layout::OverlayLayout,
 ) -> Result<BTreeMap<(usize, String), Made>, MultiError> {
     let mut lvs = vec![src];
     lvs.extend(hosts.iter());
@@ -301,7 +305,7 @@ fn apply_all(
             return Err(src_err(ApplyError::OriginalStarted(template.original.clone())));
         }
         let mut made = BTreeMap::new();
-        let opts = OverlayOptions::preferred();
+        let opts = OverlayOptions::preferred().with_layout(layout);
         for (h, (lv, hp)) in hosts.iter().zip(plans).enumerate() {
             let err = |source| MultiError::Apply { host: hp.uri.clone(), source };
             for c in &hp.plan.clones {
