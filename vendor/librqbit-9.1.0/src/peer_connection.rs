@@ -52,6 +52,12 @@ pub trait PeerConnectionHandler {
         true
     }
     fn read_chunk(&self, chunk: &ChunkInfo, buf: &mut [u8]) -> anyhow::Result<()>;
+    /// pool-helper patch: how many bytes to read at once from the start of `chunk` (at least
+    /// `chunk.size`, never past the end of its piece), so that the next requests of the same
+    /// piece are served from memory.
+    fn read_ahead_len(&self, chunk: &ChunkInfo) -> u32 {
+        chunk.size
+    }
     fn update_my_extended_handshake(
         &self,
         _handshake: &mut ExtendedHandshake<ByteBuf>,
@@ -326,6 +332,8 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
         }
 
         let writer = async move {
+            // pool-helper patch: the bytes read ahead for uploads, see `ReadAhead`.
+            let mut read_ahead = ReadAhead::default();
             let keep_alive_interval = self
                 .options
                 .keep_alive_interval
@@ -450,14 +458,32 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
                         // this whole section is an optimization
                         let preamble_len = serialize_piece_preamble(&chunk, &mut *write_buf);
                         let full_len = preamble_len + chunk.size as usize;
-                        if !skip_reading_for_e2e_tests {
+                        // pool-helper patch: stock librqbit read every 16 KiB chunk through
+                        // `block_in_place` (a thread hand-off per chunk, 43 % of a seeder's CPU);
+                        // one read now covers the rest of the piece (up to 256 KiB), still
+                        // through `block_in_place`, and the following requests of that piece
+                        // are copied from memory.
+                        if !skip_reading_for_e2e_tests
+                            && !read_ahead.copy_to(&chunk, &mut write_buf[preamble_len..full_len])
+                        {
+                            let len = (self.handler.read_ahead_len(&chunk) as usize)
+                                .min(ReadAhead::MAX_BYTES)
+                                .max(chunk.size as usize);
+                            read_ahead.buf.resize(len, 0);
+                            read_ahead.piece = None;
+                            let buf = &mut read_ahead.buf;
                             self.spawner
                                 .block_in_place_with_semaphore(|| {
-                                    self.handler
-                                        .read_chunk(&chunk, &mut write_buf[preamble_len..full_len])
+                                    self.handler.read_chunk(&chunk, &mut buf[..len])
                                 })
                                 .await
                                 .map_err(Error::ReadChunk)?;
+                            read_ahead.piece = Some((chunk.piece_index, chunk.offset));
+                            if !read_ahead.copy_to(&chunk, &mut write_buf[preamble_len..full_len]) {
+                                return Err(Error::ReadChunk(anyhow::anyhow!(
+                                    "bug: chunk {chunk:?} not in the bytes read ahead"
+                                )));
+                            }
                         }
 
                         uploaded_add = Some(chunk.size);
@@ -536,5 +562,36 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
                 r
             }
         }
+    }
+}
+
+/// pool-helper patch: bytes of one piece read ahead for uploads, from `offset` within the piece.
+/// Only pieces we have are uploaded, and a piece we have never changes.
+#[derive(Default)]
+struct ReadAhead {
+    piece: Option<(librqbit_core::lengths::ValidPieceIndex, u32)>,
+    buf: Vec<u8>,
+}
+
+impl ReadAhead {
+    const MAX_BYTES: usize = 256 * 1024;
+
+    /// Copy `chunk` into `out` if it was read ahead.
+    fn copy_to(&self, chunk: &ChunkInfo, out: &mut [u8]) -> bool {
+        let Some((piece, offset)) = self.piece else {
+            return false;
+        };
+        if piece != chunk.piece_index || chunk.offset < offset {
+            return false;
+        }
+        let start = (chunk.offset - offset) as usize;
+        let Some(src) = self.buf.get(start..start + chunk.size as usize) else {
+            return false;
+        };
+        if out.len() != src.len() {
+            return false;
+        }
+        out.copy_from_slice(src);
+        true
     }
 }

@@ -499,6 +499,7 @@ impl TorrentStateLive {
             on_bitfield_notify: Default::default(),
             offers: Default::default(),
             upload_queue: Default::default(),
+            pending_writes: Default::default(),
             flow_control: Mutex::new(PeerFlowControl::new(self.max_request_window())),
             state: self.clone(),
             tx,
@@ -565,6 +566,7 @@ impl TorrentStateLive {
             on_bitfield_notify: Default::default(),
             offers: Default::default(),
             upload_queue: Default::default(),
+            pending_writes: Default::default(),
             flow_control: Mutex::new(PeerFlowControl::new(state.max_request_window())),
             state: state.clone(),
             tx,
@@ -1059,6 +1061,9 @@ struct PeerHandler {
     // pool-helper patch: (piece, offset) of the peer's requests not yet sent; a cancel removes
     // its request from here, and the writer sends only what is still here.
     upload_queue: Mutex<HashSet<(u32, u32)>>,
+    // pool-helper patch: chunks received from this peer and not yet written, so that a piece's
+    // chunks go to disk in one `block_in_place` instead of one per 16 KiB chunk.
+    pending_writes: Mutex<PendingWrites>,
 
     addr: SocketAddr,
     incoming: bool,
@@ -1099,7 +1104,11 @@ impl PeerConnectionHandler for &'_ PeerHandler {
             Message::Bitfield(b) => self
                 .on_bitfield(b.clone_to_owned(None))
                 .context("on_bitfield")?,
-            Message::Choke => self.on_i_am_choked(),
+            Message::Choke => {
+                // pool-helper patch: write what this peer sent before it stopped sending.
+                self.flush_pending_writes().await?;
+                self.on_i_am_choked()
+            }
             Message::Unchoke => self.on_i_am_unchoked(),
             Message::Interested => self.on_peer_interested(),
             Message::Piece(piece) => self
@@ -1108,6 +1117,8 @@ impl PeerConnectionHandler for &'_ PeerHandler {
                 .context("on_received_piece")?,
             Message::KeepAlive => {
                 trace!("keepalive received");
+                // pool-helper patch: an idle peer leaves nothing unwritten.
+                self.flush_pending_writes().await?;
             }
             Message::Have(h) => self.on_have(h),
             Message::NotInterested => {
@@ -1203,6 +1214,15 @@ impl PeerConnectionHandler for &'_ PeerHandler {
 
     fn read_chunk(&self, chunk: &ChunkInfo, buf: &mut [u8]) -> anyhow::Result<()> {
         self.state.file_ops().read_chunk(self.addr, chunk, buf)
+    }
+
+    // pool-helper patch: read the rest of the piece (see `ReadAhead` in peer_connection.rs).
+    fn read_ahead_len(&self, chunk: &ChunkInfo) -> u32 {
+        self.state
+            .lengths
+            .piece_length(chunk.piece_index)
+            .saturating_sub(chunk.offset)
+            .max(chunk.size)
     }
 
     fn on_extended_handshake(&self, hs: &ExtendedHandshake<ByteBuf>) -> anyhow::Result<()> {
@@ -1914,15 +1934,21 @@ impl PeerHandler {
             .fetch_add(piece.len() as u64, Ordering::Relaxed);
         self.counters.fetched_chunks.fetch_add(1, Ordering::Relaxed);
 
-        let should_process = self
+        // pool-helper patch: `more_of_piece` says whether this peer still owes us chunks of
+        // the same piece (then the chunk waits in `pending_writes` for them).
+        let (should_process, more_of_piece) = self
             .state
             .peers
             .with_live_mut(self.addr, "inflight_requests.remove", |h| {
                 match h.remove_inflight_request(&chunk_info) {
-                    RemoveInflightRequestResult::Expected => Ok(true),
+                    RemoveInflightRequestResult::Expected => Ok((
+                        true,
+                        h.inflight_requests()
+                            .any(|r| r.piece_index == chunk_info.piece_index),
+                    )),
                     RemoveInflightRequestResult::LateCanceled => {
                         trace!(?piece, "peer sent us a chunk we did not ask for");
-                        Ok(false)
+                        Ok((false, false))
                     }
                     RemoveInflightRequestResult::Unexpected => anyhow::bail!(
                         "peer sent us a piece we did not ask. Inflight requests: {:?}. Got: {:?}",
@@ -1948,177 +1974,75 @@ impl PeerHandler {
             .fetched_bytes
             .fetch_add(piece.len() as u64, Ordering::Relaxed);
 
-        fn write_to_disk(
-            state: &TorrentStateLive,
-            addr: PeerHandle,
-            counters: &AtomicPeerCounters,
-            piece: &Piece<ByteBuf<'_>>,
-            chunk_info: &ChunkInfo,
-        ) -> anyhow::Result<()> {
-            let index = piece.index;
-
-            // If someone stole the piece by now, ignore it.
-            // However if they didn't, don't let them steal it while we are writing.
-            // So that by the time we are done writing AND if it was the last piece,
-            // we can actually checksum etc.
-            // Otherwise it might get into some weird state.
-            let ppl_guard = {
-                let g = state.lock_read("check_steal");
-
-                let ppl = state
-                    .per_piece_locks
-                    .get(piece.index as usize)
-                    .map(|l| l.read());
-
-                match g.get_pieces()?.get_inflight(chunk_info.piece_index) {
-                    Some(inflight) if inflight.peer == addr => {}
-                    Some(inflight) => {
-                        debug!(
-                            "in-flight piece {} was stolen by {}, ignoring",
-                            chunk_info.piece_index, inflight.peer
-                        );
-                        return Ok(());
-                    }
-                    None => {
-                        debug!(
-                            "in-flight piece {} not found. it was probably completed by someone else",
-                            chunk_info.piece_index
-                        );
-                        return Ok(());
-                    }
-                };
-
-                ppl
-            };
-
-            // While we hold per piece lock, noone can steal it.
-            // So we can proceed writing knowing that the piece is ours now and will still be by the time
-            // the write is finished.
-            //
-
-            if !cfg!(feature = "_disable_disk_write_net_benchmark") {
-                match state.file_ops().write_chunk(addr, piece, chunk_info) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        error!(
-                            id = state.shared.id,
-                            info_hash = ?state.shared.info_hash,
-                            "FATAL: error writing chunk to disk: {e:#}"
-                        );
-                        return state.on_fatal_error(e);
-                    }
-                };
+        // pool-helper patch: stock librqbit wrapped every 16 KiB chunk in `block_in_place`, a
+        // thread hand-off per chunk that cost more CPU than the copies and hashes
+        // (docs/benchmarks/pool-helper.md). The chunk is kept here until this peer has sent the
+        // rest of the piece it asked for (or a chunk of another piece, or 256 KiB), then the
+        // batch is written, still through `block_in_place`, so that a hung disk blocks a
+        // thread the runtime has replaced, never the runtime's workers.
+        let flush_now = {
+            let mut p = self.pending_writes.lock();
+            let other_piece = p.piece().is_some_and(|i| i != chunk_info.piece_index);
+            let old = if other_piece { Some(p.take()) } else { None };
+            p.push(&piece, chunk_info);
+            let now = (!more_of_piece || p.buf.len() >= PendingWrites::MAX_BYTES).then(|| p.take());
+            (old, now)
+        };
+        match flush_now {
+            (None, None) => Ok(()),
+            (old, now) => {
+                let r = self
+                    .state
+                    .shared
+                    .spawner
+                    .block_in_place_with_semaphore(|| {
+                        for batch in old.iter().chain(now.iter()) {
+                            batch.write(|piece, chunk_info| {
+                                write_to_disk(
+                                    &self.state,
+                                    self.addr,
+                                    &self.counters,
+                                    piece,
+                                    chunk_info,
+                                )
+                                .with_context(|| {
+                                    format!("error processing received chunk {chunk_info:?}")
+                                })
+                            })?;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                if let Some(b) = now.or(old) {
+                    self.pending_writes.lock().recycle(b);
+                }
+                r
             }
-
-            let full_piece_download_time = {
-                let mut g = state.lock_write("mark_chunk_downloaded");
-                let chunk_marking_result = g.get_pieces_mut()?.mark_chunk_downloaded(piece);
-                trace!(?piece, chunk_marking_result=?chunk_marking_result);
-
-                match chunk_marking_result {
-                    Some(ChunkMarkingResult::Completed) => {
-                        trace!("piece={} done, will write and checksum", piece.index);
-                        // Remove from inflight to prevent others from stealing it during hash check.
-                        g.get_pieces_mut()?.take_inflight(chunk_info.piece_index)
-                    }
-                    Some(ChunkMarkingResult::PreviouslyCompleted) => {
-                        // TODO: we might need to send cancellations here.
-                        debug!("piece={} was done by someone else, ignoring", piece.index);
-                        return Ok(());
-                    }
-                    Some(ChunkMarkingResult::NotCompleted) => None,
-                    None => {
-                        anyhow::bail!(
-                            "bogus data received: {:?}, cannot map this to a chunk, dropping peer",
-                            piece
-                        );
-                    }
-                }
-            };
-
-            // We don't care about per piece lock anymore, as it's removed from inflight pieces.
-            // It shouldn't impact perf anyway, but dropping just in case.
-            drop(ppl_guard);
-
-            let full_piece_download_time = match full_piece_download_time {
-                Some(t) => t,
-                None => return Ok(()),
-            };
-
-            match state
-                .file_ops()
-                .check_piece(chunk_info.piece_index)
-                .with_context(|| format!("error checking piece={index}"))?
-            {
-                true => {
-                    {
-                        let mut g = state.lock_write("mark_piece_downloaded");
-                        g.get_pieces_mut()?
-                            .mark_piece_hash_ok(chunk_info.piece_index);
-                    }
-
-                    // Global piece counters.
-                    let piece_len = state.lengths.piece_length(chunk_info.piece_index) as u64;
-                    state
-                        .stats
-                        .downloaded_and_checked_bytes
-                        // This counter is used to compute "is_finished", so using
-                        // stronger ordering.
-                        .fetch_add(piece_len, Ordering::Release);
-                    state
-                        .stats
-                        .downloaded_and_checked_pieces
-                        // This counter is used to compute "is_finished", so using
-                        // stronger ordering.
-                        .fetch_add(1, Ordering::Release);
-                    state
-                        .stats
-                        .have_bytes
-                        .fetch_add(piece_len, Ordering::Relaxed);
-                    #[allow(clippy::cast_possible_truncation)]
-                    state.stats.total_piece_download_ms.fetch_add(
-                        full_piece_download_time.as_millis() as u64,
-                        Ordering::Relaxed,
-                    );
-
-                    // Per-peer piece counters.
-                    counters.on_piece_completed(piece_len, full_piece_download_time);
-                    state.peers.reset_peer_backoff(addr);
-
-                    trace!(piece = index, "successfully downloaded and verified");
-
-                    state.on_piece_completed(chunk_info.piece_index)?;
-
-                    state.transmit_haves(chunk_info.piece_index);
-                }
-                false => {
-                    warn!(
-                        id = state.shared.id,
-                        info_hash = ?state.shared.info_hash,
-                        ?addr,
-                        "checksum for piece={} did not validate. disconnecting peer.", index
-                    );
-                    state
-                        .lock_write("mark_piece_broken")
-                        .get_pieces_mut()?
-                        .mark_piece_hash_failed(chunk_info.piece_index);
-                    state.new_pieces_notify.notify_waiters();
-                    anyhow::bail!("i am probably a bogus peer. dying.")
-                }
-            };
-            Ok(())
         }
+    }
 
-        self.state
+    /// pool-helper patch: write the chunks held in `pending_writes`, in one `block_in_place`.
+    async fn flush_pending_writes(&self) -> anyhow::Result<()> {
+        let batch = {
+            let mut p = self.pending_writes.lock();
+            if p.chunks.is_empty() {
+                return Ok(());
+            }
+            p.take()
+        };
+        let r = self
+            .state
             .shared
             .spawner
             .block_in_place_with_semaphore(|| {
-                write_to_disk(&self.state, self.addr, &self.counters, &piece, &chunk_info)
+                batch.write(|piece, chunk_info| {
+                    write_to_disk(&self.state, self.addr, &self.counters, piece, chunk_info)
+                        .with_context(|| format!("error processing received chunk {chunk_info:?}"))
+                })
             })
-            .await
-            .with_context(|| format!("error processing received chunk {chunk_info:?}"))?;
-
-        Ok(())
+            .await;
+        self.pending_writes.lock().recycle(batch);
+        r
     }
 
     fn send_metadata_piece(&self, piece_id: u32) -> anyhow::Result<()> {
@@ -2221,4 +2145,220 @@ fn format_peer_client_name(value: &ByteBuf<'_>) -> Option<String> {
     }
 
     Some(client_name)
+}
+
+// pool-helper patch: moved out of `on_received_piece` (unchanged) so that
+// `flush_pending_writes` calls it too.
+fn write_to_disk(
+    state: &TorrentStateLive,
+    addr: PeerHandle,
+    counters: &AtomicPeerCounters,
+    piece: &Piece<ByteBuf<'_>>,
+    chunk_info: &ChunkInfo,
+) -> anyhow::Result<()> {
+    let index = piece.index;
+
+    // If someone stole the piece by now, ignore it.
+    // However if they didn't, don't let them steal it while we are writing.
+    // So that by the time we are done writing AND if it was the last piece,
+    // we can actually checksum etc.
+    // Otherwise it might get into some weird state.
+    let ppl_guard = {
+        let g = state.lock_read("check_steal");
+
+        let ppl = state
+            .per_piece_locks
+            .get(piece.index as usize)
+            .map(|l| l.read());
+
+        match g.get_pieces()?.get_inflight(chunk_info.piece_index) {
+            Some(inflight) if inflight.peer == addr => {}
+            Some(inflight) => {
+                debug!(
+                    "in-flight piece {} was stolen by {}, ignoring",
+                    chunk_info.piece_index, inflight.peer
+                );
+                return Ok(());
+            }
+            None => {
+                debug!(
+                    "in-flight piece {} not found. it was probably completed by someone else",
+                    chunk_info.piece_index
+                );
+                return Ok(());
+            }
+        };
+
+        ppl
+    };
+
+    // While we hold per piece lock, noone can steal it.
+    // So we can proceed writing knowing that the piece is ours now and will still be by the time
+    // the write is finished.
+    //
+
+    if !cfg!(feature = "_disable_disk_write_net_benchmark") {
+        match state.file_ops().write_chunk(addr, piece, chunk_info) {
+            Ok(()) => {}
+            Err(e) => {
+                error!(
+                    id = state.shared.id,
+                    info_hash = ?state.shared.info_hash,
+                    "FATAL: error writing chunk to disk: {e:#}"
+                );
+                return state.on_fatal_error(e);
+            }
+        };
+    }
+
+    let full_piece_download_time = {
+        let mut g = state.lock_write("mark_chunk_downloaded");
+        let chunk_marking_result = g.get_pieces_mut()?.mark_chunk_downloaded(piece);
+        trace!(?piece, chunk_marking_result=?chunk_marking_result);
+
+        match chunk_marking_result {
+            Some(ChunkMarkingResult::Completed) => {
+                trace!("piece={} done, will write and checksum", piece.index);
+                // Remove from inflight to prevent others from stealing it during hash check.
+                g.get_pieces_mut()?.take_inflight(chunk_info.piece_index)
+            }
+            Some(ChunkMarkingResult::PreviouslyCompleted) => {
+                // TODO: we might need to send cancellations here.
+                debug!("piece={} was done by someone else, ignoring", piece.index);
+                return Ok(());
+            }
+            Some(ChunkMarkingResult::NotCompleted) => None,
+            None => {
+                anyhow::bail!(
+                    "bogus data received: {:?}, cannot map this to a chunk, dropping peer",
+                    piece
+                );
+            }
+        }
+    };
+
+    // We don't care about per piece lock anymore, as it's removed from inflight pieces.
+    // It shouldn't impact perf anyway, but dropping just in case.
+    drop(ppl_guard);
+
+    let full_piece_download_time = match full_piece_download_time {
+        Some(t) => t,
+        None => return Ok(()),
+    };
+
+    match state
+        .file_ops()
+        .check_piece(chunk_info.piece_index)
+        .with_context(|| format!("error checking piece={index}"))?
+    {
+        true => {
+            {
+                let mut g = state.lock_write("mark_piece_downloaded");
+                g.get_pieces_mut()?
+                    .mark_piece_hash_ok(chunk_info.piece_index);
+            }
+
+            // Global piece counters.
+            let piece_len = state.lengths.piece_length(chunk_info.piece_index) as u64;
+            state
+                .stats
+                .downloaded_and_checked_bytes
+                // This counter is used to compute "is_finished", so using
+                // stronger ordering.
+                .fetch_add(piece_len, Ordering::Release);
+            state
+                .stats
+                .downloaded_and_checked_pieces
+                // This counter is used to compute "is_finished", so using
+                // stronger ordering.
+                .fetch_add(1, Ordering::Release);
+            state
+                .stats
+                .have_bytes
+                .fetch_add(piece_len, Ordering::Relaxed);
+            #[allow(clippy::cast_possible_truncation)]
+            state.stats.total_piece_download_ms.fetch_add(
+                full_piece_download_time.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+
+            // Per-peer piece counters.
+            counters.on_piece_completed(piece_len, full_piece_download_time);
+            state.peers.reset_peer_backoff(addr);
+
+            trace!(piece = index, "successfully downloaded and verified");
+
+            state.on_piece_completed(chunk_info.piece_index)?;
+
+            state.transmit_haves(chunk_info.piece_index);
+        }
+        false => {
+            warn!(
+                id = state.shared.id,
+                info_hash = ?state.shared.info_hash,
+                ?addr,
+                "checksum for piece={} did not validate. disconnecting peer.", index
+            );
+            state
+                .lock_write("mark_piece_broken")
+                .get_pieces_mut()?
+                .mark_piece_hash_failed(chunk_info.piece_index);
+            state.new_pieces_notify.notify_waiters();
+            anyhow::bail!("i am probably a bogus peer. dying.")
+        }
+    };
+    Ok(())
+}
+
+/// pool-helper patch: chunks of one piece received from one peer, not written yet.
+#[derive(Default)]
+struct PendingWrites {
+    buf: Vec<u8>,
+    // (chunk, the `begin` the peer sent, start in `buf`)
+    chunks: Vec<(ChunkInfo, u32, usize)>,
+}
+
+impl PendingWrites {
+    /// A piece's worth at the default 256 KiB pieces; larger pieces are written in parts.
+    const MAX_BYTES: usize = 256 * 1024;
+
+    fn piece(&self) -> Option<ValidPieceIndex> {
+        self.chunks.first().map(|c| c.0.piece_index)
+    }
+
+    fn push(&mut self, piece: &Piece<ByteBuf<'_>>, chunk_info: ChunkInfo) {
+        let start = self.buf.len();
+        let (a, b) = piece.data();
+        self.buf.extend_from_slice(a);
+        self.buf.extend_from_slice(b);
+        self.chunks.push((chunk_info, piece.begin, start));
+    }
+
+    fn take(&mut self) -> PendingWrites {
+        std::mem::take(self)
+    }
+
+    /// Keep the buffer of a written batch for the next one (no allocation per piece).
+    fn recycle(&mut self, mut done: PendingWrites) {
+        if self.buf.capacity() == 0 {
+            done.buf.clear();
+            done.chunks.clear();
+            if self.chunks.is_empty() {
+                *self = done;
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        mut f: impl FnMut(&Piece<ByteBuf<'_>>, &ChunkInfo) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        for (i, (chunk_info, begin, start)) in self.chunks.iter().enumerate() {
+            let end = self.chunks.get(i + 1).map_or(self.buf.len(), |c| c.2);
+            let piece =
+                Piece::from_data(chunk_info.piece_index.get(), *begin, &self.buf[*start..end]);
+            f(&piece, chunk_info)?;
+        }
+        Ok(())
+    }
 }
