@@ -320,23 +320,7 @@ impl QemuImg {
     /// `from` and everything its backing chain holds (the chain as the image names it, its formats
     /// stated). qemu-img overwrites `path`: callers make sure it is theirs.
     pub fn convert_standalone(&self, from: &Path, format: &str, path: &Path) -> Result<(), QemuImgError> {
-        let args: [&OsStr; 10] = [
-            "convert".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            format.as_ref(),
-            "-O".as_ref(),
-            "qcow2".as_ref(),
-            "-o".as_ref(),
-            "compat=1.1".as_ref(),
-            from.as_os_str(),
-            path.as_os_str(),
-        ];
-        self.run(&args).map(drop).map_err(|source| QemuImgError::Convert {
-            from: from.display().to_string(),
-            path: path.display().to_string(),
-            source: Box::new(source),
-        })
+        self.convert_to_qcow2(&[], "compat=1.1", from, format, path)
     }
 
     /// `qemu-img convert -q -c -f FORMAT -O qcow2 -o compat=1.1,compression_type=zstd FROM PATH`:
@@ -344,19 +328,24 @@ impl QemuImg {
     /// read it as any qcow2, as a backing file too). qemu-img overwrites `path`: callers make sure
     /// it is theirs.
     pub fn convert_compressed(&self, from: &Path, format: &str, path: &Path) -> Result<(), QemuImgError> {
-        let args: [&OsStr; 11] = [
-            "convert".as_ref(),
-            "-q".as_ref(),
-            "-c".as_ref(),
-            "-f".as_ref(),
-            format.as_ref(),
-            "-O".as_ref(),
-            "qcow2".as_ref(),
-            "-o".as_ref(),
-            COMPRESSED_OPTIONS.as_ref(),
-            from.as_os_str(),
-            path.as_os_str(),
-        ];
+        self.convert_to_qcow2(&["-c".as_ref()], COMPRESSED_OPTIONS, from, format, path)
+    }
+
+    /// `qemu-img convert -q [FLAGS] -f FORMAT -O qcow2 -o OPTIONS FROM PATH`.
+    fn convert_to_qcow2(
+        &self,
+        flags: &[&OsStr],
+        options: &str,
+        from: &Path,
+        format: &str,
+        path: &Path,
+    ) -> Result<(), QemuImgError> {
+        let mut args: Vec<&OsStr> = vec!["convert".as_ref(), "-q".as_ref()];
+        args.extend_from_slice(flags);
+        let rest: [&OsStr; 6] =
+            ["-f".as_ref(), format.as_ref(), "-O".as_ref(), "qcow2".as_ref(), "-o".as_ref(), options.as_ref()];
+        args.extend(rest);
+        args.extend([from.as_os_str(), path.as_os_str()]);
         self.run(&args).map(drop).map_err(|source| QemuImgError::Convert {
             from: from.display().to_string(),
             path: path.display().to_string(),
