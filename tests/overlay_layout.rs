@@ -30,6 +30,11 @@ fn clone_with(tmpl: &str, name: &str, args: &[&str], master: &str) -> serde_json
     argv.extend_from_slice(args);
     let run = cli(&argv);
     run.assert_ok();
+    let want = match args.iter().position(|a| *a == "--overlay-layout") {
+        Some(i) => args[i + 1].parse::<OverlayLayout>().unwrap(),
+        None => OverlayLayout::DEFAULT,
+    };
+    assert_eq!(run.json()["overlay_layout"].as_str(), Some(want.to_string().as_str()), "--json names the layout");
     let overlay = run.json()["clones"][0]["disks"][0]["overlay"].as_str().unwrap().to_string();
     let info = qemu_img_info(&overlay, "qcow2");
     assert_eq!(info["backing-filename"].as_str(), Some(master), "{overlay}\n{info:#}");
@@ -66,6 +71,16 @@ fn clones_get_the_overlay_layout_asked_for_from_libvirt_and_from_qemu_img() {
         let vol = virsh_ok(&["vol-path", "--pool", &env.pool, &format!("{name}-vda.qcow2")]);
         assert!(!vol.trim().is_empty(), "{name}: the overlay is a volume of the pool");
     }
+    // A dry run says which layout it would use, and makes nothing.
+    let dry = env.name("-dry");
+    let run = cli(&["--original", &tmpl, "--name", &dry, "--overlay-layout", "128k-l2", "--dry-run"]);
+    run.assert_ok();
+    assert!(run.stdout.contains("overlay layout: 128k-l2"), "{}", run.stdout);
+    let run = cli(&["--original", &tmpl, "--name", &dry, "--overlay-layout", "2m-l2", "--dry-run", "--json"]);
+    run.assert_ok();
+    assert_eq!(run.json()["overlay_layout"].as_str(), Some("2m-l2"), "{}", run.stdout);
+    assert!(!virsh(&["dominfo", &dry]).status.success(), "a dry run defines nothing");
+
     // An overlay with subclusters runs: the clone starts.
     let l2 = env.name("-l2-2m");
     virsh_ok(&["start", &l2]);

@@ -47,6 +47,9 @@ pub fn render_clone_report(r: &CloneReport) -> String {
             r.original
         ));
     }
+    if let Some(layout) = &r.overlay_layout {
+        s.push_str(&format!("  overlay layout: {layout} (docs/overlay-layout.md)\n"));
+    }
     for c in &r.clones {
         let state = if c.started { "  started" } else { "" };
         s.push_str(&format!(

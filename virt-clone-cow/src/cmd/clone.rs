@@ -176,6 +176,9 @@ pub struct CloneReport {
     /// The original is now a template (its masters read-only).
     pub template: bool,
     pub clones: Vec<CloneEntry>,
+    /// The overlays' qcow2 layout as `--overlay-layout` names it (none for reflinked copies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlay_layout: Option<String>,
     pub elapsed_ms: f64,
 }
 
@@ -210,7 +213,7 @@ pub fn clone_domain(lv: &Libvirt, req: &CloneRequest) -> Result<CloneReport, Clo
             },
         )?
     };
-    Ok(report(&plan, &outcomes, req.dry_run, t0))
+    Ok(report(&plan, &outcomes, req.dry_run, req.overlay.layout, t0))
 }
 
 /// Reads the original and the host, checks everything that can be checked before any change, and
@@ -448,13 +451,20 @@ pub(crate) fn resolve_masters(lv: &Libvirt, facts: &DomainFacts) -> Result<Vec<M
     Ok(out)
 }
 
-fn report(plan: &ClonePlan, outcomes: &[CloneOutcome], dry_run: bool, t0: Instant) -> CloneReport {
+fn report(
+    plan: &ClonePlan,
+    outcomes: &[CloneOutcome],
+    dry_run: bool,
+    layout: vcc_core::layout::OverlayLayout,
+    t0: Instant,
+) -> CloneReport {
     let clones = plan.clones.iter().map(|c| clone_entry(c, outcomes.iter().find(|o| o.name == c.name))).collect();
     CloneReport {
         original: plan.original.clone(),
         dry_run,
         template: !dry_run && !plan.reflink,
         clones,
+        overlay_layout: (!plan.reflink).then(|| layout.to_string()),
         elapsed_ms: (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3,
     }
 }
