@@ -24,5 +24,7 @@ pub mod overlay;
 pub mod process;
 pub mod protect;
 pub mod qemu_img;
+pub mod selinux;
+pub mod staging;
 pub mod units;
 pub mod xml;
