@@ -165,4 +165,44 @@ fn a_failed_or_refused_compress_leaves_the_template_and_the_pool_as_they_were() 
     assert_eq!(inactive_xml(&noisy), xml);
     assert_eq!(list_dir(&env.pool_dir), files);
     assert!(hidden(&env).is_empty());
+    assert_eq!(staged_files(&env.pool_dir, &env.pool, ".zst.qcow2"), Vec::<String>::new(), "nothing left staged");
+}
+
+/// `big.raw` in the env's pool: 512 MiB that compress to about half and keep qemu-img busy a
+/// while (each 64 KiB cluster the same low-entropy bytes), the disk of a new shut-off domain.
+fn big_raw_domain(env: &TestEnv, master: &str) -> String {
+    let cluster: Vec<u8> = random_bytes(64 << 10, 3).iter().map(|b| b & 0x0f).collect();
+    write_repeated(master, &cluster, 8192);
+    env.refresh_pool();
+    let name = env.name("-big");
+    let spec = DomainSpec::new(&name, false).disk(DiskSpec::File {
+        path: master.to_string(),
+        format: "raw".into(),
+        target: "vda".into(),
+    });
+    define_xml(&spec.xml());
+    name
+}
+
+#[test]
+fn a_pool_refreshed_while_a_master_is_compressed_never_lists_a_partial_volume() {
+    let env = TestEnv::new("cmpref");
+    let master = env.in_pool("big.raw");
+    let tmpl = big_raw_domain(&env, &master);
+    let xml = inactive_xml(&tmpl);
+    let staged = || staged_files(&env.pool_dir, &env.pool, "big.zst.qcow2").len();
+    // No daemon: the compressed master is made and placed, then the publish fails and it goes.
+    let (run, watch) = cli_watching_pool(
+        &["publish", &tmpl, "--compress", "--control-socket", &env.in_work("none.sock")],
+        &env.pool,
+        &["big.zst.qcow2"],
+        staged,
+    );
+    eprintln!("{watch:?}");
+    run.assert_error(1, &["publishing volume 'big.zst.qcow2'"]);
+    assert!(watch.staged_seen > 0, "the pool was refreshed while the compressed copy was written: {watch:?}");
+    assert!(watch.extra.is_empty(), "the pool listed a partial volume while compressing: {watch:?}");
+    assert_eq!(staged(), 0, "nothing left staged");
+    assert_eq!(list_dir(&env.pool_dir), ["big.raw"], "nothing left in the pool");
+    assert_eq!(inactive_xml(&tmpl), xml);
 }

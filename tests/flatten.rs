@@ -1,8 +1,8 @@
 //! `virt-clone-cow flatten` (issue 15, item 3) against the real libvirtd, QEMU, qemu-img and
-//! qemu-io: a clone's overlays become standalone disks, offline (storage API copy for pool
-//! volumes, qemu-img convert for files) and live (libvirt's block pull); data written into the
-//! master before cloning and into the overlay after reads back the same; failures leave the clone
-//! as it was.
+//! qemu-io: a clone's overlays become standalone disks, offline (qemu-img convert in the staging
+//! directory, swapped in) and live (libvirt's block pull); data written into the master before
+//! cloning and into the overlay after reads back the same; a pool refreshed meanwhile lists no
+//! partial copy; failures leave the clone as it was and nothing staged.
 
 #![allow(clippy::unwrap_used)]
 
@@ -24,7 +24,7 @@ fn reads_pattern(path: &str, pattern: u8, offset_mib: u64) -> bool {
 }
 
 /// A template with two disks: vda over a qcow2 master in the env's pool (its overlay a pool
-/// volume, copied through the storage API), vdb over a raw master outside any pool (its overlay
+/// volume), vdb over a raw master outside any pool (its overlay
 /// a file, copied by qemu-img). Each master holds a pattern in its first MiB. Cloned (not
 /// started), and a pattern written into each overlay's second MiB. Returns (clone, overlays,
 /// masters).
@@ -47,6 +47,20 @@ fn linked_clone(env: &TestEnv) -> (String, [String; 2], [String; 2]) {
     write_pattern(&overlays[0], "qcow2", 0xa2, 1);
     write_pattern(&overlays[1], "qcow2", 0xb2, 1);
     (clone, overlays, [qcow, raw])
+}
+
+/// A template `<prefix>-tmpl` over the raw `master` (vda) and its linked clone `<prefix>-c`, not
+/// started; returns both names.
+fn clone_of_raw(env: &TestEnv, master: &str) -> (String, String) {
+    let tmpl = env.name("-tmpl");
+    define_xml(
+        &DomainSpec::new(&tmpl, false)
+            .disk(DiskSpec::File { path: master.to_string(), format: "raw".into(), target: "vda".into() })
+            .xml(),
+    );
+    let clone = env.name("-c");
+    cli(&["--original", &tmpl, "--name", &clone]).assert_ok();
+    (tmpl, clone)
 }
 
 /// Whether a file has the immutable attribute (None: its filesystem has none).
@@ -165,14 +179,7 @@ fn a_flatten_that_runs_out_of_space_or_is_refused_leaves_the_clone_as_it_was() {
     let small = env.mount_tmpfs("small", "8M");
     let master = small.join("m.raw").to_string_lossy().into_owned();
     std::fs::write(&master, random_bytes(6 << 20, 15)).unwrap();
-    let tmpl = env.name("-tmpl");
-    define_xml(
-        &DomainSpec::new(&tmpl, false)
-            .disk(DiskSpec::File { path: master.clone(), format: "raw".into(), target: "vda".into() })
-            .xml(),
-    );
-    let clone = env.name("-c");
-    cli(&["--original", &tmpl, "--name", &clone]).assert_ok();
+    let (tmpl, clone) = clone_of_raw(&env, &master);
     let overlay = small.join(format!("{clone}-vda.qcow2")).to_string_lossy().into_owned();
     write_pattern(&overlay, "qcow2", 0xc2, 1);
 
@@ -183,7 +190,12 @@ fn a_flatten_that_runs_out_of_space_or_is_refused_leaves_the_clone_as_it_was() {
     let unchanged = || {
         assert_eq!(inactive_xml(&clone), xml, "the clone's XML is as it was");
         assert_eq!(cow_metadata(&clone), md, "its metadata is as it was");
-        assert_eq!(list_dir(&small), files, "no copy left behind");
+        // `small` is a mount point: the staging directory is in it (no place outside it on its
+        // filesystem), and empty.
+        let mut now = list_dir(&small);
+        now.retain(|f| f != vcc_core::staging::VCC_FALLBACK);
+        assert_eq!(now, files, "no copy left behind");
+        assert_eq!(staged_files(&small, "files", &clone), Vec::<String>::new(), "nothing left staged");
         assert_eq!([sha256(&overlay), sha256(&master)], sums, "overlay and master unchanged");
     };
 
@@ -222,6 +234,33 @@ fn a_disk_that_cannot_be_replaced_puts_every_disk_back() {
     env.refresh_pool();
     let vols = virsh_ok(&["vol-list", &env.pool]);
     assert!(!vols.contains("vcc-flatten"), "the pool lists no copy:\n{vols}");
+    assert_eq!(staged_files(&env.pool_dir, &env.pool, &clone), Vec::<String>::new(), "nothing left staged");
+    assert_eq!(staged_files(&env.work_dir, "files", &clone), Vec::<String>::new(), "nothing left staged");
+}
+
+#[test]
+fn a_pool_refreshed_while_an_overlay_is_flattened_never_lists_a_partial_copy() {
+    let env = TestEnv::new("flatref");
+    // A 1 GiB raw master in the pool (every 64 KiB the same bytes): its overlay's standalone copy
+    // keeps qemu-img and the fsync busy a while.
+    let master = env.in_pool("big.raw");
+    write_repeated(&master, &random_bytes(64 << 10, 5), 16384);
+    env.refresh_pool();
+    let (_, clone) = clone_of_raw(&env, &master);
+    let overlay = env.in_pool(&format!("{clone}-vda.qcow2"));
+    write_pattern(&overlay, "qcow2", 0xd2, 1);
+
+    let staged = || staged_files(&env.pool_dir, &env.pool, &clone).len();
+    let (run, watch) = cli_watching_pool(&["flatten", &clone], &env.pool, &[], staged);
+    eprintln!("{watch:?}");
+    run.assert_ok();
+    assert!(watch.staged_seen > 0, "the pool was refreshed while the copy was written: {watch:?}");
+    assert!(watch.extra.is_empty(), "the pool listed a partial copy while flattening: {watch:?}");
+    assert_eq!(staged(), 0, "the old overlay is gone from the staging directory");
+    assert_eq!(list_dir(&env.pool_dir), ["big.raw".to_string(), format!("{clone}-vda.qcow2")]);
+    let info = qemu_img_info(&overlay, "qcow2");
+    assert!(info.get("backing-filename").is_none(), "{overlay} is standalone:\n{info:#}");
+    assert!(reads_pattern(&overlay, 0xd2, 1), "the overlay's own data is kept");
 }
 
 #[test]

@@ -37,32 +37,6 @@ pub fn export_socket<'a>(backing: &'a str, cfg: &Config, info_hash: Option<&str>
     ours.then_some(socket)
 }
 
-/// The most bytes of an overlay read to find its backing file name (qcow2 puts it in the first
-/// cluster, at most 1023 bytes long).
-const MAX_BACKING_END: u64 = 2 << 20;
-
-/// The backing file name in a qcow2 overlay's header, read directly (a bounded read, no
-/// `qemu-img` run): `None` when the file is not a qcow2 image, names no backing file, or names
-/// one the header does not hold sensibly.
-pub fn backing_name(overlay: &Path) -> Option<String> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let f =
-        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(overlay).ok()?;
-    let mut h = [0u8; 20];
-    f.read_exact_at(&mut h, 0).ok()?;
-    if &h[0..4] != b"QFI\xfb" {
-        return None;
-    }
-    let off = u64::from_be_bytes(h[8..16].try_into().ok()?);
-    let len = u32::from_be_bytes(h[16..20].try_into().ok()?);
-    if off == 0 || len == 0 || len > 1023 || off.checked_add(u64::from(len))? > MAX_BACKING_END {
-        return None;
-    }
-    let mut name = vec![0u8; len as usize];
-    f.read_exact_at(&mut name, off).ok()?;
-    String::from_utf8(name).ok()
-}
-
 /// A socket path that goes into a URL as is.
 fn plain(socket: &str) -> bool {
     socket.starts_with('/') && socket.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
@@ -105,7 +79,7 @@ pub fn start(
     let url = export_url(&socket);
     if d.overlay_exists() {
         // A restart while the master still arrives: the overlay must read this export.
-        if backing_name(&d.overlay).as_deref() == Some(url.as_str()) {
+        if vcc_core::qcow2::backing_name(&d.overlay).as_deref() == Some(url.as_str()) {
             let _ = writeln!(
                 log,
                 "virt-clone-cow-hook: {domain}: overlay {} reads the export of {}",
@@ -141,7 +115,7 @@ pub fn repoint(domain: &str, d: &ManagedDisk, cfg: &Config, log: &mut dyn Write)
     let m = &d.master;
     // Read from the header (no qemu-img run per start): not a qcow2 overlay, or an unreadable
     // one, is not ours to judge here (QEMU reports it itself).
-    let Some(backing) = backing_name(&d.overlay) else { return Ok(()) };
+    let Some(backing) = vcc_core::qcow2::backing_name(&d.overlay) else { return Ok(()) };
     if export_socket(&backing, cfg, m.info_hash.as_deref()).is_none() {
         return Ok(());
     }
@@ -173,34 +147,5 @@ mod tests {
         assert!(export_socket(&export_url("/tmp/nbd/x.sock"), &cfg, None).is_none());
         assert!(export_socket("/var/lib/libvirt/images/m.qcow2", &cfg, None).is_none());
         assert!(plain("/run/pool-helper/nbd/a.sock") && !plain("/run/x y.sock") && !plain("/r?a&b"));
-    }
-
-    #[test]
-    fn the_backing_name_is_read_from_the_overlay_header_and_nonsense_is_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("o.qcow2");
-        let mut h = vec![0u8; 4096];
-        h[0..4].copy_from_slice(b"QFI\xfb");
-        h[4..8].copy_from_slice(&3u32.to_be_bytes());
-        let name = b"nbd+unix:///?socket=/run/pool-helper/nbd/x.sock";
-        h[8..16].copy_from_slice(&512u64.to_be_bytes());
-        h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
-        h[512..512 + name.len()].copy_from_slice(name);
-        std::fs::write(&p, &h).unwrap();
-        assert_eq!(backing_name(&p).as_deref(), Some(std::str::from_utf8(name).unwrap()));
-        let mut long = h.clone();
-        long[16..20].copy_from_slice(&1024u32.to_be_bytes());
-        std::fs::write(&p, &long).unwrap();
-        assert_eq!(backing_name(&p), None, "a name longer than qcow2 allows");
-        let mut far = h.clone();
-        far[8..16].copy_from_slice(&(u64::MAX - 4).to_be_bytes());
-        std::fs::write(&p, &far).unwrap();
-        assert_eq!(backing_name(&p), None, "an offset past the bound");
-        let mut none = h.clone();
-        none[8..20].fill(0);
-        std::fs::write(&p, &none).unwrap();
-        assert_eq!(backing_name(&p), None);
-        std::fs::write(&p, b"raw").unwrap();
-        assert_eq!(backing_name(&p), None);
     }
 }

@@ -246,7 +246,7 @@ impl Ctx {
         let torrent = self.metainfo(m, &swarm).await?;
         // Keep the validated metainfo with the record, so seeding later needs no peer for it.
         let m = &Manifest { torrent_hex: Some(hex::encode(&torrent)), ..m.clone() };
-        let sdir = staging::staging_dir(&pool_dir, &self.cfg.state_dir, pool)?;
+        let sdir = staging::staging_dir(&pool_dir, &self.cfg.state_dir, staging::POOL_HELPER_FALLBACK, pool)?;
         let (sd, name, size) = (sdir.clone(), m.name.clone(), m.size);
         let staged = blocking(move || staging::prepare_file(&sd, &name, size)).await??;
         records::save(

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use vcc_core::qcow2;
 use vcc_libvirt::{Libvirt, LibvirtError};
 
 use crate::config::Config;
@@ -103,8 +104,6 @@ impl DirPools {
     }
 }
 
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-
 impl Pools for DirPools {
     fn dir(&self, pool: &str) -> Result<PathBuf, PoolError> {
         self.dirs.get(pool).cloned().ok_or_else(|| PoolError::Unknown(pool.into()))
@@ -118,11 +117,11 @@ impl Pools for DirPools {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(read(e)),
         };
-        // magic (4), version (4), backing_file_offset (8, big-endian; 0: no backing file)
-        let mut head = Vec::with_capacity(16);
-        (&mut f).take(16).read_to_end(&mut head).map_err(read)?;
-        let qcow2 = head.starts_with(QCOW2_MAGIC);
-        let has_backing = qcow2 && head.get(8..16).is_some_and(|b| b.iter().any(|&x| x != 0));
+        // The fixed header (vcc_core::qcow2): the magic, and backing_file_offset (0: none).
+        let mut head = Vec::with_capacity(qcow2::V2_HEADER_LEN);
+        (&mut f).take(qcow2::V2_HEADER_LEN as u64).read_to_end(&mut head).map_err(read)?;
+        let qcow2 = qcow2::has_magic(&head);
+        let has_backing = qcow2::Header::parse(&head).is_ok_and(|h| h.backing_file_offset != 0);
         let format = if qcow2 { "qcow2" } else { "raw" };
         Ok(Some(PoolVolume { path, format: Some(format.into()), has_backing }))
     }
@@ -152,9 +151,9 @@ mod tests {
     fn dir_pools_probe_volume_format_and_backing_from_the_header() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("m.raw"), vec![7u8; 4096]).unwrap();
-        let mut q = QCOW2_MAGIC.to_vec();
+        let mut q = qcow2::MAGIC.to_vec();
         q.extend_from_slice(&3u32.to_be_bytes());
-        q.extend_from_slice(&0u64.to_be_bytes());
+        q.resize(qcow2::V2_HEADER_LEN, 0);
         std::fs::write(d.path().join("m.qcow2"), &q).unwrap();
         q[15] = 0x80;
         std::fs::write(d.path().join("o.qcow2"), &q).unwrap();

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
+use vcc_core::qcow2;
 use vcc_core::qemu_img::{ImageInfo, QemuImg, QemuImgError};
 
-pub const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+pub use vcc_core::qcow2::MAGIC as QCOW2_MAGIC;
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
@@ -23,9 +24,6 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 const INCOMPAT_OK: u64 = INCOMPAT_COMPRESSION | (1 << 4);
 /// The compression type feature bit: set exactly when `compression_type` is not zlib.
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-/// Where the v3 header's one-byte `compression_type` field is (present when the header length
-/// is above this offset).
-const COMPRESSION_TYPE_OFFSET: usize = 104;
 /// The compression types qemu knows: deflate (zlib) and zstd; nothing else is accepted.
 const COMPRESSION_ZLIB: u8 = 0;
 const COMPRESSION_ZSTD: u8 = 1;
@@ -164,6 +162,7 @@ pub struct Qcow2Info {
 fn be32(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
+#[cfg(test)]
 fn be64(b: &[u8], o: usize) -> u64 {
     (u64::from(be32(b, o)) << 32) | u64::from(be32(b, o + 4))
 }
@@ -173,33 +172,32 @@ fn be64(b: &[u8], o: usize) -> u64 {
 pub fn check_qcow2_header(head: &[u8], file_size: u64) -> Result<Qcow2Info, ImageError> {
     use Qcow2Problem as P;
     let bad = |p: Qcow2Problem| Err(ImageError::Qcow2(p));
-    if head.len() < 72 {
-        return bad(P::TooShort);
-    }
-    if &head[0..4] != QCOW2_MAGIC {
-        return bad(P::BadMagic);
-    }
-    let version = be32(head, 4);
+    let h = match qcow2::Header::parse(head) {
+        Ok(h) => h,
+        Err(qcow2::NotQcow2::TooShort) => return bad(P::TooShort),
+        Err(qcow2::NotQcow2::BadMagic) => return bad(P::BadMagic),
+    };
+    let version = h.version;
     if version != 2 && version != 3 {
         return bad(P::Version(version));
     }
-    if be64(head, 8) != 0 || be32(head, 16) != 0 {
+    if h.backing_file_offset != 0 || h.backing_file_size != 0 {
         return bad(P::BackingFile);
     }
-    let cluster_bits = be32(head, 20);
+    let cluster_bits = h.cluster_bits;
     if !(9..=21).contains(&cluster_bits) {
         return bad(P::ClusterBits(cluster_bits));
     }
     let cluster = 1u64 << cluster_bits;
-    let virtual_size = be64(head, 24);
-    if be32(head, 32) != 0 {
+    let virtual_size = h.size;
+    if h.crypt_method != 0 {
         return bad(P::Encrypted);
     }
-    let l1_size = u64::from(be32(head, 36));
-    let l1_off = be64(head, 40);
-    let rt_off = be64(head, 48);
-    let rt_clusters = u64::from(be32(head, 56));
-    if be32(head, 60) != 0 {
+    let l1_size = u64::from(h.l1_size);
+    let l1_off = h.l1_table_offset;
+    let rt_off = h.refcount_table_offset;
+    let rt_clusters = u64::from(h.refcount_table_clusters);
+    if h.nb_snapshots != 0 {
         return bad(P::Snapshots);
     }
     let inside =
@@ -210,12 +208,12 @@ pub fn check_qcow2_header(head: &[u8], file_size: u64) -> Result<Qcow2Info, Imag
     if rt_off == 0 || !inside(rt_off, rt_clusters.saturating_mul(cluster)) {
         return bad(P::RefcountOutside);
     }
-    let mut header_len = 72usize;
+    let mut header_len = qcow2::V2_HEADER_LEN;
     if version == 3 {
-        if head.len() < 104 {
+        let Some(v3) = &h.v3 else {
             return bad(P::TooShortForV3);
-        }
-        let incompat = be64(head, 72);
+        };
+        let incompat = v3.incompatible_features;
         for (bit, what) in [(0, "dirty"), (1, "corrupt"), (2, "an external data file")] {
             if incompat & (1 << bit) != 0 {
                 return bad(P::IncompatibleFeature { bit, what });
@@ -225,16 +223,20 @@ pub fn check_qcow2_header(head: &[u8], file_size: u64) -> Result<Qcow2Info, Imag
         if unknown != 0 {
             return bad(P::UnknownIncompatibleFeatures(unknown));
         }
-        header_len = be32(head, 100) as usize;
-        if header_len < 104 || !header_len.is_multiple_of(8) || header_len as u64 > cluster {
+        header_len = v3.header_length as usize;
+        if header_len < qcow2::V3_HEADER_LEN || !header_len.is_multiple_of(8) || header_len as u64 > cluster {
             return bad(P::HeaderLength(header_len));
         }
         // compression_type (byte 104) is read only when the header is long enough for it; a
         // shorter header means zlib. Bit 3 must be set exactly when it is not zlib.
-        if header_len > COMPRESSION_TYPE_OFFSET && head.len() <= COMPRESSION_TYPE_OFFSET {
-            return bad(P::TooShortForV3);
-        }
-        let compression_type = if header_len > COMPRESSION_TYPE_OFFSET { head[COMPRESSION_TYPE_OFFSET] } else { 0 };
+        let compression_type = if header_len > qcow2::COMPRESSION_TYPE_OFFSET {
+            match v3.compression_type {
+                Some(t) => t,
+                None => return bad(P::TooShortForV3),
+            }
+        } else {
+            0
+        };
         if !matches!(compression_type, COMPRESSION_ZLIB | COMPRESSION_ZSTD) {
             return bad(P::CompressionType(compression_type));
         }

@@ -65,3 +65,70 @@ pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> CliRun {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// What a pool listed while a command ran ([`cli_watching_pool`]).
+#[derive(Debug, Default)]
+pub struct PoolWatch {
+    /// How many times the pool was refreshed and listed.
+    pub samples: usize,
+    /// Volumes listed that were neither there before nor allowed (a partial file in the pool).
+    pub extra: Vec<String>,
+    /// How many samples found a staged file (the convert was caught in the middle).
+    pub staged_seen: usize,
+}
+
+/// Runs `virt-clone-cow ARGS...` while refreshing `pool` (`virsh pool-refresh`) and listing its
+/// volumes over and over until it ends (bounded: 10 minutes); volumes other than those before and
+/// `allowed` are reported, and `staged()` (the count of staged files) is sampled each time.
+pub fn cli_watching_pool<S: AsRef<OsStr>>(
+    args: &[S],
+    pool: &str,
+    allowed: &[&str],
+    staged: impl Fn() -> usize,
+) -> (CliRun, PoolWatch) {
+    let list = || -> Vec<String> {
+        let _ = crate::libvirt::virsh(&["pool-refresh", pool]);
+        let out = crate::libvirt::virsh(&["vol-list", "--pool", pool, "--name"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let before = list();
+    let bin = cli_path();
+    let child = Command::new(&bin)
+        .arg("--connect")
+        .arg(URI)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("VIRT_CLONE_COW_LOG")
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", bin.display()));
+    let waiter = std::thread::spawn(move || child.wait_with_output());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let mut w = PoolWatch::default();
+    while !waiter.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "virt-clone-cow ran for over 10 minutes");
+        let staged_now = staged();
+        for v in list() {
+            if !before.contains(&v) && !allowed.contains(&v.as_str()) && !w.extra.contains(&v) {
+                w.extra.push(v);
+            }
+        }
+        w.samples += 1;
+        if staged_now > 0 || staged() > 0 {
+            w.staged_seen += 1;
+        }
+    }
+    let out = waiter.join().unwrap().unwrap();
+    let run = CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    (run, w)
+}

@@ -73,6 +73,23 @@ pub fn make_image(path: impl AsRef<Path>, format: &str, size_mib: u64) {
     );
 }
 
+/// Writes `block` `times` over into a new file at `path` and syncs it (a big file quickly).
+pub fn write_repeated(path: impl AsRef<Path>, block: &[u8], times: usize) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path.as_ref()).unwrap());
+    for _ in 0..times {
+        f.write_all(block).unwrap();
+    }
+    f.into_inner().unwrap().sync_all().unwrap();
+}
+
+/// virt-clone-cow's staging files (`vcc_core::staging`) for the files of `dir` (under `key`: its
+/// pool's name, or `files`) whose names contain `prefix`: what a convert is writing, or left.
+pub fn staged_files(dir: impl AsRef<Path>, key: &str, prefix: &str) -> Vec<String> {
+    let sdir = vcc_core::staging::vcc_staging_dir(dir.as_ref(), key).unwrap();
+    list_dir(sdir).into_iter().filter(|f| f.contains(prefix)).collect()
+}
+
 /// The names in a directory, sorted (empty when it does not exist).
 pub fn list_dir(dir: impl AsRef<Path>) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(dir.as_ref()) {

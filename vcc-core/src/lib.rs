@@ -8,6 +8,8 @@
 //! * [`overlay`]: creating qcow2 overlays (as files, or the volume XML for the storage API).
 //! * [`control`]: the protocol between the hook, the CLI and the pool-helper daemon.
 //! * [`qemu_img`]: the one place that runs qemu-img (info, create, check; force-share, timeout, limits).
+//! * [`qcow2`]: the one qcow2 header reader (fields, backing file name; bounded, no panic).
+//! * [`staging`]: files written outside a pool's directory and renamed in whole (nothing partial in a pool).
 //! * [`protect`]: the immutable attribute that keeps a master while clones depend on it.
 //! * [`process`]: running external programs from argument vectors, pipes drained while they run.
 //! * [`error`], [`units`]: reporting errors on one line; human-readable sizes.
@@ -23,6 +25,9 @@ pub mod metadata;
 pub mod overlay;
 pub mod process;
 pub mod protect;
+pub mod qcow2;
 pub mod qemu_img;
+pub mod selinux;
+pub mod staging;
 pub mod units;
 pub mod xml;

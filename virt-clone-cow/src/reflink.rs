@@ -104,6 +104,14 @@ fn clone_failed(e: std::io::Error, from: &Path, dir: &Path, tmp: &Path) -> Refli
     }
 }
 
+/// A name beside `path` for our own files: `.<file>.<what>-<pid>` (the temporary clone: a
+/// reflink takes no time to write, and must be on the file's own filesystem).
+fn sibling(path: impl AsRef<Path>, what: &str) -> PathBuf {
+    let p = path.as_ref();
+    let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    p.with_file_name(format!(".{file}.{what}-{}", std::process::id()))
+}
+
 /// A file removed when dropped, unless kept.
 struct TempFile {
     path: PathBuf,
@@ -123,7 +131,7 @@ fn clone_to_temp(from: &Path, to: &Path) -> Result<(TempFile, File), ReflinkErro
     let dir = to.parent().unwrap_or(Path::new("/"));
     let src = File::open(from).map_err(io("opening", from))?;
     let mode = src.metadata().map_err(io("reading", from))?.permissions().mode();
-    let tmp_path = crate::cmd::flatten::sibling(to, "vcc-reflink");
+    let tmp_path = sibling(to, "vcc-reflink");
     let dst = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -1,9 +1,8 @@
 //! The XML side of flattening a clone: its disks' `<backingStore>` says the chain ends at the
 //! overlay (`<backingStore/>`), every other byte of the domain XML kept as it was.
 
-use quick_xml::events::Event;
-
-use super::{at, attr, reader, syntax, XmlError};
+use super::disks::{walk_disks, Child};
+use super::{attr, XmlError};
 
 /// One `<disk>` as found by the scan: byte ranges in the original text.
 #[derive(Debug, Default)]
@@ -11,6 +10,8 @@ struct DiskSpan {
     target: Option<String>,
     /// The disk's first `<backingStore>` child (start and end offsets).
     backing: Option<(usize, usize)>,
+    /// Where that `<backingStore>` starts, until its end tag is met.
+    backing_start: Option<usize>,
     /// Where its `<source>` element ends.
     source_end: Option<usize>,
     /// The whitespace before `<source>`, to indent an inserted element the same way.
@@ -21,75 +22,32 @@ struct DiskSpan {
 /// image) in place of its `<backingStore>` (or, having none, right after its `<source>`).
 /// Returns the XML and the targets found; every byte outside those elements is unchanged.
 pub fn drop_backing_stores(xml: &str, targets: &[&str]) -> Result<(String, Vec<String>), XmlError> {
-    let mut r = reader(xml);
-    let mut stack: Vec<String> = Vec::new();
-    let mut spans: Vec<DiskSpan> = Vec::new();
-    let mut current: Option<DiskSpan> = None;
-    let mut backing_start = None;
-    let mut last_ws = String::new();
-    loop {
-        let before = pos(&r);
-        let ev = r.read_event().map_err(|e| syntax(&r, e))?;
-        let after = pos(&r);
-        match ev {
-            Event::Start(ref e) | Event::Empty(ref e) => {
-                let empty = matches!(ev, Event::Empty(_));
-                stack.push(super::elem_name(e));
-                if at(&stack, &["domain", "devices", "disk"]) {
-                    current = Some(DiskSpan::default());
-                } else if let (Some(d), 4) = (current.as_mut(), stack.len()) {
-                    match stack[3].as_str() {
-                        "target" => d.target = attr(e, "dev")?,
-                        "source" => {
-                            d.source_indent = std::mem::take(&mut last_ws);
-                            if empty {
-                                d.source_end = Some(after);
-                            }
-                        }
-                        "backingStore" if d.backing.is_none() => {
-                            if empty {
-                                d.backing = Some((before, after));
-                            } else {
-                                backing_start = Some(before);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
+    let spans = walk_disks(xml, |d: &mut DiskSpan, c| {
+        match c {
+            Child::Open { name: "target", tag, .. } => d.target = attr(tag, "dev")?,
+            Child::Open { name: "source", end, empty, indent, .. } => {
+                d.source_indent = indent;
                 if empty {
-                    if at(&stack, &["domain", "devices", "disk"]) {
-                        spans.extend(current.take());
-                    }
-                    stack.pop();
+                    d.source_end = Some(end);
                 }
             }
-            Event::End(_) => {
-                if let (Some(d), 4) = (current.as_mut(), stack.len()) {
-                    match stack[3].as_str() {
-                        "source" => d.source_end = Some(after),
-                        "backingStore" => {
-                            if let Some(start) = backing_start.take() {
-                                d.backing = Some((start, after));
-                            }
-                        }
-                        _ => {}
-                    }
+            Child::Open { name: "backingStore", start, end, empty, .. } if d.backing.is_none() => {
+                if empty {
+                    d.backing = Some((start, end));
+                } else {
+                    d.backing_start = Some(start);
                 }
-                if at(&stack, &["domain", "devices", "disk"]) {
-                    spans.extend(current.take());
+            }
+            Child::Close { name: "source", end } => d.source_end = Some(end),
+            Child::Close { name: "backingStore", end } => {
+                if let Some(start) = d.backing_start.take() {
+                    d.backing = Some((start, end));
                 }
-                stack.pop();
             }
-            Event::Text(t) => {
-                let t = String::from_utf8_lossy(&t);
-                last_ws = if t.trim().is_empty() { t.into_owned() } else { String::new() };
-                continue;
-            }
-            Event::Eof => break,
             _ => {}
         }
-        last_ws.clear();
-    }
+        Ok(())
+    })?;
 
     // Splice from the end so earlier offsets stay valid.
     let mut out = xml.to_string();
@@ -105,10 +63,6 @@ pub fn drop_backing_stores(xml: &str, targets: &[&str]) -> Result<(String, Vec<S
     }
     found.reverse();
     Ok((out, found))
-}
-
-fn pos(r: &quick_xml::Reader<&[u8]>) -> usize {
-    usize::try_from(r.buffer_position()).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! reader-to-writer pass, so elements this crate has never heard of (a `<qemu:commandline>`, a new
 //! libvirt feature, another tool's metadata) survive untouched.
 
+mod disks;
 pub mod flatten;
 pub mod inspect;
 pub mod repoint;

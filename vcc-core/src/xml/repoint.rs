@@ -4,7 +4,8 @@
 
 use quick_xml::events::{BytesStart, Event};
 
-use super::{at, attr, reader, syntax, XmlError};
+use super::disks::{walk_disks, Child};
+use super::{attr, XmlError};
 
 /// What one disk's master becomes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,46 +32,18 @@ struct DiskSpan {
 /// and the targets changed; a disk with no `<source>` or no `<driver>` is left out (and so
 /// missing from the list, which the caller checks).
 pub fn repoint_disks(xml: &str, edits: &[Repoint]) -> Result<(String, Vec<String>), XmlError> {
-    let mut r = reader(xml);
-    let mut stack: Vec<String> = Vec::new();
-    let mut spans: Vec<DiskSpan> = Vec::new();
-    let mut current: Option<DiskSpan> = None;
-    loop {
-        let before = pos(&r);
-        let ev = r.read_event().map_err(|e| syntax(&r, e))?;
-        let after = pos(&r);
-        match ev {
-            Event::Start(ref e) | Event::Empty(ref e) => {
-                let empty = matches!(ev, Event::Empty(_));
-                stack.push(super::elem_name(e));
-                if at(&stack, &["domain", "devices", "disk"]) {
-                    current = Some(DiskSpan::default());
-                } else if let (Some(d), 4) = (current.as_mut(), stack.len()) {
-                    let tag = Some((before, after, e.clone().into_owned(), empty));
-                    match stack[3].as_str() {
-                        "target" => d.target = attr(e, "dev")?,
-                        "source" if d.source.is_none() => d.source = tag,
-                        "driver" if d.driver.is_none() => d.driver = tag,
-                        _ => {}
-                    }
-                }
-                if empty {
-                    if at(&stack, &["domain", "devices", "disk"]) {
-                        spans.extend(current.take());
-                    }
-                    stack.pop();
-                }
+    let spans = walk_disks(xml, |d: &mut DiskSpan, c| {
+        if let Child::Open { name, tag, start, end, empty, .. } = c {
+            let span = Some((start, end, tag.clone().into_owned(), empty));
+            match name {
+                "target" => d.target = attr(tag, "dev")?,
+                "source" if d.source.is_none() => d.source = span,
+                "driver" if d.driver.is_none() => d.driver = span,
+                _ => {}
             }
-            Event::End(_) => {
-                if at(&stack, &["domain", "devices", "disk"]) {
-                    spans.extend(current.take());
-                }
-                stack.pop();
-            }
-            Event::Eof => break,
-            _ => {}
         }
-    }
+        Ok(())
+    })?;
 
     // Splice from the end so earlier offsets stay valid.
     let mut out = xml.to_string();
@@ -118,10 +91,6 @@ fn with_attr(tag: &BytesStart<'_>, key: &str, value: &str, empty: bool) -> Resul
     let ev = if empty { Event::Empty(new) } else { Event::Start(new) };
     w.write_event(ev).map_err(|e| XmlError::Syntax { position: 0, source: e.into() })?;
     Ok(String::from_utf8_lossy(&w.into_inner()).into_owned())
-}
-
-fn pos(r: &quick_xml::Reader<&[u8]>) -> usize {
-    usize::try_from(r.buffer_position()).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `virt-clone-cow publish TEMPLATE --compress`: before publishing, each master of the template
-//! is copied to a NEW zstd-compressed qcow2 volume beside it (`<stem>.zst.qcow2`, written under a
-//! hidden name, checked with `qemu-img compare`, then linked in under its name), and the template
+//! is copied to a NEW zstd-compressed qcow2 volume beside it (`<stem>.zst.qcow2`, written in a
+//! staging directory outside the pool's directory, checked with `qemu-img compare`, then renamed in
+//! under its name: a pool refresh never lists a partial volume), and the template
 //! is redefined to use it. Masters are immutable: the old master stays where it is, and clones
 //! made before keep it as their backing file; clones made afterwards (and every host that fetches
 //! the published master) get the compressed one, which has fewer bytes to move
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 use vcc_core::metadata::TemplateInfo;
 use vcc_core::qemu_img::{QemuImg, QemuImgError};
+use vcc_core::staging::{Staged, StagingError};
 use vcc_core::xml::Repoint;
 use vcc_libvirt::{Libvirt, LibvirtError};
 
@@ -47,6 +49,12 @@ pub enum CompressError {
         path: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("writing the compressed master {path}")]
+    Staging {
+        path: String,
+        #[source]
+        source: StagingError,
     },
     #[error("the XML of template '{domain}' has no disk {target} to point at the compressed master")]
     NoDisk { domain: String, target: String },
@@ -193,7 +201,7 @@ fn write_all(
 ) -> Result<(), CompressError> {
     for (t, (_, path)) in todo.iter().zip(plan) {
         let m = &template.masters[t.index];
-        let (size, compressed) = write_one(qemu_img, Path::new(&m.path), &m.format, path)?;
+        let (size, compressed) = write_one(qemu_img, Path::new(&m.path), &m.format, &t.pool, path)?;
         done.made.push((t.pool.clone(), path.clone()));
         lv.refresh_pool(&t.pool)?;
         tracing::info!("compressed {} ({size} bytes) to {} ({compressed} bytes)", m.path, path.display());
@@ -203,43 +211,48 @@ fn write_all(
     Ok(())
 }
 
-/// Writes the compressed copy of `master` under a hidden name beside `to`, checks that it reads
-/// the same and is smaller, gives it the master's owner and (read-only) mode, syncs it and links
-/// it in as `to` (never replacing a file there). Returns both sizes.
-fn write_one(qemu_img: &QemuImg, master: &Path, format: &str, to: &Path) -> Result<(u64, u64), CompressError> {
+/// Writes the compressed copy of `master` in virt-clone-cow's staging directory for `pool` (on
+/// the pool's filesystem, outside its directory: a pool refresh never lists a partial volume,
+/// `vcc_core::staging`), checks that it reads the same and is smaller, gives it the master's owner
+/// and (read-only) mode, syncs it and renames it in as `to` (never replacing a file there). A
+/// failure leaves nothing, in the pool or in the staging directory. Returns both sizes.
+fn write_one(
+    qemu_img: &QemuImg,
+    master: &Path,
+    format: &str,
+    pool: &str,
+    to: &Path,
+) -> Result<(u64, u64), CompressError> {
     let shown = master.display().to_string();
     let io = |p: &Path| {
         let path = p.display().to_string();
         move |source| CompressError::Io { path, source }
     };
-    let tmp = crate::cmd::flatten::sibling(to, "vcc-compress");
-    std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io(&tmp))?;
-    let result = (|| {
-        qemu_img
-            .convert_compressed(master, format, &tmp)
-            .map_err(|source| CompressError::QemuImg { path: shown.clone(), source })?;
-        let same = qemu_img
-            .compare(master, format, &tmp, "qcow2")
-            .map_err(|source| CompressError::QemuImg { path: shown.clone(), source })?;
-        if !same {
-            return Err(CompressError::Differs { path: shown.clone() });
-        }
-        let old = std::fs::metadata(master).map_err(io(master))?;
-        let compressed = std::fs::metadata(&tmp).map_err(io(&tmp))?.len();
-        if compressed >= old.len() {
-            return Err(CompressError::NotSmaller { path: shown.clone(), size: old.len(), compressed });
-        }
-        std::os::unix::fs::chown(&tmp, Some(old.uid()), Some(old.gid())).map_err(io(&tmp))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(old.mode() & 0o7555)).map_err(io(&tmp))?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
-        std::fs::hard_link(&tmp, to).map_err(io(to))?;
-        if let Some(dir) = to.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-        }
-        Ok((old.len(), compressed))
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result
+    let staging = |source: StagingError| CompressError::Staging { path: to.display().to_string(), source };
+    let (Some(dir), Some(name)) = (to.parent(), to.file_name().and_then(|n| n.to_str())) else {
+        return Err(io(to)(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+    };
+    let sdir = vcc_core::staging::vcc_staging_dir(dir, pool).map_err(staging)?;
+    let staged = Staged::create(&sdir, &format!("{name}.vcc-compress-{}", std::process::id())).map_err(staging)?;
+    let tmp = staged.path().to_path_buf();
+    qemu_img
+        .convert_compressed(master, format, &tmp)
+        .map_err(|source| CompressError::QemuImg { path: shown.clone(), source })?;
+    let same = qemu_img
+        .compare(master, format, &tmp, "qcow2")
+        .map_err(|source| CompressError::QemuImg { path: shown.clone(), source })?;
+    if !same {
+        return Err(CompressError::Differs { path: shown.clone() });
+    }
+    let old = std::fs::metadata(master).map_err(io(master))?;
+    let compressed = std::fs::metadata(&tmp).map_err(io(&tmp))?.len();
+    if compressed >= old.len() {
+        return Err(CompressError::NotSmaller { path: shown.clone(), size: old.len(), compressed });
+    }
+    std::os::unix::fs::chown(&tmp, Some(old.uid()), Some(old.gid())).map_err(io(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(old.mode() & 0o7555)).map_err(io(&tmp))?;
+    staged.place(dir, name).map_err(staging)?;
+    Ok((old.len(), compressed))
 }
 
 /// Redefines the template with its disks on the compressed masters and updates its master

@@ -6,24 +6,27 @@
 //!   and check the live XML shows no backing chain. libvirt updates the persistent XML itself
 //!   (we make sure). Stopped early (timeout), the overlay keeps its backing chain: as it was.
 //! * A shut-off clone (this host's libvirt only): a standalone copy of each overlay is written
-//!   beside it (through the storage API, `virStorageVolCreateXMLFrom`, when the overlay is a pool
-//!   volume; `qemu-img convert` otherwise), checked (no backing file, same size), and only when
-//!   every disk's copy is ready are they renamed over the overlays, the old ones kept as hard links
-//!   until the domain's XML and metadata are written: a failure at any step puts every overlay,
-//!   the XML and the metadata back. A half-flattened disk is never visible under the overlay's name.
+//!   with `qemu-img convert` in virt-clone-cow's staging directory (on the overlay's filesystem,
+//!   outside the pool's directory, `vcc_core::staging`: a pool refresh never lists a partial
+//!   copy), checked (no backing file, same size), and only when every disk's copy is ready is each
+//!   swapped with its overlay in one step (`renameat2(RENAME_EXCHANGE)`), the old overlays then
+//!   in the staging directory until the domain's XML and metadata are written: a failure at any
+//!   step swaps every overlay back and puts the XML and the metadata back. A half-flattened disk
+//!   is never visible under the overlay's name.
 //!
 //! Afterwards the clone's XML ends each disk's chain with `<backingStore/>`, and its metadata no
 //! longer lists the disks (docs/metadata.md); a clone with no linked disk left loses its
 //! `<vcc:clone>` element.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use vcc_core::metadata::{same_file, CloneDisk, CowMetadata, MasterRef};
 use vcc_core::qemu_img::{QemuImg, QemuImgError};
+use vcc_core::staging::{self, Staged};
 use vcc_core::xml::{drop_backing_stores, BackingDecl, DiskSource, DomainFacts, XmlError};
 use vcc_libvirt::{Libvirt, LibvirtError};
 
@@ -104,6 +107,12 @@ pub enum CopyError {
     },
     #[error("the copy '{0}' still has a backing file or another size than the overlay")]
     Check(String),
+    #[error("'{path}'")]
+    Staging {
+        path: String,
+        #[source]
+        source: staging::StagingError,
+    },
 }
 
 /// One flattened disk in the report.
@@ -343,13 +352,13 @@ fn stamp(path: &str) -> std::io::Result<(u64, u64, i64, i64)> {
     Ok((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
-/// A standalone copy made, not yet in place.
+/// A standalone copy made in the staging directory, not yet in place.
 #[derive(Debug)]
 struct Copy {
     target: Target,
-    tmp: PathBuf,
-    /// A hard link to the old overlay once the copy is in place.
-    backup: Option<PathBuf>,
+    /// The copy; once swapped with the overlay (`swapped`), the old overlay.
+    tmp: Staged,
+    swapped: bool,
     seconds: f64,
 }
 
@@ -377,8 +386,8 @@ fn copy_offline(
         for t in targets {
             crate::apply::check_interrupt().map_err(|_| changed())?;
             let t0 = Instant::now();
-            let tmp = standalone_copy(lv, t, req.timeout).map_err(|e| copy_err(name, t, e))?;
-            copies.push(Copy { target: t.clone(), tmp, backup: None, seconds: t0.elapsed().as_secs_f64() });
+            let tmp = standalone_copy(t, req.timeout).map_err(|e| copy_err(name, t, e))?;
+            copies.push(Copy { target: t.clone(), tmp, swapped: false, seconds: t0.elapsed().as_secs_f64() });
         }
         // Nothing may have touched the disks meanwhile.
         if lv.is_active(name)? || lv.domain_xml(name)? != xml {
@@ -395,10 +404,9 @@ fn copy_offline(
                 target: c.target.recorded.target.clone(),
                 source,
             };
-            let backup = sibling(&c.target.path, "vcc-preflatten");
-            std::fs::hard_link(&c.target.path, &backup).map_err(swap)?;
-            c.backup = Some(backup);
-            std::fs::rename(&c.tmp, &c.target.path).map_err(swap)?;
+            // One step: the overlay's name is the old overlay or the whole copy, never a part.
+            staging::exchange(c.tmp.path(), Path::new(&c.target.path)).map_err(swap)?;
+            c.swapped = true;
         }
         let flat: Vec<&str> = targets.iter().map(|t| t.recorded.target.as_str()).collect();
         let (edited, _) =
@@ -416,10 +424,8 @@ fn copy_offline(
     match result {
         Ok(()) => {
             let mut pools = Vec::new();
+            // Dropping the copies removes the old overlays from the staging directory.
             for c in &copies {
-                if let Some(b) = &c.backup {
-                    let _ = std::fs::remove_file(b);
-                }
                 if let Some((pool, _)) = &c.target.volume {
                     pools.push(pool.clone());
                 }
@@ -440,7 +446,7 @@ fn copy_offline(
                 .collect())
         }
         Err(e) => {
-            undo_copies(lv, &copies);
+            undo_copies(lv, copies);
             Err(e)
         }
     }
@@ -450,73 +456,46 @@ fn copy_err(domain: &str, t: &Target, source: CopyError) -> FlattenError {
     FlattenError::Copy { domain: domain.to_string(), target: t.recorded.target.clone(), source }
 }
 
-/// A name beside `path` for our own files: `.<file>.<what>-<pid>` (flatten's copies, reflink's
-/// temporary clones).
-pub(crate) fn sibling(path: impl AsRef<Path>, what: &str) -> PathBuf {
-    let p = path.as_ref();
-    let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    p.with_file_name(format!(".{file}.{what}-{}", std::process::id()))
-}
-
 /// Puts every old overlay back (the XML was not redefined, or the failure was before) and
 /// removes every copy.
-fn undo_copies(lv: &Libvirt, copies: &[Copy]) {
-    for c in copies.iter().rev() {
-        if let Some(b) = &c.backup {
-            if let Err(e) = std::fs::rename(b, &c.target.path) {
-                tracing::warn!("could not put back '{}' from '{}': {e}", c.target.path, b.display());
+fn undo_copies(lv: &Libvirt, copies: Vec<Copy>) {
+    for c in copies.into_iter().rev() {
+        if c.swapped {
+            if let Err(e) = staging::exchange(c.tmp.path(), Path::new(&c.target.path)) {
+                tracing::warn!("could not put back '{}' from '{}': {e}", c.target.path, c.tmp.path().display());
+                // The old overlay stays in the staging directory for the operator to put back.
+                c.tmp.keep();
+                continue;
             }
         }
-        let _ = std::fs::remove_file(&c.tmp);
         if let Some((pool, _)) = &c.target.volume {
             let _ = lv.refresh_pool(pool);
         }
     }
 }
 
-/// Writes a standalone copy of the overlay beside it and checks it; returns its path. A copy
-/// that fails is removed.
-fn standalone_copy(lv: &Libvirt, t: &Target, timeout: Duration) -> Result<PathBuf, CopyError> {
-    let info = QemuImg::new().timeout(timeout).info(Path::new(&t.path), "qcow2")?;
-    let tmp = match &t.volume {
-        Some((pool, vol)) => {
-            // Through the storage API: libvirt's qemu-img convert reads the whole chain.
-            let tmp_name = format!("{vol}.vcc-flatten-{}", std::process::id());
-            let xml = format!(
-                "<volume><name>{}</name><capacity unit='bytes'>{}</capacity>\
-                 <target><format type='qcow2'/><compat>1.1</compat></target></volume>",
-                quick_xml::escape::escape(tmp_name.as_str()),
-                info.virtual_size
-            );
-            let v = lv.copy_volume(pool, &xml, &tmp_name, &t.path)?;
-            PathBuf::from(v.facts.path)
-        }
-        None => {
-            let tmp = sibling(&t.path, "vcc-flatten");
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|source| CopyError::Io { path: tmp.display().to_string(), source })?;
-            if let Err(e) = QemuImg::new().timeout(timeout).convert_standalone(Path::new(&t.path), "qcow2", &tmp) {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e.into());
-            }
-            tmp
-        }
+/// Writes a standalone copy of the overlay in virt-clone-cow's staging directory for its
+/// directory (on its filesystem, outside the pool's listing: a pool refresh never shows a partial
+/// volume, `vcc_core::staging`) and checks it. A copy that fails is removed.
+fn standalone_copy(t: &Target, timeout: Duration) -> Result<Staged, CopyError> {
+    let q = QemuImg::new().timeout(timeout);
+    let info = q.info(Path::new(&t.path), "qcow2")?;
+    let overlay = Path::new(&t.path);
+    let staging_err = |source| CopyError::Staging { path: t.path.clone(), source };
+    let (Some(dir), Some(file)) = (overlay.parent(), overlay.file_name()) else {
+        return Err(CopyError::Check(t.path.clone()));
     };
-    let checked = check_copy(&tmp, &t.path, info.virtual_size, timeout);
-    if checked.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        if let Some((pool, _)) = &t.volume {
-            let _ = lv.refresh_pool(pool);
-        }
-    }
-    checked.map(|()| tmp)
+    let key = t.volume.as_ref().map_or("files", |(pool, _)| pool.as_str());
+    let sdir = staging::vcc_staging_dir(dir, key).map_err(staging_err)?;
+    let tmp = Staged::create(&sdir, &format!("{}.vcc-flatten-{}", file.to_string_lossy(), std::process::id()))
+        .map_err(staging_err)?;
+    q.convert_standalone(overlay, "qcow2", tmp.path())?;
+    check_copy(tmp.path(), &t.path, info.virtual_size, timeout)?;
+    Ok(tmp)
 }
 
-/// The copy has no backing file and the overlay's size; it gets the overlay's owner and mode and
-/// is on disk (fsync) before it may replace the overlay.
+/// The copy has no backing file and the overlay's size; it gets the overlay's owner, mode and
+/// SELinux label (where SELinux is enabled) and is on disk (fsync) before it may replace the overlay.
 fn check_copy(tmp: &Path, overlay: &str, virtual_size: u64, timeout: Duration) -> Result<(), CopyError> {
     let io = |source| CopyError::Io { path: tmp.display().to_string(), source };
     let info = QemuImg::new().timeout(timeout).info(tmp, "qcow2")?;
@@ -526,6 +505,11 @@ fn check_copy(tmp: &Path, overlay: &str, virtual_size: u64, timeout: Duration) -
     let old = std::fs::metadata(overlay).map_err(|source| CopyError::Io { path: overlay.to_string(), source })?;
     std::os::unix::fs::chown(tmp, Some(old.uid()), Some(old.gid())).map_err(io)?;
     std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(old.mode() & 0o7777)).map_err(io)?;
+    if vcc_core::selinux::Relabel::for_this_host().copy_dir_label {
+        if let Err(e) = vcc_core::selinux::copy_xattr(Path::new(overlay), tmp, vcc_core::selinux::XATTR) {
+            tracing::warn!("cannot give {} the SELinux label of {overlay}: {e}", tmp.display());
+        }
+    }
     std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(io)?;
     Ok(())
 }
@@ -575,14 +559,5 @@ mod tests {
         };
         assert!(forget_disks(&mut md, &["vda"]).is_empty());
         assert_eq!(md.clone.unwrap().reflinks, [reflinked]);
-    }
-
-    #[test]
-    fn our_files_beside_an_overlay_are_hidden_and_name_the_process() {
-        let s = sibling("/var/lib/libvirt/images/web-1-vda.qcow2", "vcc-flatten");
-        assert_eq!(
-            s,
-            PathBuf::from(format!("/var/lib/libvirt/images/.web-1-vda.qcow2.vcc-flatten-{}", std::process::id()))
-        );
     }
 }

@@ -1,9 +1,14 @@
-//! Staging and atomic publication into a pool directory.
+//! Staging and atomic publication into a pool directory: nothing partial is ever visible in a pool.
 //!
-//! Downloads land in a root-owned 0700 staging directory on the pool's filesystem but outside
-//! the pool directory (a dir pool lists everything in its directory). Only a verified file is
-//! fsynced, made read-only and renamed into the pool with `renameat2(RENAME_NOREPLACE)`; then the
-//! pool directory is fsynced.
+//! A libvirt dir pool lists every file of its directory, dot-files included, so a file being
+//! written there (a download, a compressed copy, a standalone copy of an overlay) would show up as
+//! a volume on the next pool refresh. Such files are written in a root-owned 0700 staging
+//! directory on the pool's filesystem but outside the pool directory ([`staging_dir`]). Only a
+//! finished, checked file is fsynced and renamed into the pool with
+//! `renameat2(RENAME_NOREPLACE)` ([`publish`], [`place`]), or swapped with the file it replaces
+//! with `renameat2(RENAME_EXCHANGE)` ([`exchange`]); then the pool directory is fsynced.
+//! pool-helper (fetched masters), `virt-clone-cow publish --compress` and `virt-clone-cow flatten`
+//! use it.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -38,18 +43,40 @@ fn cstr(p: &Path) -> std::io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
 }
 
-/// The staging directory for `pool`: under the state dir when it is on the pool's filesystem,
-/// else `<pool-dir>/../.pool-helper-staging/<pool>/`. Created 0700; refused if it is a symlink,
-/// not ours, or not 0700.
-pub fn staging_dir(pool_dir: &Path, state_dir: &Path, pool: &str) -> Result<PathBuf, StagingError> {
+/// pool-helper's staging directory beside a pool directory not on its state dir's filesystem.
+pub const POOL_HELPER_FALLBACK: &str = ".pool-helper-staging";
+
+/// virt-clone-cow's state directory: its staging directories are under it (`staging/<pool>`).
+pub const VCC_STATE_DIR: &str = "/var/lib/virt-clone-cow";
+
+/// virt-clone-cow's staging directory beside a pool directory not on [`VCC_STATE_DIR`]'s
+/// filesystem.
+pub const VCC_FALLBACK: &str = ".virt-clone-cow-staging";
+
+/// virt-clone-cow's staging directory for files that end up in `pool_dir` (`key`: the pool's
+/// name, or any fixed word for a directory that is no pool).
+pub fn vcc_staging_dir(pool_dir: &Path, key: &str) -> Result<PathBuf, StagingError> {
+    staging_dir(pool_dir, Path::new(VCC_STATE_DIR), VCC_FALLBACK, key)
+}
+
+/// The staging directory for `pool`: `<state_dir>/staging/<pool>/` when the state dir is on the
+/// pool's filesystem, else `<pool-dir>/../<fallback>/<pool>/`, else (the pool directory is a
+/// mount point) `<pool-dir>/<fallback>/<pool>/`. Created 0700; refused if it is a symlink, not
+/// ours, or not 0700.
+pub fn staging_dir(pool_dir: &Path, state_dir: &Path, fallback: &str, pool: &str) -> Result<PathBuf, StagingError> {
     let pool_dev = std::fs::metadata(pool_dir).map_err(io("cannot stat pool directory", pool_dir))?.dev();
     std::fs::create_dir_all(state_dir).map_err(io("cannot create state directory", state_dir))?;
     let state_dev = std::fs::metadata(state_dir).map_err(io("cannot stat state directory", state_dir))?.dev();
+    let parent = pool_dir.parent().unwrap_or(pool_dir);
     let base = if state_dev == pool_dev {
         state_dir.join("staging")
+    } else if std::fs::metadata(parent).is_ok_and(|m| m.dev() == pool_dev) {
+        parent.join(fallback)
     } else {
-        let parent = pool_dir.parent().unwrap_or(pool_dir);
-        parent.join(".pool-helper-staging")
+        // The pool directory is the root of its filesystem: no place outside it on that
+        // filesystem. A directory in it (a dir pool may list it, as a directory, never as a
+        // partial image).
+        pool_dir.join(fallback)
     };
     let dir = base.join(pool);
     for d in [&base, &dir] {
@@ -137,6 +164,12 @@ pub fn publish(staged: &Path, pool_dir: &Path, name: &str) -> Result<PathBuf, St
     f.set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io("cannot make read-only", staged))?;
     f.sync_all().map_err(io("cannot fsync", staged))?;
     drop(f);
+    place(staged, pool_dir, name)
+}
+
+/// Renames the finished (fsynced) `staged` to `<pool_dir>/<name>` without replacing anything,
+/// with the pool's SELinux label where SELinux is enabled, then fsyncs the pool directory.
+pub fn place(staged: &Path, pool_dir: &Path, name: &str) -> Result<PathBuf, StagingError> {
     let dest = pool_dir.join(name);
     let relabel = crate::selinux::Relabel::for_this_host();
     crate::selinux::before_rename(&relabel, staged, pool_dir);
@@ -164,6 +197,81 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Swaps `staged` and `dest` in one step (`renameat2(RENAME_EXCHANGE)`): `dest` is then the staged
+/// file and `staged` names the old `dest`, so calling it again undoes it. On a filesystem without
+/// the exchange (EINVAL), a hard link keeps the old file while the new one is renamed over it:
+/// `dest` is always a whole file, the old or the new. The directories are fsynced.
+pub fn exchange(staged: &Path, dest: &Path) -> std::io::Result<()> {
+    let (a, b) = (cstr(staged)?, cstr(dest)?);
+    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD makes them relative to the cwd.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)) {
+            return Err(e);
+        }
+        let mut old = staged.as_os_str().to_owned();
+        old.push(".old");
+        let old = PathBuf::from(old);
+        std::fs::hard_link(dest, &old)?;
+        if let Err(e) = std::fs::rename(staged, dest) {
+            let _ = std::fs::remove_file(&old);
+            return Err(e);
+        }
+        std::fs::rename(&old, staged)?;
+    }
+    for d in [staged.parent(), dest.parent()].into_iter().flatten() {
+        File::open(d).and_then(|d| d.sync_all())?;
+    }
+    Ok(())
+}
+
+/// A file in a staging directory, removed when dropped unless it was placed.
+#[derive(Debug)]
+pub struct Staged {
+    path: PathBuf,
+}
+
+impl Staged {
+    /// Creates the new, empty file `<dir>/<name>` (0600; never an existing file or a symlink).
+    pub fn create(dir: &Path, name: &str) -> Result<Staged, StagingError> {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io("cannot create staging file", &path))?;
+        Ok(Staged { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// No longer removed when dropped; returns its path.
+    pub fn keep(mut self) -> PathBuf {
+        std::mem::take(&mut self.path)
+    }
+
+    /// fsyncs the file and [`place`]s it as `<pool_dir>/<name>`; it is no longer removed.
+    pub fn place(self, pool_dir: &Path, name: &str) -> Result<PathBuf, StagingError> {
+        File::open(&self.path).and_then(|f| f.sync_all()).map_err(io("cannot fsync", &self.path))?;
+        let dest = place(&self.path, pool_dir, name)?;
+        self.keep();
+        Ok(dest)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Makes a published master read-only (0444). A master virt-clone-cow made immutable while
 /// clones depend on it (`vcc_core::protect`) cannot be chmodded, and needs not be: nothing can
 /// write it.
@@ -171,7 +279,7 @@ pub fn make_read_only(path: &Path) -> Result<(), StagingError> {
     match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)) {
         Err(e)
             if e.raw_os_error() == Some(libc::EPERM)
-                && vcc_core::protect::is_immutable(path).ok().flatten() == Some(true) =>
+                && crate::protect::is_immutable(path).ok().flatten() == Some(true) =>
         {
             Ok(())
         }
@@ -202,7 +310,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let pool = d.path().join("pool");
         std::fs::create_dir(&pool).unwrap();
-        let st = staging_dir(&pool, &d.path().join("state"), "p").unwrap();
+        let st = staging_dir(&pool, &d.path().join("state"), POOL_HELPER_FALLBACK, "p").unwrap();
         assert_eq!(std::fs::metadata(&st).unwrap().mode() & 0o777, 0o700);
         let f = prepare_file(&st, "m.raw", 4096).unwrap();
         allocate(&std::fs::OpenOptions::new().write(true).open(&f).unwrap(), 4096).unwrap();
@@ -219,7 +327,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let pool = d.path().join("pool");
         std::fs::create_dir(&pool).unwrap();
-        let st = staging_dir(&pool, &d.path().join("state"), "p").unwrap();
+        let st = staging_dir(&pool, &d.path().join("state"), POOL_HELPER_FALLBACK, "p").unwrap();
         let victim = d.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
         std::os::unix::fs::symlink(&victim, st.join("m.raw.part")).unwrap();
@@ -235,7 +343,7 @@ mod tests {
         let state = d.path().join("state");
         std::fs::create_dir_all(state.join("staging/p")).unwrap();
         std::fs::set_permissions(state.join("staging/p"), std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(matches!(staging_dir(&pool, &state, "p"), Err(StagingError::Unsafe(_))));
+        assert!(matches!(staging_dir(&pool, &state, POOL_HELPER_FALLBACK, "p"), Err(StagingError::Unsafe(_))));
     }
 
     #[test]
@@ -244,5 +352,41 @@ mod tests {
         let e = prepare_file(d.path(), "m.raw", 1 << 60).unwrap_err();
         assert!(matches!(e, StagingError::NoSpace { .. }), "{e}");
         assert!(!d.path().join("m.raw.part").exists());
+    }
+
+    #[test]
+    fn a_staged_file_is_placed_without_replacing_and_removed_when_not_placed() {
+        let d = tempfile::tempdir().unwrap();
+        let pool = d.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let st = staging_dir(&pool, &d.path().join("state"), VCC_FALLBACK, "p").unwrap();
+        let s = Staged::create(&st, "a.tmp").unwrap();
+        assert!(Staged::create(&st, "a.tmp").is_err(), "never an existing file");
+        std::fs::write(s.path(), b"new").unwrap();
+        let dest = s.place(&pool, "a.qcow2").unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(&st).unwrap().count(), 0, "staging empty after placing");
+        let s = Staged::create(&st, "b.tmp").unwrap();
+        std::fs::write(s.path(), b"other").unwrap();
+        assert!(matches!(s.place(&pool, "a.qcow2"), Err(StagingError::Exists(_))));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new", "the existing file kept");
+        assert_eq!(std::fs::read_dir(&st).unwrap().count(), 0, "a failed placing leaves nothing staged");
+        drop(Staged::create(&st, "c.tmp").unwrap());
+        assert_eq!(std::fs::read_dir(&st).unwrap().count(), 0, "dropped: removed");
+    }
+
+    #[test]
+    fn exchange_swaps_and_swaps_back() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("staged"), d.path().join("dest"));
+        std::fs::write(&a, b"new").unwrap();
+        std::fs::write(&b, b"old").unwrap();
+        exchange(&a, &b).unwrap();
+        assert_eq!((std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap()), (b"old".to_vec(), b"new".to_vec()));
+        exchange(&a, &b).unwrap();
+        assert_eq!((std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap()), (b"new".to_vec(), b"old".to_vec()));
+        std::fs::remove_file(&b).unwrap();
+        assert!(exchange(&a, &b).is_err(), "nothing to exchange with");
+        assert_eq!(std::fs::read(&a).unwrap(), b"new");
     }
 }

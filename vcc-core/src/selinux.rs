@@ -140,10 +140,10 @@ pub fn before_rename(r: &Relabel, staged: &Path, pool_dir: &Path) -> bool {
 pub fn after_rename(r: &Relabel, dest: &Path) -> bool {
     let Some(rc) = &r.restorecon else { return false };
     let args = [std::ffi::OsStr::new("-F"), dest.as_os_str()];
-    match vcc_core::process::run_with_timeout(&rc.to_string_lossy(), &args, RESTORECON_TIMEOUT) {
+    match crate::process::run_with_timeout(&rc.to_string_lossy(), &args, RESTORECON_TIMEOUT) {
         Ok(_) => true,
         Err(e) => {
-            tracing::warn!("{}", vcc_core::error::one_line(&e));
+            tracing::warn!("{}", crate::error::one_line(&e));
             false
         }
     }
