@@ -67,8 +67,14 @@ impl Lazy {
 
     /// Runs the hook built here as libvirt runs it for `prepare begin`; its stderr, or a panic.
     fn prepare(&self, xml: &str) -> String {
+        self.hook("prepare", xml).1
+    }
+
+    /// Runs the hook built here as libvirt runs it for `OP begin`; (stdout, stderr), or a panic
+    /// when it refuses.
+    fn hook(&self, op: &str, xml: &str) -> (String, String) {
         let mut c = Command::new(target_bin("virt-clone-cow-hook"))
-            .args([&self.name, "prepare", "begin", "-"])
+            .args([&self.name, op, "begin", "-"])
             .env("VIRT_CLONE_COW_HOOK_CONF", &self.hook_conf)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -79,8 +85,8 @@ impl Lazy {
         c.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
         let o = wait_output(c, Duration::from_secs(180));
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(o.status.success(), "the hook refused: {err}");
-        err
+        assert!(o.status.success(), "the hook refused {op}: {err}");
+        (String::from_utf8_lossy(&o.stdout).into_owned(), err)
     }
 
     /// Starts the guest on `overlay` (transient, plain XML) and waits for its "up" line.
@@ -429,4 +435,70 @@ fn a_master_failing_its_final_checks_is_never_published_and_its_guest_pauses_wit
     assert_eq!(staged_files(b, pb), Vec::<PathBuf>::new(), "nothing is left in staging");
     let sock = backing_of(overlay).trim_start_matches("nbd+unix:///?socket=").to_string();
     assert!(!Path::new(&sock).exists(), "the export's socket is gone: {sock}");
+}
+
+/// `xml` (a domain XML) with the virt-clone-cow metadata of `ours` (a [`Lazy::hook_xml`]): what
+/// libvirt hands the hook for our clone. The domains these tests run carry none, so that hooks
+/// installed on this machine leave them alone.
+fn with_metadata(xml: &str, ours: &str) -> String {
+    let md = &ours[ours.find("<metadata>").unwrap()..ours.find("</metadata>").unwrap() + "</metadata>".len()];
+    let at = xml.find("</name>").unwrap() + "</name>".len();
+    format!("{}{md}{}", &xml[..at], &xml[at..])
+}
+
+/// `virsh save`, then the hook's `restore begin` on the saved XML as libvirt runs it (it must
+/// print nothing: the XML goes through unchanged), then `virsh restore`. Returns the hook's
+/// stderr and how long it took.
+fn save_and_restore(env: &Lazy, ours: &str, image: &Path, between: impl FnOnce()) -> (String, Duration) {
+    virsh_ok(&[OsStr::new("save"), OsStr::new(&env.name), image.as_os_str()]);
+    between();
+    let saved = virsh_ok(&[OsStr::new("save-image-dumpxml"), image.as_os_str()]);
+    let t0 = Instant::now();
+    let (out, err) = env.hook("restore", &with_metadata(&saved, ours));
+    let took = t0.elapsed();
+    assert_eq!(out, "", "the restore filter passes the XML through unchanged");
+    virsh_ok(&[OsStr::new("restore"), image.as_os_str()]);
+    let _ = std::fs::remove_file(image);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(state_reason(&env.name), "running (restored)", "the restored guest runs on: {err}");
+    (err, took)
+}
+
+#[test]
+fn a_lazily_started_guest_saves_and_restores_while_its_master_arrives_and_after() {
+    let Bed { env, b, m, overlay, master, log, pb, .. } = &mut bed("save");
+    let ours = env.hook_xml(overlay, master, &pb.name, m);
+    env.prepare(&ours);
+    let (line, _) = env.boot(overlay, log);
+    assert!(up_field(&line, "uuid").is_some(), "{line}");
+    let image = env.dir.join("saved.img");
+
+    // The master still arriving: the restore filter asks for the export (the overlay reads it),
+    // it does not wait for the whole master (minutes at the origin's 2 MB/s).
+    let (said, took) = save_and_restore(env, &ours, &image, || {});
+    println!("restore begin took {:.2} s with the master arriving: {said}", took.as_secs_f64());
+    assert!(said.contains("reads the export of"), "{said}");
+    assert!(took < Duration::from_secs(30), "the hook waited for the whole master: {:.1} s", took.as_secs_f64());
+    assert!(!master.exists(), "restored while the master was still arriving");
+    assert!(backing_of(overlay).starts_with("nbd+unix:///?socket="), "{}", backing_of(overlay));
+
+    let t0 = Instant::now();
+    while b.master_status("tiny.qcow2")["state"] != "seeding" {
+        assert!(t0.elapsed() < Duration::from_secs(600), "the master never arrived: {}", b.daemon_log());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // The master is here; the daemon restarts while the guest is saved (a host reboot under
+    // libvirt-guests): its export is gone, so the restore filter points the overlay at the master
+    // (no QEMU has it open during a restore).
+    let (said, _) = save_and_restore(env, &ours, &image, || {
+        b.kill_daemon();
+        b.serve();
+    });
+    println!("restore begin with the master here: {said}");
+    assert!(said.contains("now reads master"), "{said}");
+    assert_eq!(backing_of(overlay), master.display().to_string());
+    assert_eq!(sha256(master), m["sha256"].as_str().unwrap());
+    virsh_ok(&["destroy", &env.name]);
+    let check = run("qemu-img", &["check", "-f", "qcow2", overlay.to_str().unwrap()]);
+    assert!(check.status.success(), "the overlay is sound: {}", String::from_utf8_lossy(&check.stdout));
 }
