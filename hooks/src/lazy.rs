@@ -48,6 +48,13 @@ pub fn applies(d: &ManagedDisk, cfg: &Config) -> bool {
     cfg.lazy && !d.master_in_xml
 }
 
+/// Whether the overlay of `d` reads its master's export now (its header's backing file name is
+/// one of pool-helper's export sockets, for this master when the metadata records its info-hash).
+pub fn reads_export(d: &ManagedDisk, cfg: &Config) -> bool {
+    vcc_core::qcow2::backing_name(&d.overlay)
+        .is_some_and(|b| export_socket(&b, cfg, d.master.info_hash.as_deref()).is_some())
+}
+
 /// For a missing master: asks pool-helper for its export and makes the overlay over it. `true`:
 /// done (the overlay reads the export); `false`: the master is here after all (`present`, or the
 /// fetch ended first), and the usual path goes on.
@@ -147,5 +154,40 @@ mod tests {
         assert!(export_socket(&export_url("/tmp/nbd/x.sock"), &cfg, None).is_none());
         assert!(export_socket("/var/lib/libvirt/images/m.qcow2", &cfg, None).is_none());
         assert!(plain("/run/pool-helper/nbd/a.sock") && !plain("/run/x y.sock") && !plain("/r?a&b"));
+    }
+
+    #[test]
+    fn an_overlay_reads_the_export_only_when_its_header_names_this_masters_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config { control_socket: "/run/pool-helper/control.sock".into(), ..Config::default() };
+        let h = "0123456789abcdef0123456789abcdef01234567";
+        let overlay = dir.path().join("o.qcow2");
+        let with_backing = |name: &str| {
+            let mut b = vec![0u8; 4096];
+            b[0..4].copy_from_slice(b"QFI\xfb");
+            b[8..16].copy_from_slice(&512u64.to_be_bytes());
+            b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            b[512..512 + name.len()].copy_from_slice(name.as_bytes());
+            std::fs::write(&overlay, b).unwrap();
+        };
+        let d = ManagedDisk {
+            target: "vda".into(),
+            overlay: overlay.clone(),
+            master: vcc_core::metadata::MasterRef {
+                path: "/p/m.qcow2".into(),
+                format: "qcow2".into(),
+                info_hash: Some(h.into()),
+                ..Default::default()
+            },
+            recorded: true,
+            master_in_xml: false,
+        };
+        assert!(!reads_export(&d, &cfg), "no overlay yet");
+        with_backing(&export_url(&format!("/run/pool-helper/nbd/{h}.sock")));
+        assert!(reads_export(&d, &cfg));
+        with_backing(&export_url(&format!("/run/pool-helper/nbd/{}.sock", "e".repeat(40))));
+        assert!(!reads_export(&d, &cfg), "another master's export");
+        with_backing("/p/m.qcow2");
+        assert!(!reads_export(&d, &cfg), "the master file");
     }
 }

@@ -218,7 +218,7 @@ pub fn run(
             }
             let cfg = load_cfg(log);
             disposable::fresh_start(&facts, &plan, &cfg, log);
-            prepare::prepare(&facts.name, &plan.disks, &cfg, true, log)?;
+            prepare::prepare(&facts.name, &plan.disks, &cfg, prepare::Step::Start, log)?;
         }
         Op::Migrate | Op::Restore => {
             plan.disks.retain(|d| d.recorded);
@@ -226,7 +226,8 @@ pub fn run(
                 return Ok(());
             }
             let cfg = load_cfg(log);
-            prepare::prepare(&facts.name, &plan.disks, &cfg, false, log)?;
+            let step = if op == Op::Migrate { prepare::Step::Migrate } else { prepare::Step::Restore };
+            prepare::prepare(&facts.name, &plan.disks, &cfg, step, log)?;
             if plan.disposable {
                 disposable::note_incoming(&cfg, &facts).map_err(|source| HookError::Note {
                     domain: facts.name.clone(),

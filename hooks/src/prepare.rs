@@ -63,25 +63,41 @@ pub fn deadline_after(wait: Duration) -> Instant {
     now.checked_add(wait.min(Duration::from_secs(crate::config::MAX_SECS))).unwrap_or(now)
 }
 
-/// Ensures masters (and, when `create_overlays`, overlays) for `disks`. A master must be a regular
+/// The libvirt step `prepare` runs for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `prepare begin`: missing overlays are made.
+    Start,
+    /// `restore begin`: no overlay is made; no QEMU has the overlays open (libvirt refuses to
+    /// restore a running domain).
+    Restore,
+    /// `migrate begin` (on the destination): no overlay is made, and none is changed: on shared
+    /// storage the source's QEMU still has it open.
+    Migrate,
+}
+
+/// Ensures masters (and, at [`Step::Start`], overlays) for `disks`. A master must be a regular
 /// file (a symlink to one is fine): qemu-img is never pointed at a FIFO, a device or a directory.
 pub fn prepare(
     domain: &str,
     disks: &[ManagedDisk],
     cfg: &Config,
-    create_overlays: bool,
+    step: Step,
     log: &mut dyn Write,
 ) -> Result<(), PrepareError> {
+    let create_overlays = step == Step::Start;
     let deadline = deadline_after(cfg.fetch_timeout);
     for d in disks {
-        let lazy = create_overlays && crate::lazy::applies(d, cfg);
+        // A restored or incoming guest whose overlay reads its master's export (docs/lazy.md)
+        // reads it again: the export is asked for, not the whole master.
+        let lazy = crate::lazy::applies(d, cfg) && (create_overlays || crate::lazy::reads_export(d, cfg));
         if lazy && !d.master_exists() && crate::lazy::start(domain, d, cfg, deadline, log)? {
             continue; // its overlay reads the master's export (docs/lazy.md)
         }
         if !d.master_exists() {
             fetch_master(domain, d, cfg, deadline, log)?;
         }
-        if lazy && d.overlay_exists() {
+        if lazy && step != Step::Migrate && d.overlay_exists() {
             crate::lazy::repoint(domain, d, cfg, log)?;
         }
         if let Some(what) = d.master_not_regular() {
@@ -297,7 +313,7 @@ mod tests {
                 overlay: allowed.join("fine.qcow2"),
                 ..disk(&allowed, &good, "raw", None)
             };
-            let e = prepare("vm", &[fine, d.clone()], &cfg, true, &mut Vec::new()).unwrap_err();
+            let e = prepare("vm", &[fine, d.clone()], &cfg, Step::Start, &mut Vec::new()).unwrap_err();
             let msg = vcc_core::error::one_line(&e);
             assert!(matches!(e, PrepareError::Place { .. }), "{msg}");
             assert!(msg.starts_with("refusing to make the overlay of disk vda: ") && msg.contains(says), "{msg}");
@@ -339,7 +355,7 @@ mod tests {
             master_in_xml: true,
         };
         let cfg = Config { control_socket: sock.clone(), fetch_timeout: Duration::from_secs(5), ..cfg };
-        let e = prepare("vm", &[d], &cfg, true, &mut Vec::new()).unwrap_err();
+        let e = prepare("vm", &[d], &cfg, Step::Start, &mut Vec::new()).unwrap_err();
         // Wake the stand-in if nothing was asked.
         let _ = std::os::unix::net::UnixStream::connect(&sock).map(|mut s| writeln!(s));
         let line = server.join().unwrap().filter(|l| !l.is_empty());
@@ -406,7 +422,7 @@ mod tests {
         std::fs::write(&master, vec![0u8; 1 << 20]).unwrap();
         let d = disk(dir.path(), &master, "raw", Some(1 << 30));
         let mut log = Vec::new();
-        prepare("vm", std::slice::from_ref(&d), &allowing(dir.path()), true, &mut log).unwrap();
+        prepare("vm", std::slice::from_ref(&d), &allowing(dir.path()), Step::Start, &mut log).unwrap();
         let info = qemu_img().force_share(true).info(&d.overlay, "qcow2").unwrap();
         assert_eq!(info.virtual_size, 1 << 20);
         assert_eq!(info.backing.as_deref(), Some(d.master.path.as_str()));
@@ -426,7 +442,7 @@ mod tests {
         assert!(deadline_after(Duration::from_secs(7)) >= before + Duration::from_secs(7));
         // The whole of `prepare`, with a Config not read from a file.
         let cfg = Config { fetch_timeout: Duration::MAX, ..Config::default() };
-        assert!(prepare("vm", &[], &cfg, true, &mut Vec::new()).is_ok());
+        assert!(prepare("vm", &[], &cfg, Step::Start, &mut Vec::new()).is_ok());
     }
 
     #[test]
@@ -438,7 +454,7 @@ mod tests {
         for (master, what) in [(fifo.as_path(), "a FIFO"), (dir.path(), "a directory")] {
             let d = disk(dir.path(), master, "raw", None);
             let t0 = Instant::now();
-            let e = prepare("vm", &[d], &Config::default(), true, &mut Vec::new()).unwrap_err();
+            let e = prepare("vm", &[d], &Config::default(), Step::Start, &mut Vec::new()).unwrap_err();
             assert!(matches!(e, PrepareError::NotRegular { .. }), "{e}");
             let msg = e.to_string();
             assert!(
@@ -449,8 +465,9 @@ mod tests {
             assert!(!dir.path().join("o.qcow2").exists());
         }
         // Also on migrate/restore, where no overlay is made.
-        let e = prepare("vm", &[disk(dir.path(), &fifo, "raw", None)], &Config::default(), false, &mut Vec::new())
-            .unwrap_err();
+        let e =
+            prepare("vm", &[disk(dir.path(), &fifo, "raw", None)], &Config::default(), Step::Restore, &mut Vec::new())
+                .unwrap_err();
         assert!(matches!(e, PrepareError::NotRegular { .. }), "{e}");
     }
 }
