@@ -288,7 +288,21 @@ impl Cli {
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(CliError::Runtime)
+}
+
+/// At most two glibc malloc arenas, set before the runtime starts its threads. glibc gives a
+/// thread that finds the arenas busy a new one (up to 8 per core), each keeping its own freed
+/// memory: with tokio's workers and blocking threads passing 16 KiB chunks between them, that is
+/// a few MiB of peak RSS per fetch for no speed (issue 14 item 1, docs/benchmarks/pool-helper.md).
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt sets a malloc tunable; it takes no pointers and is safe at any time.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
