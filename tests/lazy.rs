@@ -131,7 +131,12 @@ struct Bed {
     log: PathBuf,
     pb: Pool,
     _pa: Pool,
+    /// One bed at a time: the guests' boots and the origins' uploads of this file's tests would
+    /// share the machine's CPUs and slow each other past what the tests time.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn bed(test: &str) -> Bed {
     bed_with(test, ORIGIN_UPLOAD)
@@ -139,6 +144,7 @@ fn bed(test: &str) -> Bed {
 
 /// [`bed`] with the origin's upload capped at `upload` bytes/s.
 fn bed_with(test: &str, upload: &str) -> Bed {
+    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let pa = Pool::new("lza");
     let pb = Pool::new("lzb");
     traversable(pb.dir.parent().unwrap());
@@ -157,7 +163,7 @@ fn bed_with(test: &str, upload: &str) -> Bed {
     let env = Lazy::new(test, &b.socket(), &pb.dir);
     let (overlay, log) = (env.dir.join("clone.qcow2"), env.dir.join("serial.log"));
     let master = pb.path("tiny.qcow2");
-    Bed { env, b, _a: a, m, overlay, master, log, pb, _pa: pa }
+    Bed { env, b, _a: a, m, overlay, master, log, pb, _pa: pa, _serial: serial }
 }
 
 #[test]
