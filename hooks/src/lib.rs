@@ -10,7 +10,7 @@
 //!   as virt-clone-cow does. An existing file is never recreated or truncated.
 //! * `migrate begin` / `restore begin`: filters whose stdout libvirt parses; we print nothing
 //!   (XML unchanged) and only make sure the masters of the disks our clone metadata records are
-//!   here.
+//!   here (or, with `lazy`, that the export an overlay reads is there; docs/lazy.md).
 //! * `release end`: disposable clones lose their overlay when libvirt says the guest was shut
 //!   down, destroyed or crashed.
 //! * everything else, `reconnect` included: exit 0, without reading anything. Only the three

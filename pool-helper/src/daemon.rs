@@ -307,7 +307,10 @@ impl Daemon {
             match &r.state {
                 RecordState::Pending => {
                     tracing::info!(name = %r.manifest.name, "resuming an interrupted fetch");
-                    let _ = self.start_fetch(key, r.pool.clone(), r.manifest.clone(), None);
+                    let started = self.start_fetch(key.clone(), r.pool.clone(), r.manifest.clone(), None);
+                    if let (true, Ok((_, drx))) = (self.ctx.cfg.lazy, started) {
+                        self.reexport(key, r.manifest.clone(), drx);
+                    }
                     continue;
                 }
                 RecordState::Failed { error } => {
@@ -979,6 +982,20 @@ impl Daemon {
         }
         tracing::info!("lazy export of '{}' in pool '{}' on {}", m.name, key.0, x.socket.display());
         Ok(exported(&x))
+    }
+
+    /// With `lazy` on, a fetch resumed at start-up is exported again (docs/lazy.md): a guest
+    /// started over its export before a daemon restart reads it again (QEMU reconnects at its next
+    /// read) with nobody asking. As any export: verified pieces only, after the head checks.
+    fn reexport(self: &Arc<Self>, key: Key, m: Manifest, drx: watch::Receiver<Option<Final>>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.export_of(&key, &m, drx).await {
+                Ok(f) if f.state == Some(FinalState::Exported) => {}
+                Ok(_) => tracing::debug!("'{}' not exported again: its fetch ended first", m.name),
+                Err(e) => tracing::warn!("'{}' not exported again after the restart: {}", m.name, one_line(&e)),
+            }
+        });
     }
 
     /// `domain` no longer waits for the master of `key` (its request ended, answered or not).
