@@ -201,6 +201,8 @@ fn a_pool_refreshed_while_a_master_is_compressed_never_lists_a_partial_volume() 
     eprintln!("{watch:?}");
     run.assert_error(1, &["publishing volume 'big.zst.qcow2'"]);
     assert!(watch.staged_seen > 0, "the pool was refreshed while the compressed copy was written: {watch:?}");
+    assert!(watch.before.iter().any(|v| v == "big.raw"), "the listing reads the volumes: {watch:?}");
+    assert!(watch.errors.is_empty(), "the pool could not be refreshed or listed while compressing: {watch:?}");
     assert!(watch.extra.is_empty(), "the pool listed a partial volume while compressing: {watch:?}");
     assert_eq!(staged(), 0, "nothing left staged");
     assert_eq!(list_dir(&env.pool_dir), ["big.raw"], "nothing left in the pool");

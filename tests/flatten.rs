@@ -255,6 +255,8 @@ fn a_pool_refreshed_while_an_overlay_is_flattened_never_lists_a_partial_copy() {
     eprintln!("{watch:?}");
     run.assert_ok();
     assert!(watch.staged_seen > 0, "the pool was refreshed while the copy was written: {watch:?}");
+    assert!(watch.before.iter().any(|v| v == "big.raw"), "the listing reads the volumes: {watch:?}");
+    assert!(watch.errors.is_empty(), "the pool could not be refreshed or listed while flattening: {watch:?}");
     assert!(watch.extra.is_empty(), "the pool listed a partial copy while flattening: {watch:?}");
     assert_eq!(staged(), 0, "the old overlay is gone from the staging directory");
     assert_eq!(list_dir(&env.pool_dir), ["big.raw".to_string(), format!("{clone}-vda.qcow2")]);

@@ -69,16 +69,20 @@ pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> CliRun {
 /// What a pool listed while a command ran ([`cli_watching_pool`]).
 #[derive(Debug, Default)]
 pub struct PoolWatch {
+    /// The volumes listed before the command ran.
+    pub before: Vec<String>,
     /// How many times the pool was refreshed and listed.
     pub samples: usize,
     /// Volumes listed that were neither there before nor allowed (a partial file in the pool).
     pub extra: Vec<String>,
     /// How many samples found a staged file (the convert was caught in the middle).
     pub staged_seen: usize,
+    /// Refreshes or listings that failed (libvirt choking on a partial file), with virsh's error.
+    pub errors: Vec<String>,
 }
 
 /// Runs `virt-clone-cow ARGS...` while refreshing `pool` (`virsh pool-refresh`) and listing its
-/// volumes over and over until it ends (bounded: 10 minutes); volumes other than those before and
+/// volumes (`virsh vol-list`) over and over until it ends (bounded: 10 minutes); volumes other than those before and
 /// `allowed` are reported, and `staged()` (the count of staged files) is sampled each time.
 pub fn cli_watching_pool<S: AsRef<OsStr>>(
     args: &[S],
@@ -86,17 +90,24 @@ pub fn cli_watching_pool<S: AsRef<OsStr>>(
     allowed: &[&str],
     staged: impl Fn() -> usize,
 ) -> (CliRun, PoolWatch) {
-    let list = || -> Vec<String> {
-        let _ = crate::libvirt::virsh(&["pool-refresh", pool]);
-        let out = crate::libvirt::virsh(&["vol-list", "--pool", pool, "--name"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect()
+    let list = |errors: &mut Vec<String>| -> Vec<String> {
+        let refresh = crate::libvirt::virsh(&["pool-refresh", pool]);
+        let out = crate::libvirt::virsh(&["vol-list", "--pool", pool]);
+        for (what, o) in [("pool-refresh", &refresh), ("vol-list", &out)] {
+            if !o.status.success() {
+                errors.push(format!("virsh {what}: {}", String::from_utf8_lossy(&o.stderr).trim()));
+            }
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        // One volume a line (test names have no spaces), after the ` Name  Path` header and its
+        // line of dashes unless virsh runs quiet.
+        let rows: Vec<&str> = text.lines().collect();
+        let start = rows.iter().position(|l| l.starts_with("---")).map_or(0, |i| i + 1);
+        rows[start..].iter().filter_map(|l| l.split_whitespace().next()).map(String::from).collect()
     };
-    let before = list();
+    let mut errors = Vec::new();
+    let before = list(&mut errors);
+    assert!(errors.is_empty(), "the pool could not be listed before: {errors:?}");
     let bin = cli_path();
     let child = Command::new(&bin)
         .arg("--connect")
@@ -110,11 +121,11 @@ pub fn cli_watching_pool<S: AsRef<OsStr>>(
         .unwrap_or_else(|e| panic!("could not run {}: {e}", bin.display()));
     let waiter = std::thread::spawn(move || child.wait_with_output());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-    let mut w = PoolWatch::default();
+    let mut w = PoolWatch { before: before.clone(), ..PoolWatch::default() };
     while !waiter.is_finished() {
         assert!(std::time::Instant::now() < deadline, "virt-clone-cow ran for over 10 minutes");
         let staged_now = staged();
-        for v in list() {
+        for v in list(&mut w.errors) {
             if !before.contains(&v) && !allowed.contains(&v.as_str()) && !w.extra.contains(&v) {
                 w.extra.push(v);
             }

@@ -423,6 +423,9 @@ impl TestEnv {
             clear_immutable(d);
             let _ = std::fs::remove_dir_all(d);
         }
+        // virt-clone-cow's staging directory for this pool, when empty (`vcc_core::staging`).
+        let staging = Path::new(vcc_core::staging::VCC_STATE_DIR).join("staging").join(&self.pool);
+        let _ = std::fs::remove_dir(staging);
     }
 }
 

@@ -54,9 +54,11 @@ pub const VCC_STATE_DIR: &str = "/var/lib/virt-clone-cow";
 pub const VCC_FALLBACK: &str = ".virt-clone-cow-staging";
 
 /// virt-clone-cow's staging directory for files that end up in `pool_dir` (`key`: the pool's
-/// name, or any fixed word for a directory that is no pool).
+/// name, or any fixed word for a directory that is no pool). Without [`VCC_STATE_DIR`] (a user
+/// who may not create it), beside the pool directory.
 pub fn vcc_staging_dir(pool_dir: &Path, key: &str) -> Result<PathBuf, StagingError> {
-    staging_dir(pool_dir, Path::new(VCC_STATE_DIR), VCC_FALLBACK, key)
+    let state = Path::new(VCC_STATE_DIR);
+    staging_dir_in(pool_dir, std::fs::create_dir_all(state).is_ok().then_some(state), VCC_FALLBACK, key)
 }
 
 /// The staging directory for `pool`: `<state_dir>/staging/<pool>/` when the state dir is on the
@@ -64,11 +66,25 @@ pub fn vcc_staging_dir(pool_dir: &Path, key: &str) -> Result<PathBuf, StagingErr
 /// mount point) `<pool-dir>/<fallback>/<pool>/`. Created 0700; refused if it is a symlink, not
 /// ours, or not 0700.
 pub fn staging_dir(pool_dir: &Path, state_dir: &Path, fallback: &str, pool: &str) -> Result<PathBuf, StagingError> {
-    let pool_dev = std::fs::metadata(pool_dir).map_err(io("cannot stat pool directory", pool_dir))?.dev();
     std::fs::create_dir_all(state_dir).map_err(io("cannot create state directory", state_dir))?;
-    let state_dev = std::fs::metadata(state_dir).map_err(io("cannot stat state directory", state_dir))?.dev();
+    staging_dir_in(pool_dir, Some(state_dir), fallback, pool)
+}
+
+/// [`staging_dir`] with the state directory left out when there is none (`None`: a user who
+/// cannot create it, running against `qemu:///session`, stages beside the pool directory).
+fn staging_dir_in(
+    pool_dir: &Path,
+    state_dir: Option<&Path>,
+    fallback: &str,
+    pool: &str,
+) -> Result<PathBuf, StagingError> {
+    let pool_dev = std::fs::metadata(pool_dir).map_err(io("cannot stat pool directory", pool_dir))?.dev();
+    let state_dev = match state_dir {
+        Some(s) => Some(std::fs::metadata(s).map_err(io("cannot stat state directory", s))?.dev()),
+        None => None,
+    };
     let parent = pool_dir.parent().unwrap_or(pool_dir);
-    let base = if state_dev == pool_dev {
+    let base = if let (Some(state_dir), true) = (state_dir, state_dev == Some(pool_dev)) {
         state_dir.join("staging")
     } else if std::fs::metadata(parent).is_ok_and(|m| m.dev() == pool_dev) {
         parent.join(fallback)
@@ -388,5 +404,17 @@ mod tests {
         std::fs::remove_file(&b).unwrap();
         assert!(exchange(&a, &b).is_err(), "nothing to exchange with");
         assert_eq!(std::fs::read(&a).unwrap(), b"new");
+    }
+
+    #[test]
+    fn without_a_state_dir_the_staging_dir_is_beside_the_pool() {
+        let d = tempfile::tempdir().unwrap();
+        let pool = d.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let st = staging_dir_in(&pool, None, VCC_FALLBACK, "p").unwrap();
+        assert_eq!(st, d.path().join(VCC_FALLBACK).join("p"));
+        assert_eq!(std::fs::metadata(&st).unwrap().mode() & 0o777, 0o700);
+        let with_state = staging_dir(&pool, &d.path().join("state"), VCC_FALLBACK, "p").unwrap();
+        assert_eq!(with_state, d.path().join("state/staging/p"), "the state dir, on the pool's filesystem");
     }
 }
