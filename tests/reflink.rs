@@ -200,6 +200,11 @@ fn reflink_clones_on(kind: &str) {
         let leftovers: Vec<String> =
             list_dir(copy.parent().unwrap()).into_iter().filter(|n| n.contains("vcc-reflink")).collect();
         assert!(leftovers.is_empty(), "{}: temporary files left: {leftovers:?}", case.what);
+        // The clone was made in the staging directory on the same filesystem, outside the pool's
+        // directory (nothing partial is ever a volume), and nothing is left there.
+        let staging = fs.mount.join(".virt-clone-cow-staging/reflink");
+        assert!(staging.is_dir(), "{}: no staging directory {}", case.what, staging.display());
+        assert!(list_dir(&staging).is_empty(), "{}: left in staging: {:?}", case.what, list_dir(&staging));
 
         // The clone's XML and metadata: its own disk, no chain, recorded as reflinked.
         let f = facts(&clone);

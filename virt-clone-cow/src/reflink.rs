@@ -2,8 +2,8 @@
 //! constant time on filesystems that can (xfs made with `reflink=1`, btrfs), with no backing
 //! chain. Raw pool volumes are copied by libvirt (`VIR_STORAGE_VOL_CREATE_REFLINK`, which
 //! libvirt allows for raw only); everything else (a qcow2 volume, a file outside any pool) with the
-//! `FICLONE` ioctl here: cloned into a hidden temporary name in the same directory, then linked to
-//! its name, so no partial image is ever visible under the final name.
+//! `FICLONE` ioctl here: cloned into virt-clone-cow's staging directory on the same filesystem
+//! (`vcc_core::staging`), then renamed to its name, so no partial image is ever in the pool.
 //!
 //! Nothing falls back to a slow full copy: a filesystem that cannot share extents is refused with
 //! one line that says what to do.
@@ -12,6 +12,8 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use vcc_core::staging::{self, Staged, StagingError};
 
 /// Why a reflinked copy cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,8 @@ pub enum ReflinkError {
     HasBacking { path: String },
     #[error("'{path}' is a {format} image {where_}, and over a remote connection ({uri}) libvirt can reflink raw pool volumes only; run virt-clone-cow on that host, or clone without --reflink")]
     Remote { path: String, format: String, where_: &'static str, uri: String },
+    #[error(transparent)]
+    Staging(#[from] StagingError),
     #[error("{op} '{path}'")]
     Io {
         op: &'static str,
@@ -104,46 +108,25 @@ fn clone_failed(e: std::io::Error, from: &Path, dir: &Path, tmp: &Path) -> Refli
     }
 }
 
-/// A name beside `path` for our own files: `.<file>.<what>-<pid>` (the temporary clone: a
-/// reflink takes no time to write, and must be on the file's own filesystem).
-fn sibling(path: impl AsRef<Path>, what: &str) -> PathBuf {
-    let p = path.as_ref();
-    let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    p.with_file_name(format!(".{file}.{what}-{}", std::process::id()))
-}
-
-/// A file removed when dropped, unless kept.
-struct TempFile {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Clones `from` into a new temporary file beside `to`; returns it (removed when dropped).
-fn clone_to_temp(from: &Path, to: &Path) -> Result<(TempFile, File), ReflinkError> {
+/// Clones `from` into a new file in the staging directory of `to`'s directory (on its
+/// filesystem, outside the pool's listing: `vcc_core::staging`); returns it (removed when dropped).
+fn clone_to_temp(from: &Path, to: &Path) -> Result<(Staged, File), ReflinkError> {
     let dir = to.parent().unwrap_or(Path::new("/"));
     let src = File::open(from).map_err(io("opening", from))?;
     let mode = src.metadata().map_err(io("reading", from))?.permissions().mode();
-    let tmp_path = sibling(to, "vcc-reflink");
+    let file = to.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let sdir = staging::vcc_staging_dir(dir, "reflink")?;
+    let tmp = Staged::create(&sdir, &format!("{file}.vcc-reflink-{}", std::process::id()))?;
     let dst = OpenOptions::new()
         .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp_path)
-        .map_err(io("creating", &tmp_path))?;
-    let tmp = TempFile { path: tmp_path, keep: false };
-    ficlone(&dst, &src).map_err(|e| clone_failed(e, from, dir, &tmp.path))?;
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(tmp.path())
+        .map_err(io("opening", tmp.path()))?;
+    ficlone(&dst, &src).map_err(|e| clone_failed(e, from, dir, tmp.path()))?;
     // The copy is the clone's own disk: writable by its owner whatever the master's mode (a
     // template's masters are read-only).
     let mode = (mode & 0o666) | 0o600;
-    dst.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io("setting the mode of", &tmp.path))?;
+    dst.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io("setting the mode of", tmp.path()))?;
     Ok((tmp, dst))
 }
 
@@ -215,27 +198,19 @@ pub fn probe(from: &Path, dir: &Path) -> Result<(), ReflinkError> {
     clone_to_temp(from, &dir.join(format!("{name}.probe"))).map(|_| ())
 }
 
-/// Makes `to` a reflinked copy of `from`: cloned into a hidden temporary name in `to`'s
-/// directory, synced, then linked to `to` (which must not exist: an existing file is never
-/// replaced) and the temporary name removed.
+/// Makes `to` a reflinked copy of `from`: cloned into the staging directory (nothing partial
+/// is ever in the pool's directory), synced, then renamed to `to` (which must not exist: an
+/// existing file is never replaced).
 pub fn reflink_file(from: &Path, to: &Path) -> Result<(), ReflinkError> {
     let (tmp, dst) = clone_to_temp(from, to)?;
-    dst.sync_all().map_err(io("syncing", &tmp.path))?;
     drop(dst);
-    match std::fs::hard_link(&tmp.path, to) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(ReflinkError::Exists(to.display().to_string()))
-        }
-        Err(e) => return Err(io("naming the copy", to)(e)),
+    let dir = to.parent().unwrap_or(Path::new("/"));
+    let name = to.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    match tmp.place(dir, &name) {
+        Ok(_) => Ok(()),
+        Err(StagingError::Exists(_)) => Err(ReflinkError::Exists(to.display().to_string())),
+        Err(e) => Err(e.into()),
     }
-    // `tmp` is removed as it drops; the copy lives on under `to`.
-    if let Some(dir) = to.parent() {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
