@@ -67,6 +67,7 @@ pub fn start(
 ) -> Result<bool, PrepareError> {
     let m = &d.master;
     let fetch = |source| PrepareError::Fetch { master: m.path.clone(), target: d.target.clone(), source };
+    let t0 = Instant::now();
     let req = Request::Export(wanted_of(d, cfg)?.for_domain(domain));
     let _ =
         writeln!(log, "virt-clone-cow-hook: {domain}: master {} is missing; asking pool-helper to export it", m.path);
@@ -84,6 +85,7 @@ pub fn start(
         return Err(lazy(format!("pool-helper named an export socket the hook does not expect: '{socket}'")));
     }
     let url = export_url(&socket);
+    let export_ms = t0.elapsed().as_millis();
     if d.overlay_exists() {
         // A restart while the master still arrives: the overlay must read this export.
         if vcc_core::qcow2::backing_name(&d.overlay).as_deref() == Some(url.as_str()) {
@@ -110,9 +112,10 @@ pub fn start(
         .map_err(|source| PrepareError::Overlay { target: d.target.clone(), source })?;
     let _ = writeln!(
         log,
-        "virt-clone-cow-hook: {domain}: created overlay {} over the export of {} ({socket}); the master keeps arriving",
+        "virt-clone-cow-hook: {domain}: created overlay {} over the export of {} ({socket}) in {} ms (export answered at {export_ms} ms); the master keeps arriving",
         d.overlay.display(),
-        m.path
+        m.path,
+        t0.elapsed().as_millis()
     );
     Ok(true)
 }

@@ -928,7 +928,8 @@ impl Daemon {
         bound: Duration,
     ) -> Result<Final, Refusal> {
         let exported = |x: &LazyExport| Final::done(FinalState::Exported, &x.socket.display().to_string());
-        let deadline = Instant::now() + bound;
+        let t0 = Instant::now();
+        let deadline = t0 + bound;
         let mut drx = drx;
         let h = loop {
             if let Some(f) = drx.borrow().clone() {
@@ -954,6 +955,7 @@ impl Daemon {
             }
             Err(_) => return Err(Refusal::ExportTimeout { name: m.name.clone(), secs: bound.as_secs() }),
         };
+        let ready_ms = t0.elapsed().as_millis();
         let source = LazySource::new(&m.name, reader, bound);
         if let Err(e) = crate::lazy::precheck(&source, &fetch::expect(&self.ctx.cfg, m, false)).await {
             tracing::warn!("no lazy export of '{}' in pool '{}': {}", m.name, key.0, one_line(&e));
@@ -980,7 +982,13 @@ impl Daemon {
         if let Some(p) = published {
             x.published(&p);
         }
-        tracing::info!("lazy export of '{}' in pool '{}' on {}", m.name, key.0, x.socket.display());
+        tracing::info!(
+            "lazy export of '{}' in pool '{}' on {} after {} ms (download's reader ready at {ready_ms} ms)",
+            m.name,
+            key.0,
+            x.socket.display(),
+            t0.elapsed().as_millis()
+        );
         Ok(exported(&x))
     }
 

@@ -10,8 +10,9 @@
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::nbd::{self, Export, FileSource, Source};
 use crate::torrent::VerifiedRead;
@@ -52,11 +53,60 @@ enum Backing {
     Failed(String),
 }
 
+/// Upper bounds (exclusive) of the read-time buckets of [`ReadStats`], in microseconds; the
+/// last bucket holds the rest.
+const BUCKETS_US: [u64; 5] = [1_000, 10_000, 100_000, 1_000_000, 10_000_000];
+
+/// How long an export's reads took (waiting for pieces included): counts, total, max and a
+/// histogram, for the log (docs/lazy.md "Where the time goes").
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    reads: AtomicU64,
+    bytes: AtomicU64,
+    total_us: AtomicU64,
+    max_us: AtomicU64,
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
+}
+
+impl ReadStats {
+    fn add(&self, len: usize, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.total_us.fetch_add(us, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+        let b = BUCKETS_US.iter().position(|&u| us < u).unwrap_or(BUCKETS_US.len());
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many reads so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// One line: `reads N (B bytes), avg A ms, max M ms, <1ms/<10ms/<100ms/<1s/<10s/more: a/b/c/d/e/f`.
+    pub fn summary(&self) -> String {
+        let n = self.reads();
+        let total = self.total_us.load(Ordering::Relaxed);
+        let avg = if n == 0 { 0.0 } else { total as f64 / n as f64 / 1000.0 };
+        let h: Vec<String> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed).to_string()).collect();
+        format!(
+            "reads {n} ({} bytes), avg {avg:.1} ms, max {:.1} ms, <1ms/<10ms/<100ms/<1s/<10s/more: {}",
+            self.bytes.load(Ordering::Relaxed),
+            self.max_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            h.join("/")
+        )
+    }
+}
+
 /// An export's bytes: see the module docs.
 pub struct LazySource {
     name: String,
     backing: Mutex<Backing>,
     read_timeout: Duration,
+    /// Reads answered from verified pieces (the download), and from the published file.
+    pub from_pieces: ReadStats,
+    pub from_file: ReadStats,
 }
 
 impl std::fmt::Debug for LazySource {
@@ -74,7 +124,13 @@ fn timed_out(secs: u64) -> std::io::Error {
 
 impl LazySource {
     pub fn new(name: &str, pieces: Arc<dyn VerifiedRead>, read_timeout: Duration) -> Self {
-        LazySource { name: name.into(), backing: Mutex::new(Backing::Pieces(pieces)), read_timeout }
+        LazySource {
+            name: name.into(),
+            backing: Mutex::new(Backing::Pieces(pieces)),
+            read_timeout,
+            from_pieces: ReadStats::default(),
+            from_file: ReadStats::default(),
+        }
     }
 
     fn backing(&self) -> Backing {
@@ -100,15 +156,23 @@ impl LazySource {
 
 impl Source for LazySource {
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let t = Instant::now();
         match self.backing() {
             Backing::Failed(why) => Err(std::io::Error::other(why)),
-            Backing::File(f) => FileSource(f).read_at(offset, buf).await,
+            Backing::File(f) => {
+                FileSource(f).read_at(offset, buf).await?;
+                self.from_file.add(buf.len(), t.elapsed());
+                Ok(())
+            }
             Backing::Pieces(r) => {
                 let read = r.read_at(offset, buf);
                 let secs = self.read_timeout.as_secs();
                 let res = tokio::time::timeout(self.read_timeout, read).await.unwrap_or_else(|_| Err(timed_out(secs)));
                 match (res, self.backing()) {
-                    (Ok(()), _) => Ok(()),
+                    (Ok(()), _) => {
+                        self.from_pieces.add(buf.len(), t.elapsed());
+                        Ok(())
+                    }
                     // Published meanwhile (the download's torrent is gone): the file has the bytes.
                     (Err(_), Backing::File(f)) => FileSource(f).read_at(offset, buf).await,
                     (Err(e), _) => Err(e),
@@ -144,9 +208,11 @@ pub fn check_l1(l1: &[u8], cluster: u64, file_size: u64) -> Result<(), String> {
 /// trusted manifest.
 pub async fn precheck<S: Source>(src: &S, e: &Expect<'_>) -> Result<(), LazyError> {
     let name = e.name.to_string();
+    let t = Instant::now();
     let io = |source| LazyError::Head { name: name.clone(), source };
     let mut head = vec![0u8; verify::HEAD_BYTES.min(e.size) as usize];
     src.read_at(0, &mut head).await.map_err(io)?;
+    let head_ms = t.elapsed().as_millis();
     verify::check_head(&head, e).map_err(|source| LazyError::Image { name: name.clone(), source })?;
     if e.format != "qcow2" {
         return Ok(());
@@ -163,10 +229,16 @@ pub async fn precheck<S: Source>(src: &S, e: &Expect<'_>) -> Result<(), LazyErro
     }
     let mut l1 = vec![0u8; l1_len as usize];
     read_chunked(src, l1_off, &mut l1).await.map_err(io)?;
+    let l1_ms = t.elapsed().as_millis();
     check_l1(&l1, cluster, e.size).map_err(tables)?;
     // The refcount table is only fetched (verified pieces, read first): QEMU reads it at open.
     let mut rt = vec![0u8; rt_len as usize];
-    read_chunked(src, rt_off, &mut rt).await.map_err(io)
+    read_chunked(src, rt_off, &mut rt).await.map_err(io)?;
+    tracing::info!(
+        "checks of '{name}' before its export: head read at {head_ms} ms, L1 ({l1_len} bytes) at {l1_ms} ms, refcount table ({rt_len} bytes) at {} ms",
+        t.elapsed().as_millis()
+    );
+    Ok(())
 }
 
 async fn read_chunked<S: Source>(src: &S, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -182,7 +254,11 @@ pub struct LazyExport {
     pub socket: PathBuf,
     export: Arc<Export<LazySource>>,
     accept: tokio::task::JoinHandle<()>,
+    stats: tokio::task::JoinHandle<()>,
 }
+
+/// How often an export's read times are logged while reads come.
+const STATS_EVERY: Duration = Duration::from_secs(5);
 
 impl LazyExport {
     /// Listens on `socket` (a stale one is replaced; mode 0666 so that QEMU, whatever its user,
@@ -218,11 +294,35 @@ impl LazyExport {
                 }
             }
         });
-        Ok(LazyExport { socket, export, accept })
+        let weak = Arc::downgrade(&export);
+        let stats = tokio::spawn(async move {
+            // Where the time goes (docs/lazy.md): the reads' times, every 5 s while they change.
+            let mut seen = 0;
+            loop {
+                tokio::time::sleep(STATS_EVERY).await;
+                let Some(e) = weak.upgrade() else { break };
+                let n = e.source.from_pieces.reads() + e.source.from_file.reads();
+                if n != seen {
+                    seen = n;
+                    tracing::info!(
+                        "export of '{}': from pieces: {}; from the file: {}",
+                        e.name,
+                        e.source.from_pieces.summary(),
+                        e.source.from_file.summary()
+                    );
+                }
+            }
+        });
+        Ok(LazyExport { socket, export, accept, stats })
     }
 
     /// The master is in the pool at `path`: serve that file.
     pub fn published(&self, path: &Path) {
+        tracing::info!(
+            "export of '{}' reads the pool's file from now on; from pieces: {}",
+            self.export.name,
+            self.export.source.from_pieces.summary()
+        );
         if let Err(e) = self.export.source.published(path) {
             self.stop(&format!("cannot open the published master '{}': {e}", path.display()));
         }
@@ -234,6 +334,7 @@ impl LazyExport {
         tracing::warn!("lazy export of '{}' stopped: {reason}", self.export.name);
         self.export.source.fail(reason);
         self.accept.abort();
+        self.stats.abort();
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -277,6 +378,18 @@ mod tests {
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn read_stats_count_sum_max_and_bucket_each_read() {
+        let s = ReadStats::default();
+        s.add(4096, Duration::from_micros(500));
+        s.add(4096, Duration::from_millis(50));
+        s.add(512, Duration::from_secs(2));
+        assert_eq!(s.reads(), 3);
+        let line = s.summary();
+        assert!(line.starts_with("reads 3 (8704 bytes), avg 683.5 ms, max 2000.0 ms"), "{line}");
+        assert!(line.ends_with(": 1/0/1/0/1/0"), "{line}");
     }
 
     #[test]
