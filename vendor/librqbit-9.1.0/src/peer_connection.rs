@@ -392,7 +392,9 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
                     };
                 };
 
-                tokio::task::yield_now().await;
+                // pool-helper patch: stock librqbit called `tokio::task::yield_now()` here and
+                // after every message read (below): a trip through the scheduler per 16 KiB chunk
+                // and per request. tokio's co-operative budget already makes a busy socket yield.
 
                 if let WriterRequest::ReadChunkRequest(chunk) = &req
                     && !self.handler.should_upload(chunk)
@@ -523,8 +525,7 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
             loop {
                 let message = read_buf.read_message(&mut read, rwtimeout).await?;
                 trace!("received: {:?}", &message);
-
-                tokio::task::yield_now().await;
+                // pool-helper patch: no `yield_now()` per message (see the writer above).
 
                 if let Message::Extended(ExtendedMessage::Handshake(h)) = &message {
                     *extended_handshake_ref.write() = Some(h.peer_extended_messages());
